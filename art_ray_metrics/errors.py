@@ -1,0 +1,101 @@
+"""The exception tree of art_ray_metrics.
+
+Every error the package raises on purpose derives from :class:`MetricsError`. Where OpenPipe
+ART raises ``ValueError`` for the same input, ours also derives from ``ValueError`` so ported
+``except ValueError`` blocks keep working::
+
+    MetricsError
+    ├── InvalidMetricError (ValueError)      bad key or value, raised before anything is sent
+    │   └── MetricConflictError              leaf / ancestor clash inside one step and scope
+    ├── WireFormatError (ValueError)         malformed, truncated or unknown-version bytes
+    ├── PricingError (ValueError)            no price for a model, usage that does not match
+    ├── ConfigError (ValueError)             bad configuration, raised at start-up
+    │   └── ConfigMismatchError              a running aggregator has another config
+    ├── StorageError                         object storage failed (retried by the caller)
+    │   ├── ObjectNotFoundError (KeyError)   no object at that key
+    │   ├── PreconditionFailedError          a create-only or compare-and-swap write lost
+    │   ├── CheckpointCorruptError           a checkpoint blob failed its checks
+    │   └── FencedError                      a newer writer epoch owns the storage
+    ├── AggregatorUnavailableError           the aggregator actor cannot be reached
+    └── BarrierTimeoutError (TimeoutError)   expected producers did not report in time
+
+This module has no dependencies so the pure core can raise these errors.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AggregatorUnavailableError",
+    "BarrierTimeoutError",
+    "CheckpointCorruptError",
+    "ConfigError",
+    "ConfigMismatchError",
+    "FencedError",
+    "InvalidMetricError",
+    "MetricConflictError",
+    "MetricsError",
+    "ObjectNotFoundError",
+    "PreconditionFailedError",
+    "PricingError",
+    "StorageError",
+    "WireFormatError",
+]
+
+
+class MetricsError(Exception):
+    """Base class of every error raised by art_ray_metrics."""
+
+
+class InvalidMetricError(MetricsError, ValueError):
+    """A metric key or value was rejected at the producer; nothing was recorded."""
+
+
+class MetricConflictError(InvalidMetricError):
+    """A leaf is an ancestor or a descendant of another pending leaf of the same step."""
+
+
+class WireFormatError(MetricsError, ValueError):
+    """Bytes that are not a valid batch or snapshot of a known format version."""
+
+
+class PricingError(MetricsError, ValueError):
+    """A response could not be priced (no pricing for the model, usage of another provider)."""
+
+
+class ConfigError(MetricsError, ValueError):
+    """Invalid configuration; raised at start-up, never during training."""
+
+
+class ConfigMismatchError(ConfigError):
+    """An aggregator with the same name already runs with a different configuration."""
+
+
+class StorageError(MetricsError):
+    """Object storage failed; callers retry and never crash training on it."""
+
+
+class ObjectNotFoundError(StorageError, KeyError):
+    """No object exists at the requested key."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "object not found"
+
+
+class PreconditionFailedError(StorageError):
+    """A create-only write found an object, or a compare-and-swap found another version."""
+
+
+class CheckpointCorruptError(StorageError):
+    """A checkpoint blob is truncated, corrupted or of an unknown format version."""
+
+
+class FencedError(StorageError):
+    """A writer with a newer epoch owns this storage URI; this writer must stop writing."""
+
+
+class AggregatorUnavailableError(MetricsError):
+    """The aggregator actor could not be found or did not answer."""
+
+
+class BarrierTimeoutError(MetricsError, TimeoutError):
+    """The barrier waited for expected producers and the timeout ran out."""

@@ -1,0 +1,200 @@
+"""The metric taxonomy: sections, splits, routing, cumulative twins and key validation.
+
+Keys are lowercase ``/``-separated paths whose first segment is a *section* (``reward``,
+``loss``, ``offpolicy``, ``pipeline``, ``throughput``, ``costs``, ``time``, ``data``) or a
+*split* (``train``, ``val``, ``test``). Values are per step. Run totals exist only as
+*cumulative twins* whose second segment is the reserved ``cum``::
+
+    costs/train/llm_judge   -> costs/cum/train/llm_judge
+    time/step_wall_s        -> time/cum/wall_s
+    data/step_num_scenarios -> data/cum/num_scenarios
+
+Builder-managed keys (``costs/``, ``time/step_``, ``data/step_``, ``throughput/step_``) are
+summed within a step and get cumulative twins; every other key passes through to the row.
+Keys in sections ``costs``, ``time`` and ``data`` get twins (as in OpenPipe ART).
+
+Everything here is pure and cheap: routing and validation run on every leaf.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from decimal import Decimal
+from typing import Final
+
+from .errors import InvalidMetricError
+
+__all__ = [
+    "BACKEND_KEY_MAP",
+    "CUMULATIVE_SECTIONS",
+    "IDLE_CUMULATIVE_KEYS",
+    "SECTIONS",
+    "SPLITS",
+    "TELEMETRY_PREFIX",
+    "canonical_backend_key",
+    "check_value",
+    "is_builder_managed",
+    "is_cumulative",
+    "route_key",
+    "scope_for_split",
+    "to_cumulative",
+    "validate_key",
+]
+
+SECTIONS: Final = frozenset(
+    {"reward", "loss", "offpolicy", "pipeline", "throughput", "costs", "time", "data"}
+)
+SPLITS: Final = frozenset({"train", "val", "test"})
+CUMULATIVE_SECTIONS: Final = frozenset({"costs", "time", "data"})
+TELEMETRY_PREFIX: Final = "telemetry/"
+"""Aggregator health counters are added to every row under this prefix (documented in README)."""
+
+IDLE_CUMULATIVE_KEYS: Final = {
+    "throughput/step_trainer_idle_s": "throughput/cum/trainer_idle_s",
+    "throughput/step_actor_idle_s": "throughput/cum/actor_idle_s",
+}
+
+BACKEND_KEY_MAP: Final = {
+    "loss": "loss/train",
+    "policy_loss": "loss/train",
+    "entropy": "loss/entropy",
+    "kl_div": "loss/kl_div",
+    "grad_norm": "loss/grad_norm",
+    "learning_rate": "loss/learning_rate",
+    "num_groups_submitted": "data/step_num_groups_submitted",
+    "num_groups_trainable": "data/step_num_groups_trainable",
+    "num_trajectories": "data/step_num_trajectories",
+    "num_trainable_tokens": "data/step_trainer_tokens",
+    "train_tokens": "data/step_trainer_tokens",
+}
+"""Names emitted by training backends mapped into the taxonomy (SPEC §2)."""
+
+_MANAGED_PREFIXES: Final = ("costs/", "time/step_", "data/step_", "throughput/step_")
+_LEGACY_COST_HINTS: Final = {
+    "costs_prefill": "costs/train/prefill",
+    "costs_sample": "costs/train/sample",
+    "costs_train": "costs/train/train",
+    "costs_total": "costs/train/<source>",
+}
+
+
+def scope_for_split(split: str) -> str:
+    """Return the pending-buffer scope of a split: ``val`` and ``test`` share ``eval``.
+
+    >>> [scope_for_split(s) for s in ("train", "val", "test", "rollout")]
+    ['train', 'eval', 'eval', 'rollout']
+    """
+    if split in ("val", "test"):
+        return "eval"
+    return split
+
+
+def canonical_backend_key(key: str) -> str:
+    """Map a backend metric name into the taxonomy; other keys are returned unchanged.
+
+    >>> canonical_backend_key("policy_loss"), canonical_backend_key("reward/mean")
+    ('loss/train', 'reward/mean')
+    """
+    if "/" in key:
+        return key
+    return BACKEND_KEY_MAP.get(key, key)
+
+
+def route_key(key: str, split: str) -> str:
+    """Prefix a key logged for ``split`` as ART does.
+
+    For the splits train/val/test a key keeps its name when it has a ``/`` and its first
+    segment is a section or a split; otherwise it becomes ``{split}/{key}``. For any other split
+    name every key is prefixed.
+
+    >>> route_key("reward/mean", "val"), route_key("custom", "train"), route_key("rewardish/x", "train")
+    ('reward/mean', 'train/custom', 'train/rewardish/x')
+    >>> route_key("reward/mean", "rollout")
+    'rollout/reward/mean'
+    """
+    if split in SPLITS:
+        head, sep, _ = key.partition("/")
+        if sep and (head in SECTIONS or head in SPLITS):
+            return key
+    return f"{split}/{key}"
+
+
+def is_builder_managed(key: str) -> bool:
+    """True for keys the builder sums within a step and gives cumulative twins.
+
+    >>> is_builder_managed("costs/gpu"), is_builder_managed("time/step_wall_s"), is_builder_managed("reward/x")
+    (True, True, False)
+    """
+    return key.startswith(_MANAGED_PREFIXES)
+
+
+def is_cumulative(key: str) -> bool:
+    """True if the key's second segment is the reserved ``cum``.
+
+    >>> is_cumulative("costs/cum/all"), is_cumulative("costs/cumulative")
+    (True, False)
+    """
+    parts = key.split("/", 2)
+    return len(parts) >= 2 and parts[1] == "cum"
+
+
+def to_cumulative(key: str) -> str:
+    """Name the cumulative twin of a per-step key (a leading ``step_`` is dropped).
+
+    >>> to_cumulative("costs/all"), to_cumulative("time/step_wall_s")
+    ('costs/cum/all', 'time/cum/wall_s')
+    """
+    section, _, rest = key.partition("/")
+    if rest.startswith("step_"):
+        rest = rest[5:]
+    return f"{section}/cum/{rest}"
+
+
+def validate_key(key: object) -> str:
+    """Check a key a producer wants to record and return it.
+
+    Raises:
+        InvalidMetricError: not a non-empty string, no section prefix, an empty segment, a
+            reserved ``cum`` namespace, or a legacy ``costs_*`` key (the message names the
+            hierarchical replacement).
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidMetricError(f"Expected a non-empty metric key but got {key!r}")
+    if "/" not in key:
+        if key.startswith("costs_"):
+            hint = _LEGACY_COST_HINTS.get(key, f"costs/train/{key[6:]}")
+            raise InvalidMetricError(
+                f"Legacy cost key {key=!r} is not supported; log a hierarchical cost key "
+                f"such as {hint!r} instead"
+            )
+        raise InvalidMetricError(
+            f"Metric key must include a section prefix (e.g. 'reward/{key}') but got {key=!r}"
+        )
+    if key.startswith("/") or key.endswith("/") or "//" in key:
+        raise InvalidMetricError(f"Expected '/'-separated non-empty segments but got {key=!r}")
+    if is_cumulative(key):
+        raise InvalidMetricError(
+            f"Metric key {key=!r} uses the reserved cumulative namespace '<section>/cum/...'; "
+            "cumulative values are computed by the aggregator"
+        )
+    return key
+
+
+def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
+    """Return ``value`` as a finite float, or raise naming the key.
+
+    ``bool`` is refused (``True`` is not a number of dollars). Negative values are refused for
+    cost keys (``cost`` defaults to ``key.startswith("costs/")``).
+
+    >>> check_value("costs/train/x", 0.25)
+    0.25
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
+    f = float(value)
+    if not math.isfinite(f):
+        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
+    if (key.startswith("costs/") if cost is None else cost) and f < 0:
+        raise InvalidMetricError(f"Expected a non-negative cost for {key=!r} but got {value!r}")
+    return f

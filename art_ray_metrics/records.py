@@ -1,0 +1,66 @@
+"""Plain records exchanged between producers, the aggregator state and the wire format.
+
+A producer ships a :class:`LeafBatch`: its stable ``producer_id``, a per-producer sequence
+number ``seq`` (1, 2, 3, … in the order batches are built) and one :class:`StepGroup` per
+``(step, scope)`` it recorded leaves for. Within a group, repeated keys are already summed
+(sums commute, so pre-aggregating at the producer changes no row), except API costs that carry
+a provider response id: those travel one by one as :class:`KeyedCost` so the aggregator can
+apply each paid response at most once per run. Scenario ids travel as 16-byte digests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+__all__ = ["IngestResult", "KeyedCost", "LeafBatch", "StepGroup"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedCost:
+    """One API cost leaf that must be applied at most once per ``response_id``."""
+
+    key: str
+    value: Decimal
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepGroup:
+    """Everything one producer recorded for one ``(step, scope)`` since its last batch."""
+
+    step: int
+    scope: str
+    sums: dict[str, Decimal] = field(default_factory=dict)
+    keyed_costs: tuple[KeyedCost, ...] = ()
+    scenario_digests: bytes = b""
+
+    @property
+    def leaf_count(self) -> int:
+        """Number of distinct leaves (sums plus keyed costs) in the group."""
+        return len(self.sums) + len(self.keyed_costs)
+
+
+@dataclass(frozen=True, slots=True)
+class LeafBatch:
+    """What a producer sends in one call; ``(producer_id, seq)`` makes resends idempotent."""
+
+    producer_id: str
+    seq: int
+    groups: tuple[StepGroup, ...]
+
+    @property
+    def leaf_count(self) -> int:
+        """Number of distinct leaves over all groups."""
+        return sum(g.leaf_count for g in self.groups)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """The aggregator's answer to one batch."""
+
+    producer_id: str
+    seq: int
+    duplicate: bool
+    late_leaves: int = 0
+    conflicts: tuple[tuple[str, str], ...] = ()

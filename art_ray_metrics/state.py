@@ -1,0 +1,512 @@
+"""The aggregation state machine: pending step buffers, the run-wide cumulative state, and
+the step math of SPEC §3. Pure Python: no I/O, threads, locks, Ray or W&B.
+
+Temporality. Leaves are *per-step deltas*; rows carry per-step values plus *cumulative twins*
+that add up every closed step of the run (shared by all scopes)::
+
+    step 1: costs/train/judge 0.25            -> costs/train 0.25, costs/all 0.25, costs/cum/all 0.25
+    step 2: costs/train/judge 0.50, costs/gpu 1 -> costs/train 0.50, costs/all 1.50, costs/cum/all 1.75
+
+Two consumers share the machinery:
+
+- :class:`~art_ray_metrics.builder.MetricsBuilder` (in-process, ART's API) keeps one
+  :class:`StepBuffer` per scope and a :class:`CumulativeState`;
+- :class:`AggregatorState` (inside the Ray actor) keeps one buffer per ``(step, scope)`` and
+  ingests :class:`~art_ray_metrics.records.LeafBatch` es from many producers.
+
+Invariants of :class:`AggregatorState`:
+
+- **Idempotent ingest.** A batch is applied at most once per ``(producer_id, seq)``; the
+  window per producer is a watermark plus the set of sequence numbers above it.
+- **Order independence.** Sums are exact decimals and scenario ids a set union, so any split of
+  the same leaves into batches, in any arrival order, yields the same rows.
+- **Paid responses once.** A cost leaf with a response id is applied once per run.
+- **Nothing dropped.** A leaf for a step whose scope was already closed is *late*: it goes
+  into the next row of that scope (cumulative totals stay exact) and is counted.
+- **Conflicts keep every dollar.** When one producer sends ``costs/train`` and another
+  ``costs/train/x`` for the same step, the ancestor's value moves to
+  ``costs/train/unattributed`` (so ``costs/train`` = x + unattributed), and the clash is
+  counted and named. A single producer cannot create a conflict: it raises there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from . import keys as K
+from .dedupe import DigestLedger, digest, split_digests
+from .errors import InvalidMetricError, MetricConflictError, WireFormatError
+from .records import IngestResult, LeafBatch, StepGroup
+from .rollup import EXACT, ZERO, cost_rollups, to_decimal
+from .wire import decode_batch, decode_state, encode_state
+
+__all__ = [
+    "UNATTRIBUTED",
+    "AggregatorState",
+    "CumulativeState",
+    "StepBuffer",
+    "StepReport",
+    "close_buffer",
+]
+
+UNATTRIBUTED = "unattributed"
+"""Child that receives an ancestor leaf's value when two producers' leaves conflict."""
+
+_add = EXACT.add
+
+
+class StepBuffer:
+    """The pending leaves of one ``(step, scope)``: exact sums with ancestor bookkeeping."""
+
+    __slots__ = (
+        "_ancestors",
+        "conflicts",
+        "cost_ids",
+        "late_leaves",
+        "producers",
+        "scenarios",
+        "sums",
+    )
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Decimal] = {}
+        self._ancestors: dict[str, str] = {}  # proper prefix -> one leaf below it
+        self.scenarios: set[bytes] = set()
+        self.cost_ids: set[bytes] = set()
+        self.conflicts: list[tuple[str, str]] = []
+        self.producers: set[str] = set()
+        self.late_leaves = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.sums or self.scenarios)
+
+    def add(self, key: str, value: Decimal, *, strict: bool = True) -> None:
+        """Add ``value`` to leaf ``key``.
+
+        Raises:
+            MetricConflictError: ``strict`` and ``key`` is an ancestor or a descendant of a
+                pending leaf; nothing is changed. Without ``strict`` the conflict is resolved
+                into an ``unattributed`` child and recorded in :attr:`conflicts`.
+        """
+        sums = self.sums
+        current = sums.get(key)
+        if current is not None:
+            sums[key] = _add(current, value)
+            return
+        below = self._ancestors.get(key)
+        if below is not None:
+            if strict:
+                raise MetricConflictError(
+                    f"Cannot log {key!r} as a leaf: it is an ancestor of {below!r}"
+                )
+            self.conflicts.append((key, below))
+            self.add(f"{key}/{UNATTRIBUTED}", value, strict=False)
+            return
+        end = key.find("/", key.find("/") + 1)
+        while end != -1:
+            parent = key[:end]
+            if parent in sums:
+                if strict:
+                    raise MetricConflictError(
+                        f"Cannot log {key!r} as a leaf: {parent!r} is already a leaf ancestor"
+                    )
+                self.conflicts.append((parent, key))
+                self.add(f"{parent}/{UNATTRIBUTED}", sums.pop(parent), strict=False)
+                break
+            end = key.find("/", end + 1)
+        ancestors = self._ancestors
+        end = key.find("/")
+        while end != -1:
+            ancestors.setdefault(key[:end], key)
+            end = key.find("/", end + 1)
+        sums[key] = value
+
+    def merge(self, other: StepBuffer) -> None:
+        """Fold another buffer into this one (conflicts resolved, never raised)."""
+        for key, value in other.sums.items():
+            self.add(key, value, strict=False)
+        self.scenarios |= other.scenarios
+        self.cost_ids |= other.cost_ids
+        self.producers |= other.producers
+        self.late_leaves += other.late_leaves
+        self.conflicts.extend(other.conflicts)
+
+    def to_wire(self) -> list[Any]:
+        """Plain msgpack-able form (see :mod:`art_ray_metrics.wire`)."""
+        return [
+            {k: str(v) for k, v in self.sums.items()},
+            b"".join(sorted(self.scenarios)),
+            b"".join(sorted(self.cost_ids)),
+            sorted(self.producers),
+            self.late_leaves,
+            [list(c) for c in self.conflicts],
+        ]
+
+    @classmethod
+    def from_wire(cls, raw: list[Any]) -> StepBuffer:
+        """Inverse of :meth:`to_wire`; re-adds leaves so ancestor bookkeeping is rebuilt."""
+        sums, scenarios, cost_ids, producers, late_leaves, conflicts = raw
+        buf = cls()
+        for key, value in sums.items():
+            buf.add(key, Decimal(value), strict=False)
+        buf.scenarios = set(split_digests(scenarios))
+        buf.cost_ids = set(split_digests(cost_ids))
+        buf.producers = set(producers)
+        buf.late_leaves = int(late_leaves)
+        buf.conflicts = [(str(a), str(b)) for a, b in conflicts]
+        return buf
+
+
+class CumulativeState:
+    """Run-wide state: cumulative values, unique scenario digests, applied response ids."""
+
+    __slots__ = ("cost_ids", "scenarios", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[str, Decimal] = {}
+        self.scenarios = DigestLedger()
+        self.cost_ids = DigestLedger()
+
+
+def close_buffer(buf: StepBuffer, cum: CumulativeState) -> dict[str, float]:
+    """Fold one step's buffer into the cumulative state and return its row (SPEC §3).
+
+    The row holds the summed leaves, cost rollups and ``costs/all``, cumulative twins of every
+    ``costs/``, ``time/`` and ``data/`` key, idle cumulatives, the unique-scenario count (when
+    scenarios arrived) and the throughput averages. An empty buffer gives ``{}``.
+    """
+    result: dict[str, Decimal] = dict(buf.sums)
+    result.update(cost_rollups({k: v for k, v in result.items() if k.startswith("costs/")}))
+    values = cum.values
+    for key, value in list(result.items()):
+        if key.partition("/")[0] in K.CUMULATIVE_SECTIONS:
+            cum_key = K.to_cumulative(key)
+            total = _add(values.get(cum_key, ZERO), value)
+            values[cum_key] = total
+            result[cum_key] = total
+    for step_key, cum_key in K.IDLE_CUMULATIVE_KEYS.items():
+        if step_key in result:
+            total = _add(values.get(cum_key, ZERO), result[step_key])
+            values[cum_key] = total
+            result[cum_key] = total
+    if buf.scenarios:
+        cum.scenarios.add_many(buf.scenarios)
+        result["data/cum/num_unique_scenarios"] = Decimal(len(cum.scenarios))
+    if buf.cost_ids:
+        cum.cost_ids.add_many(buf.cost_ids)
+    row = {k: float(v) for k, v in result.items()}
+    for kind in ("trainer", "actor"):
+        if f"data/step_{kind}_tokens" in result or f"time/step_{kind}_s" in result:
+            tokens = values.get(f"data/cum/{kind}_tokens")
+            seconds = values.get(f"time/cum/{kind}_s")
+            if tokens is not None and seconds is not None and seconds > 0:
+                row[f"throughput/avg_{kind}_tok_per_s"] = float(tokens) / float(seconds)
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """The result of closing one ``(step, split)``."""
+
+    step: int
+    split: str
+    row: dict[str, float]
+    late_leaves: int = 0
+    conflicts: tuple[tuple[str, str], ...] = ()
+    producers: frozenset[str] = field(default_factory=frozenset)
+
+
+class _Window:
+    """Which sequence numbers of one producer were applied: a watermark plus the gaps above."""
+
+    __slots__ = ("above", "watermark")
+
+    def __init__(self, watermark: int = 0, above: Iterable[int] = ()) -> None:
+        self.watermark = watermark
+        self.above: set[int] = set(above)
+
+    def seen(self, seq: int) -> bool:
+        return seq <= self.watermark or seq in self.above
+
+    def mark(self, seq: int) -> None:
+        self.above.add(seq)
+        while self.watermark + 1 in self.above:
+            self.watermark += 1
+            self.above.discard(self.watermark)
+
+
+COUNTER_NAMES = (
+    "batches",
+    "duplicate_batches",
+    "rejected_batches",
+    "leaves",
+    "late_leaves",
+    "conflicts",
+    "duplicate_costs",
+    "rows",
+)
+
+
+class AggregatorState:
+    """The aggregator's whole state; the Ray actor is a thin shell around one instance."""
+
+    def __init__(self) -> None:
+        self.cum = CumulativeState()
+        self.pending: dict[tuple[int, str], StepBuffer] = {}
+        self.late: dict[str, StepBuffer] = {}
+        self.last_closed: dict[str, int] = {}
+        self.producers: dict[str, _Window] = {}
+        self.pending_cost_ids: set[bytes] = set()
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.conflict_names: dict[str, int] = {}
+        self.meta: dict[str, Any] = {}
+        """Opaque, msgpack-able fields the shell persists with the state (run id, epoch, …)."""
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def is_duplicate(self, producer_id: str, seq: int) -> bool:
+        """True if this ``(producer_id, seq)`` was already applied."""
+        window = self.producers.get(producer_id)
+        return window is not None and window.seen(seq)
+
+    def ingest(self, batch: LeafBatch) -> IngestResult:
+        """Apply a batch once; a repeated ``(producer_id, seq)`` is acknowledged, not applied."""
+        window = self.producers.get(batch.producer_id)
+        if window is None:
+            window = self.producers[batch.producer_id] = _Window()
+        if window.seen(batch.seq):
+            self.counters["duplicate_batches"] += 1
+            return IngestResult(batch.producer_id, batch.seq, duplicate=True)
+        late = 0
+        conflicts: list[tuple[str, str]] = []
+        for group in batch.groups:
+            buf, is_late = self._buffer_for(group)
+            before = len(buf.conflicts)
+            self._apply(buf, group)
+            buf.producers.add(batch.producer_id)
+            if is_late:
+                buf.late_leaves += group.leaf_count
+                late += group.leaf_count
+            conflicts.extend(buf.conflicts[before:])
+        window.mark(batch.seq)
+        self.counters["batches"] += 1
+        self.counters["leaves"] += batch.leaf_count
+        self.counters["late_leaves"] += late
+        self.counters["conflicts"] += len(conflicts)
+        for ancestor, _ in conflicts:
+            self.conflict_names[ancestor] = self.conflict_names.get(ancestor, 0) + 1
+        return IngestResult(batch.producer_id, batch.seq, False, late, tuple(conflicts))
+
+    def _buffer_for(self, group: StepGroup) -> tuple[StepBuffer, bool]:
+        last = self.last_closed.get(group.scope)
+        if last is not None and group.step <= last:
+            buf = self.late.get(group.scope)
+            if buf is None:
+                buf = self.late[group.scope] = StepBuffer()
+            return buf, True
+        key = (group.step, group.scope)
+        buf = self.pending.get(key)
+        if buf is None:
+            buf = self.pending[key] = StepBuffer()
+        return buf, False
+
+    def _apply(self, buf: StepBuffer, group: StepGroup) -> None:
+        for key, value in group.sums.items():
+            buf.add(key, value, strict=False)
+        for cost in group.keyed_costs:
+            d = digest(cost.response_id)
+            if d in self.pending_cost_ids or d in self.cum.cost_ids:
+                self.counters["duplicate_costs"] += 1
+                continue
+            self.pending_cost_ids.add(d)
+            buf.cost_ids.add(d)
+            buf.add(cost.key, cost.value, strict=False)
+        if group.scenario_digests:
+            buf.scenarios.update(split_digests(group.scenario_digests))
+
+    def ingest_bytes(self, data: bytes) -> IngestResult:
+        """Decode and apply a wire batch; malformed bytes are counted and change nothing.
+
+        Raises:
+            WireFormatError: the bytes are not a valid batch of a known version.
+        """
+        try:
+            batch = decode_batch(data)
+        except WireFormatError:
+            self.counters["rejected_batches"] += 1
+            raise
+        return self.ingest(batch)
+
+    # -- barrier --------------------------------------------------------------------------
+
+    def producers_reported(self, step: int, split: str) -> frozenset[str]:
+        """Producers that sent at least one batch (possibly empty) for ``(step, split)``."""
+        buf = self.pending.get((step, K.scope_for_split(split)))
+        return frozenset(buf.producers) if buf is not None else frozenset()
+
+    def close_step(
+        self,
+        step: int,
+        split: str = "train",
+        metrics: Mapping[str, float] | None = None,
+    ) -> StepReport:
+        """Close ``(step, split)`` and return its row.
+
+        ``metrics`` are the trainer's own values for the row: backend names are mapped into the
+        taxonomy, builder-managed keys are summed with the producers' leaves, other keys pass
+        through (a builder key of the same name wins, as in ART). Every key is routed as in ART
+        and the row gets ``training_step``. Invalid trainer metrics raise before anything
+        changes.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidMetricError(f"Expected a non-negative int step but got {step!r}")
+        if not isinstance(split, str) or not split or "/" in split:
+            raise InvalidMetricError(f"Expected a split name without '/' but got {split!r}")
+        managed, passthrough = split_trainer_metrics(metrics)
+        scope = K.scope_for_split(split)
+        buf = self.pending.pop((step, scope), None) or StepBuffer()
+        late = self.late.pop(scope, None)
+        if late is not None:
+            buf.merge(late)
+        for key, value in managed:
+            buf.add(key, value, strict=False)
+        row = {**passthrough, **close_buffer(buf, self.cum)}
+        routed = {K.route_key(k, split): v for k, v in row.items()}
+        routed["training_step"] = float(step)
+        self.pending_cost_ids -= buf.cost_ids
+        prev = self.last_closed.get(scope)
+        self.last_closed[scope] = step if prev is None else max(prev, step)
+        self.counters["rows"] += 1
+        return StepReport(
+            step,
+            split,
+            routed,
+            buf.late_leaves,
+            tuple(buf.conflicts),
+            frozenset(buf.producers),
+        )
+
+    def telemetry(self) -> dict[str, float]:
+        """The core's counters as ``telemetry/...`` row keys."""
+        out = {f"{K.TELEMETRY_PREFIX}{name}": float(v) for name, v in self.counters.items()}
+        out[f"{K.TELEMETRY_PREFIX}pending_steps"] = float(len(self.pending))
+        out[f"{K.TELEMETRY_PREFIX}producers"] = float(len(self.producers))
+        return out
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def to_wire(self, *, include_ledgers: bool = True) -> dict[str, Any]:
+        """Plain msgpack-able form; without ledgers for incremental checkpoints."""
+        out: dict[str, Any] = {
+            "cum": {k: str(v) for k, v in self.cum.values.items()},
+            "pending": [[s, sc, b.to_wire()] for (s, sc), b in sorted(self.pending.items())],
+            "late": [[sc, b.to_wire()] for sc, b in sorted(self.late.items())],
+            "last_closed": dict(self.last_closed),
+            "producers": {p: [w.watermark, sorted(w.above)] for p, w in self.producers.items()},
+            "counters": dict(self.counters),
+            "conflict_names": dict(self.conflict_names),
+            "meta": self.meta,
+        }
+        if include_ledgers:
+            out["scenarios"] = self.cum.scenarios.to_bytes()
+            out["cost_ids"] = self.cum.cost_ids.to_bytes()
+        return out
+
+    @classmethod
+    def from_wire(
+        cls, raw: Mapping[str, Any], *, scenarios: bytes = b"", cost_ids: bytes = b""
+    ) -> AggregatorState:
+        """Inverse of :meth:`to_wire`; ledgers come from ``raw`` or from the given shard bytes."""
+        state = cls()
+        state.cum.values = {str(k): Decimal(v) for k, v in raw["cum"].items()}
+        state.cum.scenarios = DigestLedger.from_bytes(raw.get("scenarios", scenarios))
+        state.cum.cost_ids = DigestLedger.from_bytes(raw.get("cost_ids", cost_ids))
+        state.pending = {(int(s), str(sc)): StepBuffer.from_wire(b) for s, sc, b in raw["pending"]}
+        state.late = {str(sc): StepBuffer.from_wire(b) for sc, b in raw["late"]}
+        state.last_closed = {str(k): int(v) for k, v in raw["last_closed"].items()}
+        state.producers = {str(p): _Window(int(w), a) for p, (w, a) in raw["producers"].items()}
+        state.counters.update({str(k): int(v) for k, v in raw["counters"].items()})
+        state.conflict_names = {str(k): int(v) for k, v in raw["conflict_names"].items()}
+        state.meta = dict(raw["meta"])
+        for buf in (*state.pending.values(), *state.late.values()):
+            state.pending_cost_ids |= buf.cost_ids
+        return state
+
+    def snapshot(self) -> bytes:
+        """The whole state as versioned msgpack bytes (ledgers included)."""
+        return encode_state(self.to_wire())
+
+    @classmethod
+    def restore(cls, data: bytes) -> AggregatorState:
+        """Rebuild a state from :meth:`snapshot` bytes.
+
+        Raises:
+            WireFormatError: malformed, truncated or of an unknown format version.
+        """
+        return cls._from_checked(decode_state(data), b"", b"")
+
+    def checkpoint_parts(self) -> tuple[bytes, dict[str, bytes], tuple[int, int]]:
+        """Incremental checkpoint: (state blob without ledgers, new ledger shards, token).
+
+        Shards hold only digests added since the last :meth:`checkpoint_committed`; pass the
+        returned token there once the checkpoint is durable (a failed one loses nothing).
+        """
+        token = (self.cum.scenarios.journal_position(), self.cum.cost_ids.journal_position())
+        shards = {
+            "scenarios": self.cum.scenarios.journal_bytes(token[0]),
+            "cost_ids": self.cum.cost_ids.journal_bytes(token[1]),
+        }
+        return encode_state(self.to_wire(include_ledgers=False)), shards, token
+
+    def checkpoint_committed(self, token: tuple[int, int]) -> None:
+        """Forget journal entries that a committed checkpoint holds."""
+        self.cum.scenarios.drop_journal(token[0])
+        self.cum.cost_ids.drop_journal(token[1])
+
+    @classmethod
+    def from_checkpoint(cls, state: bytes, shards: Mapping[str, bytes]) -> AggregatorState:
+        """Rebuild from a checkpoint's state blob and the concatenation of its shards."""
+        return cls._from_checked(
+            decode_state(state), shards.get("scenarios", b""), shards.get("cost_ids", b"")
+        )
+
+    @classmethod
+    def _from_checked(
+        cls, raw: Mapping[str, Any], scenarios: bytes, cost_ids: bytes
+    ) -> AggregatorState:
+        try:
+            return cls.from_wire(raw, scenarios=scenarios, cost_ids=cost_ids)
+        except (KeyError, TypeError, ValueError, InvalidOperation, AttributeError) as exc:
+            if isinstance(exc, WireFormatError):
+                raise
+            raise WireFormatError(f"Malformed state snapshot: {exc!r}") from exc
+
+
+def split_trainer_metrics(
+    metrics: Mapping[str, float] | None,
+) -> tuple[list[tuple[str, Decimal]], dict[str, float]]:
+    """Validate the trainer's metrics for a row: (builder-managed leaves, pass-through values)."""
+    managed: list[tuple[str, Decimal]] = []
+    passthrough: dict[str, float] = {}
+    for raw_key, value in (metrics or {}).items():
+        if not isinstance(raw_key, str) or not raw_key:
+            raise InvalidMetricError(f"Expected a non-empty metric key but got {raw_key!r}")
+        if raw_key.startswith("costs_"):
+            K.validate_key(raw_key)  # raises the legacy-key error with its replacement
+        key = K.canonical_backend_key(raw_key)
+        number = K.check_value(key, value)
+        if K.is_builder_managed(key):
+            K.validate_key(key)
+            managed.append((key, to_decimal(value if isinstance(value, Decimal) else number)))
+        else:
+            if K.is_cumulative(key):
+                K.validate_key(key)
+            passthrough[key] = number
+    # a leaf/ancestor clash among the trainer's own managed keys is the trainer's error
+    probe = StepBuffer()
+    for key, value in managed:
+        probe.add(key, value, strict=True)
+    return managed, passthrough

@@ -1,0 +1,160 @@
+"""The msgpack wire format of batches and state snapshots, with strict decoding.
+
+Batch, format version 1 (a msgpack array)::
+
+    ["arm-batch", 1, producer_id: str, seq: int >= 1, [group, ...]]
+    group = [step: int >= 0, scope: str, sums: {key: decimal-str}, keyed: [[key, decimal-str, response_id], ...],
+             scenario_digests: bin (16-byte BLAKE2b digests, concatenated)]
+
+Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across processes.
+
+Snapshot, format version 1: ``["arm-state", 1, state]`` where ``state`` is
+:meth:`AggregatorState.to_wire() <art_ray_metrics.state.AggregatorState.to_wire>`.
+
+Decoding never trusts its input: every field's type is checked, every key goes through
+:func:`~art_ray_metrics.keys.validate_key` and every value through
+:func:`~art_ray_metrics.keys.check_value`; anything else raises :class:`WireFormatError` naming
+what was wrong, before any state is touched. Schema evolution: new fields are appended with
+defaults; fields are never reordered or retyped; an unknown version is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgpack
+
+from . import keys as K
+from .dedupe import DIGEST_SIZE
+from .errors import InvalidMetricError, WireFormatError
+from .records import KeyedCost, LeafBatch, StepGroup
+
+__all__ = [
+    "BATCH_MAGIC",
+    "FORMAT_VERSION",
+    "STATE_MAGIC",
+    "decode_batch",
+    "decode_state",
+    "encode_batch",
+    "encode_state",
+]
+
+FORMAT_VERSION = 1
+BATCH_MAGIC = "arm-batch"
+STATE_MAGIC = "arm-state"
+
+
+def encode_batch(batch: LeafBatch) -> bytes:
+    """Serialise a batch (format version 1)."""
+    groups = [
+        [
+            g.step,
+            g.scope,
+            {k: str(v) for k, v in g.sums.items()},
+            [[c.key, str(c.value), c.response_id] for c in g.keyed_costs],
+            g.scenario_digests,
+        ]
+        for g in batch.groups
+    ]
+    out: bytes = msgpack.packb(
+        [BATCH_MAGIC, FORMAT_VERSION, batch.producer_id, batch.seq, groups], use_bin_type=True
+    )
+    return out
+
+
+def _unpack(data: object, magic: str) -> list[Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireFormatError(f"Expected bytes but got {type(data).__name__}")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise WireFormatError(f"Malformed or truncated msgpack ({len(data)} bytes): {exc}") from exc
+    if not isinstance(obj, list) or len(obj) < 2 or obj[0] != magic:
+        raise WireFormatError(f"Expected a {magic!r} message but got {str(obj)[:80]!r}")
+    if obj[1] != FORMAT_VERSION:
+        raise WireFormatError(
+            f"Unknown {magic} format version {obj[1]!r}; this build reads version {FORMAT_VERSION}"
+        )
+    return obj
+
+
+def _int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise WireFormatError(f"Expected {what} as an int >= {minimum} but got {value!r}")
+    return value
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise WireFormatError(f"Expected {what} as a non-empty str but got {value!r}")
+    return value
+
+
+def _leaf(key: object, value: object) -> tuple[str, Decimal]:
+    try:
+        k = K.validate_key(key)
+        if not isinstance(value, str):
+            raise InvalidMetricError(f"Expected a decimal string for {k=!r} but got {value!r}")
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            raise InvalidMetricError(
+                f"Expected a decimal string for {k=!r} but got {value!r}"
+            ) from None
+        K.check_value(k, number)
+    except InvalidMetricError as exc:
+        raise WireFormatError(f"Invalid leaf in batch: {exc}") from exc
+    return k, number
+
+
+def decode_batch(data: bytes) -> LeafBatch:
+    """Parse and validate a batch; raise :class:`WireFormatError` on anything unexpected."""
+    obj = _unpack(data, BATCH_MAGIC)
+    if len(obj) != 5:
+        raise WireFormatError(f"Expected 5 batch fields but got {len(obj)}")
+    producer_id = _str(obj[2], "producer_id")
+    seq = _int(obj[3], "seq", 1)
+    raw_groups = obj[4]
+    if not isinstance(raw_groups, list):
+        raise WireFormatError(f"Expected a list of groups but got {raw_groups!r}")
+    groups = []
+    for raw in raw_groups:
+        if not isinstance(raw, list) or len(raw) != 5:
+            raise WireFormatError(f"Expected a 5-field group but got {str(raw)[:80]!r}")
+        step = _int(raw[0], "step", 0)
+        scope = _str(raw[1], "scope")
+        if not isinstance(raw[2], dict) or not isinstance(raw[3], list):
+            raise WireFormatError("Expected group sums as a map and keyed costs as a list")
+        sums = dict(_leaf(k, v) for k, v in raw[2].items())
+        keyed = []
+        for item in raw[3]:
+            if not isinstance(item, list) or len(item) != 3:
+                raise WireFormatError(f"Expected [key, value, response_id] but got {item!r}")
+            key, value = _leaf(item[0], item[1])
+            if not key.startswith("costs/"):
+                raise WireFormatError(f"Expected a costs/ key for a keyed cost but got {key!r}")
+            keyed.append(KeyedCost(key, value, _str(item[2], "response_id")))
+        digests = raw[4]
+        if not isinstance(digests, bytes) or len(digests) % DIGEST_SIZE:
+            raise WireFormatError(
+                f"Expected scenario digests as bytes in multiples of {DIGEST_SIZE} "
+                f"but got {type(digests).__name__} of length {len(digests)}"
+            )
+        groups.append(StepGroup(step, scope, sums, tuple(keyed), digests))
+    return LeafBatch(producer_id, seq, tuple(groups))
+
+
+def encode_state(state: Mapping[str, Any]) -> bytes:
+    """Serialise a state mapping (from ``AggregatorState.to_wire``)."""
+    out: bytes = msgpack.packb([STATE_MAGIC, FORMAT_VERSION, dict(state)], use_bin_type=True)
+    return out
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    """Parse a snapshot envelope; the fields are checked by ``AggregatorState.from_wire``."""
+    obj = _unpack(data, STATE_MAGIC)
+    if len(obj) != 3 or not isinstance(obj[2], dict):
+        raise WireFormatError("Expected a state snapshot ['arm-state', version, {...}]")
+    return obj[2]

@@ -1,0 +1,15 @@
+"""Shared fixtures. No Ray here: the Ray cluster fixture lives in tests/integration/conftest.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from art_ray_metrics import _active
+
+
+@pytest.fixture(autouse=True)
+def _no_active_builder() -> None:
+    """Every test starts with no active builder in its context."""
+    token = _active.set_active_builder(None)
+    yield
+    _active.reset_active_builder(token)

@@ -1,0 +1,127 @@
+"""Taxonomy: routing, backend names, cumulative twins and the validation table (SPEC §2, §4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from art_ray_metrics import keys as K
+from art_ray_metrics.errors import InvalidMetricError, MetricsError
+
+
+class TestRouting:
+    @pytest.mark.parametrize(
+        ("key", "split", "routed"),
+        [
+            ("reward/mean", "train", "reward/mean"),
+            ("custom", "train", "train/custom"),
+            ("rewardish/x", "train", "train/rewardish/x"),
+            ("val/acc", "train", "val/acc"),
+            ("custom", "val", "val/custom"),
+            ("reward/mean", "rollout", "rollout/reward/mean"),
+            ("costs/train/x", "test", "costs/train/x"),
+        ],
+        ids=lambda v: str(v),
+    )
+    def test_route_key_matches_art(self, key: str, split: str, routed: str) -> None:
+        """Keys keep their name under a section or split, else get the split prefix."""
+        assert K.route_key(key, split) == routed
+
+    @pytest.mark.parametrize(
+        ("name", "key"),
+        [
+            ("loss", "loss/train"),
+            ("policy_loss", "loss/train"),
+            ("entropy", "loss/entropy"),
+            ("kl_div", "loss/kl_div"),
+            ("grad_norm", "loss/grad_norm"),
+            ("learning_rate", "loss/learning_rate"),
+            ("num_groups_submitted", "data/step_num_groups_submitted"),
+            ("num_groups_trainable", "data/step_num_groups_trainable"),
+            ("num_trajectories", "data/step_num_trajectories"),
+            ("num_trainable_tokens", "data/step_trainer_tokens"),
+            ("train_tokens", "data/step_trainer_tokens"),
+            ("reward", "reward"),
+        ],
+    )
+    def test_backend_names(self, name: str, key: str) -> None:
+        """Backend names map into the taxonomy as in SPEC §2."""
+        assert K.canonical_backend_key(name) == key
+
+    def test_scopes(self) -> None:
+        """val and test share the eval buffer; other splits are their own scope."""
+        assert [K.scope_for_split(s) for s in ("train", "val", "test", "x")] == [
+            "train",
+            "eval",
+            "eval",
+            "x",
+        ]
+
+
+class TestCumulative:
+    @pytest.mark.parametrize(
+        ("key", "twin"),
+        [
+            ("costs/all", "costs/cum/all"),
+            ("costs/train/llm_judge", "costs/cum/train/llm_judge"),
+            ("time/step_wall_s", "time/cum/wall_s"),
+            ("data/step_actor_tokens", "data/cum/actor_tokens"),
+            ("data/other", "data/cum/other"),
+        ],
+    )
+    def test_twin_names(self, key: str, twin: str) -> None:
+        """The twin drops a leading step_ and inserts cum as second segment."""
+        assert K.to_cumulative(key) == twin
+
+    def test_managed_predicate(self) -> None:
+        """Only costs/, time/step_, data/step_, throughput/step_ keys are builder-managed."""
+        managed = ["costs/gpu", "time/step_x", "data/step_x", "throughput/step_x"]
+        plain = ["time/wall", "data/x", "throughput/avg", "reward/x", "loss/train"]
+        assert all(K.is_builder_managed(k) for k in managed)
+        assert not any(K.is_builder_managed(k) for k in plain)
+
+
+class TestValidation:
+    def test_no_section(self) -> None:
+        """A key without '/' is refused and named."""
+        with pytest.raises(InvalidMetricError, match=r"section prefix.*'accuracy'"):
+            K.validate_key("accuracy")
+
+    def test_reserved_cum(self) -> None:
+        """The second segment 'cum' is reserved."""
+        with pytest.raises(InvalidMetricError, match="reserved cumulative"):
+            K.validate_key("costs/cum/x")
+
+    @pytest.mark.parametrize(
+        ("key", "hint"),
+        [("costs_prefill", "costs/train/prefill"), ("costs_total", "costs/train/")],
+    )
+    def test_legacy_cost_keys(self, key: str, hint: str) -> None:
+        """Legacy costs_* keys name their hierarchical replacement."""
+        with pytest.raises(InvalidMetricError, match=hint):
+            K.validate_key(key)
+
+    @pytest.mark.parametrize("key", ["", "/x", "x/", "a//b", None, 3])
+    def test_malformed(self, key: object) -> None:
+        """Empty segments and non-strings are refused."""
+        with pytest.raises(InvalidMetricError):
+            K.validate_key(key)
+
+    @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, True, "1", None, [1]])
+    def test_bad_values(self, value: object) -> None:
+        """NaN, inf, bool and non-numbers are refused, naming the key."""
+        with pytest.raises(InvalidMetricError, match="reward/x"):
+            K.check_value("reward/x", value)
+
+    def test_negative_cost(self) -> None:
+        """A negative cost is refused; a negative reward is fine."""
+        with pytest.raises(InvalidMetricError, match="non-negative"):
+            K.check_value("costs/train/x", -0.01)
+        assert K.check_value("reward/x", -1.5) == -1.5
+
+    def test_errors_are_value_errors(self) -> None:
+        """Ported `except ValueError` blocks keep working."""
+        with pytest.raises(ValueError):
+            K.validate_key("bad")
+        assert issubclass(InvalidMetricError, MetricsError)
