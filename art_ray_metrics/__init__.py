@@ -1,0 +1,66 @@
+"""art_ray_metrics: OpenPipe ART's metrics taxonomy, aggregated across a Ray cluster.
+
+In process (porting from ART is changing the import)::
+
+    from art_ray_metrics import MetricsBuilder, track_api_cost
+
+On a Ray cluster: the trainer calls :func:`start_aggregator` and ``handle.log(step)`` at each
+step barrier; workers call :func:`connect` and record with the same methods.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .actor import AggregatorHandle, MetricsAggregator, start_aggregator
+from .builder import MetricsBuilder
+from .client import FlushResult, WorkerBuilder, connect, get_client
+from .config import AggregatorConfig, ClientConfig
+from .errors import (
+    AggregatorUnavailableError,
+    BarrierTimeoutError,
+    CheckpointCorruptError,
+    ConfigError,
+    ConfigMismatchError,
+    FencedError,
+    InvalidMetricError,
+    MetricConflictError,
+    MetricsError,
+    PricingError,
+    StorageError,
+    WireFormatError,
+)
+from .instrument import bind_context, track_api_cost
+
+try:
+    __version__ = version("art-ray-metrics")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AggregatorConfig",
+    "AggregatorHandle",
+    "AggregatorUnavailableError",
+    "BarrierTimeoutError",
+    "CheckpointCorruptError",
+    "ClientConfig",
+    "ConfigError",
+    "ConfigMismatchError",
+    "FencedError",
+    "FlushResult",
+    "InvalidMetricError",
+    "MetricConflictError",
+    "MetricsAggregator",
+    "MetricsBuilder",
+    "MetricsError",
+    "PricingError",
+    "StorageError",
+    "WireFormatError",
+    "WorkerBuilder",
+    "__version__",
+    "bind_context",
+    "connect",
+    "get_client",
+    "start_aggregator",
+    "track_api_cost",
+]

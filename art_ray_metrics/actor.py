@@ -1,0 +1,600 @@
+"""The aggregator: a named, detached Ray actor that is a thin shell over ``AggregatorState``.
+
+Trainer side::
+
+    handle = art_ray_metrics.start_aggregator(run_name="my-run", storage_uri="s3://bucket/runs")
+    row = handle.log(step, split="train", metrics={"loss": 0.1})   # the step barrier
+
+Remote methods, for users who call ``ray.get_actor(name, namespace=...)`` themselves (all
+return plain Python values):
+
+========================================================  =================================================
+``ingest(data: bytes, durable: bool = False) -> dict``    apply one msgpack batch (see :mod:`.wire`); returns
+                                                          ``{"producer_id", "seq", "duplicate", "durable",
+                                                          "durable_upto"}``; ``durable=True`` returns after the
+                                                          batch is in the write-ahead log. Malformed bytes raise
+                                                          :class:`~.errors.WireFormatError` (counted; no change).
+``log(step, split="train", metrics=None,                  close ``(step, split)``; returns the row
+expect_producers=None, timeout_s=None) -> dict``
+``stats() -> dict``                                       counters, rates, queue depths, storage and W&B health
+``checkpoint() -> dict``                                  commit a checkpoint now
+``config_fingerprint() -> str``                           hash of the configuration it runs with
+``shutdown(exit_code: int = 0) -> None``                  final checkpoint, finish W&B (then ``ray.kill``)
+========================================================  =================================================
+
+Concurrency. The actor is an asyncio actor: every method runs on one event loop, and every
+mutation of the state happens in a synchronous stretch of a coroutine, so no lock guards the
+state. Slow I/O (storage, W&B) runs in threads on immutable bytes and never blocks ingest.
+
+Durability. Every applied batch is appended to a write-ahead log by a group commit every
+``wal_interval_s`` (or at once for a durable ingest); a checkpoint at every barrier and on a
+timer covers the log, which is then compacted. The constructor restores the latest checkpoint
+and replays the log, so a restart (``max_restarts``) or a new cluster continues exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from . import keys as K
+from .checkpoint import CheckpointManager, CheckpointParts
+from .config import AggregatorConfig
+from .errors import (
+    ConfigMismatchError,
+    FencedError,
+    InvalidMetricError,
+    StorageError,
+    WireFormatError,
+)
+from .sinks import HistoryStore, WandbSink, WandbSinkConfig
+from .state import AggregatorState, _Window
+from .storage import open_store
+
+__all__ = ["AggregatorHandle", "MetricsAggregator", "start_aggregator"]
+
+log = logging.getLogger(__name__)
+
+CREDENTIAL_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_BASE_URL",
+    "WANDB_MODE",
+    "WANDB_DIR",
+    "WANDB_SILENT",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ALLOW_HTTP",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_SERVICE_ACCOUNT",
+)
+"""Environment variables forwarded to the actor through Ray's runtime env (never persisted)."""
+
+
+class MetricsAggregator:
+    """The actor class (wrapped with ``ray.remote`` by :func:`start_aggregator`)."""
+
+    def __init__(self, config_json: str) -> None:
+        self.config = AggregatorConfig.model_validate_json(config_json)
+        self.started_at = time.time()
+        self.store = open_store(self.config.storage_uri or "", timeout_s=self.config.storage_timeout_s)
+        self.ckpt = CheckpointManager(self.store, retention=self.config.checkpoint_retention)
+        self.history = HistoryStore(self.store)
+        self.state, replayed = self._restore()
+        meta = self.state.meta
+        meta.setdefault("outbox", [])
+        meta.setdefault("last_rows", {})
+        meta.setdefault("restarts", -1)
+        meta["restarts"] += 1
+        self.restarted = meta["restarts"] > 0 or replayed > 0
+        self.durable: dict[str, _Window] = {
+            p: _Window(w.watermark, w.above) for p, w in self.state.producers.items()
+        }
+        self.wal_queue: list[tuple[bytes, str, int]] = []
+        self.since_ckpt: list[tuple[str, int]] = []
+        self.fenced: str | None = None
+        self.health: dict[str, Any] = {
+            "wal_writes": 0,
+            "wal_failures": 0,
+            "checkpoints": 0,
+            "checkpoint_failures": 0,
+            "history_failures": 0,
+            "replayed_batches": replayed,
+            "last_storage_error": None,
+            "barrier_timeouts": 0,
+        }
+        self.ingest_times: deque[float] = deque(maxlen=4096)
+        self.inflight = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.wal_lock: asyncio.Lock | None = None
+        self.persist_lock: asyncio.Lock | None = None
+        self.last_train_barrier = time.monotonic()
+        self.wandb = self._make_wandb()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _restore(self) -> tuple[AggregatorState, int]:
+        delay, attempts = 0.5, 0
+        while True:
+            try:
+                loaded = self.ckpt.acquire()
+                break
+            except FencedError:
+                raise
+            except StorageError as exc:
+                attempts += 1
+                if attempts >= 6:
+                    raise
+                log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
+                time.sleep(delay)
+                delay *= 2
+        if loaded is None:
+            return AggregatorState(), 0
+        state = (
+            AggregatorState.from_checkpoint(loaded.state, loaded.shards)
+            if loaded.committed
+            else AggregatorState()
+        )
+        replayed = 0
+        for record in loaded.wal:
+            for data in msgpack.unpackb(record, raw=False):
+                try:
+                    if not state.ingest_bytes(data).duplicate:
+                        replayed += 1
+                except WireFormatError as exc:  # written by us; should never happen
+                    log.error("art_ray_metrics: skipping unreadable WAL batch: %s", exc)
+        if replayed:
+            log.warning("art_ray_metrics: replayed %d batches from the write-ahead log", replayed)
+        return state, replayed
+
+    def _make_wandb(self) -> WandbSink | None:
+        mode = self.config.wandb_enabled_mode()
+        if mode == "disabled":
+            return None
+        meta = self.state.meta
+        sink = WandbSink(
+            WandbSinkConfig(
+                project=self.config.wandb_project,
+                entity=self.config.wandb_entity,
+                run_name=self.config.run_name,
+                run_id=meta.get("wandb_run_id"),
+                mode=mode,
+                dir=self.config.wandb_dir,
+                config={"art_ray_metrics": self.config.model_dump(mode="json")},
+            )
+        )
+        meta["wandb_run_id"] = sink.run_id
+        sink.start()
+        if self.restarted:
+            # W&B buffers rows in its own process until finish(); a killed actor may have lost
+            # some. Re-log every row since the last clean finish: twice is fine, never zero.
+            since = int(meta.get("wandb_finished_upto", -1))
+            rows = [r for r in self.history.read() if int(r["step"]) > since]
+            sink.relog(_history_metrics(r) for r in rows)
+        return sink
+
+    def _ensure_tasks(self) -> None:
+        if self.tasks:
+            return
+        self.wal_lock = asyncio.Lock()
+        self.persist_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._wal_loop()), loop.create_task(self._ckpt_loop())]
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    async def ingest(self, data: bytes, durable: bool = False) -> dict[str, Any]:
+        """Apply one batch (idempotent on ``(producer_id, seq)``); see the module docstring."""
+        self._ensure_tasks()
+        self.ingest_times.append(time.monotonic())
+        result = self.state.ingest_bytes(data)  # raises WireFormatError: counted, state untouched
+        if not result.duplicate:
+            self.wal_queue.append((data, result.producer_id, result.seq))
+            self.since_ckpt.append((result.producer_id, result.seq))
+        window = self.durable.get(result.producer_id)
+        is_durable = window is not None and window.seen(result.seq)
+        if durable and not is_durable:
+            self.inflight += 1
+            try:
+                await self._write_wal()
+            finally:
+                self.inflight -= 1
+            window = self.durable.get(result.producer_id)
+            is_durable = window is not None and window.seen(result.seq)
+        return {
+            "producer_id": result.producer_id,
+            "seq": result.seq,
+            "duplicate": result.duplicate,
+            "durable": is_durable,
+            "durable_upto": window.watermark if window is not None else 0,
+            "late_leaves": result.late_leaves,
+            "conflicts": [list(c) for c in result.conflicts],
+        }
+
+    def _mark_durable(self, items: list[tuple[str, int]]) -> None:
+        for producer_id, seq in items:
+            window = self.durable.get(producer_id)
+            if window is None:
+                window = self.durable[producer_id] = _Window()
+            window.mark(seq)
+
+    async def _write_wal(self) -> None:
+        assert self.wal_lock is not None
+        async with self.wal_lock:
+            if not self.wal_queue or self.fenced:
+                return
+            batch, self.wal_queue = self.wal_queue, []
+            record = msgpack.packb([d for d, _, _ in batch], use_bin_type=True)
+            try:
+                await asyncio.to_thread(self.ckpt.append_wal, record)
+            except FencedError as exc:
+                self._fence(exc)
+                return
+            except StorageError as exc:
+                self.wal_queue[:0] = batch  # keep for the next attempt or the next checkpoint
+                self.health["wal_failures"] += 1
+                self.health["last_storage_error"] = str(exc)[:300]
+                return
+            self.health["wal_writes"] += 1
+            self._mark_durable([(p, s) for _, p, s in batch])
+
+    async def _wal_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.wal_interval_s)
+            if self.wal_queue:
+                await self._write_wal()
+
+    async def _ckpt_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval_s)
+            if self.since_ckpt or self.state.meta["outbox"]:
+                await self._persist()
+
+    def _fence(self, exc: FencedError) -> None:
+        if not self.fenced:
+            log.error("art_ray_metrics: %s", exc)
+        self.fenced = str(exc)
+        self.wal_queue.clear()
+
+    # -- barrier ----------------------------------------------------------------------------
+
+    async def log(
+        self,
+        step: int,
+        split: str = "train",
+        metrics: Mapping[str, float] | None = None,
+        expect_producers: int | list[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, float]:
+        """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
+        self._ensure_tasks()
+        last = self.state.meta["last_rows"].get(split)
+        if last is not None and last[0] == step:
+            return dict(last[1])  # a retried barrier call: same row, nothing closed twice
+        if expect_producers is not None:
+            await self._wait_for(step, split, expect_producers, timeout_s)
+        metrics = dict(metrics or {})
+        if split == "train":
+            now = time.monotonic()
+            gpu = self._gpu_cost(now - self.last_train_barrier)
+            if gpu is not None and "costs/gpu" not in metrics:
+                metrics["costs/gpu"] = gpu
+        report = self.state.close_step(step, split, metrics)  # raises InvalidMetricError
+        if split == "train":
+            self.last_train_barrier = time.monotonic()
+        row = report.row
+        if self.config.telemetry_in_rows:
+            row.update(self.state.telemetry())
+            row.update(self._gauges())
+            row[f"{K.TELEMETRY_PREFIX}late_leaves_in_row"] = float(report.late_leaves)
+            row[f"{K.TELEMETRY_PREFIX}conflicts_in_row"] = float(len(report.conflicts))
+        recorded_at = datetime.now(UTC).isoformat()
+        self.state.meta["outbox"].append([step, split, row, recorded_at])
+        self.state.meta["last_rows"][split] = [step, row]
+        await self._persist()
+        if self.wandb is not None:
+            self.wandb.log(row, step=step, split=split)
+        return row
+
+    def _gpu_cost(self, wall_s: float) -> float | None:
+        cfg = self.config
+        if not cfg.gpu_count:
+            return None
+        from .gpu import gpu_cost_usd
+
+        overrides = {cfg.gpu_type: cfg.gpu_hourly_usd} if cfg.gpu_hourly_usd and cfg.gpu_type else None
+        cost = gpu_cost_usd(wall_s, cfg.gpu_type, cfg.gpu_count, overrides=overrides)
+        return float(cost) if cost is not None else None
+
+    async def _wait_for(
+        self, step: int, split: str, expect: int | list[str], timeout_s: float | None
+    ) -> None:
+        deadline = time.monotonic() + (timeout_s or self.config.barrier_timeout_s)
+        while True:
+            seen = self.state.producers_reported(step, split)
+            ok = len(seen) >= expect if isinstance(expect, int) else set(expect) <= seen
+            if ok:
+                return
+            if time.monotonic() >= deadline:
+                self.health["barrier_timeouts"] += 1
+                missing = expect - len(seen) if isinstance(expect, int) else sorted(set(expect) - seen)
+                log.warning(
+                    "art_ray_metrics: step %s/%s closed without %s expected producers",
+                    step,
+                    split,
+                    missing,
+                )
+                return
+            await asyncio.sleep(0.01)
+
+    async def _persist(self) -> None:
+        """Checkpoint, then write the outbox to the history. Bounded; never raises."""
+        assert self.persist_lock is not None
+        async with self.persist_lock:
+            if self.fenced:
+                return
+            state_blob, shards, token = self.state.checkpoint_parts()
+            wal_next = self.ckpt.wal_next
+            covered, self.since_ckpt = self.since_ckpt, []
+            outbox = list(self.state.meta["outbox"])
+            try:
+                await asyncio.to_thread(
+                    self.ckpt.commit, CheckpointParts(state_blob, shards), wal_next=wal_next
+                )
+            except FencedError as exc:
+                self._fence(exc)
+                return
+            except StorageError as exc:
+                self.since_ckpt[:0] = covered
+                self.health["checkpoint_failures"] += 1
+                self.health["last_storage_error"] = str(exc)[:300]
+                log.warning("art_ray_metrics: checkpoint failed, will retry: %s", exc)
+                return
+            self.state.checkpoint_committed(token)
+            self.health["checkpoints"] += 1
+            self._mark_durable(covered)
+            done = set(covered)
+            self.wal_queue = [item for item in self.wal_queue if (item[1], item[2]) not in done]
+            written = []
+            for step, split, row, recorded_at in outbox:
+                try:
+                    await asyncio.to_thread(
+                        self.history.write, step, split, row, datetime.fromisoformat(recorded_at)
+                    )
+                    written.append((step, split))
+                except StorageError as exc:
+                    self.health["history_failures"] += 1
+                    self.health["last_storage_error"] = str(exc)[:300]
+                    break
+            if written:
+                box = self.state.meta["outbox"]
+                self.state.meta["outbox"] = [e for e in box if (e[0], e[1]) not in set(written)]
+
+    # -- operations -------------------------------------------------------------------------
+
+    def _gauges(self) -> dict[str, float]:
+        now = time.monotonic()
+        recent = sum(1 for t in self.ingest_times if now - t <= 10.0)
+        p = K.TELEMETRY_PREFIX
+        return {
+            f"{p}ingest_batches_per_s": recent / 10.0,
+            f"{p}wal_queue": float(len(self.wal_queue)),
+            f"{p}inflight_durable_calls": float(self.inflight),
+            f"{p}checkpoint_failures": float(self.health["checkpoint_failures"]),
+            f"{p}restarts": float(self.state.meta.get("restarts", 0)),
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters, rates, queue depths, storage and W&B health."""
+        return {
+            "name": self.config.name,
+            "namespace": self.config.namespace,
+            "run_name": self.config.run_name,
+            "storage_uri": self.store.uri,
+            "epoch": self.ckpt.epoch,
+            "fenced": self.fenced,
+            "counters": dict(self.state.counters),
+            "conflicts_by_key": dict(self.state.conflict_names),
+            "pending_steps": sorted([s, sc] for s, sc in self.state.pending),
+            "last_closed": dict(self.state.last_closed),
+            "producers": len(self.state.producers),
+            "gauges": self._gauges(),
+            "health": dict(self.health),
+            "wandb": self.wandb.stats() if self.wandb is not None else None,
+            "wandb_run_id": self.state.meta.get("wandb_run_id"),
+            "unique_scenarios": len(self.state.cum.scenarios),
+            "cum": {k: float(v) for k, v in self.state.cum.values.items()},
+            "uptime_s": time.time() - self.started_at,
+            "pid": os.getpid(),
+            "node_id": _node_id(),
+        }
+
+    async def checkpoint(self) -> dict[str, Any]:
+        """Commit a checkpoint now (and flush the WAL and the history outbox)."""
+        self._ensure_tasks()
+        await self._write_wal()
+        await self._persist()
+        return {"checkpoints": self.health["checkpoints"], "fenced": self.fenced}
+
+    async def config_fingerprint(self) -> str:
+        """The hash of the configuration this actor runs with."""
+        return self.config.fingerprint()
+
+    async def shutdown(self, exit_code: int = 0) -> None:
+        """Final checkpoint and W&B finish; call before ``ray.kill``."""
+        self._ensure_tasks()
+        last = max((int(v[0]) for v in self.state.meta["last_rows"].values()), default=-1)
+        self.state.meta["wandb_finished_upto"] = last
+        await self.checkpoint()
+        if self.wandb is not None:
+            await asyncio.to_thread(self.wandb.close, exit_code)
+
+
+def _history_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    skip = {"step", "split", "recorded_at"}
+    return {k: float(v) for k, v in record.items() if k not in skip}
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return None
+
+
+class AggregatorHandle:
+    """The trainer's handle on the aggregator actor."""
+
+    def __init__(self, actor: Any, config: AggregatorConfig) -> None:
+        self.actor = actor
+        self.config = config
+
+    def log(
+        self,
+        step: int,
+        split: str = "train",
+        metrics: Mapping[str, float] | None = None,
+        *,
+        expect_producers: int | list[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, float]:
+        """The step barrier: close ``(step, split)``, merge ``metrics``, return the logged row.
+
+        ``expect_producers`` waits (up to ``timeout_s``) until that many producers, or that set
+        of producer ids, reported for the step. Retried on an actor restart; a retried call for
+        the step just closed returns the same row. Invalid ``metrics`` raise
+        :class:`~art_ray_metrics.errors.InvalidMetricError`.
+        """
+        import ray
+
+        attempts = 0
+        while True:
+            try:
+                row: dict[str, float] = ray.get(
+                    self.actor.log.remote(step, split, dict(metrics or {}), expect_producers, timeout_s)
+                )
+                return row
+            except InvalidMetricError:
+                raise
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                attempts += 1
+                if attempts > 30:
+                    raise
+                time.sleep(min(0.2 * attempts, 2.0))
+
+    async def alog(
+        self,
+        step: int,
+        split: str = "train",
+        metrics: Mapping[str, float] | None = None,
+        *,
+        expect_producers: int | list[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, float]:
+        """:meth:`log` for asyncio trainers."""
+        return await asyncio.to_thread(
+            self.log, step, split, metrics, expect_producers=expect_producers, timeout_s=timeout_s
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """The actor's :meth:`MetricsAggregator.stats`."""
+        import ray
+
+        out: dict[str, Any] = ray.get(self.actor.stats.remote())
+        return out
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Commit a checkpoint now."""
+        import ray
+
+        out: dict[str, Any] = ray.get(self.actor.checkpoint.remote())
+        return out
+
+    def shutdown(self, exit_code: int = 0, *, kill: bool = True) -> None:
+        """Final checkpoint, finish W&B, then kill the detached actor (frees the name)."""
+        import ray
+
+        try:
+            ray.get(self.actor.shutdown.remote(exit_code), timeout=120)
+        finally:
+            if kill:
+                ray.kill(self.actor, no_restart=True)
+
+
+def _runtime_env() -> dict[str, Any]:
+    env = {k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}
+    return {"env_vars": env} if env else {}
+
+
+def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> AggregatorHandle:
+    """Get or create the named aggregator actor (run by the trainer/driver).
+
+    ``fields`` override ``config`` fields. Initialises Ray locally if needed. An actor of that
+    name already running with a different configuration raises
+    :class:`~art_ray_metrics.errors.ConfigMismatchError` instead of being reused silently.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    base = config or AggregatorConfig()
+    cfg = AggregatorConfig.model_validate({**base.model_dump(), **fields}).resolved()
+    if not ray.is_initialized():
+        ray.init(namespace=cfg.namespace)
+    fingerprint = cfg.fingerprint()
+
+    def attach() -> AggregatorHandle | None:
+        try:
+            actor = ray.get_actor(cfg.name, namespace=cfg.namespace)
+        except ValueError:
+            return None
+        running = ray.get(actor.config_fingerprint.remote())
+        if running != fingerprint:
+            raise ConfigMismatchError(
+                f"An aggregator named {cfg.name!r} (namespace {cfg.namespace!r}) already runs with "
+                f"a different configuration (fingerprint {running} != {fingerprint}); shut it "
+                "down first (AggregatorHandle.shutdown or ray.kill) or use another name"
+            )
+        return AggregatorHandle(actor, cfg)
+
+    handle = attach()
+    if handle is not None:
+        return handle
+    options: dict[str, Any] = {
+        "name": cfg.name,
+        "namespace": cfg.namespace,
+        "lifetime": "detached",
+        "max_restarts": cfg.max_restarts,
+        "max_task_retries": 0,
+        "num_cpus": 0,
+        "max_concurrency": 1000,
+        "runtime_env": _runtime_env(),
+    }
+    if cfg.on_driver_node:
+        node = ray.get_runtime_context().get_node_id()
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+    try:
+        actor = ray.remote(MetricsAggregator).options(**options).remote(cfg.model_dump_json())
+    except ValueError:  # created concurrently by another driver
+        handle = attach()
+        if handle is None:
+            raise
+        return handle
+    ray.get(actor.config_fingerprint.remote())  # wait until restored and ready
+    return AggregatorHandle(actor, cfg)
+

@@ -1,0 +1,287 @@
+"""``MetricsBuilder``: OpenPipe ART's in-process builder API on the exact core.
+
+Porting from ART means changing the import::
+
+    from art_ray_metrics import MetricsBuilder      # was: from art.metrics import MetricsBuilder
+
+    builder = MetricsBuilder(cost_context="train")
+    builder.add_cost("train/llm_judge/correctness", 0.0012)
+    builder.add_data(step_actor_tokens=1200, scenario_ids=["s-1", "s-2"])
+    row = await builder.flush()     # {"costs/train/llm_judge/correctness": 0.0012, "costs/all": ...}
+
+Differences from ART, all on purpose and documented in the README:
+
+- NaN, ±inf, ``bool`` and non-numeric values, and negative costs, raise
+  :class:`~art_ray_metrics.errors.InvalidMetricError` (ART stores them or drops NaN later).
+- Sums are exact decimals (``0.1 + 0.2`` is ``0.3``); rows hold the nearest floats.
+- Unique scenarios are kept as 128-bit digests (16 bytes each), not strings.
+- Leaf/ancestor conflict checks cost O(depth of the key), not O(pending keys).
+
+:class:`LeafRecorder` holds the recording methods shared with the Ray worker-side builder
+(:func:`art_ray_metrics.connect`): both only differ in where a validated leaf goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import Token
+from decimal import Decimal
+from typing import Any
+
+from . import _active
+from . import keys as K
+from .dedupe import DigestLedger, digest
+from .errors import InvalidMetricError
+from .instrument import ApiCostMixin
+from .pricing import PricingRegistry
+from .rollup import to_decimal
+from .state import CumulativeState, StepBuffer, close_buffer
+
+__all__ = ["LeafRecorder", "MetricsBuilder"]
+
+UNPRICED_CALLS_KEY = "data/step_unpriced_api_calls"
+"""Counts API calls whose cost could not be determined (cumulative: data/cum/unpriced_api_calls)."""
+
+
+def _scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
+    if isinstance(scenario_ids, (str, bytes)):
+        raise InvalidMetricError(
+            f"Expected scenario_ids as a list of ids but got a single string {scenario_ids!r}"
+        )
+    return [digest(s) for s in scenario_ids]
+
+
+class LeafRecorder(ApiCostMixin):
+    """ART's recording methods over three hooks: ``_record``, ``_record_scenarios`` and
+    ``_record_keyed_cost`` (a cost that must be applied once per provider response id)."""
+
+    cost_context: str
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _record(self, key: str, value: Decimal) -> None:
+        raise NotImplementedError
+
+    def _record_scenarios(self, digests: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
+        raise NotImplementedError
+
+    # -- ApiCostMixin host hooks ----------------------------------------------------------
+
+    def _add_cost_leaf(self, path: str, usd: Decimal, *, response_id: str | None) -> None:
+        key = K.validate_key(f"costs/{path}")
+        K.check_value(key, usd)
+        if response_id:
+            self._record_keyed_cost(key, usd, response_id)
+        else:
+            self._record(key, usd)
+
+    def _add_unpriced_call(self, path: str) -> None:
+        self._record(UNPRICED_CALLS_KEY, Decimal(1))
+
+    # -- ART's API ------------------------------------------------------------------------
+
+    def add_metric(self, key: str, value: float) -> None:
+        """Add ``value`` to leaf ``key`` of the current step (repeated writes are summed)."""
+        K.validate_key(key)
+        K.check_value(key, value)
+        self._record(key, to_decimal(value))
+
+    def add_cost(self, path: str, usd: float) -> None:
+        """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
+        if not isinstance(path, str) or not path.strip("/"):
+            raise InvalidMetricError(f"Expected a non-empty cost path but got {path!r}")
+        self.add_metric(f"costs/{path}", usd)
+
+    def add_data(
+        self,
+        step_num_scenarios: int | None = None,
+        step_actor_tokens: int | None = None,
+        scenario_ids: Iterable[Any] | None = None,
+    ) -> None:
+        """Record scenario and token counts and the step's scenario ids (deduplicated run-wide)."""
+        digests = _scenario_digests(scenario_ids) if scenario_ids is not None else None
+        if step_num_scenarios is not None:
+            self.add_metric("data/step_num_scenarios", step_num_scenarios)
+        if step_actor_tokens is not None:
+            self.add_metric("data/step_actor_tokens", step_actor_tokens)
+        if digests:
+            self._record_scenarios(digests)
+
+    def add_user_timing(
+        self,
+        step_wall_s: float | None = None,
+        step_actor_s: float | None = None,
+        step_eval_s: float | None = None,
+    ) -> None:
+        """Record step timings in seconds under ``time/step_*``."""
+        for key, value in (
+            ("time/step_wall_s", step_wall_s),
+            ("time/step_actor_s", step_actor_s),
+            ("time/step_eval_s", step_eval_s),
+        ):
+            if value is not None:
+                self.add_metric(key, value)
+
+    def add_idle_times(
+        self,
+        step_trainer_idle_s: float | None = None,
+        step_actor_idle_s: float | None = None,
+    ) -> None:
+        """Record idle seconds under ``throughput/step_*_idle_s``."""
+        if step_trainer_idle_s is not None:
+            self.add_metric("throughput/step_trainer_idle_s", step_trainer_idle_s)
+        if step_actor_idle_s is not None:
+            self.add_metric("throughput/step_actor_idle_s", step_actor_idle_s)
+
+    @contextmanager
+    def measure(self, key: str) -> Iterator[None]:
+        """Time the block and add the seconds to ``key``, also when the block raises."""
+        K.validate_key(key)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add_metric(key, time.monotonic() - started)
+
+    def activate(self) -> Token[Any]:
+        """Make this builder the one ``track_api_cost`` records into (in this context)."""
+        return _active.set_active_builder(self)
+
+    @contextmanager
+    def activate_context(self) -> Iterator[Any]:
+        """Activate this builder for the block, then restore the previous one."""
+        token = self.activate()
+        try:
+            yield self
+        finally:
+            _active.reset_active_builder(token)
+
+
+class _SharedState:
+    """What every ``for_cost_context`` view of one builder shares."""
+
+    __slots__ = ("buffers", "cum", "lock", "pricing")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.buffers: dict[str, StepBuffer] = {}
+        self.cum = CumulativeState()
+        self.pricing = PricingRegistry()
+
+
+class MetricsBuilder(LeafRecorder):
+    """In-process step metrics with ART's API, results and state format."""
+
+    def __init__(
+        self,
+        cost_context: str,
+        *,
+        _shared_state: _SharedState | None = None,
+        _buffer_scope: str | None = None,
+    ) -> None:
+        if not isinstance(cost_context, str) or not cost_context.strip():
+            raise InvalidMetricError(f"Expected a non-empty cost_context but got {cost_context!r}")
+        self.cost_context = cost_context
+        self._buffer_scope = _buffer_scope if _buffer_scope is not None else cost_context
+        self._shared = _shared_state if _shared_state is not None else _SharedState()
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _buffer(self) -> StepBuffer:
+        buf = self._shared.buffers.get(self._buffer_scope)
+        if buf is None:
+            buf = self._shared.buffers[self._buffer_scope] = StepBuffer()
+        return buf
+
+    def _record(self, key: str, value: Decimal) -> None:
+        self._buffer().add(key, value)
+
+    def _record_scenarios(self, digests: list[bytes]) -> None:
+        self._buffer().scenarios.update(digests)
+
+    def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
+        d = digest(response_id)
+        if d in self._shared.cum.cost_ids or any(
+            d in b.cost_ids for b in self._shared.buffers.values()
+        ):
+            return
+        buf = self._buffer()
+        buf.add(key, value)
+        buf.cost_ids.add(d)
+
+    def _pricing(self) -> PricingRegistry:
+        return self._shared.pricing
+
+    # -- ART's API ------------------------------------------------------------------------
+
+    async def flush(self) -> dict[str, float]:
+        """Close this builder's scope: return its row and fold it into the cumulative state."""
+        async with self._shared.lock:
+            buf = self._shared.buffers.pop(self._buffer_scope, None) or StepBuffer()
+            return close_buffer(buf, self._shared.cum)
+
+    @staticmethod
+    def get_active() -> MetricsBuilder:
+        """Return the active builder; raise ``LookupError`` if none is active (as ART)."""
+        builder = _active.get_active_builder()
+        if builder is None:
+            raise LookupError("No active MetricsBuilder in this context")
+        return builder  # type: ignore[no-any-return]
+
+    def for_cost_context(
+        self, cost_context: str, *, buffer_scope: str | None = None
+    ) -> MetricsBuilder:
+        """A view recording under another cost context (and buffer scope), sharing all state."""
+        context = cost_context.strip() if isinstance(cost_context, str) else ""
+        if not context:
+            raise InvalidMetricError(f"Expected a non-empty cost_context but got {cost_context!r}")
+        scope = buffer_scope.strip() if buffer_scope is not None else context
+        if not scope:
+            raise InvalidMetricError(f"Expected a non-empty buffer_scope but got {buffer_scope!r}")
+        if context == self.cost_context and scope == self._buffer_scope:
+            return self
+        return MetricsBuilder(context, _shared_state=self._shared, _buffer_scope=scope)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Cumulative state, JSON-serialisable.
+
+        ``cum_state`` holds floats as in ART; ``cum_state_exact`` the exact decimals and
+        ``unique_scenario_digests`` the base64 digests (ART's ``unique_scenario_ids`` strings are
+        not kept: we store 16-byte digests).
+        """
+        cum = self._shared.cum
+        return {
+            "cum_state": {k: float(v) for k, v in cum.values.items()},
+            "cum_state_exact": {k: str(v) for k, v in cum.values.items()},
+            "unique_scenario_digests": base64.b64encode(cum.scenarios.to_bytes()).decode(),
+            "response_id_digests": base64.b64encode(cum.cost_ids.to_bytes()).decode(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore cumulative state from ours or from ART's ``{"cum_state", "unique_scenario_ids"}``.
+
+        Pending (unflushed) leaves are dropped, as in ART.
+        """
+        exact = state.get("cum_state_exact")
+        if exact is not None:
+            values = {str(k): Decimal(str(v)) for k, v in exact.items()}
+        else:
+            values = {}
+            for k, v in state.get("cum_state", {}).items():
+                values[str(k)] = to_decimal(K.check_value(str(k), v, cost=False))
+        scenarios = DigestLedger()
+        scenarios.add_many(digest(s) for s in state.get("unique_scenario_ids", []))
+        scenarios.add_bytes(base64.b64decode(state.get("unique_scenario_digests", "")))
+        cost_ids = DigestLedger.from_bytes(base64.b64decode(state.get("response_id_digests", "")))
+        cum = self._shared.cum
+        cum.values = values
+        cum.scenarios = scenarios
+        cum.cost_ids = cost_ids
+        self._shared.buffers.clear()

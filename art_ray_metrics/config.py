@@ -1,0 +1,117 @@
+"""Configuration: frozen pydantic models validated once, at start-up.
+
+:class:`AggregatorConfig` configures the named aggregator actor (``start_aggregator``);
+:class:`ClientConfig` configures the worker-side batching client (``connect``). A bare
+``AggregatorConfig()`` works on a laptop: actor ``art_ray_metrics`` in namespace
+``art_ray_metrics``, run ``default``, storage under ``./runs/default`` (made absolute), W&B
+online only when ``WANDB_API_KEY`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "AggregatorConfig", "ClientConfig"]
+
+DEFAULT_NAME = "art_ray_metrics"
+DEFAULT_NAMESPACE = "art_ray_metrics"
+
+
+class AggregatorConfig(BaseModel):
+    """Everything the aggregator actor needs; its fingerprint guards against silent reuse."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(DEFAULT_NAME, description="Ray actor name.")
+    namespace: str = Field(DEFAULT_NAMESPACE, description="Ray namespace of the actor.")
+    run_name: str = Field("default", description="Run name: W&B run name, default storage dir.")
+    storage_uri: str | None = Field(
+        None,
+        description="Where checkpoints, the WAL and the JSONL history live: a local path, "
+        "file://, s3://bucket/prefix, gs://bucket/prefix or memory://name. Default "
+        "./runs/<run_name> (absolute). A multi-node cluster needs shared storage.",
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: online if WANDB_API_KEY is set, else disabled."
+    )
+    wandb_project: str = "art-ray-metrics"
+    wandb_entity: str | None = None
+    wandb_dir: str | None = None
+    checkpoint_interval_s: float = Field(
+        30.0, gt=0, description="Checkpoint on this timer too (always at every barrier)."
+    )
+    checkpoint_retention: int = Field(3, ge=1)
+    wal_interval_s: float = Field(
+        0.2, gt=0, description="Group-commit interval of the write-ahead log."
+    )
+    storage_timeout_s: float = Field(10.0, gt=0)
+    barrier_timeout_s: float = Field(
+        60.0, gt=0, description="Default wait for expected producers at a barrier."
+    )
+    telemetry_in_rows: bool = Field(True, description="Add telemetry/* counters to each row.")
+    on_driver_node: bool = Field(True, description="Pin the actor to the driver's node.")
+    max_restarts: int = -1
+    gpu_type: str | None = Field(None, description="GPU type for costs/gpu (e.g. 'H100').")
+    gpu_count: int | None = Field(None, ge=0)
+    gpu_hourly_usd: float | None = Field(None, ge=0, description="Override of the price table.")
+
+    @field_validator("name", "namespace", "run_name")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be non-empty")
+        return value
+
+    def resolved(self) -> AggregatorConfig:
+        """A copy with ``storage_uri`` defaulted and local paths made absolute."""
+        uri = self.storage_uri or os.path.join("runs", self.run_name)
+        if "://" not in uri:
+            uri = os.path.abspath(uri)
+        elif uri.startswith("file://"):
+            uri = "file://" + os.path.abspath(uri[len("file://") :])
+        return self.model_copy(update={"storage_uri": uri})
+
+    def fingerprint(self) -> str:
+        """A stable hash of the configuration (what a second driver must agree on)."""
+        data = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+    def wandb_enabled_mode(self) -> Literal["online", "offline", "disabled"]:
+        """The W&B mode in effect."""
+        if self.wandb_mode is not None:
+            return self.wandb_mode
+        env = os.environ.get("WANDB_MODE")
+        if env in ("online", "offline", "disabled"):
+            return env  # type: ignore[return-value]
+        return "online" if os.environ.get("WANDB_API_KEY") else "disabled"
+
+
+class ClientConfig(BaseModel):
+    """The worker-side batching client."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = DEFAULT_NAME
+    namespace: str = DEFAULT_NAMESPACE
+    max_batch_leaves: int = Field(2000, ge=1, description="Ship when this many leaves wait.")
+    flush_interval_s: float = Field(1.0, gt=0, description="Ship at least this often.")
+    max_in_flight: int = Field(8, ge=1, description="Unacknowledged calls before ship() blocks.")
+    max_retained_batches: int = Field(
+        10_000, ge=1, description="Shipped, not yet durable batches kept for resends."
+    )
+    lookup_timeout_s: float = Field(60.0, gt=0, description="Give up finding the actor after.")
+    flush_timeout_s: float = Field(60.0, gt=0, description="An explicit flush waits this long.")
+
+
+def check_config(config: object) -> AggregatorConfig:
+    """Return ``config`` as an AggregatorConfig or raise :class:`ConfigError`."""
+    if not isinstance(config, AggregatorConfig):
+        raise ConfigError(f"Expected an AggregatorConfig but got {config!r}")
+    return config
