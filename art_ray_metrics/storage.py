@@ -1,0 +1,754 @@
+"""Object stores addressed by URI, with the two conditional writes a commit protocol needs.
+
+The checkpoint protocol (:mod:`art_ray_metrics.checkpoint`) needs exactly two atomic primitives
+besides plain reads and writes: **create-only** (write an object only if no object exists at that
+key) and **compare-and-swap** (overwrite an object only if it still has the version we read). This
+module gives one small :class:`ObjectStore` protocol with those primitives over four back ends::
+
+    URI                              store                 create-only          compare-and-swap
+    ------------------------------   -------------------   ------------------   -------------------
+    /abs/dir, rel/dir, file:///dir   LocalDirStore         os.link (EEXIST)     flock + sha256 token
+    s3://bucket/prefix               obstore S3Store       If-None-Match: *     If-Match: <etag>
+    gs://bucket/prefix               obstore GCSStore      ifGenerationMatch=0  ifGenerationMatch
+    memory://name                    InMemoryStore         dict under a lock    generation counter
+
+Why obstore: it speaks S3 and GCS conditional writes natively (``PutMode`` ``"create"`` and
+``{"e_tag": ..., "version": ...}``), has bounded client timeouts and retries, and is one small
+wheel without a cloud SDK. ``pyarrow.fs`` (what Ray Train uses) has no conditional writes at all,
+so it cannot fence a stale writer.
+
+Why our own local store: obstore's ``LocalStore`` supports create-only but raises
+``NotImplementedError`` for ``PutMode::Update`` (checked with obstore 0.12.1), so CAS on a local
+directory is implemented here:
+
+- every write goes to a temporary file in the target directory, is fsynced, then renamed into
+  place with ``os.replace`` (atomic on POSIX) and the directory is fsynced: readers see the old
+  or the new bytes, never a torn object;
+- create-only publishes the temporary file with ``os.link``, which fails atomically if the key
+  exists;
+- the version token is ``sha256:<hex>`` of the content, read from one open file descriptor, so
+  data and token always belong together; overwrites, CAS and deletes hold an exclusive
+  ``fcntl.flock`` on ``<root>/.arm-store.lock`` (plus a per-process thread lock, because flock
+  is per open file) between checking the version and renaming, so two writers with the same token
+  cannot both win, across threads and processes on one host. Names starting with ``.arm-`` are
+  reserved for these files and are rejected as key segments.
+
+Invariants shared by every store (checked by one contract test suite):
+
+- keys are relative, ``/``-separated, non-empty segments without ``.``/``..``; ``list`` returns
+  keys relative to the store root, sorted, filtered by a plain string prefix;
+- a version token is opaque; it changes whenever the content changes (S3 ETags and the local
+  sha256 are content hashes, so rewriting identical bytes may keep the token);
+- ``put_if_version`` on a missing key fails with :class:`PreconditionFailedError`;
+- every back-end failure is raised as a :class:`StorageError` subclass whose message names the
+  store URI and the key, never credentials. ``uri`` never carries credentials either.
+
+S3 settings come from the standard environment (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``); an
+``http://`` endpoint enables plain HTTP. ``timeout_s`` bounds the connect and read phases of each
+request and the total time spent retrying (at most two retries), so an outage surfaces as a
+``StorageError`` within seconds instead of hanging the aggregator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import itertools
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+from art_ray_metrics import errors
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig
+
+__all__ = [
+    "InMemoryStore",
+    "LocalDirStore",
+    "ObjectStore",
+    "ObstoreStore",
+    "open_store",
+]
+
+_RESERVED_PREFIX = ".arm-"
+_LOCK_NAME = ".arm-store.lock"
+_TMP_PREFIX = ".arm-tmp-"
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """A flat key → bytes store with create-only and compare-and-swap writes."""
+
+    uri: str
+
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise ObjectNotFoundError if absent."""
+        ...
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Return the object's bytes and its opaque version token, read atomically."""
+        ...
+
+    def put(self, key: str, data: bytes) -> str:
+        """Overwrite unconditionally; return the new version token."""
+        ...
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        """Create the object; raise PreconditionFailedError if it exists."""
+        ...
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str:
+        """Overwrite only if the current version is ``version``; else PreconditionFailedError."""
+        ...
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys that start with ``prefix``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete the object; a missing object is not an error."""
+        ...
+
+
+def check_key(uri: str, key: str) -> str:
+    """Validate an object key and return it.
+
+    Args:
+        uri: The store URI, named in the error.
+        key: A relative, ``/``-separated key.
+
+    Returns:
+        The key unchanged.
+
+    Raises:
+        StorageError: The key is empty, absolute, has empty, ``.``, ``..`` or reserved segments.
+
+    >>> check_key("memory://x", "wal/0001.bin")
+    'wal/0001.bin'
+    """
+    ok = isinstance(key, str) and key != "" and "\\" not in key and "\x00" not in key
+    if ok:
+        for segment in key.split("/"):
+            if segment in ("", ".", "..") or segment.startswith(_RESERVED_PREFIX):
+                ok = False
+                break
+    if not ok:
+        raise errors.StorageError(
+            f"Expected a relative object key of non-empty segments (no '.', '..', "
+            f"'{_RESERVED_PREFIX}*') in {uri} but got {key!r}"
+        )
+    return key
+
+
+def _check_prefix(uri: str, prefix: str) -> str:
+    if not isinstance(prefix, str) or prefix.startswith("/") or "\x00" in prefix:
+        raise errors.StorageError(
+            f"Expected a relative key prefix for listing {uri} but got {prefix!r}"
+        )
+    return prefix
+
+
+def _redact(uri: str) -> str:
+    """Drop user info, query and fragment from a URI so it never shows credentials."""
+    parts = urlsplit(uri)
+    if parts.scheme == "":
+        return uri
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory store
+# --------------------------------------------------------------------------------------------
+
+
+class InMemoryStore:
+    """A thread-safe in-process store for tests; versions are a per-store generation counter.
+
+    ``open_store("memory://name")`` returns the same instance for the same name for the life of
+    the process; a directly constructed store is private to its creator.
+
+    Args:
+        name: A label for ``uri``; a random one when omitted.
+    """
+
+    _registry: ClassVar[dict[str, InMemoryStore]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, name: str | None = None) -> None:
+        self.uri = f"memory://{name if name is not None else uuid.uuid4().hex}"
+        self._lock = threading.Lock()
+        self._objects: dict[str, tuple[bytes, str]] = {}
+        self._generation = itertools.count(1)
+
+    @classmethod
+    def named(cls, name: str) -> InMemoryStore:
+        """Return the process-wide store registered under ``name``, creating it if needed."""
+        with cls._registry_lock:
+            store = cls._registry.get(name)
+            if store is None:
+                store = cls(name)
+                cls._registry[name] = store
+            return store
+
+    @classmethod
+    def forget(cls, name: str) -> None:
+        """Drop the registered store ``name`` (a missing name is fine)."""
+        with cls._registry_lock:
+            cls._registry.pop(name, None)
+
+    def _next_version(self) -> str:
+        return f"g{next(self._generation)}"
+
+    def _missing(self, key: str) -> errors.ObjectNotFoundError:
+        return errors.ObjectNotFoundError(f"No object at key {key!r} in {self.uri}")
+
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise ObjectNotFoundError if absent."""
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Return the object's bytes and version token."""
+        check_key(self.uri, key)
+        with self._lock:
+            found = self._objects.get(key)
+        if found is None:
+            raise self._missing(key)
+        return found
+
+    def put(self, key: str, data: bytes) -> str:
+        """Overwrite unconditionally; return the new version token."""
+        check_key(self.uri, key)
+        payload = bytes(data)
+        with self._lock:
+            version = self._next_version()
+            self._objects[key] = (payload, version)
+        return version
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        """Create the object; raise PreconditionFailedError if it exists."""
+        check_key(self.uri, key)
+        payload = bytes(data)
+        with self._lock:
+            if key in self._objects:
+                raise errors.PreconditionFailedError(
+                    f"Expected no object at key {key!r} in {self.uri} but one exists"
+                )
+            version = self._next_version()
+            self._objects[key] = (payload, version)
+        return version
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str:
+        """Overwrite only if the current version is ``version``."""
+        check_key(self.uri, key)
+        payload = bytes(data)
+        with self._lock:
+            found = self._objects.get(key)
+            current = None if found is None else found[1]
+            if current != version:
+                raise errors.PreconditionFailedError(
+                    f"Expected version {version!r} at key {key!r} in {self.uri} but got {current!r}"
+                )
+            new_version = self._next_version()
+            self._objects[key] = (payload, new_version)
+        return new_version
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys starting with ``prefix``."""
+        _check_prefix(self.uri, prefix)
+        with self._lock:
+            return sorted(k for k in self._objects if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        """Delete the object; a missing object is fine."""
+        check_key(self.uri, key)
+        with self._lock:
+            self._objects.pop(key, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Local directory store
+# --------------------------------------------------------------------------------------------
+
+_local_thread_locks: dict[str, threading.Lock] = {}
+_local_thread_locks_guard = threading.Lock()
+
+
+def _thread_lock_for(root: str) -> threading.Lock:
+    with _local_thread_locks_guard:
+        lock = _local_thread_locks.get(root)
+        if lock is None:
+            lock = threading.Lock()
+            _local_thread_locks[root] = lock
+        return lock
+
+
+def _content_version(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalDirStore:
+    """A directory on a local or shared POSIX filesystem (see the module docstring).
+
+    Args:
+        root: The directory; created (with parents) if missing.
+        uri: The URI to report; defaults to ``file://<absolute root>``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, uri: str | None = None) -> None:
+        self._root = os.path.abspath(os.fspath(root))
+        self.uri = uri if uri is not None else Path(self._root).as_uri()
+        try:
+            os.makedirs(self._root, exist_ok=True)
+        except OSError as exc:
+            raise errors.StorageError(
+                f"Cannot create the store directory of {self.uri}: {exc.strerror or exc}"
+            ) from exc
+        self._thread_lock = _thread_lock_for(os.path.realpath(self._root))
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self._root, *check_key(self.uri, key).split("/"))
+
+    def _error(self, op: str, key: str, exc: OSError) -> errors.StorageError:
+        return errors.StorageError(
+            f"{op} of key {key!r} in {self.uri} failed: {exc.strerror or exc}"
+        )
+
+    @contextlib.contextmanager
+    def _exclusive(self, key: str) -> Iterator[None]:
+        with self._thread_lock:
+            try:
+                fd = os.open(os.path.join(self._root, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise self._error("locking", key, exc) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing the descriptor releases the flock
+
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with open(self._path(key), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            return None
+        except OSError as exc:
+            raise self._error("get", key, exc) from exc
+        return data, _content_version(data)
+
+    def _write_temp(self, key: str, data: bytes) -> tuple[str, str]:
+        """Write ``data`` to a fsynced temporary file next to ``key``; return (tmp, final)."""
+        final = self._path(key)
+        directory = os.path.dirname(final)
+        try:
+            self._makedirs(directory)
+            tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._error("put", key, exc) from exc
+        return tmp, final
+
+    def _makedirs(self, directory: str) -> None:
+        missing: list[str] = []
+        current = directory
+        while not os.path.isdir(current) and current != self._root:
+            missing.append(current)
+            current = os.path.dirname(current)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                continue
+            _fsync_dir(os.path.dirname(path))
+
+    def _publish(self, key: str, tmp: str, final: str) -> None:
+        try:
+            os.replace(tmp, final)
+            _fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise self._error("put", key, exc) from exc
+
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise ObjectNotFoundError if absent."""
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Return the object's bytes and ``sha256:`` version token."""
+        found = self._read(key)
+        if found is None:
+            raise errors.ObjectNotFoundError(f"No object at key {key!r} in {self.uri}")
+        return found
+
+    def put(self, key: str, data: bytes) -> str:
+        """Atomically overwrite; return the new version token."""
+        payload = bytes(data)
+        tmp, final = self._write_temp(key, payload)
+        with self._exclusive(key):
+            self._publish(key, tmp, final)
+        return _content_version(payload)
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        """Atomically create; raise PreconditionFailedError if the key exists."""
+        payload = bytes(data)
+        tmp, final = self._write_temp(key, payload)
+        try:
+            os.link(tmp, final)
+        except FileExistsError as exc:
+            raise errors.PreconditionFailedError(
+                f"Expected no object at key {key!r} in {self.uri} but one exists"
+            ) from exc
+        except OSError as exc:
+            raise self._error("put_if_absent", key, exc) from exc
+        finally:
+            _unlink_quietly(tmp)
+        try:
+            _fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            raise self._error("put_if_absent", key, exc) from exc
+        return _content_version(payload)
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str:
+        """Atomically overwrite if the content still has ``version``."""
+        payload = bytes(data)
+        tmp, final = self._write_temp(key, payload)
+        try:
+            with self._exclusive(key):
+                found = self._read(key)
+                current = None if found is None else found[1]
+                if current != version:
+                    raise errors.PreconditionFailedError(
+                        f"Expected version {version!r} at key {key!r} in {self.uri} "
+                        f"but got {current!r}"
+                    )
+                self._publish(key, tmp, final)
+        finally:
+            _unlink_quietly(tmp)
+        return _content_version(payload)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys starting with ``prefix`` (temporary and lock files hidden)."""
+        _check_prefix(self.uri, prefix)
+        start_dir = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        top = os.path.join(self._root, *start_dir.split("/")) if start_dir else self._root
+        keys: list[str] = []
+        try:
+            for dirpath, dirnames, filenames in os.walk(top):
+                dirnames[:] = [d for d in dirnames if not d.startswith(_RESERVED_PREFIX)]
+                rel_dir = os.path.relpath(dirpath, self._root)
+                for name in filenames:
+                    if name.startswith(_RESERVED_PREFIX):
+                        continue
+                    key = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+                    if key.startswith(prefix):
+                        keys.append(key)
+        except OSError as exc:
+            raise self._error("list", prefix, exc) from exc
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        """Delete the object; a missing object is fine."""
+        path = self._path(key)
+        with self._exclusive(key):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise self._error("delete", key, exc) from exc
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # pragma: no cover - only on a broken filesystem
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# S3 and GCS through obstore
+# --------------------------------------------------------------------------------------------
+
+
+def _token(e_tag: str | None, version: str | None) -> str:
+    """Pack obstore's (e_tag, version) pair into one opaque string token."""
+    if version is None and e_tag is not None and not e_tag.startswith("v:"):
+        return e_tag
+    return f"v:{e_tag or ''}\x1f{version or ''}"
+
+
+def _untoken(token: str) -> dict[str, str]:
+    if not token.startswith("v:"):
+        return {"e_tag": token}
+    e_tag, _, version = token[2:].partition("\x1f")
+    update: dict[str, str] = {}
+    if e_tag:
+        update["e_tag"] = e_tag
+    if version:
+        update["version"] = version
+    return update
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
+class ObstoreStore:
+    """An S3 or GCS bucket prefix through obstore (use :func:`open_store` to build one).
+
+    Args:
+        store: An ``obstore.store.S3Store`` or ``GCSStore``.
+        uri: The credential-free URI it was opened from.
+    """
+
+    def __init__(self, store: Any, uri: str) -> None:
+        self._store = store
+        self.uri = uri
+
+    def _wrap(self, op: str, key: str, exc: Exception) -> errors.StorageError:
+        from obstore import exceptions as obx
+
+        message = f"{op} of key {key!r} in {self.uri} failed: {_first_line(exc)}"
+        if isinstance(exc, obx.NotFoundError | FileNotFoundError):
+            return errors.ObjectNotFoundError(f"No object at key {key!r} in {self.uri}")
+        if isinstance(exc, obx.AlreadyExistsError):
+            return errors.PreconditionFailedError(
+                f"Expected no object at key {key!r} in {self.uri} but one exists"
+            )
+        if isinstance(exc, obx.PreconditionError):
+            return errors.PreconditionFailedError(message)
+        return errors.StorageError(message)
+
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raise ObjectNotFoundError if absent."""
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Return the object's bytes and its (ETag, generation) token from one GET."""
+        import obstore
+
+        check_key(self.uri, key)
+        try:
+            result = obstore.get(self._store, key)
+            data = bytes(result.bytes())
+            meta = result.meta
+        except Exception as exc:
+            raise self._wrap("get", key, exc) from exc
+        return data, _token(meta.get("e_tag"), meta.get("version"))
+
+    def _put(self, op: str, key: str, data: bytes, mode: Any) -> str:
+        import obstore
+
+        check_key(self.uri, key)
+        try:
+            result = obstore.put(self._store, key, bytes(data), mode=mode, use_multipart=False)
+        except Exception as exc:
+            wrapped = self._wrap(op, key, exc)
+            if op == "put_if_version" and isinstance(wrapped, errors.ObjectNotFoundError):
+                wrapped = errors.PreconditionFailedError(
+                    f"Expected an object to compare-and-swap at key {key!r} in {self.uri} "
+                    f"but it is missing"
+                )
+            raise wrapped from exc
+        e_tag, version = result.get("e_tag"), result.get("version")
+        if e_tag is None and version is None:
+            return self.get_versioned(key)[1]
+        return _token(e_tag, version)
+
+    def put(self, key: str, data: bytes) -> str:
+        """Overwrite unconditionally; return the new version token."""
+        return self._put("put", key, data, "overwrite")
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        """Create the object (``If-None-Match: *``); PreconditionFailedError if it exists."""
+        return self._put("put_if_absent", key, data, "create")
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str:
+        """Overwrite only if the object still has ``version`` (``If-Match``)."""
+        return self._put("put_if_version", key, data, _untoken(version))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys starting with ``prefix``."""
+        import obstore
+
+        _check_prefix(self.uri, prefix)
+        directory = prefix.rsplit("/", 1)[0] if "/" in prefix else None
+        try:
+            metas = obstore.list(self._store, prefix=directory).collect()
+        except Exception as exc:
+            raise self._wrap("list", prefix, exc) from exc
+        return sorted(str(m["path"]) for m in metas if str(m["path"]).startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        """Delete the object; a missing object is fine."""
+        import obstore
+
+        check_key(self.uri, key)
+        try:
+            obstore.delete(self._store, key)
+        except Exception as exc:
+            wrapped = self._wrap("delete", key, exc)
+            if isinstance(wrapped, errors.ObjectNotFoundError):
+                return
+            raise wrapped from exc
+
+
+def _client_options(timeout_s: float, *, allow_http: bool) -> ClientConfig:
+    options: ClientConfig = {
+        "connect_timeout": timedelta(seconds=timeout_s),
+        "read_timeout": timedelta(seconds=timeout_s),
+        # Whole-request bound: generous so one large shard upload fits, finite so nothing hangs.
+        "timeout": timedelta(seconds=timeout_s * 6),
+    }
+    if allow_http:
+        options["allow_http"] = True
+    return options
+
+
+def _retry_config(timeout_s: float) -> RetryConfig:
+    return {
+        "max_retries": 2,
+        "retry_timeout": timedelta(seconds=timeout_s),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=1),
+            "base": 2,
+        },
+    }
+
+
+def _split_bucket(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    bucket = parts.netloc.rsplit("@", 1)[-1]
+    prefix = parts.path.strip("/")
+    if not bucket:
+        raise errors.ConfigError(f"Expected a bucket name in storage URI but got {uri!r}")
+    return bucket, prefix
+
+
+def _open_s3(uri: str, timeout_s: float) -> ObstoreStore:
+    from obstore.store import S3Store
+
+    bucket, prefix = _split_bucket(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint"] = endpoint
+    if region:
+        kwargs["region"] = region
+    allow_http = bool(endpoint) and str(endpoint).lower().startswith("http://")
+    try:
+        store = S3Store(
+            bucket,
+            prefix=prefix or None,
+            client_options=_client_options(timeout_s, allow_http=allow_http),
+            retry_config=_retry_config(timeout_s),
+            **kwargs,
+        )
+    except Exception as exc:
+        raise errors.ConfigError(
+            f"Expected a usable S3 configuration for {_redact(uri)!r} but got: {_first_line(exc)}"
+        ) from exc
+    return ObstoreStore(store, _redact(uri))
+
+
+def _open_gcs(uri: str, timeout_s: float) -> ObstoreStore:
+    from obstore.store import GCSStore
+
+    bucket, prefix = _split_bucket(uri)
+    base_url = os.environ.get("GOOGLE_BASE_URL", "")
+    try:
+        store = GCSStore(
+            bucket,
+            prefix=prefix or None,
+            client_options=_client_options(
+                timeout_s, allow_http=base_url.lower().startswith("http://")
+            ),
+            retry_config=_retry_config(timeout_s),
+        )
+    except Exception as exc:
+        raise errors.ConfigError(
+            f"Expected a usable GCS configuration for {_redact(uri)!r} but got: {_first_line(exc)}"
+        ) from exc
+    return ObstoreStore(store, _redact(uri))
+
+
+def open_store(uri: str, *, timeout_s: float = 10.0) -> ObjectStore:
+    """Open the object store a URI names.
+
+    Args:
+        uri: A plain directory path (relative or absolute), ``file:///dir``,
+            ``s3://bucket/prefix``, ``gs://bucket/prefix`` or ``memory://name``.
+        timeout_s: Bound on each request phase and on retrying (S3 and GCS only).
+
+    Returns:
+        The store; its ``uri`` is credential-free.
+
+    Raises:
+        ConfigError: Unknown scheme, missing bucket or name, or an unusable S3/GCS config.
+        StorageError: A local directory cannot be created.
+
+    >>> open_store("memory://doc-example").uri
+    'memory://doc-example'
+    """
+    if not isinstance(uri, str) or uri.strip() == "":
+        raise errors.ConfigError(f"Expected a storage URI or directory path but got {uri!r}")
+    if not (timeout_s > 0):
+        raise errors.ConfigError(f"Expected timeout_s > 0 but got {timeout_s!r}")
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    if scheme == "":
+        return LocalDirStore(uri)
+    if scheme == "file":
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise errors.ConfigError(
+                f"Expected a local file URI like 'file:///abs/dir' but got {_redact(uri)!r}"
+            )
+        return LocalDirStore(parts.path, uri=f"file://{parts.path}")
+    if scheme == "memory":
+        name = uri.split("://", 1)[1]
+        if not name:
+            raise errors.ConfigError(f"Expected a store name in 'memory://<name>' but got {uri!r}")
+        return InMemoryStore.named(name)
+    if scheme in ("s3", "s3a"):
+        return _open_s3(uri, timeout_s)
+    if scheme == "gs":
+        return _open_gcs(uri, timeout_s)
+    raise errors.ConfigError(
+        f"Expected a storage URI with scheme file://, s3://, gs://, memory:// or a plain path "
+        f"but got {_redact(uri)!r}"
+    )

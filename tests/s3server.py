@@ -1,0 +1,153 @@
+"""A real S3 endpoint on loopback for tests: moto's server over HTTP on 127.0.0.1.
+
+If ``ARM_TEST_S3_ENDPOINT`` is set (CI runs ``moto_server -H 127.0.0.1 -p PORT`` and exports
+``http://127.0.0.1:PORT``), that endpoint is used. Otherwise one in-process
+``moto.server.ThreadedMotoServer`` is started lazily on a free port and kept for the session.
+
+Outage tests: :func:`stop_server` stops the in-process server and :func:`start_server` starts a
+new one on the SAME port, so clients configured with the old endpoint reconnect. moto keeps its
+backends in process-wide state, so buckets and objects written before the outage are still there
+after the restart. With an external endpoint (``ARM_TEST_S3_ENDPOINT``) both raise, because this
+process does not own that server; outage tests should skip with :func:`can_restart_server`.
+
+Register the fixtures once in ``tests/conftest.py``::
+
+    pytest_plugins = ["tests.s3server"]
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+__all__ = [
+    "S3_ENV",
+    "can_restart_server",
+    "make_bucket",
+    "s3_bucket_uri",
+    "s3_endpoint",
+    "s3_env",
+    "start_server",
+    "stop_server",
+]
+
+ENDPOINT_ENV = "ARM_TEST_S3_ENDPOINT"
+
+#: Fake credentials and checksum settings moto needs; the endpoint is added by :func:`s3_env`.
+S3_ENV: dict[str, str] = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+
+_lock = threading.Lock()
+_server: Any = None  # moto.server.ThreadedMotoServer when we own it
+_port: int | None = None
+_endpoint: str | None = None
+_bucket_counter = itertools.count(1)
+
+
+def s3_endpoint() -> str:
+    """Return ``http://127.0.0.1:PORT`` of the test S3 server, starting it on first use."""
+    global _endpoint, _port, _server
+    with _lock:
+        if _endpoint is not None:
+            return _endpoint
+        external = os.environ.get(ENDPOINT_ENV)
+        if external:
+            _endpoint = external.rstrip("/")
+            return _endpoint
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        _server, _port = server, int(port)
+        _endpoint = f"http://{host}:{port}"
+        return _endpoint
+
+
+def can_restart_server() -> bool:
+    """Whether this process owns the server (so stop/start outage tests can run)."""
+    s3_endpoint()
+    return _port is not None
+
+
+def stop_server() -> None:
+    """Stop the in-process server; the port stays reserved for :func:`start_server`."""
+    global _server
+    s3_endpoint()
+    with _lock:
+        if _port is None:
+            raise RuntimeError(f"the S3 server at {_endpoint} is external ({ENDPOINT_ENV})")
+        if _server is not None:
+            _server.stop()
+            _server = None
+
+
+def start_server() -> None:
+    """(Re)start the in-process server on the same port as before; a no-op if it runs."""
+    global _server
+    s3_endpoint()
+    with _lock:
+        if _port is None:
+            raise RuntimeError(f"the S3 server at {_endpoint} is external ({ENDPOINT_ENV})")
+        if _server is None:
+            from moto.server import ThreadedMotoServer
+
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=_port, verbose=False)
+            server.start()
+            _server = server
+
+
+def make_bucket(name: str | None = None) -> str:
+    """Create a bucket on the test server and return its ``s3://name`` URI."""
+    import boto3
+
+    bucket = name if name is not None else f"arm-test-{os.getpid()}-{next(_bucket_counter)}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint(),
+        region_name=S3_ENV["AWS_REGION"],
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+    try:
+        client.create_bucket(Bucket=bucket)
+    finally:
+        client.close()
+    return f"s3://{bucket}"
+
+
+@contextmanager
+def s3_env() -> Iterator[str]:
+    """Point the standard AWS environment at the test server for the block; yield the endpoint."""
+    endpoint = s3_endpoint()
+    values = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    saved = {name: os.environ.get(name) for name in [*values, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(values)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    try:
+        yield endpoint
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+@pytest.fixture
+def s3_bucket_uri() -> Iterator[str]:
+    """A fresh bucket's ``s3://`` URI with the AWS environment pointed at the test server."""
+    with s3_env():
+        yield make_bucket()
