@@ -1,0 +1,714 @@
+"""Where finished rows go: the JSONL history (system of record) and Weights & Biases.
+
+A *row* is the flat ``dict[str, float]`` the aggregator produces for one ``(step, split)`` at a
+barrier. It already carries ``training_step`` (equal to the step). Keys are "/" paths in the
+sections ``reward/ loss/ offpolicy/ pipeline/ throughput/ costs/ time/ data/``, the splits
+``train/ val/ test/`` and our own ``telemetry/`` prefix.
+
+History format
+--------------
+Object stores cannot append, so :class:`HistoryStore` writes every row as its own object::
+
+    history/000000000042-train.json
+
+holding exactly one JSON line (UTF-8, ``\\n`` terminated)::
+
+    {"step": 42, "split": "train", "training_step": 42,
+     "recorded_at": "2025-01-02T03:04:05.000006+00:00", "costs/all": 1.83, ...}
+
+Invariants:
+
+* the step is zero-padded to 12 digits, so lexicographic key order is step order;
+* metric values are finite floats (NaN and infinities are rejected before anything is
+  written, naming the key); metric keys are written in sorted order;
+* ``recorded_at`` is ISO-8601 in UTC;
+* writing the same ``(step, split)`` again overwrites the object: replays are idempotent and
+  the latest version wins.
+
+W&B
+---
+:class:`WandbSink` is the only code that talks to W&B (it runs inside the aggregator actor, the
+single writer). Every row is logged with ``run.log(row)`` *without* ``step=``; W&B's own
+``_step`` increments while charts use ``training_step`` as their x-axis, declared with
+``define_metric`` for each section and split glob. Late or replayed rows therefore land instead
+of being dropped as "older than the current step". Summaries are declared per key, when a key is
+first seen, because W&B 0.31 resolves overlapping globs (``throughput/*`` vs
+``throughput/cum/*``) in no fixed order: cumulative keys (a ``cum`` path segment) summarise as
+``last``, rate keys (``throughput/...``) as ``mean``. The sink never raises into the caller:
+failures are logged, counted and retried, and W&B can always be rebuilt from the history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import secrets
+import string
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
+
+from art_ray_metrics.errors import InvalidMetricError, WireFormatError
+
+if TYPE_CHECKING:
+    from art_ray_metrics.storage import ObjectStore
+
+__all__ = [
+    "STEP_METRIC",
+    "WANDB_GLOBS",
+    "HistoryStore",
+    "InMemorySink",
+    "Sink",
+    "WandbSink",
+    "WandbSinkConfig",
+    "history_row_metrics",
+]
+
+_log = logging.getLogger(__name__)
+
+STEP_METRIC = "training_step"
+"""The x-axis of every chart; every row carries it."""
+
+WANDB_GLOBS: tuple[str, ...] = (
+    "reward/*",
+    "loss/*",
+    "offpolicy/*",
+    "pipeline/*",
+    "throughput/*",
+    "costs/*",
+    "time/*",
+    "data/*",
+    "train/*",
+    "val/*",
+    "test/*",
+    "telemetry/*",
+)
+"""Globs declared with ``step_metric="training_step"`` when a W&B run starts."""
+
+_COST_AXIS = "costs/cum/all"
+_RESERVED_FIELDS = frozenset({"step", "split", "recorded_at"})
+_STEP_DIGITS = 12
+_MAX_STEP = 10**_STEP_DIGITS - 1
+_SPLIT_RE = re.compile(r"[A-Za-z0-9_.]+")
+_NAME_RE = re.compile(r"(\d{12})-([A-Za-z0-9_.]+)\.json")
+
+
+# --------------------------------------------------------------------------------------------
+# JSONL history
+# --------------------------------------------------------------------------------------------
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _MAX_STEP:
+        raise InvalidMetricError(f"Expected a step in [0, {_MAX_STEP}] but got {step!r}")
+    return step
+
+
+def _check_split(split: str) -> str:
+    if not isinstance(split, str) or not _SPLIT_RE.fullmatch(split):
+        raise InvalidMetricError(
+            f"Expected a split of letters, digits, '_' or '.' but got {split!r}"
+        )
+    return split
+
+
+def _finite_float(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise InvalidMetricError(f"Expected a number for {key=!r} but got {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise InvalidMetricError(f"Expected a finite value for {key=!r} but got {value!r}")
+    return out
+
+
+def _clean_row(step: int, row: Mapping[str, float]) -> dict[str, float]:
+    """Validate a row for the history; return its metrics as floats in sorted key order."""
+    out: dict[str, float] = {}
+    for key in sorted(row):
+        if not isinstance(key, str) or not key:
+            raise InvalidMetricError(f"Expected a non-empty string key but got {key!r}")
+        if key in _RESERVED_FIELDS:
+            raise InvalidMetricError(
+                f"Expected a metric key but got the reserved history field {key=!r}"
+            )
+        out[key] = _finite_float(key, row[key])
+    if STEP_METRIC in out and out[STEP_METRIC] != step:
+        raise InvalidMetricError(
+            f"Expected {STEP_METRIC!r} == step {step} but got {row[STEP_METRIC]!r}"
+        )
+    out.pop(STEP_METRIC, None)
+    return out
+
+
+def history_row_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """Return the loggable metrics of a history record (drops ``step``, ``split``, ``recorded_at``).
+
+    ``training_step`` is kept, so the result can be handed to :meth:`WandbSink.relog`.
+
+    >>> history_row_metrics({"step": 3, "split": "train", "training_step": 3,
+    ...                      "recorded_at": "2025-01-01T00:00:00+00:00", "loss/train": 0.5})
+    {'training_step': 3.0, 'loss/train': 0.5}
+    """
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if key not in _RESERVED_FIELDS and isinstance(value, int | float)
+    }
+
+
+class HistoryStore:
+    """The JSONL history: one object per ``(step, split)`` under ``prefix`` in an object store.
+
+    Args:
+        store: Where the objects live (local directory, S3, in memory, ...).
+        prefix: Key prefix of the history objects; must end with ``/`` unless empty.
+        clock: Source of ``recorded_at`` when :meth:`write` is not given one.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str = "history/",
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if prefix and not prefix.endswith("/"):
+            raise InvalidMetricError(f"Expected a prefix ending with '/' but got {prefix!r}")
+        self._store = store
+        self._prefix = prefix
+        self._clock = clock
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix of the history objects."""
+        return self._prefix
+
+    def key_for(self, step: int, split: str) -> str:
+        """Return the object key of the row for ``(step, split)``.
+
+        Raises:
+            InvalidMetricError: If the step or the split cannot be stored.
+        """
+        return f"{self._prefix}{_check_step(step):0{_STEP_DIGITS}d}-{_check_split(split)}.json"
+
+    def write(
+        self,
+        step: int,
+        split: str,
+        row: Mapping[str, float],
+        recorded_at: datetime | None = None,
+    ) -> str:
+        """Write (or overwrite) the row for ``(step, split)``; return its object key.
+
+        Raises:
+            InvalidMetricError: A value is not a finite number (the message names the key), a
+                key is reserved, ``training_step`` disagrees with ``step``, or ``recorded_at``
+                is naive. Nothing is written then.
+        """
+        key = self.key_for(step, split)
+        metrics = _clean_row(step, row)
+        when = self._clock() if recorded_at is None else recorded_at
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise InvalidMetricError(
+                f"Expected a timezone-aware recorded_at but got {recorded_at!r}"
+            )
+        record: dict[str, Any] = {
+            "step": step,
+            "split": split,
+            STEP_METRIC: step,
+            "recorded_at": when.astimezone(UTC).isoformat(timespec="microseconds"),
+        }
+        record.update(metrics)
+        line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
+        self._store.put(key, line.encode("utf-8"))
+        return key
+
+    def _entries(self) -> list[tuple[int, str, str]]:
+        entries: list[tuple[int, str, str]] = []
+        plen = len(self._prefix)
+        for key in self._store.list(self._prefix):
+            if not key.startswith(self._prefix):
+                continue
+            match = _NAME_RE.fullmatch(key[plen:])
+            if match is None:
+                _log.warning("history: ignoring foreign object %r", key)
+                continue
+            entries.append((int(match.group(1)), match.group(2), key))
+        entries.sort()
+        return entries
+
+    def read(
+        self, split: str | None = None, start_step: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Yield history records in ``(step, split)`` order, optionally filtered.
+
+        Args:
+            split: Only rows of this split.
+            start_step: Only rows with ``step >= start_step``.
+
+        Raises:
+            WireFormatError: An object is not one JSON object of the expected shape.
+        """
+        for step, row_split, key in self._entries():
+            if split is not None and row_split != split:
+                continue
+            if start_step is not None and step < start_step:
+                continue
+            yield self._decode(key, self._store.get(key))
+
+    @staticmethod
+    def _decode(key: str, data: bytes) -> dict[str, Any]:
+        try:
+            record = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireFormatError(
+                f"Expected one JSON line in {key!r} but got {data[:80]!r}"
+            ) from exc
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise WireFormatError(f"Expected a history record in {key!r} but got {record!r}")
+        return record
+
+    def last_step(self, split: str | None = None) -> int | None:
+        """Return the highest step written (for ``split`` if given), or ``None`` if none."""
+        steps = [s for s, sp, _ in self._entries() if split is None or sp == split]
+        return max(steps) if steps else None
+
+    def export_jsonl(self, fp: IO[str]) -> int:
+        """Write every record as one JSON line to ``fp`` in ``(step, split)`` order.
+
+        Returns:
+            The number of lines written.
+        """
+        count = 0
+        for record in self.read():
+            fp.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
+            count += 1
+        return count
+
+
+# --------------------------------------------------------------------------------------------
+# Sinks
+# --------------------------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    """Receives finished rows. Implementations must not raise out of :meth:`log`."""
+
+    def log(self, row: Mapping[str, float], *, step: int, split: str) -> None:
+        """Record one row for ``(step, split)``."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources."""
+        ...
+
+
+@dataclass
+class InMemorySink:
+    """Keeps every logged row in memory, for tests.
+
+    Attributes:
+        rows: ``(step, split, row)`` in the order logged; each row is a copy.
+        closed: Whether :meth:`close` was called.
+    """
+
+    rows: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
+    closed: bool = False
+
+    def log(self, row: Mapping[str, float], *, step: int, split: str) -> None:
+        """Append a copy of the row."""
+        self.rows.append((step, split, dict(row)))
+
+    def close(self) -> None:
+        """Mark the sink closed."""
+        self.closed = True
+
+    def for_split(self, split: str) -> list[dict[str, float]]:
+        """Return the rows of one split in logging order."""
+        return [row for _, sp, row in self.rows if sp == split]
+
+
+WandbMode = Literal["online", "offline", "disabled"]
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_run_id() -> str:
+    """Return a fresh 8-character W&B run id (lowercase letters and digits)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
+
+
+@dataclass(frozen=True)
+class WandbSinkConfig:
+    """What :class:`WandbSink` needs to start or re-attach a run (no credentials here).
+
+    Attributes:
+        project: W&B project.
+        entity: W&B entity (team or user); ``None`` uses the default of the credentials.
+        run_name: Display name of the run.
+        run_id: Id to resume (``resume="allow"``); ``None`` creates a new id.
+        mode: ``"online"``, ``"offline"``, ``"disabled"``, or ``None`` to let W&B decide
+            (``WANDB_MODE``).
+        dir: Parent directory of W&B's ``wandb/`` run directories.
+        group: Run group.
+        tags: Run tags.
+        config: Run config (JSON-serialisable values).
+        init_timeout_s: Upper bound W&B may spend in ``wandb.init``.
+        finish_timeout_s: Upper bound :meth:`WandbSink.close` waits for ``finish``.
+        retry_backoff_s: First delay before retrying a failed init; doubles per failure.
+        retry_backoff_max_s: Cap of that delay.
+        max_pending_rows: Rows kept while W&B is unavailable; older ones are dropped (and
+            counted) beyond this, the history still has them.
+        reset_after_failures: Consecutive ``log`` failures after which the run is abandoned
+            and re-attached with the same id.
+    """
+
+    project: str
+    entity: str | None = None
+    run_name: str | None = None
+    run_id: str | None = None
+    mode: WandbMode | None = None
+    dir: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    config: Mapping[str, Any] | None = None
+    init_timeout_s: float = 60.0
+    finish_timeout_s: float = 30.0
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 60.0
+    max_pending_rows: int = 10_000
+    reset_after_failures: int = 3
+
+
+def _is_cumulative(key: str) -> bool:
+    return "cum" in key.split("/")[1:-1]
+
+
+def _summary_for(key: str) -> str | None:
+    if _is_cumulative(key):
+        return "last"
+    if key.startswith("throughput/"):
+        return "mean"
+    return None
+
+
+def _needs_own_definition(key: str) -> bool:
+    """Keys defined one by one: costs, anything with a summary, keys outside every glob."""
+    if key == STEP_METRIC:
+        return False
+    if key.startswith("costs/") or _summary_for(key) is not None:
+        return True
+    return not any(key.startswith(glob[:-1]) for glob in WANDB_GLOBS)
+
+
+class WandbSink:
+    """The single W&B writer; logs rows on a ``training_step`` axis and never raises.
+
+    Lifecycle: :meth:`start` (returns the run id to persist), :meth:`log` per row,
+    :meth:`relog` after an actor restart, :meth:`close`. ``wandb`` is imported lazily.
+
+    Failure handling: a failed ``wandb.init`` is retried in a background thread with
+    exponential backoff, so :meth:`log` never waits for an init (only for ``run.log``); rows
+    logged meanwhile wait in a bounded queue and are sent once the run is up. A row whose
+    ``run.log`` raised stays queued and is retried on the next call (it may then appear twice
+    in W&B, never zero times). After ``reset_after_failures`` consecutive failures the run is
+    abandoned and re-attached with the same id.
+
+    Attributes:
+        logged: Rows accepted by ``run.log``.
+        failures: Failed W&B calls (init, define_metric, log, finish).
+        dropped: Rows dropped because the pending queue was full.
+        last_error: ``repr`` of the latest failure, or ``None``.
+    """
+
+    def __init__(
+        self,
+        config: WandbSinkConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.run_id: str = config.run_id or new_run_id()
+        self.logged = 0
+        self.failures = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._run: Any = None
+        self._defined: set[str] = set()
+        self._pending: deque[dict[str, float]] = deque()
+        self._consecutive_failures = 0
+        self._init_failures = 0
+        self._next_init_at = 0.0
+        self._init_thread: threading.Thread | None = None
+        self._finishing: threading.Thread | None = None
+        self._closed = False
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether a W&B run is attached."""
+        return self._run is not None
+
+    @property
+    def pending(self) -> int:
+        """Rows waiting for W&B."""
+        return len(self._pending)
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the ``telemetry/`` section."""
+        return {
+            "telemetry/wandb/logged": float(self.logged),
+            "telemetry/wandb/failures": float(self.failures),
+            "telemetry/wandb/dropped": float(self.dropped),
+            "telemetry/wandb/pending": float(len(self._pending)),
+        }
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = f"{what}: {exc!r}"
+        _log.warning("W&B %s failed for run %s: %r", what, self.run_id, exc)
+
+    # -- init ----------------------------------------------------------------------------
+
+    def _init_run(self) -> Any:
+        import wandb
+
+        cfg = self.config
+        if cfg.dir is not None:
+            Path(cfg.dir).mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(
+            console="off",  # the aggregator's stdout is not the experiment's
+            x_disable_stats=True,  # host metrics of the aggregator node would mislead
+            init_timeout=cfg.init_timeout_s,
+        )
+        run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name,
+            id=self.run_id,
+            resume="allow",
+            reinit="create_new",
+            mode=cfg.mode,
+            dir=cfg.dir,
+            group=cfg.group,
+            tags=list(cfg.tags) or None,
+            config=dict(cfg.config) if cfg.config is not None else None,
+            settings=settings,
+        )
+        try:
+            run.define_metric(STEP_METRIC)
+            for glob in WANDB_GLOBS:
+                run.define_metric(glob, step_metric=STEP_METRIC)
+            run.define_metric(_COST_AXIS, step_metric=STEP_METRIC, summary="last")
+        except Exception:
+            self._finish_run(run, 1)  # an open attach would block the next one ("in use")
+            raise
+        return run
+
+    def _attach(self) -> bool:
+        """One init attempt; on success the run becomes current. Caller holds no lock."""
+        finishing = self._finishing
+        if finishing is not None:  # W&B refuses an id whose previous attach is still open
+            finishing.join(self.config.finish_timeout_s)
+        try:
+            run = self._init_run()
+        except Exception as exc:
+            with self._lock:
+                self._fail("init", exc)
+                self._init_failures += 1
+                delay = min(
+                    self.config.retry_backoff_s * 2 ** (self._init_failures - 1),
+                    self.config.retry_backoff_max_s,
+                )
+                self._next_init_at = self._clock() + delay
+            return False
+        with self._lock:
+            if self._closed:
+                self._finish_run(run, 0)
+                return False
+            self._run = run
+            self._defined = {_COST_AXIS}
+            self._init_failures = 0
+            self._consecutive_failures = 0
+            self._flush()  # rows queued while W&B was unavailable
+        return True
+
+    def start(self) -> str:
+        """Create or re-attach the run (``resume="allow"``); return the run id to persist.
+
+        Never raises: if W&B is unavailable the id is still returned and init is retried in
+        the background by later :meth:`log` calls.
+        """
+        if self._run is None:
+            self._attach()
+        return self.run_id
+
+    def _maybe_start_background_init(self) -> None:
+        if self._closed or self._run is not None:
+            return
+        if self._init_thread is not None and self._init_thread.is_alive():
+            return
+        if self._clock() < self._next_init_at:
+            return
+        self._init_thread = threading.Thread(
+            target=self._attach, name=f"wandb-init-{self.run_id}", daemon=True
+        )
+        self._init_thread.start()
+
+    def wait_until_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a background init; return :attr:`ready`."""
+        thread = self._init_thread
+        if thread is not None:
+            thread.join(timeout)
+        return self._run is not None
+
+    # -- logging -------------------------------------------------------------------------
+
+    def _define(self, run: Any, key: str) -> None:
+        if key in self._defined or not _needs_own_definition(key):
+            return
+        summary = _summary_for(key)
+        if summary is None:
+            run.define_metric(key, step_metric=STEP_METRIC)
+        else:
+            run.define_metric(key, step_metric=STEP_METRIC, summary=summary)
+        self._defined.add(key)
+
+    def _flush(self) -> None:
+        """Send queued rows in order; stop at the first failure. Caller holds the lock."""
+        run = self._run
+        while run is not None and self._pending:
+            payload = self._pending[0]
+            try:
+                for key in payload:
+                    self._define(run, key)
+                run.log(payload)
+            except Exception as exc:
+                self._fail("log", exc)
+                self._consecutive_failures += 1
+                if self._consecutive_failures >= self.config.reset_after_failures:
+                    self._abandon_run()
+                return
+            self._pending.popleft()
+            self.logged += 1
+            self._consecutive_failures = 0
+
+    def _abandon_run(self) -> None:
+        run, self._run = self._run, None
+        _log.warning("W&B run %s keeps failing; re-attaching it", self.run_id)
+        self._finishing = threading.Thread(
+            target=self._finish_run, args=(run, 1), name="wandb-abandon", daemon=True
+        )
+        self._finishing.start()
+        self._next_init_at = 0.0
+        self._init_failures = 0
+
+    def _enqueue(self, row: Mapping[str, float], step: int | None) -> None:
+        payload = {str(k): float(v) for k, v in row.items()}
+        if step is not None:
+            payload.setdefault(STEP_METRIC, float(step))
+        if len(self._pending) >= self.config.max_pending_rows:
+            self._pending.popleft()
+            self.dropped += 1
+        self._pending.append(payload)
+
+    def log(self, row: Mapping[str, float], *, step: int, split: str) -> None:
+        """Log one row (``run.log(row)``, no ``step=``); never raises.
+
+        ``training_step`` is added from ``step`` if the row lacks it. ``split`` is only used
+        in log messages: the keys already carry it.
+        """
+        try:
+            with self._lock:
+                if self._closed:
+                    _log.warning("W&B sink closed; dropping %s row of step %s", split, step)
+                    return
+                self._enqueue(row, step)
+                if self._run is None:
+                    self._maybe_start_background_init()
+                    return
+                self._flush()
+        except Exception as exc:  # defensive: telemetry never crashes the caller
+            self._fail("log", exc)
+
+    def relog(self, rows: Iterable[Mapping[str, float]]) -> int:
+        """Re-log rows (e.g. from the history) that W&B may have lost; never raises.
+
+        Each row must carry ``training_step``; history records may be passed as they are
+        (``step``, ``split`` and ``recorded_at`` are dropped). A row may appear twice in W&B,
+        never zero times.
+
+        Returns:
+            The number of rows queued.
+        """
+        count = 0
+        try:
+            with self._lock:
+                for row in rows:
+                    if STEP_METRIC not in row:
+                        _log.warning("W&B relog: skipping a row without %s", STEP_METRIC)
+                        continue
+                    self._enqueue(history_row_metrics(row), None)
+                    count += 1
+                if self._run is None:
+                    self._maybe_start_background_init()
+                else:
+                    self._flush()
+        except Exception as exc:
+            self._fail("relog", exc)
+        return count
+
+    # -- close ---------------------------------------------------------------------------
+
+    def _finish_run(self, run: Any, exit_code: int) -> None:
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as exc:  # BrokenPipeError among others (wandb#6449)
+            with self._lock:
+                self._fail("finish", exc)
+
+    def close(self, exit_code: int = 0) -> None:
+        """Flush what it can, then finish the run within ``finish_timeout_s``; never raises."""
+        try:
+            thread = self._init_thread
+            if thread is not None and thread.is_alive():
+                thread.join(min(1.0, self.config.finish_timeout_s))
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+                self._flush()
+                run, self._run = self._run, None
+                if self._pending:
+                    _log.warning(
+                        "W&B run %s closed with %d rows not logged (they are in the history)",
+                        self.run_id,
+                        len(self._pending),
+                    )
+            if run is None:
+                return
+            finisher = threading.Thread(
+                target=self._finish_run, args=(run, exit_code), name="wandb-finish", daemon=True
+            )
+            finisher.start()
+            finisher.join(self.config.finish_timeout_s)
+            if finisher.is_alive():
+                self._fail(
+                    "finish", TimeoutError(f"finish exceeded {self.config.finish_timeout_s}s")
+                )
+        except Exception as exc:
+            self._fail("close", exc)
