@@ -91,7 +91,9 @@ class MetricsAggregator:
     def __init__(self, config_json: str) -> None:
         self.config = AggregatorConfig.model_validate_json(config_json)
         self.started_at = time.time()
-        self.store = open_store(self.config.storage_uri or "", timeout_s=self.config.storage_timeout_s)
+        self.store = open_store(
+            self.config.storage_uri or "", timeout_s=self.config.storage_timeout_s
+        )
         self.ckpt = CheckpointManager(self.store, retention=self.config.checkpoint_retention)
         self.history = HistoryStore(self.store)
         self.state, replayed = self._restore()
@@ -312,11 +314,13 @@ class MetricsAggregator:
 
     def _gpu_cost(self, wall_s: float) -> float | None:
         cfg = self.config
-        if not cfg.gpu_count:
+        if not cfg.gpu_count or not cfg.gpu_type:
             return None
         from .gpu import gpu_cost_usd
 
-        overrides = {cfg.gpu_type: cfg.gpu_hourly_usd} if cfg.gpu_hourly_usd and cfg.gpu_type else None
+        overrides = (
+            {cfg.gpu_type: cfg.gpu_hourly_usd} if cfg.gpu_hourly_usd and cfg.gpu_type else None
+        )
         cost = gpu_cost_usd(wall_s, cfg.gpu_type, cfg.gpu_count, overrides=overrides)
         return float(cost) if cost is not None else None
 
@@ -331,7 +335,9 @@ class MetricsAggregator:
                 return
             if time.monotonic() >= deadline:
                 self.health["barrier_timeouts"] += 1
-                missing = expect - len(seen) if isinstance(expect, int) else sorted(set(expect) - seen)
+                missing = (
+                    expect - len(seen) if isinstance(expect, int) else sorted(set(expect) - seen)
+                )
                 log.warning(
                     "art_ray_metrics: step %s/%s closed without %s expected producers",
                     step,
@@ -487,7 +493,9 @@ class AggregatorHandle:
         while True:
             try:
                 row: dict[str, float] = ray.get(
-                    self.actor.log.remote(step, split, dict(metrics or {}), expect_producers, timeout_s)
+                    self.actor.log.remote(
+                        step, split, dict(metrics or {}), expect_producers, timeout_s
+                    )
                 )
                 return row
             except InvalidMetricError:
@@ -563,7 +571,7 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
             actor = ray.get_actor(cfg.name, namespace=cfg.namespace)
         except ValueError:
             return None
-        running = ray.get(actor.config_fingerprint.remote())
+        running: str = ray.get(actor.config_fingerprint.remote())  # type: ignore[assignment]
         if running != fingerprint:
             raise ConfigMismatchError(
                 f"An aggregator named {cfg.name!r} (namespace {cfg.namespace!r}) already runs with "
@@ -585,11 +593,13 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
         "max_concurrency": 1000,
         "runtime_env": _runtime_env(),
     }
-    if cfg.on_driver_node:
+    if cfg.actor_resources:
+        options["resources"] = dict(cfg.actor_resources)
+    if cfg.on_driver_node and not cfg.actor_resources:
         node = ray.get_runtime_context().get_node_id()
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
     try:
-        actor = ray.remote(MetricsAggregator).options(**options).remote(cfg.model_dump_json())
+        actor: Any = ray.remote(MetricsAggregator).options(**options).remote(cfg.model_dump_json())
     except ValueError:  # created concurrently by another driver
         handle = attach()
         if handle is None:
@@ -597,4 +607,3 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
         return handle
     ray.get(actor.config_fingerprint.remote())  # wait until restored and ready
     return AggregatorHandle(actor, cfg)
-

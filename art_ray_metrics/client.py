@@ -283,11 +283,15 @@ class MetricsClient:
                 now = time.monotonic()
                 if self._pending and now - self._last_ship >= self.config.flush_interval_s:
                     self.ship()
-                if self._retained and not self._inflight and now >= self._resend_after:
-                    # unacknowledged or not yet durable: ask again (duplicates are free)
-                    if now - self._last_ship >= self.config.flush_interval_s:
-                        self._resend()
-                        self._last_ship = now
+                # unacknowledged or not yet durable: ask again (duplicates are free)
+                if (
+                    self._retained
+                    and not self._inflight
+                    and now >= self._resend_after
+                    and now - self._last_ship >= self.config.flush_interval_s
+                ):
+                    self._resend()
+                    self._last_ship = now
             except Exception as exc:  # the loop must survive anything
                 self._failed(exc)
 
@@ -356,7 +360,9 @@ _CLIENTS: dict[tuple[str, str], MetricsClient] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def get_client(config: ClientConfig | None = None, *, producer_id: str | None = None) -> MetricsClient:
+def get_client(
+    config: ClientConfig | None = None, *, producer_id: str | None = None
+) -> MetricsClient:
     """The process-wide client for an aggregator (created on first use)."""
     config = config or ClientConfig()
     key = (config.name, config.namespace)
@@ -402,7 +408,9 @@ class WorkerBuilder(LeafRecorder):
     def _pricing(self) -> PricingRegistry:
         return self.client.pricing
 
-    def for_cost_context(self, cost_context: str, *, buffer_scope: str | None = None) -> WorkerBuilder:
+    def for_cost_context(
+        self, cost_context: str, *, buffer_scope: str | None = None
+    ) -> WorkerBuilder:
         """The same step under another cost context (and scope)."""
         context = cost_context.strip() if isinstance(cost_context, str) else ""
         if not context:
@@ -413,7 +421,7 @@ class WorkerBuilder(LeafRecorder):
         """The same cost context for another step."""
         return WorkerBuilder(self.client, step, self.cost_context, self.scope)
 
-    def flush(self, timeout_s: float | None = None) -> FlushResult:  # type: ignore[override]
+    def flush(self, timeout_s: float | None = None) -> FlushResult:
         """Ship and wait for the durable acknowledgement (never raises on telemetry failure)."""
         result = self.client.flush(timeout_s)
         if not result.ok:

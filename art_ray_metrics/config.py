@@ -58,6 +58,9 @@ class AggregatorConfig(BaseModel):
     telemetry_in_rows: bool = Field(True, description="Add telemetry/* counters to each row.")
     on_driver_node: bool = Field(True, description="Pin the actor to the driver's node.")
     max_restarts: int = -1
+    actor_resources: dict[str, float] | None = Field(
+        None, description="Custom Ray resources the actor requires (to pin it to node types)."
+    )
     gpu_type: str | None = Field(None, description="GPU type for costs/gpu (e.g. 'H100').")
     gpu_count: int | None = Field(None, ge=0)
     gpu_hourly_usd: float | None = Field(None, ge=0, description="Override of the price table.")

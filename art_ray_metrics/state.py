@@ -22,7 +22,9 @@ Invariants of :class:`AggregatorState`:
   the same leaves into batches, in any arrival order, yields the same rows.
 - **Paid responses once.** A cost leaf with a response id is applied once per run.
 - **Nothing dropped.** A leaf for a step whose scope was already closed is *late*: it goes
-  into the next row of that scope (cumulative totals stay exact) and is counted.
+  into the next row of that scope (cumulative totals stay exact) and is counted. Closing step
+  ``s`` also folds in, as late, any pending leaves of that scope for steps below ``s`` that
+  were never closed (a skipped step, or leaves replayed after a restart).
 - **Conflicts keep every dollar.** When one producer sends ``costs/train`` and another
   ``costs/train/x`` for the same step, the ancestor's value moves to
   ``costs/train/unattributed`` (so ``costs/train`` = x + unattributed), and the clash is
@@ -371,6 +373,10 @@ class AggregatorState:
         late = self.late.pop(scope, None)
         if late is not None:
             buf.merge(late)
+        for older in [k for k in self.pending if k[1] == scope and k[0] < step]:
+            stale = self.pending.pop(older)  # a step the trainer skipped: its leaves are late
+            stale.late_leaves += len(stale.sums)
+            buf.merge(stale)
         for key, value in managed:
             buf.add(key, value, strict=False)
         row = {**passthrough, **close_buffer(buf, self.cum)}
@@ -507,6 +513,6 @@ def split_trainer_metrics(
             passthrough[key] = number
     # a leaf/ancestor clash among the trainer's own managed keys is the trainer's error
     probe = StepBuffer()
-    for key, value in managed:
-        probe.add(key, value, strict=True)
+    for managed_key, managed_value in managed:
+        probe.add(managed_key, managed_value, strict=True)
     return managed, passthrough

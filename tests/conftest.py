@@ -6,6 +6,8 @@ import pytest
 
 from art_ray_metrics import _active
 
+pytest_plugins = ["tests.s3server"]
+
 
 @pytest.fixture(autouse=True)
 def _no_active_builder() -> None:

@@ -414,3 +414,16 @@ class TestBadBatches:
         assert s.counters["rejected_batches"] == 1
         s.counters["rejected_batches"] = 0
         assert s.snapshot() == before
+
+
+class TestSkippedSteps:
+    def test_pending_older_step_folds_into_next_close(self) -> None:
+        """Leaves of a step never closed go into the next closed row of the scope as late."""
+        s = AggregatorState()
+        s.ingest(make_batch("p", 1, 3, "train", {"costs/train/j": 1.0}))
+        s.ingest(make_batch("p", 2, 5, "train", {"costs/train/j": 2.0}))
+        s.ingest(make_batch("p", 3, 6, "train", {"costs/train/j": 4.0}))
+        report = s.close_step(5, "train")
+        assert report.row["costs/train/j"] == 3.0
+        assert report.late_leaves == 1
+        assert s.close_step(6, "train").row["costs/cum/all"] == 7.0

@@ -1,0 +1,58 @@
+"""One real multi-node Ray cluster per test session: a head and two worker nodes on 127.0.0.1.
+
+Nodes carry custom resources so tests can place producers: ``head``, ``node_a``, ``node_b``.
+Tests that remove nodes add their own extra node first and remove only that one.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Keep every node on loopback: without this Ray resolves 127.0.0.1 to the host's interface IP.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+NODE_ARGS: dict[str, Any] = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """Head + 2 worker nodes, shared by every Ray test of the session."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**NODE_ARGS, "num_cpus": 1, "resources": {"head": 100}},
+    )
+    cluster.add_node(**NODE_ARGS, num_cpus=2, resources={"node_a": 100})
+    cluster.add_node(**NODE_ARGS, num_cpus=2, resources={"node_b": 100})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="arm-tests", log_to_driver=False)
+    yield cluster
+    from art_ray_metrics.client import _reset_clients
+
+    _reset_clients()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def run_config(ray_cluster: Any, tmp_path: Path) -> dict[str, Any]:
+    """Fields for a fresh aggregator: a unique name and storage in tmp_path."""
+    name = f"agg-{uuid.uuid4().hex[:8]}"
+    return {
+        "name": name,
+        "run_name": name,
+        "storage_uri": str(tmp_path / "run"),
+        "wandb_mode": "disabled",
+    }
