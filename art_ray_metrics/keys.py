@@ -18,7 +18,6 @@ Everything here is pure and cheap: routing and validation run on every leaf.
 
 from __future__ import annotations
 
-import math
 import numbers
 from decimal import Decimal
 from typing import Final
@@ -151,6 +150,10 @@ def to_cumulative(key: str) -> str:
     return f"{section}/cum/{rest}"
 
 
+_VALID_KEYS: set[str] = set()
+_VALID_KEYS_MAX = 65_536  # keys repeat: remember valid ones so the hot path is one set lookup
+
+
 def validate_key(key: object) -> str:
     """Check a key a producer wants to record and return it.
 
@@ -159,6 +162,8 @@ def validate_key(key: object) -> str:
             reserved ``cum`` namespace, or a legacy ``costs_*`` key (the message names the
             hierarchical replacement).
     """
+    if key in _VALID_KEYS:
+        return key
     if not isinstance(key, str) or not key:
         raise InvalidMetricError(f"Expected a non-empty metric key but got {key!r}")
     if "/" not in key:
@@ -178,6 +183,8 @@ def validate_key(key: object) -> str:
             f"Metric key {key=!r} uses the reserved cumulative namespace '<section>/cum/...'; "
             "cumulative values are computed by the aggregator"
         )
+    if len(_VALID_KEYS) < _VALID_KEYS_MAX:
+        _VALID_KEYS.add(key)
     return key
 
 
@@ -190,10 +197,16 @@ def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
     >>> check_value("costs/train/x", 0.25)
     0.25
     """
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+    kind = type(value)
+    if kind is float:
+        f: float = value  # type: ignore[assignment]
+    elif kind is int:
+        f = float(value)  # type: ignore[arg-type]
+    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
-    f = float(value)
-    if not math.isfinite(f):
+    else:
+        f = float(value)
+    if f - f != 0.0:  # NaN or an infinity
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     if (key.startswith("costs/") if cost is None else cost) and f < 0:
         raise InvalidMetricError(f"Expected a non-negative cost for {key=!r} but got {value!r}")
