@@ -162,7 +162,7 @@ def validate_key(key: object) -> str:
             reserved ``cum`` namespace, or a legacy ``costs_*`` key (the message names the
             hierarchical replacement).
     """
-    if key in _VALID_KEYS:
+    if type(key) is str and key in _VALID_KEYS:
         return key
     if not isinstance(key, str) or not key:
         raise InvalidMetricError(f"Expected a non-empty metric key but got {key!r}")

@@ -102,7 +102,7 @@ class TestValidation:
         with pytest.raises(InvalidMetricError, match=hint):
             K.validate_key(key)
 
-    @pytest.mark.parametrize("key", ["", "/x", "x/", "a//b", None, 3])
+    @pytest.mark.parametrize("key", ["", "/x", "x/", "a//b", None, 3, ["a/b"]])
     def test_malformed(self, key: object) -> None:
         """Empty segments and non-strings are refused."""
         with pytest.raises(InvalidMetricError):
