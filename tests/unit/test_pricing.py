@@ -504,3 +504,14 @@ class TestResponseLedger:
         """A non-positive bound is rejected."""
         with pytest.raises(PricingError, match="max_response_ids"):
             PricingRegistry(max_response_ids=0)
+
+
+class TestArtFallbackTable:
+    def test_tinker_models_are_priced_as_in_art(self) -> None:
+        """ART's hosted-model table (prefill, sample) prices ported model names."""
+        from art_ray_metrics import MetricsBuilder
+
+        b = MetricsBuilder("train")
+        usage = {"usage": {"prompt_tokens": 1_000_000, "completion_tokens": 2_000_000}}
+        cost = b.add_response_cost("judge", usage, provider="openai", model_name="Qwen/Qwen3-8B")
+        assert cost == 0.13 + 2 * 0.40
