@@ -98,7 +98,8 @@ class StepBuffer:
         if current is not None:
             sums[key] = _add(current, value)
             return
-        below = self._ancestors.get(key)
+        ancestors = self._ancestors
+        below = ancestors.get(key)
         if below is not None:
             if strict:
                 raise MetricConflictError(
@@ -107,9 +108,12 @@ class StepBuffer:
             self.conflicts.append((key, below))
             self.add(f"{key}/{UNATTRIBUTED}", value, strict=False)
             return
-        end = key.find("/", key.find("/") + 1)
-        while end != -1:
-            parent = key[:end]
+        # one pass over the proper prefixes below the section (a section alone is never a
+        # leaf): a pending leaf among them is a conflict; then register them as ancestors
+        prefixes = []
+        cut = key.find("/", key.find("/") + 1)
+        while cut != -1:
+            parent = key[:cut]
             if parent in sums:
                 if strict:
                     raise MetricConflictError(
@@ -117,13 +121,11 @@ class StepBuffer:
                     )
                 self.conflicts.append((parent, key))
                 self.add(f"{parent}/{UNATTRIBUTED}", sums.pop(parent), strict=False)
-                break
-            end = key.find("/", end + 1)
-        ancestors = self._ancestors
-        end = key.find("/")
-        while end != -1:
-            ancestors.setdefault(key[:end], key)
-            end = key.find("/", end + 1)
+            prefixes.append(parent)
+            cut = key.find("/", cut + 1)
+        for parent in prefixes:
+            if parent not in ancestors:
+                ancestors[parent] = key
         sums[key] = value
 
     def merge(self, other: StepBuffer) -> None:

@@ -427,3 +427,17 @@ class TestSkippedSteps:
         assert report.row["costs/train/j"] == 3.0
         assert report.late_leaves == 1
         assert s.close_step(6, "train").row["costs/cum/all"] == 7.0
+
+
+class TestDeepConflicts:
+    def test_conflict_with_a_deep_descendant_keeps_bookkeeping(self) -> None:
+        """After resolving costs/train vs costs/train/x/y, costs/train/x is still an ancestor."""
+        s = AggregatorState()
+        s.ingest(make_batch("a", 1, 0, "train", {"costs/train": 1.0}))
+        s.ingest(make_batch("b", 1, 0, "train", {"costs/train/x/y": 2.0}))
+        s.ingest(make_batch("c", 1, 0, "train", {"costs/train/x": 4.0}))
+        row = s.close_step(0, "train").row
+        assert row["costs/all"] == 7.0
+        assert row["costs/train"] == 7.0
+        assert row["costs/train/x"] == 6.0
+        assert row["costs/train/x/unattributed"] == 4.0
