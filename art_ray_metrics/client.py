@@ -43,6 +43,7 @@ from .config import ClientConfig
 from .errors import AggregatorUnavailableError, InvalidMetricError, WireFormatError
 from .pricing import PricingRegistry
 from .records import KeyedCost, LeafBatch, StepGroup
+from .rollup import EXACT, ZERO, exact_sum
 from .state import StepBuffer
 from .wire import encode_batch
 
@@ -65,12 +66,25 @@ class FlushResult:
 
 
 class _Pending:
-    __slots__ = ("buffer", "keyed", "leaves")
+    """One (step, scope) of a producer: raw values per key until shipped.
+
+    Keys are registered in ``buffer`` when first seen (so leaf/ancestor conflicts raise at the
+    call); values are appended raw and summed exactly, once per distinct value, at ship time.
+    """
+
+    __slots__ = ("buffer", "keyed", "leaves", "raw")
 
     def __init__(self) -> None:
         self.buffer = StepBuffer()
+        self.raw: dict[str, list[float | int | Decimal]] = {}
         self.keyed: list[KeyedCost] = []
         self.leaves = 0
+
+    def sums(self) -> dict[str, Decimal]:
+        sums = dict(self.buffer.sums)
+        for key, values in self.raw.items():
+            sums[key] = EXACT.add(sums[key], exact_sum(values))
+        return sums
 
 
 def _default_producer_id() -> str:
@@ -124,11 +138,15 @@ class MetricsClient:
             slot = self._pending[(step, scope)] = _Pending()
         return slot
 
-    def record(self, step: int, scope: str, key: str, value: Decimal) -> None:
+    def record(self, step: int, scope: str, key: str, value: float | int | Decimal) -> None:
         """Add a validated leaf (conflicts with unshipped leaves of the step raise)."""
         with self._lock:
-            slot = self._slot(step, scope)
-            slot.buffer.add(key, value)
+            slot = self._pending.get((step, scope)) or self._slot(step, scope)
+            values = slot.raw.get(key)
+            if values is None:
+                slot.buffer.add(key, ZERO)  # registers the key; raises on a conflict
+                values = slot.raw[key] = []
+            values.append(value)
             slot.leaves += 1
             self._pending_leaves += 1
             full = self._pending_leaves >= self.config.max_batch_leaves
@@ -176,7 +194,7 @@ class MetricsClient:
                 StepGroup(
                     step,
                     scope,
-                    dict(p.buffer.sums),
+                    p.sums(),
                     tuple(p.keyed),
                     b"".join(sorted(p.buffer.scenarios)),
                 )
@@ -364,7 +382,7 @@ def get_client(
     config: ClientConfig | None = None, *, producer_id: str | None = None
 ) -> MetricsClient:
     """The process-wide client for an aggregator (created on first use)."""
-    config = config or ClientConfig()
+    config = config or _named_config(None, None)
     key = (config.name, config.namespace)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
@@ -379,6 +397,10 @@ def _reset_clients() -> None:
         for client in _CLIENTS.values():
             client.close(timeout_s=1.0)
         _CLIENTS.clear()
+
+
+_COST_KEYS: dict[str, str] = {}
+"""Validated ``costs/<path>`` keys by path (paths repeat; the hot path is one dict lookup)."""
 
 
 class WorkerBuilder(LeafRecorder):
@@ -398,6 +420,30 @@ class WorkerBuilder(LeafRecorder):
 
     def _record(self, key: str, value: Decimal) -> None:
         self.client.record(self.step, self.scope, key, value)
+
+    def add_metric(self, key: str, value: float) -> None:
+        """Add ``value`` to leaf ``key`` of this step (validated here, summed exactly later)."""
+        K.validate_key(key)
+        kind: type = type(value)
+        if kind is float or kind is int:
+            if value - value != 0 or (value < 0 and key.startswith("costs/")):
+                K.check_value(key, value)  # raises with the key and value named
+        elif kind is Decimal:
+            K.check_value(key, value)
+        else:
+            value = K.check_value(key, value)
+        self.client.record(self.step, self.scope, key, value)
+
+    def add_cost(self, path: str, usd: float) -> None:
+        """Record ``usd`` dollars under ``costs/<path>``."""
+        key = _COST_KEYS.get(path) if type(path) is str else None
+        if key is None:
+            if not isinstance(path, str) or not path.strip("/"):
+                raise InvalidMetricError(f"Expected a non-empty cost path but got {path!r}")
+            key = K.validate_key(f"costs/{path}")
+            if len(_COST_KEYS) < 65_536:
+                _COST_KEYS[path] = key
+        self.add_metric(key, usd)
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
         self.client.record_scenarios(self.step, self.scope, digests)
@@ -449,9 +495,21 @@ def connect(
     ``scope_for_split(split)`` when a split is given, else the cost context (as ART's
     ``for_cost_context``). The actor is looked up lazily, on the first send.
     """
-    cfg = config or ClientConfig()
-    updates = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
-    if updates:
-        cfg = cfg.model_copy(update=updates)
+    if config is None:
+        config = _named_config(name, namespace)
+    elif name is not None or namespace is not None:
+        updates = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
+        config = config.model_copy(update=updates)
     scope = K.scope_for_split(split) if split is not None else cost_context.strip()
-    return WorkerBuilder(get_client(cfg, producer_id=producer_id), step, cost_context, scope)
+    return WorkerBuilder(get_client(config, producer_id=producer_id), step, cost_context, scope)
+
+
+_NAMED_CONFIGS: dict[tuple[str | None, str | None], ClientConfig] = {}
+
+
+def _named_config(name: str | None, namespace: str | None) -> ClientConfig:
+    config = _NAMED_CONFIGS.get((name, namespace))
+    if config is None:
+        fields = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
+        config = _NAMED_CONFIGS[(name, namespace)] = ClientConfig(**fields)
+    return config

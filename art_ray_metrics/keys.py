@@ -200,7 +200,7 @@ def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
     kind = type(value)
     if kind is float:
         f: float = value  # type: ignore[assignment]
-    elif kind is int:
+    elif kind is int or kind is Decimal:
         f = float(value)  # type: ignore[arg-type]
     elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")

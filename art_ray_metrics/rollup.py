@@ -27,10 +27,11 @@ Rollups (SPEC §3.2): every cost leaf adds its value to each proper ancestor at 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from decimal import Context, Decimal
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from decimal import Context, Decimal, localcontext
 
-__all__ = ["EXACT", "ZERO", "cost_rollups", "to_decimal"]
+__all__ = ["EXACT", "ZERO", "cost_rollups", "exact_sum", "to_decimal"]
 
 EXACT = Context(prec=100)
 """The arithmetic context of every sum: wide enough that adding money, seconds and tokens of
@@ -49,6 +50,21 @@ def to_decimal(value: float | int | Decimal) -> Decimal:
     if isinstance(value, int):
         return Decimal(value)
     return Decimal(repr(value))
+
+
+def exact_sum(values: Sequence[float | int | Decimal]) -> Decimal:
+    """The exact decimal sum of validated finite numbers; equal values are converted once.
+
+    >>> exact_sum([0.1, 0.2, 0.1, 3])
+    Decimal('3.4')
+    >>> exact_sum([0.1, 0.2, 0.3])
+    Decimal('0.6')
+    """
+    counts = Counter(values)
+    with localcontext(EXACT):
+        if len(counts) == len(values) and all(type(v) is float for v in values):
+            return sum(map(Decimal, map(repr, values)), ZERO)  # all distinct: one C-level pass
+        return sum((to_decimal(v) * n for v, n in counts.items()), ZERO)
 
 
 def cost_rollups(costs: Mapping[str, Decimal]) -> dict[str, Decimal]:
