@@ -18,6 +18,8 @@ return plain Python values):
 expect_producers=None, timeout_s=None) -> dict``
 ``stats() -> dict``                                       counters, rates, queue depths, storage and W&B health
 ``checkpoint() -> dict``                                  commit a checkpoint now
+``rewind(step: int) -> dict``                             the trainer resumed from its checkpoint of ``step``:
+                                                          discard every step closed after it (see below)
 ``config_fingerprint() -> str``                           hash of the configuration it runs with
 ``shutdown(exit_code: int = 0) -> None``                  final checkpoint, finish W&B (then ``ray.kill``)
 ========================================================  =================================================
@@ -30,6 +32,63 @@ Durability. Every applied batch is appended to a write-ahead log by a group comm
 ``wal_interval_s`` (or at once for a durable ingest); a checkpoint at every barrier and on a
 timer covers the log, which is then compacted. The constructor restores the latest checkpoint
 and replays the log, so a restart (``max_restarts``) or a new cluster continues exactly.
+
+Failure semantics:
+
+- **Actor restart / node loss** (``max_restarts``): the constructor claims a new writer epoch,
+  restores the checkpoint and replays the WAL; producers resend what was not acknowledged as
+  durable; a barrier call cut by the restart is retried by :class:`AggregatorHandle` and either
+  returns the row already committed or closes the step again from the restored leaves.
+- **An acknowledged flush is durable**: ``ingest(durable=True)`` answers only after the batch is
+  in the WAL (or a checkpoint).
+- **Storage outage**: barriers still return rows (each waits at most about
+  ``storage_timeout_s`` for the failed commit); WAL writes and checkpoints are retried on the
+  timer and at every barrier; explicit flushes wait until the WAL write succeeds. A row returned
+  during an outage is durable only once a later checkpoint succeeds: if the actor also dies
+  before that, the step's leaves are restored from the WAL but the row must be closed again.
+- **Split brain**: a second aggregator on the same storage claims a newer epoch; the older one
+  is fenced at its next write (``stats()["fenced"]``), stops writing and keeps answering.
+- **W&B**: rows are logged after the checkpoint that holds them; after a restart the sink
+  re-logs every row since the last clean ``shutdown`` (from the history, plus rows committed but
+  not yet written to it), so a committed row may appear twice in W&B, never zero times.
+
+Resume from an older step (``rewind_window``, default 64). A trainer that restarts from its
+checkpoint of step ``k`` while the aggregator already closed steps after ``k`` would otherwise
+double-count the re-executed steps. Policy (SPEC §7 default): the aggregator goes back to the
+state right after step ``k`` closed, so every row logged after the resume equals the row of a
+run that never failed:
+
+- cumulative values and the last closed step per scope are restored to their values after the
+  last close of a step ``<= k``;
+- unique scenario ids and paid response ids first seen in a discarded step are removed, so a
+  re-executed step that sees the same ids counts them again, exactly as the first time;
+- pending and late leaves of the discarded timeline are dropped (their spend is reported in
+  ``stats()["rewound"]``); history rows of discarded steps are deleted; W&B keeps the rows it
+  has (charts use ``training_step`` as x-axis, so the re-logged steps appear next to them).
+
+Trigger it explicitly with :meth:`AggregatorHandle.rewind` right after the trainer restored its
+checkpoint and before its rollouts start. Implicitly, a barrier for a step below the last
+closed step of its scope rewinds to ``step - 1`` first (keeping the late leaves, which then
+belong to the re-executed step); a barrier repeating the *last* closed step is treated as a
+retried call and returns the same row, so re-executing only the last step needs the explicit
+call. With the implicit trigger, leaves that arrived before that barrier were checked against
+the not yet rewound paid-response ledger: a response id re-sent by the re-executed step is not
+charged again (the explicit call has no such gap). With ``rewind_window > 0`` every barrier
+writes one more object (the step's new ids, 16 bytes each, plus the cumulative values). Only
+the last ``rewind_window`` closes are restorable: an older target raises
+:class:`~.errors.InvalidMetricError` (explicit) or, implicitly, is logged, counted in
+``stats()["health"]["rewind_refused"]`` and folded in as late leaves. ``rewind_window=0``
+disables rewinding.
+
+How it is stored. Every barrier writes one immutable object
+``rewind/<step:12>-<split>-<close:12>.bin`` (msgpack ``{"format": 1, "step", "split",
+"cum": {key: decimal-str}, "last_closed": {scope: step}, "scenarios": digests, "cost_ids":
+digests}``: the cumulative state right after that close and the ids it added), before the
+checkpoint that references it in ``state.meta["rewind"]``; objects leaving the window are
+deleted after the next commit. Bytes per step do not grow with history. Removed ids are written
+as tombstone shards (families ``scenarios_rewound``/``cost_ids_rewound``); on restore an id is
+present iff it occurs more often in the add shards than in the tombstone shards (an id is added
+only when absent and removed only when present, so occurrences alternate).
 """
 
 from __future__ import annotations
@@ -41,13 +100,16 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from . import keys as K
 from .checkpoint import CheckpointManager, CheckpointParts
 from .config import AggregatorConfig
+from .dedupe import DIGEST_SIZE, DigestLedger
 from .errors import (
     ConfigMismatchError,
     FencedError,
@@ -55,13 +117,19 @@ from .errors import (
     StorageError,
     WireFormatError,
 )
+from .rollup import ZERO
 from .sinks import HistoryStore, WandbSink, WandbSinkConfig
-from .state import AggregatorState, _Window
+from .state import AggregatorState, StepBuffer, _Window
 from .storage import open_store
 
 __all__ = ["AggregatorHandle", "MetricsAggregator", "start_aggregator"]
 
 log = logging.getLogger(__name__)
+
+REWIND_PREFIX = "rewind/"
+TOMBSTONES = {"scenarios": "scenarios_rewound", "cost_ids": "cost_ids_rewound"}
+"""Shard family of the ids a rewind removed, per ledger family."""
+_REWIND_FORMAT = 1
 
 CREDENTIAL_ENV = (
     "WANDB_API_KEY",
@@ -102,6 +170,14 @@ class MetricsAggregator:
         meta.setdefault("last_rows", {})
         meta.setdefault("restarts", -1)
         meta["restarts"] += 1
+        meta.setdefault("rewind", [])  # [step, split, object key] per close, oldest first
+        meta.setdefault("rewind_drop", [])  # rewind objects to delete after the next commit
+        meta.setdefault("rewind_floor", -1)  # step of the newest close that left the window
+        meta.setdefault("history_drop", [])  # [step, split] rows of discarded steps
+        meta.setdefault("close_seq", 0)
+        meta.setdefault("rewound", {"rewinds": 0, "steps": 0, "costs_usd": "0"})
+        self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
+        self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
         self.restarted = meta["restarts"] > 0 or replayed > 0
         self.durable: dict[str, _Window] = {
             p: _Window(w.watermark, w.above) for p, w in self.state.producers.items()
@@ -118,6 +194,7 @@ class MetricsAggregator:
             "replayed_batches": replayed,
             "last_storage_error": None,
             "barrier_timeouts": 0,
+            "rewind_refused": 0,
         }
         self.ingest_times: deque[float] = deque(maxlen=4096)
         self.inflight = 0
@@ -147,7 +224,7 @@ class MetricsAggregator:
         if loaded is None:
             return AggregatorState(), 0
         state = (
-            AggregatorState.from_checkpoint(loaded.state, loaded.shards)
+            AggregatorState.from_checkpoint(loaded.state, _net_shards(loaded.shards))
             if loaded.committed
             else AggregatorState()
         )
@@ -185,8 +262,15 @@ class MetricsAggregator:
             # W&B buffers rows in its own process until finish(); a killed actor may have lost
             # some. Re-log every row since the last clean finish: twice is fine, never zero.
             since = int(meta.get("wandb_finished_upto", -1))
-            rows = [r for r in self.history.read() if int(r["step"]) > since]
-            sink.relog(_history_metrics(r) for r in rows)
+            rows = {
+                (int(r["step"]), str(r["split"])): _history_metrics(r)
+                for r in self.history.read(start_step=since + 1)
+            }
+            # committed rows whose history write had not happened yet
+            for step, split, row, _recorded_at in meta["outbox"]:
+                if int(step) > since:
+                    rows[(int(step), str(split))] = {**row, "training_step": float(step)}
+            sink.relog(rows[k] for k in sorted(rows))
         return sink
 
     def _ensure_tasks(self) -> None:
@@ -287,6 +371,15 @@ class MetricsAggregator:
         last = self.state.meta["last_rows"].get(split)
         if last is not None and last[0] == step:
             return dict(last[1])  # a retried barrier call: same row, nothing closed twice
+        scope = K.scope_for_split(split)
+        closed = self.state.last_closed.get(scope)
+        if (
+            isinstance(step, int)
+            and closed is not None
+            and 0 <= step <= closed
+            and self.config.rewind_window > 0
+        ):
+            await self._implicit_rewind(step, split)
         if expect_producers is not None:
             await self._wait_for(step, split, expect_producers, timeout_s)
         metrics = dict(metrics or {})
@@ -295,7 +388,12 @@ class MetricsAggregator:
             gpu = self._gpu_cost(now - self.last_train_barrier)
             if gpu is not None and "costs/gpu" not in metrics:
                 metrics["costs/gpu"] = gpu
+        ledgers = (self.state.cum.scenarios, self.state.cum.cost_ids)
+        before = [len(ledger.journal_bytes()) for ledger in ledgers]
         report = self.state.close_step(step, split, metrics)  # raises InvalidMetricError
+        if self.config.rewind_window > 0:
+            added = [ledger.journal_bytes()[n:] for ledger, n in zip(ledgers, before, strict=True)]
+            self._record_close(step, split, added[0], added[1])
         if split == "train":
             self.last_train_barrier = time.monotonic()
         row = report.row
@@ -311,6 +409,136 @@ class MetricsAggregator:
         if self.wandb is not None:
             self.wandb.log(row, step=step, split=split)
         return row
+
+    # -- resume from an older step ----------------------------------------------------------
+
+    def _record_close(self, step: int, split: str, scenarios: bytes, cost_ids: bytes) -> None:
+        """Queue the rewind object of one close and slide the window."""
+        meta = self.state.meta
+        meta["close_seq"] += 1
+        key = f"{REWIND_PREFIX}{step:012d}-{split}-{meta['close_seq']:012d}.bin"
+        record = {
+            "format": _REWIND_FORMAT,
+            "step": step,
+            "split": split,
+            "cum": {k: str(v) for k, v in self.state.cum.values.items()},
+            "last_closed": dict(self.state.last_closed),
+            "scenarios": scenarios,
+            "cost_ids": cost_ids,
+        }
+        self.rewind_queue[key] = msgpack.packb(record, use_bin_type=True)
+        window: list[list[Any]] = meta["rewind"]
+        window.append([step, split, key])
+        while len(window) > self.config.rewind_window:
+            old_step, _old_split, old_key = window.pop(0)
+            meta["rewind_floor"] = max(int(meta["rewind_floor"]), int(old_step))
+            if self.rewind_queue.pop(old_key, None) is None:
+                meta["rewind_drop"].append(old_key)
+
+    def _read_rewind(self, key: str) -> dict[str, Any]:
+        data = self.rewind_queue.get(key)
+        if data is None:
+            data = self.store.get(key)
+        record = msgpack.unpackb(data, raw=False)
+        if not isinstance(record, dict) or record.get("format") != _REWIND_FORMAT:
+            raise StorageError(
+                f"Expected a rewind record (format 1) at {key!r} but got {data[:40]!r}"
+            )
+        return record
+
+    async def _implicit_rewind(self, step: int, split: str) -> None:
+        try:
+            await self._rewind(step - 1, keep_late=True)
+        except InvalidMetricError as exc:
+            self.health["rewind_refused"] += 1
+            log.warning("art_ray_metrics: %s; step %s/%s is folded in as late", exc, step, split)
+        except StorageError as exc:
+            self.health["rewind_refused"] += 1
+            self.health["last_storage_error"] = str(exc)[:300]
+            log.warning("art_ray_metrics: rewind failed (%s); step %s/%s is late", exc, step, split)
+
+    async def rewind(self, step: int) -> dict[str, Any]:
+        """The trainer resumed from its checkpoint of ``step``; see the module docstring."""
+        self._ensure_tasks()
+        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+            raise InvalidMetricError(f"Expected a step >= -1 to rewind to but got {step!r}")
+        result = await self._rewind(step, keep_late=False)
+        await self._persist()
+        return result
+
+    async def _rewind(self, step: int, *, keep_late: bool) -> dict[str, Any]:
+        """Go back to the state right after the last close of a step <= ``step``."""
+        meta = self.state.meta
+        window: list[list[Any]] = meta["rewind"]
+        first = next((i for i, r in enumerate(window) if int(r[0]) > step), None)
+        pending_later = [k for k in self.state.pending if k[0] > step]
+        if first is None and not pending_later and (keep_late or not self.state.late):
+            return {"discarded_steps": 0}
+        first = len(window) if first is None else first
+        if self.config.rewind_window <= 0 or (first == 0 and int(meta["rewind_floor"]) >= 0):
+            oldest = window[0][0] if window else "none"
+            raise InvalidMetricError(
+                f"Expected a step to rewind to >= {oldest} (the oldest step still restorable "
+                f"with rewind_window={self.config.rewind_window}) but got {step!r}"
+            )
+        discarded = window[first:]
+        base_key = window[first - 1][2] if first > 0 else None
+        keys = [r[2] for r in discarded]
+        loaded = await asyncio.to_thread(
+            lambda: [self._read_rewind(k) for k in ([base_key] if base_key else []) + keys]
+        )
+        base = loaded[0] if base_key else None
+        records = loaded[1:] if base_key else loaded
+        # -- from here on no await: the state changes in one synchronous stretch
+        state = self.state
+        cum_all = "costs/cum/all"
+        lost = state.cum.values.get(cum_all, ZERO) - (
+            Decimal(base["cum"].get(cum_all, "0")) if base else ZERO
+        )
+        state.cum.values = {str(k): Decimal(v) for k, v in base["cum"].items()} if base else {}
+        state.last_closed = {str(k): int(v) for k, v in base["last_closed"].items()} if base else {}
+        for family, ledger_attr in (("scenarios", "scenarios"), ("cost_ids", "cost_ids")):
+            removed = b"".join(bytes(r[family]) for r in records)
+            if removed:
+                ledger: DigestLedger = getattr(state.cum, ledger_attr)
+                setattr(state.cum, ledger_attr, _without(ledger, removed))
+                self.tombstones[TOMBSTONES[family]] += removed
+        dropped: list[StepBuffer] = [state.pending.pop(k) for k in pending_later]
+        if not keep_late:
+            dropped.extend(state.late.values())
+            state.late = {}
+        for buf in dropped:
+            lost += sum((v for k, v in buf.sums.items() if k.startswith("costs/")), ZERO)
+        state.pending_cost_ids = set()
+        for buf in (*state.pending.values(), *state.late.values()):
+            state.pending_cost_ids |= buf.cost_ids
+        gone = {(int(r[0]), str(r[1])) for r in discarded}
+        meta["last_rows"] = {
+            sp: v for sp, v in meta["last_rows"].items() if (int(v[0]), sp) not in gone
+        }
+        meta["outbox"] = [e for e in meta["outbox"] if (int(e[0]), str(e[1])) not in gone]
+        meta["history_drop"].extend([st, sp] for st, sp in sorted(gone))
+        for key in keys:
+            if self.rewind_queue.pop(key, None) is None:
+                meta["rewind_drop"].append(key)
+        meta["rewind"] = window[:first]
+        rewound = meta["rewound"]
+        rewound["rewinds"] += 1
+        rewound["steps"] += len(gone)
+        rewound["costs_usd"] = str(Decimal(rewound["costs_usd"]) + lost)
+        log.warning(
+            "art_ray_metrics: rewound to step %s: discarded %d closed steps and %d pending "
+            "buffers (%s USD of their spend leaves the totals)",
+            step,
+            len(gone),
+            len(dropped),
+            lost,
+        )
+        return {
+            "discarded_steps": len(gone),
+            "discarded_buffers": len(dropped),
+            "costs_usd": float(lost),
+        }
 
     def _gpu_cost(self, wall_s: float) -> float | None:
         cfg = self.config
@@ -354,10 +582,17 @@ class MetricsAggregator:
             if self.fenced:
                 return
             state_blob, shards, token = self.state.checkpoint_parts()
+            tombstones = {f: b for f, b in self.tombstones.items() if b}
+            shards.update(tombstones)
+            rewind_objects = dict(self.rewind_queue)
+            meta = self.state.meta
+            rewind_drop, history_drop = list(meta["rewind_drop"]), list(meta["history_drop"])
             wal_next = self.ckpt.wal_next
             covered, self.since_ckpt = self.since_ckpt, []
-            outbox = list(self.state.meta["outbox"])
+            outbox = list(meta["outbox"])
             try:
+                for key, data in rewind_objects.items():  # before the commit that names them
+                    await asyncio.to_thread(self.store.put, key, data)
                 await asyncio.to_thread(
                     self.ckpt.commit, CheckpointParts(state_blob, shards), wal_next=wal_next
                 )
@@ -371,10 +606,15 @@ class MetricsAggregator:
                 log.warning("art_ray_metrics: checkpoint failed, will retry: %s", exc)
                 return
             self.state.checkpoint_committed(token)
+            for family, data in tombstones.items():
+                self.tombstones[family] = self.tombstones[family][len(data) :]
+            for key in rewind_objects:
+                self.rewind_queue.pop(key, None)
             self.health["checkpoints"] += 1
             self._mark_durable(covered)
             done = set(covered)
             self.wal_queue = [item for item in self.wal_queue if (item[1], item[2]) not in done]
+            await self._drop_objects(rewind_drop, history_drop)
             written = []
             for step, split, row, recorded_at in outbox:
                 try:
@@ -389,6 +629,30 @@ class MetricsAggregator:
             if written:
                 box = self.state.meta["outbox"]
                 self.state.meta["outbox"] = [e for e in box if (e[0], e[1]) not in set(written)]
+
+    async def _drop_objects(self, rewind_keys: list[str], history_rows: list[list[Any]]) -> None:
+        """Delete rewind objects that left the window and history rows of discarded steps."""
+        if not rewind_keys and not history_rows:
+            return
+        keys = list(rewind_keys) + [
+            self.history.key_for(int(st), str(sp)) for st, sp in history_rows
+        ]
+
+        def delete() -> None:
+            for key in keys:
+                self.store.delete(key)
+
+        try:
+            await asyncio.to_thread(delete)
+        except StorageError as exc:
+            self.health["last_storage_error"] = str(exc)[:300]
+            return  # retried after the next commit
+        meta = self.state.meta
+        meta["rewind_drop"] = [k for k in meta["rewind_drop"] if k not in set(rewind_keys)]
+        done = {(int(st), str(sp)) for st, sp in history_rows}
+        meta["history_drop"] = [
+            e for e in meta["history_drop"] if (int(e[0]), str(e[1])) not in done
+        ]
 
     # -- operations -------------------------------------------------------------------------
 
@@ -423,6 +687,7 @@ class MetricsAggregator:
             "wandb": self.wandb.stats() if self.wandb is not None else None,
             "wandb_run_id": self.state.meta.get("wandb_run_id"),
             "unique_scenarios": len(self.state.cum.scenarios),
+            "rewound": dict(self.state.meta["rewound"]),
             "cum": {k: float(v) for k, v in self.state.cum.values.items()},
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),
@@ -453,6 +718,35 @@ class MetricsAggregator:
 def _history_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     skip = {"step", "split", "recorded_at"}
     return {k: float(v) for k, v in record.items() if k not in skip}
+
+
+def _digests(data: bytes) -> np.ndarray[Any, np.dtype[np.bytes_]]:
+    return np.frombuffer(data, dtype=f"S{DIGEST_SIZE}")
+
+
+def _without(ledger: DigestLedger, removed: bytes) -> DigestLedger:
+    """A ledger of ``ledger``'s digests minus ``removed`` (its journal starts empty)."""
+    kept = _digests(ledger.to_bytes())
+    kept = kept[~np.isin(kept, _digests(removed))]
+    return DigestLedger.from_bytes(kept.tobytes())
+
+
+def _net_shards(shards: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Ledger shards minus their tombstones: an id counts iff added more often than removed."""
+    out = dict(shards)
+    for family, tomb in TOMBSTONES.items():
+        removed = shards.get(tomb, b"")
+        if not removed:
+            continue
+        added, added_n = np.unique(_digests(shards.get(family, b"")), return_counts=True)
+        gone, gone_n = np.unique(_digests(removed), return_counts=True)
+        minus = np.zeros(added.size, dtype=np.int64)
+        if gone.size:
+            idx = np.minimum(np.searchsorted(gone, added), gone.size - 1)
+            hit = gone[idx] == added
+            minus[hit] = gone_n[idx[hit]]
+        out[family] = added[added_n > minus].tobytes()
+    return out
 
 
 def _node_id() -> str | None:
@@ -487,19 +781,19 @@ class AggregatorHandle:
         the step just closed returns the same row. Invalid ``metrics`` raise
         :class:`~art_ray_metrics.errors.InvalidMetricError`.
         """
+        row: dict[str, float] = self._call(
+            "log", step, split, dict(metrics or {}), expect_producers, timeout_s
+        )
+        return row
+
+    def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """Call a remote method; retry while the actor restarts (about 50 s at most)."""
         import ray
 
         attempts = 0
         while True:
             try:
-                row: dict[str, float] = ray.get(
-                    self.actor.log.remote(
-                        step, split, dict(metrics or {}), expect_producers, timeout_s
-                    )
-                )
-                return row
-            except InvalidMetricError:
-                raise
+                return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 attempts += 1
                 if attempts > 30:
@@ -520,18 +814,28 @@ class AggregatorHandle:
             self.log, step, split, metrics, expect_producers=expect_producers, timeout_s=timeout_s
         )
 
-    def stats(self) -> dict[str, Any]:
-        """The actor's :meth:`MetricsAggregator.stats`."""
-        import ray
+    def rewind(self, step: int) -> dict[str, Any]:
+        """The trainer restored its checkpoint of ``step``: discard every step closed after it.
 
-        out: dict[str, Any] = ray.get(self.actor.stats.remote())
+        Call it after restoring the trainer's checkpoint and before rollouts of the next step
+        start. Cumulative values, unique ids and the history go back to right after ``step``
+        (``-1``: before the first step), so the rows that follow equal those of a run without
+        the failure. Returns ``{"discarded_steps", "discarded_buffers", "costs_usd"}``.
+
+        Raises:
+            InvalidMetricError: ``step`` is older than the ``rewind_window`` closes kept.
+        """
+        out: dict[str, Any] = self._call("rewind", step)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """The actor's :meth:`MetricsAggregator.stats` (retried while the actor restarts)."""
+        out: dict[str, Any] = self._call("stats")
         return out
 
     def checkpoint(self) -> dict[str, Any]:
-        """Commit a checkpoint now."""
-        import ray
-
-        out: dict[str, Any] = ray.get(self.actor.checkpoint.remote())
+        """Commit a checkpoint now (retried while the actor restarts)."""
+        out: dict[str, Any] = self._call("checkpoint")
         return out
 
     def shutdown(self, exit_code: int = 0, *, kill: bool = True) -> None:
@@ -539,7 +843,7 @@ class AggregatorHandle:
         import ray
 
         try:
-            ray.get(self.actor.shutdown.remote(exit_code), timeout=120)
+            self._call("shutdown", exit_code, timeout_s=120)
         finally:
             if kill:
                 ray.kill(self.actor, no_restart=True)

@@ -48,6 +48,13 @@ class AggregatorConfig(BaseModel):
         30.0, gt=0, description="Checkpoint on this timer too (always at every barrier)."
     )
     checkpoint_retention: int = Field(3, ge=1)
+    rewind_window: int = Field(
+        64,
+        ge=0,
+        description="Closed steps that stay restorable for a trainer resuming from an older "
+        "step (see 'Resume from an older step' in art_ray_metrics.actor); 0: never rewind, "
+        "older steps are folded in as late leaves.",
+    )
     wal_interval_s: float = Field(
         0.2, gt=0, description="Group-commit interval of the write-ahead log."
     )

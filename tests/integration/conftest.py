@@ -56,3 +56,88 @@ def run_config(ray_cluster: Any, tmp_path: Path) -> dict[str, Any]:
         "storage_uri": str(tmp_path / "run"),
         "wandb_mode": "disabled",
     }
+
+
+class OwnedS3:
+    """An S3 server this process owns (moto, HTTP on 127.0.0.1), so a test can take it down.
+
+    Independent of the shared server of ``tests.s3server`` (which may be external in CI), so
+    outage tests always run. moto keeps its backend in process-wide state, so objects written
+    before :meth:`stop` are there again after :meth:`start` (same port).
+    """
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart) the server on its port."""
+        from moto.server import ThreadedMotoServer
+
+        if self._server is None:
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            server.start()
+            self._server = server
+
+    def stop(self) -> None:
+        """Stop the server: connections to the port are refused until :meth:`start`."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def env(self) -> dict[str, str]:
+        """The AWS environment pointing at this server (forwarded to the actor by Ray)."""
+        from tests.s3server import S3_ENV
+
+        return {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+
+    def bucket(self) -> str:
+        """Create a fresh bucket; return its ``s3://`` URI."""
+        import boto3
+
+        name = f"arm-owned-{uuid.uuid4().hex[:10]}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        try:
+            client.create_bucket(Bucket=name)
+        finally:
+            client.close()
+        return f"s3://{name}"
+
+
+@pytest.fixture
+def owned_s3() -> Iterator[OwnedS3]:
+    """A restartable S3 server of this test, with its AWS environment set for the test."""
+    server = OwnedS3()
+    env = server.env()
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@pytest.fixture
+def wandb_dir(tmp_path: Path) -> Path:
+    """A directory for offline W&B runs of one test."""
+    path = tmp_path / "wandb"
+    path.mkdir()
+    return path
