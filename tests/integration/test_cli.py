@@ -1,0 +1,274 @@
+"""The ``art-ray-metrics`` command line, run in subprocesses as a user runs it.
+
+Each ``demo`` subprocess starts its own local Ray instance (one ``ray.init`` per process), so
+there are only two: a 3-step run, then ``--resume --chaos`` for 2 more steps. The operations
+commands (``inspect``, ``history``, ``wandb-sync``) read that run's storage without Ray;
+``status`` asks an aggregator on the shared test cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import art_ray_metrics as arm
+from art_ray_metrics.wandb_offline import find_offline_run_files, read_offline_history
+
+pytestmark = pytest.mark.slow
+
+RUN = "cli-test"
+
+
+def cli(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> Any:
+    """Run ``python -m art_ray_metrics.cli ARGS`` and return the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "art_ray_metrics.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else os.environ.copy(),
+    )
+
+
+def assert_one_line_error(proc: Any, command: str, *needles: str) -> None:
+    """Exit code 2, one error line on stderr naming the command, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"art-ray-metrics {command}: error: ")
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def history_steps(run_dir: Path) -> list[int]:
+    """The steps of the run's history objects."""
+    return sorted(int(p.name.split("-")[0]) for p in (run_dir / "history").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The current directory of every subprocess (the demo writes ./runs/<run>)."""
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path) -> dict[str, Any]:
+    """``demo --steps 3``: its process result and summary."""
+    proc = cli(
+        "demo",
+        "--steps", "3", "--rollouts", "3", "--judges", "2", "--run", RUN,
+        "--chart", str(workdir / "docs" / "chart.png"),
+        "--summary-json", str(workdir / "first.json"),
+        cwd=workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((workdir / "first.json").read_text())
+    return {"proc": proc, "summary": summary, "dir": workdir / "runs" / RUN}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(first_run: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """``demo --resume --chaos --steps 2`` on the same run."""
+    proc = cli(
+        "demo", "--run", RUN, "--resume", "--chaos", "--steps", "2",
+        "--summary-json", str(workdir / "resumed.json"),
+        cwd=workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((workdir / "resumed.json").read_text())
+    return {"proc": proc, "summary": summary, "dir": first_run["dir"]}
+
+
+class TestDemo:
+    def test_logs_every_step_and_writes_the_charts(
+        self, first_run: dict[str, Any], workdir: Path
+    ) -> None:
+        """The demo exits 0, logs one row per step, and writes both PNG charts."""
+        run_dir: Path = first_run["dir"]
+        assert history_steps(run_dir) == [0, 1, 2]
+        for chart in (run_dir / "chart.png", workdir / "docs" / "chart.png"):
+            assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        summary = first_run["summary"]
+        assert summary["rows"] == 3
+        assert summary["totals"]["costs/cum/all"] > 0
+        assert summary["totals"]["data/cum/num_scenarios"] == 9  # 3 steps x 3 rollouts
+        assert summary["counters"]["rejected_batches"] == 0
+        assert "costs/cum/all" in first_run["proc"].stdout
+
+    def test_resume_with_chaos_continues_and_keeps_totals(
+        self, resumed_run: dict[str, Any]
+    ) -> None:
+        """--resume continues at the next step; --chaos totals equal the in-process reference."""
+        assert history_steps(resumed_run["dir"]) == [0, 1, 2, 3, 4]
+        summary = resumed_run["summary"]
+        assert (summary["first_step"], summary["last_step"]) == (3, 4)
+        assert summary["chaos"]["equal"] is True
+        assert summary["chaos"]["keys"] >= 6
+        assert "resuming run" in resumed_run["proc"].stdout
+
+    def test_refuses_to_overwrite_an_existing_run(
+        self, first_run: dict[str, Any], workdir: Path
+    ) -> None:
+        """A second demo into the same run without --resume exits 2 before starting Ray."""
+        proc = cli("demo", "--run", RUN, "--steps", "1", cwd=workdir, timeout=60)
+        assert_one_line_error(proc, "demo", "--resume")
+
+
+class TestInspect:
+    def test_json_has_steps_totals_and_ids(
+        self, resumed_run: dict[str, Any], workdir: Path
+    ) -> None:
+        """inspect --json reports the last step, the totals and the unique ids of the run."""
+        proc = cli("inspect", str(resumed_run["dir"]), "--json", cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads(proc.stdout)
+        last_row = json.loads(
+            (resumed_run["dir"] / "history" / "000000000004-train.json").read_text()
+        )
+        assert info["last_train_step"] == 4
+        assert info["last_closed"] == {"train": 4}
+        assert info["totals"]["costs/cum/all"] == last_row["costs/cum/all"]
+        assert info["unique_scenarios"] == resumed_run["summary"]["unique_scenarios"]
+        assert info["wandb_run_id"] is None
+        assert info["checkpoint_format"] == 1
+        assert info["history_rows"] == 5
+
+    def test_table_output(self, resumed_run: dict[str, Any], workdir: Path) -> None:
+        """inspect without --json prints the checkpoint and the totals tables."""
+        proc = cli("inspect", str(resumed_run["dir"]), cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        assert "costs/cum/all" in proc.stdout
+        assert "W&B run id" in proc.stdout
+
+    def test_version_mismatch_is_one_line(
+        self, resumed_run: dict[str, Any], tmp_path: Path
+    ) -> None:
+        """A checkpoint of another format version exits 2 with a one-line error."""
+        copy = tmp_path / "copy"
+        shutil.copytree(resumed_run["dir"], copy)
+        for path in [copy / "CHECKPOINT", *(copy / "manifests").glob("*.bin")]:
+            data = bytearray(path.read_bytes())
+            data[4:6] = struct.pack(">H", 99)  # header: magic(4) then the format version
+            path.write_bytes(bytes(data))
+        proc = cli("inspect", str(copy), cwd=tmp_path)
+        assert_one_line_error(proc, "inspect", "another format version")
+
+
+class TestHistory:
+    def test_csv_has_a_header_and_every_row(
+        self, resumed_run: dict[str, Any], workdir: Path
+    ) -> None:
+        """history --format csv prints a header and one line per logged row."""
+        proc = cli("history", str(resumed_run["dir"]), "--format", "csv", cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+        assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+        assert all(float(r["costs/cum/all"]) > 0 for r in rows)
+
+    def test_jsonl_and_split_filter(self, resumed_run: dict[str, Any], workdir: Path) -> None:
+        """history --format jsonl --split filters rows by split."""
+        train = cli(
+            "history", str(resumed_run["dir"]), "--format", "jsonl", "--split", "train", cwd=workdir
+        )
+        val = cli(
+            "history", str(resumed_run["dir"]), "--format", "jsonl", "--split", "val", cwd=workdir
+        )
+        assert [json.loads(line)["step"] for line in train.stdout.splitlines()] == [0, 1, 2, 3, 4]
+        assert val.returncode == 0
+        assert val.stdout == ""
+
+    def test_table(self, resumed_run: dict[str, Any], workdir: Path) -> None:
+        """history prints a table with the default columns."""
+        proc = cli("history", str(resumed_run["dir"]), cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        assert "reward/mean" in proc.stdout
+        assert "5 rows" in proc.stdout
+
+
+class TestWandbSync:
+    def test_rebuilds_an_offline_run_from_the_history(
+        self, resumed_run: dict[str, Any], tmp_path: Path
+    ) -> None:
+        """wandb-sync --new-run relogs every history row into a W&B offline run."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+        proc = cli(
+            "wandb-sync", str(resumed_run["dir"]), "--new-run", "--mode", "offline",
+            "--dir", str(tmp_path), cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "5 of 5 rows logged" in proc.stdout
+        files = find_offline_run_files(tmp_path)
+        assert files
+        steps = sorted(r["training_step"] for r in read_offline_history(files[-1]))
+        assert steps == [0, 1, 2, 3, 4]
+
+    def test_without_a_run_id_asks_for_new_run(
+        self, resumed_run: dict[str, Any], workdir: Path
+    ) -> None:
+        """A run that never had W&B needs --new-run (exit 2, one line)."""
+        proc = cli("wandb-sync", str(resumed_run["dir"]), cwd=workdir)
+        assert_one_line_error(proc, "wandb-sync", "--new-run")
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("uri", "needle"),
+        [
+            ("ftp://host/run", "scheme"),
+            ("does/not/exist", "no such directory"),
+            ("empty", "found none"),
+        ],
+        ids=["unknown-scheme", "missing-dir", "no-checkpoint"],
+    )
+    def test_wrong_uri_is_one_line(self, uri: str, needle: str, tmp_path: Path) -> None:
+        """Wrong URIs exit 2 with one error line and no traceback."""
+        (tmp_path / "empty").mkdir()
+        proc = cli("inspect", uri, cwd=tmp_path, timeout=60)
+        assert_one_line_error(proc, "inspect", needle)
+
+    def test_status_without_a_cluster(self, tmp_path: Path) -> None:
+        """status against an address where nothing listens exits 2 at once."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = cli("status", "--address", f"127.0.0.1:{port}", cwd=tmp_path, timeout=60)
+        assert_one_line_error(proc, "status", "Expected a Ray cluster")
+
+
+@pytest.mark.ray
+class TestStatus:
+    def test_reports_a_running_aggregator(self, ray_cluster: Any, tmp_path: Path) -> None:
+        """status on the shared cluster shows the aggregator's counters; a wrong name exits 2."""
+        name = f"agg-{uuid.uuid4().hex[:8]}"
+        handle = arm.start_aggregator(
+            name=name, namespace="arm-cli", run_name=name, storage_uri=str(tmp_path / "run"),
+            wandb_mode="disabled",
+        )  # fmt: skip
+        try:
+            handle.log(0, metrics={"loss": 0.5})
+            address = ray_cluster.address
+            proc = cli("status", "--address", address, "--name", name, "--namespace", "arm-cli",
+                       "--json", cwd=tmp_path, timeout=120)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            stats = json.loads(proc.stdout)
+            assert stats["name"] == name
+            assert stats["counters"]["rows"] == 1
+            missing = cli("status", "--address", address, "--name", "nope", "--namespace",
+                          "arm-cli", cwd=tmp_path, timeout=120)  # fmt: skip
+            assert_one_line_error(missing, "status", "'nope'")
+        finally:
+            handle.shutdown()
