@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -151,3 +152,78 @@ def s3_bucket_uri() -> Iterator[str]:
     """A fresh bucket's ``s3://`` URI with the AWS environment pointed at the test server."""
     with s3_env():
         yield make_bucket()
+
+
+class OwnedS3:
+    """An S3 server this process owns (moto, HTTP on 127.0.0.1), so a test can take it down.
+
+    Independent of the shared server of ``tests.s3server`` (which may be external in CI), so
+    outage tests always run. moto keeps its backend in process-wide state, so objects written
+    before :meth:`stop` are there again after :meth:`start` (same port).
+    """
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart) the server on its port."""
+        from moto.server import ThreadedMotoServer
+
+        if self._server is None:
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            server.start()
+            self._server = server
+
+    def stop(self) -> None:
+        """Stop the server: connections to the port are refused until :meth:`start`."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def env(self) -> dict[str, str]:
+        """The AWS environment pointing at this server (forwarded to the actor by Ray)."""
+        return {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+
+    def bucket(self) -> str:
+        """Create a fresh bucket; return its ``s3://`` URI."""
+        import boto3
+
+        name = f"arm-owned-{uuid.uuid4().hex[:10]}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        try:
+            client.create_bucket(Bucket=name)
+        finally:
+            client.close()
+        return f"s3://{name}"
+
+
+@pytest.fixture
+def owned_s3() -> Iterator[OwnedS3]:
+    """A restartable S3 server of this test, with its AWS environment set for the test."""
+    server = OwnedS3()
+    env = server.env()
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
