@@ -38,10 +38,13 @@ from .dedupe import DigestLedger, digest
 from .errors import InvalidMetricError
 from .instrument import ApiCostMixin
 from .pricing import PricingRegistry
-from .rollup import to_decimal
+from .records import KeyedCost
+from .rollup import EXACT, ZERO, exact_sum, to_decimal
 from .state import CumulativeState, StepBuffer, close_buffer
 
-__all__ = ["LeafRecorder", "MetricsBuilder"]
+__all__ = ["LeafRecorder", "MetricsBuilder", "PendingLeaves"]
+
+Number = float | int | Decimal
 
 UNPRICED_CALLS_KEY = "data/step_unpriced_api_calls"
 """Counts API calls whose cost could not be determined (cumulative: data/cum/unpriced_api_calls)."""
@@ -55,6 +58,51 @@ def _scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
     return [digest(s) for s in scenario_ids]
 
 
+class PendingLeaves:
+    """The unclosed leaves of one ``(step, scope)`` of one producer.
+
+    A key is registered in :attr:`buffer` the first time it is seen (so a leaf/ancestor
+    conflict raises at the call, as in ART); its values are kept raw and summed exactly, each
+    distinct value converted once, when the step is closed or shipped (:meth:`to_buffer`).
+    Costs keyed by a response id and scenario digests go straight into :attr:`buffer`.
+    """
+
+    __slots__ = ("buffer", "keyed", "leaves", "raw")
+
+    def __init__(self) -> None:
+        self.buffer = StepBuffer()
+        self.raw: dict[str, list[Number]] = {}
+        self.keyed: list[KeyedCost] = []
+        self.leaves = 0
+
+    def record(self, key: str, value: Number) -> None:
+        """Add a validated value to ``key``; raises MetricConflictError on a clash."""
+        values = self.raw.get(key)
+        if values is None:
+            self.buffer.add(key, ZERO)  # registers the key; raises on a conflict
+            values = self.raw[key] = []
+        values.append(value)
+        self.leaves += 1
+
+    def sums(self) -> dict[str, Decimal]:
+        """The exact per-key sums so far (the raw values stay)."""
+        sums = dict(self.buffer.sums)
+        for key, values in self.raw.items():
+            sums[key] = EXACT.add(sums[key], exact_sum(values))
+        return sums
+
+    def to_buffer(self) -> StepBuffer:
+        """The exact step buffer (consumes this object)."""
+        buf = self.buffer
+        buf.sums = self.sums()
+        self.raw = {}
+        return buf
+
+
+_COST_KEYS: dict[str, str] = {}
+"""Validated ``costs/<path>`` keys by path (paths repeat: the hot path is one dict lookup)."""
+
+
 class LeafRecorder(ApiCostMixin):
     """ART's recording methods over three hooks: ``_record``, ``_record_scenarios`` and
     ``_record_keyed_cost`` (a cost that must be applied once per provider response id)."""
@@ -63,7 +111,7 @@ class LeafRecorder(ApiCostMixin):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def _record(self, key: str, value: Decimal) -> None:
+    def _record(self, key: str, value: Number) -> None:
         raise NotImplementedError
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
@@ -90,14 +138,26 @@ class LeafRecorder(ApiCostMixin):
     def add_metric(self, key: str, value: float) -> None:
         """Add ``value`` to leaf ``key`` of the current step (repeated writes are summed)."""
         K.validate_key(key)
-        K.check_value(key, value)
-        self._record(key, to_decimal(value))
+        kind: type = type(value)
+        if kind is float or kind is int:
+            if value - value != 0 or (value < 0 and key.startswith("costs/")):
+                K.check_value(key, value)  # raises, naming the key and the value
+        elif kind is Decimal:
+            K.check_value(key, value)
+        else:
+            value = K.check_value(key, value)
+        self._record(key, value)
 
     def add_cost(self, path: str, usd: float) -> None:
         """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
-        if not isinstance(path, str) or not path.strip("/"):
-            raise InvalidMetricError(f"Expected a non-empty cost path but got {path!r}")
-        self.add_metric(f"costs/{path}", usd)
+        key = _COST_KEYS.get(path) if type(path) is str else None
+        if key is None:
+            if not isinstance(path, str) or not path.strip("/"):
+                raise InvalidMetricError(f"Expected a non-empty cost path but got {path!r}")
+            key = K.validate_key(f"costs/{path}")
+            if len(_COST_KEYS) < 65_536:
+                _COST_KEYS[path] = key
+        self.add_metric(key, usd)
 
     def add_data(
         self,
@@ -171,7 +231,7 @@ class _SharedState:
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
-        self.buffers: dict[str, StepBuffer] = {}
+        self.buffers: dict[str, PendingLeaves] = {}
         self.cum = CumulativeState()
         self.pricing = PricingRegistry()
 
@@ -194,25 +254,25 @@ class MetricsBuilder(LeafRecorder):
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def _buffer(self) -> StepBuffer:
-        buf = self._shared.buffers.get(self._buffer_scope)
-        if buf is None:
-            buf = self._shared.buffers[self._buffer_scope] = StepBuffer()
-        return buf
+    def _pending(self) -> PendingLeaves:
+        pending = self._shared.buffers.get(self._buffer_scope)
+        if pending is None:
+            pending = self._shared.buffers[self._buffer_scope] = PendingLeaves()
+        return pending
 
-    def _record(self, key: str, value: Decimal) -> None:
-        self._buffer().add(key, value)
+    def _record(self, key: str, value: Number) -> None:
+        self._pending().record(key, value)
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
-        self._buffer().scenarios.update(digests)
+        self._pending().buffer.scenarios.update(digests)
 
     def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
         d = digest(response_id)
         if d in self._shared.cum.cost_ids or any(
-            d in b.cost_ids for b in self._shared.buffers.values()
+            d in p.buffer.cost_ids for p in self._shared.buffers.values()
         ):
             return
-        buf = self._buffer()
+        buf = self._pending().buffer
         buf.add(key, value)
         buf.cost_ids.add(d)
 
@@ -224,7 +284,8 @@ class MetricsBuilder(LeafRecorder):
     async def flush(self) -> dict[str, float]:
         """Close this builder's scope: return its row and fold it into the cumulative state."""
         async with self._shared.lock:
-            buf = self._shared.buffers.pop(self._buffer_scope, None) or StepBuffer()
+            pending = self._shared.buffers.pop(self._buffer_scope, None)
+            buf = pending.to_buffer() if pending is not None else StepBuffer()
             return close_buffer(buf, self._shared.cum)
 
     @staticmethod

@@ -3,7 +3,7 @@
 Life of a leaf::
 
     builder.add_cost("train/judge", 0.002)       # validated here; raises before anything is sent
-      -> StepBuffer of (step, scope)              # pre-aggregated: repeated keys summed exactly
+      -> PendingLeaves of (step, scope)           # raw values; summed exactly at ship time
       -> ship(): LeafBatch(producer_id, seq)      # on size, on time (background thread), on flush()
       -> actor.ingest.remote(bytes)               # at most max_in_flight unacknowledged calls
       -> retained until the actor says durable    # resent after a failed call or actor restart
@@ -38,13 +38,11 @@ from decimal import Decimal
 from typing import Any
 
 from . import keys as K
-from .builder import LeafRecorder
+from .builder import LeafRecorder, Number, PendingLeaves
 from .config import ClientConfig
 from .errors import AggregatorUnavailableError, InvalidMetricError, WireFormatError
 from .pricing import PricingRegistry
 from .records import KeyedCost, LeafBatch, StepGroup
-from .rollup import EXACT, ZERO, exact_sum
-from .state import StepBuffer
 from .wire import encode_batch
 
 __all__ = ["FlushResult", "MetricsClient", "WorkerBuilder", "connect", "get_client"]
@@ -65,28 +63,6 @@ class FlushResult:
     error: str | None = None
 
 
-class _Pending:
-    """One (step, scope) of a producer: raw values per key until shipped.
-
-    Keys are registered in ``buffer`` when first seen (so leaf/ancestor conflicts raise at the
-    call); values are appended raw and summed exactly, once per distinct value, at ship time.
-    """
-
-    __slots__ = ("buffer", "keyed", "leaves", "raw")
-
-    def __init__(self) -> None:
-        self.buffer = StepBuffer()
-        self.raw: dict[str, list[float | int | Decimal]] = {}
-        self.keyed: list[KeyedCost] = []
-        self.leaves = 0
-
-    def sums(self) -> dict[str, Decimal]:
-        sums = dict(self.buffer.sums)
-        for key, values in self.raw.items():
-            sums[key] = EXACT.add(sums[key], exact_sum(values))
-        return sums
-
-
 def _default_producer_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -105,7 +81,7 @@ class MetricsClient:
         self.producer_id = producer_id or _default_producer_id()
         self._actor = actor
         self._lock = threading.RLock()
-        self._pending: dict[tuple[int, str], _Pending] = {}
+        self._pending: dict[tuple[int, str], PendingLeaves] = {}
         self._pending_leaves = 0
         self._seq = 0
         self._retained: dict[int, bytes] = {}
@@ -132,22 +108,17 @@ class MetricsClient:
 
     # -- recording (called by WorkerBuilder) ------------------------------------------------
 
-    def _slot(self, step: int, scope: str) -> _Pending:
+    def _slot(self, step: int, scope: str) -> PendingLeaves:
         slot = self._pending.get((step, scope))
         if slot is None:
-            slot = self._pending[(step, scope)] = _Pending()
+            slot = self._pending[(step, scope)] = PendingLeaves()
         return slot
 
-    def record(self, step: int, scope: str, key: str, value: float | int | Decimal) -> None:
+    def record(self, step: int, scope: str, key: str, value: Number) -> None:
         """Add a validated leaf (conflicts with unshipped leaves of the step raise)."""
         with self._lock:
             slot = self._pending.get((step, scope)) or self._slot(step, scope)
-            values = slot.raw.get(key)
-            if values is None:
-                slot.buffer.add(key, ZERO)  # registers the key; raises on a conflict
-                values = slot.raw[key] = []
-            values.append(value)
-            slot.leaves += 1
+            slot.record(key, value)
             self._pending_leaves += 1
             full = self._pending_leaves >= self.config.max_batch_leaves
         if full:
@@ -399,10 +370,6 @@ def _reset_clients() -> None:
         _CLIENTS.clear()
 
 
-_COST_KEYS: dict[str, str] = {}
-"""Validated ``costs/<path>`` keys by path (paths repeat; the hot path is one dict lookup)."""
-
-
 class WorkerBuilder(LeafRecorder):
     """ART's ``MetricsBuilder`` methods bound to one step and cost context, recording into
     the process-wide client. ``flush()`` blocks until durable; ``aflush()`` awaits it."""
@@ -418,32 +385,8 @@ class WorkerBuilder(LeafRecorder):
         self.scope = scope
         client.touch(step, scope)
 
-    def _record(self, key: str, value: Decimal) -> None:
+    def _record(self, key: str, value: Number) -> None:
         self.client.record(self.step, self.scope, key, value)
-
-    def add_metric(self, key: str, value: float) -> None:
-        """Add ``value`` to leaf ``key`` of this step (validated here, summed exactly later)."""
-        K.validate_key(key)
-        kind: type = type(value)
-        if kind is float or kind is int:
-            if value - value != 0 or (value < 0 and key.startswith("costs/")):
-                K.check_value(key, value)  # raises with the key and value named
-        elif kind is Decimal:
-            K.check_value(key, value)
-        else:
-            value = K.check_value(key, value)
-        self.client.record(self.step, self.scope, key, value)
-
-    def add_cost(self, path: str, usd: float) -> None:
-        """Record ``usd`` dollars under ``costs/<path>``."""
-        key = _COST_KEYS.get(path) if type(path) is str else None
-        if key is None:
-            if not isinstance(path, str) or not path.strip("/"):
-                raise InvalidMetricError(f"Expected a non-empty cost path but got {path!r}")
-            key = K.validate_key(f"costs/{path}")
-            if len(_COST_KEYS) < 65_536:
-                _COST_KEYS[path] = key
-        self.add_metric(key, usd)
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
         self.client.record_scenarios(self.step, self.scope, digests)

@@ -1,0 +1,86 @@
+"""The worker-side builder and client buffering, without Ray (nothing is shipped)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+
+from art_ray_metrics import InvalidMetricError, MetricConflictError
+from art_ray_metrics.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.config import ClientConfig
+from art_ray_metrics.dedupe import digest
+from art_ray_metrics.wire import decode_batch, encode_batch
+
+
+@pytest.fixture
+def client() -> Iterator[MetricsClient]:
+    """A client whose background thread never ships (no actor is needed)."""
+    c = MetricsClient(ClientConfig(flush_interval_s=1e6, max_batch_leaves=10**9))
+    yield c
+    c._stop.set()
+
+
+class TestWorkerBuilder:
+    def test_records_every_kind_of_leaf_into_its_step(self, client: MetricsClient) -> None:
+        """Costs, metrics, data, timings, keyed costs and scenarios land in (step, scope)."""
+        b = WorkerBuilder(client, 3, "train", "train")
+        b.add_cost("train/judge", 0.1)
+        b.add_cost("train/judge", 0.2)
+        b.add_metric("reward/score", 1)
+        b.add_data(step_num_scenarios=2, step_actor_tokens=10, scenario_ids=["a", "b", "a"])
+        b.add_user_timing(step_actor_s=1.5)
+        b.add_idle_times(step_actor_idle_s=0.5)
+        b.register_model_pricing("m", prompt_per_million=1, completion_per_million=2)
+        usage = {"id": "r-1", "usage": {"prompt_tokens": 100, "completion_tokens": 50}}
+        assert b.add_response_cost("judge", usage, provider="openai", model_name="m") == 0.0002
+        b.for_cost_context("eval", buffer_scope="eval").add_cost("eval/judge", 0.5)
+        slot = client._pending[(3, "train")]
+        assert slot.sums()["costs/train/judge"] == Decimal("0.3")
+        assert slot.sums()["data/step_actor_tokens"] == Decimal(10)
+        assert [(k.key, k.value, k.response_id) for k in slot.keyed] == [
+            ("costs/train/judge", Decimal("0.0002"), "openai:r-1")
+        ]
+        assert slot.buffer.scenarios == {digest("a"), digest("b")}
+        assert client._pending[(3, "eval")].sums() == {"costs/eval/judge": Decimal("0.5")}
+
+    def test_batch_round_trips_through_the_wire(self, client: MetricsClient) -> None:
+        """What ship() would send decodes to the same exact sums."""
+        b = WorkerBuilder(client, 0, "train", "train")
+        for _ in range(3):
+            b.add_cost("train/x", 0.1)
+        b.add_data(scenario_ids=["s"])
+        slot = client._pending[(0, "train")]
+        from art_ray_metrics.records import LeafBatch, StepGroup
+
+        group = StepGroup(0, "train", slot.sums(), tuple(slot.keyed), digest("s"))
+        batch = decode_batch(encode_batch(LeafBatch(client.producer_id, 1, (group,))))
+        assert batch.groups[0].sums == {"costs/train/x": Decimal("0.3")}
+
+    @pytest.mark.parametrize(
+        ("call", "match"),
+        [
+            (lambda b: b.add_cost("train/x", -1.0), "non-negative"),
+            (lambda b: b.add_cost("train/x", float("nan")), "finite"),
+            (lambda b: b.add_metric("reward/x", True), "finite"),
+            (lambda b: b.add_metric("nosection", 1.0), "section prefix"),
+            (lambda b: b.add_cost("", 1.0), "non-empty cost path"),
+        ],
+        ids=["negative", "nan", "bool", "no-section", "empty-path"],
+    )
+    def test_bad_input_raises_before_anything_is_buffered(
+        self, client: MetricsClient, call: object, match: str
+    ) -> None:
+        """Invalid leaves raise in the worker and nothing is recorded."""
+        b = WorkerBuilder(client, 0, "train", "train")
+        with pytest.raises(InvalidMetricError, match=match):
+            call(b)  # type: ignore[operator]
+        assert client._pending[(0, "train")].sums() == {}
+
+    def test_conflict_within_one_producer_raises(self, client: MetricsClient) -> None:
+        """A producer's own leaf/ancestor clash raises, as in ART."""
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_cost("train/x", 1.0)
+        with pytest.raises(MetricConflictError, match="costs/train/x"):
+            b.add_cost("train", 1.0)
