@@ -139,6 +139,22 @@ class DigestLedger:
         ledger._journal.clear()
         return ledger
 
+    def without(self, removed: bytes) -> DigestLedger:
+        """A new ledger of these digests minus ``removed`` (concatenated); its journal is empty.
+
+        Raises:
+            WireFormatError: ``removed`` is not a multiple of 16 bytes.
+        """
+        if len(removed) % DIGEST_SIZE:
+            raise WireFormatError(
+                f"Expected a multiple of {DIGEST_SIZE} bytes of digests but got "
+                f"{len(removed)} bytes"
+            )
+        ledger = DigestLedger()
+        gone = np.frombuffer(removed, dtype=_DTYPE)
+        ledger._sorted = self._sorted[~np.isin(self._sorted, gone)] if gone.size else self._sorted
+        return ledger
+
     def journal_position(self) -> int:
         """How many journal entries exist now (pass it to :meth:`drop_journal` after a commit)."""
         return len(self._journal)
