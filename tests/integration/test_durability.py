@@ -487,7 +487,11 @@ def plain_step(handle: Any, name: str, step: int) -> dict[str, float]:
 class TestResumeFromOlderStep:
     def test_net_shards_and_without(self) -> None:
         """Tombstones cancel adds one for one; an id re-added after removal is present."""
-        from art_ray_metrics.actor import _net_shards, _without
+        from art_ray_metrics.rewind import net_shards as _net_shards
+
+        def _without(ledger: Any, removed: bytes) -> Any:
+            return ledger.without(removed)
+
         from art_ray_metrics.dedupe import DigestLedger, digest
 
         a, b, c = digest("a"), digest("b"), digest("c")

@@ -79,7 +79,8 @@ class TestImportBoundary:
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
     @pytest.mark.parametrize(
-        "name", ["keys", "rollup", "dedupe", "records", "state", "wire", "errors", "checkpoint"]
+        "name",
+        ["keys", "rollup", "dedupe", "records", "state", "wire", "errors", "checkpoint", "rewind"],
     )
     def test_pure_core_third_party_imports(self, name: str) -> None:
         """Core modules import only the standard library, msgpack, numpy and each other."""

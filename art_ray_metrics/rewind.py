@@ -1,0 +1,400 @@
+"""Resume from an older step: the pure rewind policy over an :class:`AggregatorState`.
+
+A trainer that restarts from its checkpoint of step ``k`` while the aggregator already closed
+steps after ``k`` would otherwise double-count the re-executed steps. Rewinding to ``k`` puts
+the state back to right after the last close of a step ``<= k`` (SPEC §7 default), so every
+row closed afterwards equals the row of a run that never failed. This module holds the whole
+policy as plain Python (no I/O, Ray or W&B); the actor chooses which objects to read, reads
+and writes them in threads, and persists.
+
+Protocol, per barrier and per rewind::
+
+    key, data, evicted = record_close(state, step, split, new_scenarios, new_cost_ids, window=n)
+    # shell: store ``data`` at ``key`` before the checkpoint; forget ``evicted`` objects
+    plan = plan_rewind(state, k, keep_late=..., window=n)     # None: nothing to discard
+    # shell: read plan.base_key (if any) and plan.keys, decode with decode_record
+    result = apply_rewind(state, plan, base, records, keep_late=...)
+    # shell: append result.tombstones to its tombstone shards; forget result.dropped_keys
+
+Invariants:
+
+- **Exact restore.** After :func:`apply_rewind`, ``state.cum.values`` and
+  ``state.last_closed`` equal those recorded right after the base close (empty without a
+  base), and each ledger lacks exactly the ids that the discarded closes added.
+- **Window.** ``state.meta["rewind"]`` lists ``[step, split, key]`` of the last ``window``
+  closes, oldest first; ``meta["rewind_floor"]`` is the step of the newest close that left it.
+  A target whose base close left the window is refused with :class:`InvalidMetricError`.
+- **Nothing vanishes silently.** Spend that leaves the totals (``costs/cum/all`` of the
+  discarded closes plus ``costs/`` leaves of dropped pending/late buffers) is returned and
+  added to ``meta["rewound"]["costs_usd"]``.
+- **Tombstones.** Removed ids are returned per tombstone family (:data:`TOMBSTONES`) and
+  written as extra checkpoint shards; :func:`net_shards` cancels them against the add shards
+  one for one on restore (an id is added only when absent and removed only when present, so
+  its occurrences alternate: present iff added more often than removed).
+
+Rewind object (one per close, immutable), key ``rewind/<step:12>-<split>-<close:12>.bin``,
+format version 1, a msgpack map in this field order::
+
+    {"format": 1, "step": int >= 0, "split": str, "cum": {key: decimal-str},
+     "last_closed": {scope: int}, "scenarios": bin, "cost_ids": bin}
+
+``cum`` and ``last_closed`` are the state right after that close; ``scenarios`` and
+``cost_ids`` are the 16-byte digests the close added to the ledgers. :func:`decode_record`
+checks every field and raises :class:`WireFormatError`; an unknown version is refused.
+
+Meta fields (in ``state.meta``, set by :func:`ensure_meta`): ``rewind`` (the window),
+``rewind_drop`` (object keys to delete after the next commit), ``rewind_floor``,
+``history_drop`` (``[step, split]`` history rows of discarded steps), ``close_seq`` and
+``rewound`` (``{"rewinds", "steps", "costs_usd"}``). ``apply_rewind`` also removes discarded
+steps from ``meta["last_rows"]`` and ``meta["outbox"]`` when present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .dedupe import DIGEST_SIZE
+from .errors import InvalidMetricError, WireFormatError
+from .rollup import ZERO
+from .state import AggregatorState, StepBuffer
+
+__all__ = [
+    "REWIND_FORMAT",
+    "REWIND_PREFIX",
+    "TOMBSTONES",
+    "RewindPlan",
+    "RewindRecord",
+    "RewindResult",
+    "apply_rewind",
+    "decode_record",
+    "encode_record",
+    "ensure_meta",
+    "net_shards",
+    "plan_rewind",
+    "record_close",
+    "record_key",
+]
+
+REWIND_PREFIX = "rewind/"
+"""Key prefix of the rewind objects."""
+REWIND_FORMAT = 1
+"""Format version of a rewind object."""
+TOMBSTONES = {"scenarios": "scenarios_rewound", "cost_ids": "cost_ids_rewound"}
+"""Shard family of the ids a rewind removed, per ledger family."""
+
+_CUM_ALL = "costs/cum/all"
+_FIELDS = ("format", "step", "split", "cum", "last_closed", "scenarios", "cost_ids")
+
+
+@dataclass(frozen=True, slots=True)
+class RewindRecord:
+    """The state right after one close and the ids that close added."""
+
+    step: int
+    split: str
+    cum: dict[str, Decimal]
+    last_closed: dict[str, int]
+    scenarios: bytes = b""
+    cost_ids: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RewindPlan:
+    """What a rewind discards, computed before the shell reads any object.
+
+    Attributes:
+        step: the target step.
+        first: index in ``meta["rewind"]`` of the first discarded close.
+        base_key: the object of the close to restore (``None``: back to the empty state).
+        keys: the objects of the discarded closes, oldest first.
+        discarded: ``(step, split)`` of the discarded closes.
+        pending_later: pending buffers of steps after the target (dropped).
+    """
+
+    step: int
+    first: int
+    base_key: str | None
+    keys: tuple[str, ...]
+    discarded: frozenset[tuple[int, str]]
+    pending_later: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RewindResult:
+    """What :func:`apply_rewind` changed.
+
+    Attributes:
+        discarded_steps: closed ``(step, split)`` pairs discarded.
+        discarded_buffers: pending and late buffers dropped.
+        costs_usd: spend that left the totals.
+        tombstones: removed ids (concatenated digests) per tombstone shard family.
+        dropped_keys: rewind objects of the discarded closes (unqueue or delete them).
+    """
+
+    discarded_steps: int
+    discarded_buffers: int
+    costs_usd: Decimal
+    tombstones: dict[str, bytes] = field(default_factory=dict)
+    dropped_keys: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        """The plain dict returned by the actor's ``rewind``."""
+        return {
+            "discarded_steps": self.discarded_steps,
+            "discarded_buffers": self.discarded_buffers,
+            "costs_usd": float(self.costs_usd),
+        }
+
+
+# -- the object format -----------------------------------------------------------------------
+
+
+def record_key(step: int, split: str, close_seq: int) -> str:
+    """The object key of one close's rewind record."""
+    return f"{REWIND_PREFIX}{step:012d}-{split}-{close_seq:012d}.bin"
+
+
+def encode_record(record: RewindRecord) -> bytes:
+    """Serialise a record (format version 1)."""
+    out: bytes = msgpack.packb(
+        {
+            "format": REWIND_FORMAT,
+            "step": record.step,
+            "split": record.split,
+            "cum": {k: str(v) for k, v in record.cum.items()},
+            "last_closed": dict(record.last_closed),
+            "scenarios": record.scenarios,
+            "cost_ids": record.cost_ids,
+        },
+        use_bin_type=True,
+    )
+    return out
+
+
+def _digests_field(value: object, name: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) % DIGEST_SIZE:
+        raise WireFormatError(
+            f"Expected {name} as bytes in multiples of {DIGEST_SIZE} but got {value!r:.80}"
+        )
+    return value
+
+
+def decode_record(data: bytes) -> RewindRecord:
+    """Parse and check a rewind object.
+
+    Raises:
+        WireFormatError: malformed, truncated, of an unknown version or with a bad field.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireFormatError(f"Expected bytes but got {type(data).__name__}")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise WireFormatError(f"Malformed rewind record ({len(data)} bytes): {exc}") from exc
+    if not isinstance(obj, dict) or obj.get("format") != REWIND_FORMAT:
+        raise WireFormatError(
+            f"Expected a rewind record (format {REWIND_FORMAT}) but got {bytes(data)[:40]!r}"
+        )
+    if set(obj) != set(_FIELDS):
+        raise WireFormatError(f"Expected rewind record fields {_FIELDS} but got {sorted(obj)!r}")
+    step, split, cum, last_closed = obj["step"], obj["split"], obj["cum"], obj["last_closed"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise WireFormatError(f"Expected step as an int >= 0 but got {step!r}")
+    if not isinstance(split, str) or not split:
+        raise WireFormatError(f"Expected split as a non-empty str but got {split!r}")
+    if not isinstance(cum, dict) or not isinstance(last_closed, dict):
+        raise WireFormatError(f"Expected cum and last_closed as maps but got {cum!r:.80}")
+    values: dict[str, Decimal] = {}
+    for key, value in cum.items():
+        if not isinstance(key, str) or not key:
+            raise WireFormatError(f"Expected cum keys as non-empty str but got {key!r}")
+        try:
+            number = Decimal(value) if isinstance(value, str) else None
+        except InvalidOperation:
+            number = None
+        if number is None or not number.is_finite():
+            raise WireFormatError(f"Expected a decimal string for cum {key!r} but got {value!r}")
+        values[key] = number
+    closed: dict[str, int] = {}
+    for scope, value in last_closed.items():
+        if not isinstance(scope, str) or not scope:
+            raise WireFormatError(f"Expected last_closed scopes as non-empty str but got {scope!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise WireFormatError(f"Expected last_closed[{scope!r}] >= 0 but got {value!r}")
+        closed[scope] = value
+    return RewindRecord(
+        step,
+        split,
+        values,
+        closed,
+        _digests_field(obj["scenarios"], "scenarios"),
+        _digests_field(obj["cost_ids"], "cost_ids"),
+    )
+
+
+# -- tombstones ------------------------------------------------------------------------------
+
+
+def _digests(data: bytes) -> np.ndarray[Any, np.dtype[np.bytes_]]:
+    return np.frombuffer(data, dtype=f"S{DIGEST_SIZE}")
+
+
+def net_shards(shards: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Ledger shards minus their tombstones: an id counts iff added more often than removed.
+
+    Families without tombstones are returned unchanged; the tombstone families stay in the
+    result (the state ignores them).
+    """
+    out = dict(shards)
+    for family, tomb in TOMBSTONES.items():
+        removed = shards.get(tomb, b"")
+        if not removed:
+            continue
+        added, added_n = np.unique(_digests(shards.get(family, b"")), return_counts=True)
+        gone, gone_n = np.unique(_digests(removed), return_counts=True)
+        minus = np.zeros(added.size, dtype=np.int64)
+        if gone.size:
+            idx = np.minimum(np.searchsorted(gone, added), gone.size - 1)
+            hit = gone[idx] == added
+            minus[hit] = gone_n[idx[hit]]
+        out[family] = added[added_n > minus].tobytes()
+    return out
+
+
+# -- the window ------------------------------------------------------------------------------
+
+
+def ensure_meta(meta: dict[str, Any]) -> None:
+    """Add the rewind fields to ``meta`` where missing (a new or an older state)."""
+    meta.setdefault("rewind", [])  # [step, split, object key] per close, oldest first
+    meta.setdefault("rewind_drop", [])  # rewind objects to delete after the next commit
+    meta.setdefault("rewind_floor", -1)  # step of the newest close that left the window
+    meta.setdefault("history_drop", [])  # [step, split] rows of discarded steps
+    meta.setdefault("close_seq", 0)
+    meta.setdefault("rewound", {"rewinds": 0, "steps": 0, "costs_usd": "0"})
+
+
+def record_close(
+    state: AggregatorState,
+    step: int,
+    split: str,
+    scenarios: bytes,
+    cost_ids: bytes,
+    *,
+    window: int,
+) -> tuple[str, bytes, list[str]]:
+    """Record the close of ``(step, split)`` just made and slide the window.
+
+    ``scenarios`` and ``cost_ids`` are the digests that close added to the ledgers. Returns
+    ``(key, object bytes, evicted keys)``; the evicted objects left the window (``window`` >= 1
+    keeps the new one).
+    """
+    meta = state.meta
+    meta["close_seq"] += 1
+    key = record_key(step, split, int(meta["close_seq"]))
+    record = RewindRecord(
+        step, split, dict(state.cum.values), dict(state.last_closed), scenarios, cost_ids
+    )
+    entries: list[list[Any]] = meta["rewind"]
+    entries.append([step, split, key])
+    evicted = []
+    while len(entries) > window:
+        old_step, _old_split, old_key = entries.pop(0)
+        meta["rewind_floor"] = max(int(meta["rewind_floor"]), int(old_step))
+        evicted.append(str(old_key))
+    return key, encode_record(record), evicted
+
+
+def plan_rewind(
+    state: AggregatorState, step: int, *, keep_late: bool, window: int
+) -> RewindPlan | None:
+    """Decide what rewinding to ``step`` discards; ``None`` when there is nothing to discard.
+
+    Raises:
+        InvalidMetricError: rewinding is disabled (``window <= 0``) or the close to restore
+            left the window.
+    """
+    meta = state.meta
+    entries: list[list[Any]] = meta["rewind"]
+    first = next((i for i, r in enumerate(entries) if int(r[0]) > step), None)
+    pending_later = tuple(k for k in state.pending if k[0] > step)
+    if first is None and not pending_later and (keep_late or not state.late):
+        return None
+    first = len(entries) if first is None else first
+    if window <= 0 or (first == 0 and int(meta["rewind_floor"]) >= 0):
+        oldest = entries[0][0] if entries else "none"
+        raise InvalidMetricError(
+            f"Expected a step to rewind to >= {oldest} (the oldest step still restorable "
+            f"with rewind_window={window}) but got {step!r}"
+        )
+    discarded = entries[first:]
+    return RewindPlan(
+        step=step,
+        first=first,
+        base_key=str(entries[first - 1][2]) if first > 0 else None,
+        keys=tuple(str(r[2]) for r in discarded),
+        discarded=frozenset((int(r[0]), str(r[1])) for r in discarded),
+        pending_later=pending_later,
+    )
+
+
+def apply_rewind(
+    state: AggregatorState,
+    plan: RewindPlan,
+    base: RewindRecord | None,
+    records: Sequence[RewindRecord],
+    *,
+    keep_late: bool,
+) -> RewindResult:
+    """Go back to the state right after ``base`` (the empty state without one).
+
+    ``records`` are the decoded objects of ``plan.keys``. Restores cumulative values and last
+    closed steps, removes the ids the discarded closes added, drops pending buffers of later
+    steps (and late buffers unless ``keep_late``: an implicit rewind keeps them for the
+    re-executed step), recomputes the pending paid-response ids and updates the meta fields.
+    """
+    lost = state.cum.values.get(_CUM_ALL, ZERO) - (base.cum.get(_CUM_ALL, ZERO) if base else ZERO)
+    state.cum.values = dict(base.cum) if base else {}
+    state.last_closed = dict(base.last_closed) if base else {}
+    tombstones: dict[str, bytes] = {}
+    removed = b"".join(r.scenarios for r in records)
+    if removed:
+        state.cum.scenarios = state.cum.scenarios.without(removed)
+        tombstones[TOMBSTONES["scenarios"]] = removed
+    removed = b"".join(r.cost_ids for r in records)
+    if removed:
+        state.cum.cost_ids = state.cum.cost_ids.without(removed)
+        tombstones[TOMBSTONES["cost_ids"]] = removed
+    # a barrier may have closed one of them while the records were being read
+    dropped: list[StepBuffer] = [
+        buf for k in plan.pending_later if (buf := state.pending.pop(k, None)) is not None
+    ]
+    if not keep_late:
+        dropped.extend(state.late.values())
+        state.late = {}
+    for buf in dropped:
+        lost += sum((v for k, v in buf.sums.items() if k.startswith("costs/")), ZERO)
+    state.pending_cost_ids = set()
+    for buf in (*state.pending.values(), *state.late.values()):
+        state.pending_cost_ids |= buf.cost_ids
+    meta = state.meta
+    gone = plan.discarded
+    if "last_rows" in meta:
+        meta["last_rows"] = {
+            sp: v for sp, v in meta["last_rows"].items() if (int(v[0]), sp) not in gone
+        }
+    if "outbox" in meta:
+        meta["outbox"] = [e for e in meta["outbox"] if (int(e[0]), str(e[1])) not in gone]
+    meta["history_drop"].extend([st, sp] for st, sp in sorted(gone))
+    meta["rewind"] = meta["rewind"][: plan.first]
+    rewound = meta["rewound"]
+    rewound["rewinds"] += 1
+    rewound["steps"] += len(gone)
+    rewound["costs_usd"] = str(Decimal(rewound["costs_usd"]) + lost)
+    return RewindResult(len(gone), len(dropped), lost, tombstones, plan.keys)
