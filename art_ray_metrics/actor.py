@@ -80,15 +80,17 @@ the last ``rewind_window`` closes are restorable: an older target raises
 ``stats()["health"]["rewind_refused"]`` and folded in as late leaves. ``rewind_window=0``
 disables rewinding.
 
-How it is stored. Every barrier writes one immutable object
-``rewind/<step:12>-<split>-<close:12>.bin`` (msgpack ``{"format": 1, "step", "split",
-"cum": {key: decimal-str}, "last_closed": {scope: step}, "scenarios": digests, "cost_ids":
-digests}``: the cumulative state right after that close and the ids it added), before the
-checkpoint that references it in ``state.meta["rewind"]``; objects leaving the window are
-deleted after the next commit. Bytes per step do not grow with history. Removed ids are written
-as tombstone shards (families ``scenarios_rewound``/``cost_ids_rewound``); on restore an id is
-present iff it occurs more often in the add shards than in the tombstone shards (an id is added
-only when absent and removed only when present, so occurrences alternate).
+The policy itself is pure and lives in :mod:`.rewind` (``record_close``, ``plan_rewind``,
+``apply_rewind``, ``net_shards``); this shell only reads and writes the objects, in threads,
+and persists. How it is stored. Every barrier writes one immutable object
+``rewind/<step:12>-<split>-<close:12>.bin`` (format in :mod:`.rewind`: the cumulative state
+right after that close and the ids it added), before the checkpoint that references it in
+``state.meta["rewind"]``; objects leaving the window are deleted after the next commit. Bytes
+per step do not grow with history. Removed ids are written as tombstone shards (families
+``scenarios_rewound``/``cost_ids_rewound``); on restore an id is present iff it occurs more
+often in the add shards than in the tombstone shards (an id is added only when absent and
+removed only when present, so occurrences alternate). An unreadable rewind object is a
+:class:`~.errors.StorageError` (explicit) or a refused rewind (implicit).
 """
 
 from __future__ import annotations
@@ -98,18 +100,16 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from . import keys as K
+from . import rewind as R
 from .checkpoint import CheckpointManager, CheckpointParts
 from .config import AggregatorConfig
-from .dedupe import DIGEST_SIZE, DigestLedger
 from .errors import (
     ConfigMismatchError,
     FencedError,
@@ -117,19 +117,14 @@ from .errors import (
     StorageError,
     WireFormatError,
 )
-from .rollup import ZERO
+from .rewind import TOMBSTONES, net_shards
 from .sinks import HistoryStore, WandbSink, WandbSinkConfig
-from .state import AggregatorState, StepBuffer, _Window
+from .state import AggregatorState, _Window
 from .storage import open_store
 
 __all__ = ["AggregatorHandle", "MetricsAggregator", "start_aggregator"]
 
 log = logging.getLogger(__name__)
-
-REWIND_PREFIX = "rewind/"
-TOMBSTONES = {"scenarios": "scenarios_rewound", "cost_ids": "cost_ids_rewound"}
-"""Shard family of the ids a rewind removed, per ledger family."""
-_REWIND_FORMAT = 1
 
 CREDENTIAL_ENV = (
     "WANDB_API_KEY",
@@ -170,12 +165,7 @@ class MetricsAggregator:
         meta.setdefault("last_rows", {})
         meta.setdefault("restarts", -1)
         meta["restarts"] += 1
-        meta.setdefault("rewind", [])  # [step, split, object key] per close, oldest first
-        meta.setdefault("rewind_drop", [])  # rewind objects to delete after the next commit
-        meta.setdefault("rewind_floor", -1)  # step of the newest close that left the window
-        meta.setdefault("history_drop", [])  # [step, split] rows of discarded steps
-        meta.setdefault("close_seq", 0)
-        meta.setdefault("rewound", {"rewinds": 0, "steps": 0, "costs_usd": "0"})
+        R.ensure_meta(meta)
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
         self.restarted = meta["restarts"] > 0 or replayed > 0
@@ -202,6 +192,7 @@ class MetricsAggregator:
         self.wal_lock: asyncio.Lock | None = None
         self.persist_lock: asyncio.Lock | None = None
         self.last_train_barrier = time.monotonic()
+        self.gpus: dict[str, int] | None = None
         self.wandb = self._make_wandb()
 
     # -- start-up ---------------------------------------------------------------------------
@@ -224,7 +215,7 @@ class MetricsAggregator:
         if loaded is None:
             return AggregatorState(), 0
         state = (
-            AggregatorState.from_checkpoint(loaded.state, _net_shards(loaded.shards))
+            AggregatorState.from_checkpoint(loaded.state, net_shards(loaded.shards))
             if loaded.committed
             else AggregatorState()
         )
@@ -393,7 +384,11 @@ class MetricsAggregator:
         report = self.state.close_step(step, split, metrics)  # raises InvalidMetricError
         if self.config.rewind_window > 0:
             added = [ledger.journal_bytes()[n:] for ledger, n in zip(ledgers, before, strict=True)]
-            self._record_close(step, split, added[0], added[1])
+            key, data, evicted = R.record_close(
+                self.state, step, split, added[0], added[1], window=self.config.rewind_window
+            )
+            self.rewind_queue[key] = data
+            self._forget_rewind_objects(evicted)
         if split == "train":
             self.last_train_barrier = time.monotonic()
         row = report.row
@@ -412,39 +407,21 @@ class MetricsAggregator:
 
     # -- resume from an older step ----------------------------------------------------------
 
-    def _record_close(self, step: int, split: str, scenarios: bytes, cost_ids: bytes) -> None:
-        """Queue the rewind object of one close and slide the window."""
-        meta = self.state.meta
-        meta["close_seq"] += 1
-        key = f"{REWIND_PREFIX}{step:012d}-{split}-{meta['close_seq']:012d}.bin"
-        record = {
-            "format": _REWIND_FORMAT,
-            "step": step,
-            "split": split,
-            "cum": {k: str(v) for k, v in self.state.cum.values.items()},
-            "last_closed": dict(self.state.last_closed),
-            "scenarios": scenarios,
-            "cost_ids": cost_ids,
-        }
-        self.rewind_queue[key] = msgpack.packb(record, use_bin_type=True)
-        window: list[list[Any]] = meta["rewind"]
-        window.append([step, split, key])
-        while len(window) > self.config.rewind_window:
-            old_step, _old_split, old_key = window.pop(0)
-            meta["rewind_floor"] = max(int(meta["rewind_floor"]), int(old_step))
-            if self.rewind_queue.pop(old_key, None) is None:
-                meta["rewind_drop"].append(old_key)
+    def _forget_rewind_objects(self, keys: Iterable[str]) -> None:
+        """Unqueue rewind objects not written yet; delete the others after the next commit."""
+        for key in keys:
+            if self.rewind_queue.pop(key, None) is None:
+                self.state.meta["rewind_drop"].append(key)
 
-    def _read_rewind(self, key: str) -> dict[str, Any]:
+    def _read_rewind(self, key: str) -> R.RewindRecord:
+        """One rewind object, from the queue or the store (runs in a thread)."""
         data = self.rewind_queue.get(key)
         if data is None:
             data = self.store.get(key)
-        record = msgpack.unpackb(data, raw=False)
-        if not isinstance(record, dict) or record.get("format") != _REWIND_FORMAT:
-            raise StorageError(
-                f"Expected a rewind record (format 1) at {key!r} but got {data[:40]!r}"
-            )
-        return record
+        try:
+            return R.decode_record(data)
+        except WireFormatError as exc:
+            raise StorageError(f"Unreadable rewind object at {key!r}: {exc}") from exc
 
     async def _implicit_rewind(self, step: int, split: str) -> None:
         try:
@@ -468,88 +445,53 @@ class MetricsAggregator:
 
     async def _rewind(self, step: int, *, keep_late: bool) -> dict[str, Any]:
         """Go back to the state right after the last close of a step <= ``step``."""
-        meta = self.state.meta
-        window: list[list[Any]] = meta["rewind"]
-        first = next((i for i, r in enumerate(window) if int(r[0]) > step), None)
-        pending_later = [k for k in self.state.pending if k[0] > step]
-        if first is None and not pending_later and (keep_late or not self.state.late):
+        plan = R.plan_rewind(
+            self.state, step, keep_late=keep_late, window=self.config.rewind_window
+        )  # raises InvalidMetricError
+        if plan is None:
             return {"discarded_steps": 0}
-        first = len(window) if first is None else first
-        if self.config.rewind_window <= 0 or (first == 0 and int(meta["rewind_floor"]) >= 0):
-            oldest = window[0][0] if window else "none"
-            raise InvalidMetricError(
-                f"Expected a step to rewind to >= {oldest} (the oldest step still restorable "
-                f"with rewind_window={self.config.rewind_window}) but got {step!r}"
-            )
-        discarded = window[first:]
-        base_key = window[first - 1][2] if first > 0 else None
-        keys = [r[2] for r in discarded]
-        loaded = await asyncio.to_thread(
-            lambda: [self._read_rewind(k) for k in ([base_key] if base_key else []) + keys]
-        )
-        base = loaded[0] if base_key else None
-        records = loaded[1:] if base_key else loaded
+        names = ([plan.base_key] if plan.base_key else []) + list(plan.keys)
+        loaded = await asyncio.to_thread(lambda: [self._read_rewind(k) for k in names])
+        base = loaded[0] if plan.base_key else None
+        records = loaded[1:] if plan.base_key else loaded
         # -- from here on no await: the state changes in one synchronous stretch
-        state = self.state
-        cum_all = "costs/cum/all"
-        lost = state.cum.values.get(cum_all, ZERO) - (
-            Decimal(base["cum"].get(cum_all, "0")) if base else ZERO
-        )
-        state.cum.values = {str(k): Decimal(v) for k, v in base["cum"].items()} if base else {}
-        state.last_closed = {str(k): int(v) for k, v in base["last_closed"].items()} if base else {}
-        for family, ledger_attr in (("scenarios", "scenarios"), ("cost_ids", "cost_ids")):
-            removed = b"".join(bytes(r[family]) for r in records)
-            if removed:
-                ledger: DigestLedger = getattr(state.cum, ledger_attr)
-                setattr(state.cum, ledger_attr, _without(ledger, removed))
-                self.tombstones[TOMBSTONES[family]] += removed
-        dropped: list[StepBuffer] = [state.pending.pop(k) for k in pending_later]
-        if not keep_late:
-            dropped.extend(state.late.values())
-            state.late = {}
-        for buf in dropped:
-            lost += sum((v for k, v in buf.sums.items() if k.startswith("costs/")), ZERO)
-        state.pending_cost_ids = set()
-        for buf in (*state.pending.values(), *state.late.values()):
-            state.pending_cost_ids |= buf.cost_ids
-        gone = {(int(r[0]), str(r[1])) for r in discarded}
-        meta["last_rows"] = {
-            sp: v for sp, v in meta["last_rows"].items() if (int(v[0]), sp) not in gone
-        }
-        meta["outbox"] = [e for e in meta["outbox"] if (int(e[0]), str(e[1])) not in gone]
-        meta["history_drop"].extend([st, sp] for st, sp in sorted(gone))
-        for key in keys:
-            if self.rewind_queue.pop(key, None) is None:
-                meta["rewind_drop"].append(key)
-        meta["rewind"] = window[:first]
-        rewound = meta["rewound"]
-        rewound["rewinds"] += 1
-        rewound["steps"] += len(gone)
-        rewound["costs_usd"] = str(Decimal(rewound["costs_usd"]) + lost)
+        result = R.apply_rewind(self.state, plan, base, records, keep_late=keep_late)
+        for family, removed in result.tombstones.items():
+            self.tombstones[family] += removed
+        self._forget_rewind_objects(result.dropped_keys)
         log.warning(
             "art_ray_metrics: rewound to step %s: discarded %d closed steps and %d pending "
             "buffers (%s USD of their spend leaves the totals)",
             step,
-            len(gone),
-            len(dropped),
-            lost,
+            result.discarded_steps,
+            result.discarded_buffers,
+            result.costs_usd,
         )
-        return {
-            "discarded_steps": len(gone),
-            "discarded_buffers": len(dropped),
-            "costs_usd": float(lost),
-        }
+        return result.summary()
 
     def _gpu_cost(self, wall_s: float) -> float | None:
+        """``costs/gpu`` for ``wall_s`` seconds of the configured (or detected) GPUs."""
         cfg = self.config
-        if not cfg.gpu_count or not cfg.gpu_type:
+        if not cfg.gpu_type:
             return None
-        from .gpu import gpu_cost_usd
+        if self.gpus is None:  # resolved once: the cluster's GPUs do not change per step
+            from .gpu import detect_gpus
 
-        overrides = (
-            {cfg.gpu_type: cfg.gpu_hourly_usd} if cfg.gpu_hourly_usd and cfg.gpu_type else None
-        )
-        cost = gpu_cost_usd(wall_s, cfg.gpu_type, cfg.gpu_count, overrides=overrides)
+            detected = detect_gpus() if cfg.gpu_count is None else {}
+            if cfg.gpu_type == "auto":
+                self.gpus = detected
+            else:
+                count = cfg.gpu_count if cfg.gpu_count is not None else sum(detected.values())
+                self.gpus = {cfg.gpu_type: count} if count else {}
+            if not self.gpus:
+                log.warning("art_ray_metrics: gpu_type=%r but no GPUs to charge", cfg.gpu_type)
+        if not self.gpus:
+            return None
+        from .gpu import gpus_cost_usd
+
+        price = cfg.gpu_hourly_usd
+        overrides = {t: price for t in self.gpus} if price is not None else None
+        cost = gpus_cost_usd(wall_s, self.gpus, overrides)
         return float(cost) if cost is not None else None
 
     async def _wait_for(
@@ -718,35 +660,6 @@ class MetricsAggregator:
 def _history_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     skip = {"step", "split", "recorded_at"}
     return {k: float(v) for k, v in record.items() if k not in skip}
-
-
-def _digests(data: bytes) -> np.ndarray[Any, np.dtype[np.bytes_]]:
-    return np.frombuffer(data, dtype=f"S{DIGEST_SIZE}")
-
-
-def _without(ledger: DigestLedger, removed: bytes) -> DigestLedger:
-    """A ledger of ``ledger``'s digests minus ``removed`` (its journal starts empty)."""
-    kept = _digests(ledger.to_bytes())
-    kept = kept[~np.isin(kept, _digests(removed))]
-    return DigestLedger.from_bytes(kept.tobytes())
-
-
-def _net_shards(shards: Mapping[str, bytes]) -> dict[str, bytes]:
-    """Ledger shards minus their tombstones: an id counts iff added more often than removed."""
-    out = dict(shards)
-    for family, tomb in TOMBSTONES.items():
-        removed = shards.get(tomb, b"")
-        if not removed:
-            continue
-        added, added_n = np.unique(_digests(shards.get(family, b"")), return_counts=True)
-        gone, gone_n = np.unique(_digests(removed), return_counts=True)
-        minus = np.zeros(added.size, dtype=np.int64)
-        if gone.size:
-            idx = np.minimum(np.searchsorted(gone, added), gone.size - 1)
-            hit = gone[idx] == added
-            minus[hit] = gone_n[idx[hit]]
-        out[family] = added[added_n > minus].tobytes()
-    return out
 
 
 def _node_id() -> str | None:

@@ -68,8 +68,14 @@ class AggregatorConfig(BaseModel):
     actor_resources: dict[str, float] | None = Field(
         None, description="Custom Ray resources the actor requires (to pin it to node types)."
     )
-    gpu_type: str | None = Field(None, description="GPU type for costs/gpu (e.g. 'H100').")
-    gpu_count: int | None = Field(None, ge=0)
+    gpu_type: str | None = Field(
+        None,
+        description="GPU type for costs/gpu ('H100', ...), or 'auto' to read GPU types and "
+        "counts from Ray's cluster resources; None: no GPU cost.",
+    )
+    gpu_count: int | None = Field(
+        None, ge=0, description="GPUs charged; None: the count Ray reports for the cluster."
+    )
     gpu_hourly_usd: float | None = Field(None, ge=0, description="Override of the price table.")
 
     @field_validator("name", "namespace", "run_name")
