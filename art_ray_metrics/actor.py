@@ -157,7 +157,11 @@ class MetricsAggregator:
         self.store = open_store(
             self.config.storage_uri or "", timeout_s=self.config.storage_timeout_s
         )
-        self.ckpt = CheckpointManager(self.store, retention=self.config.checkpoint_retention)
+        self.ckpt = CheckpointManager(
+            self.store,
+            retention=self.config.checkpoint_retention,
+            prune_every=self.config.checkpoint_prune_every,
+        )
         self.history = HistoryStore(self.store)
         self.state, replayed = self._restore()
         meta = self.state.meta

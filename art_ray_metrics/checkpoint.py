@@ -76,7 +76,9 @@ Retention. After a successful commit the manager keeps the last ``retention`` ma
 chain and every object they reference, deletes every other manifest, state and shard object of
 its own or an older epoch (never a newer writer's), and deletes WAL records covered by the
 oldest retained manifest, so a fallback to any retained manifest still finds its WAL. Pruning
-failures are logged, not raised. All writers of one URI should use the same ``retention``.
+lists the store, so it runs after every ``prune_every``-th commit (default 1): in between, older
+objects linger a little longer, which costs storage, never correctness. Pruning failures are
+logged, not raised. All writers of one URI should use the same ``retention``.
 """
 
 from __future__ import annotations
@@ -400,11 +402,22 @@ class CheckpointManager:
         ConfigError: ``retention`` or ``shard_fanout`` out of range.
     """
 
-    def __init__(self, store: ObjectStore, *, retention: int = 3, shard_fanout: int = 8) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        retention: int = 3,
+        shard_fanout: int = 8,
+        prune_every: int = 1,
+    ) -> None:
         if isinstance(retention, bool) or not isinstance(retention, int) or retention < 1:
             raise errors.ConfigError(f"Expected retention >= 1 but got {retention!r}")
         if isinstance(shard_fanout, bool) or not isinstance(shard_fanout, int) or shard_fanout < 2:
             raise errors.ConfigError(f"Expected shard_fanout >= 2 but got {shard_fanout!r}")
+        if isinstance(prune_every, bool) or not isinstance(prune_every, int) or prune_every < 1:
+            raise errors.ConfigError(f"Expected prune_every >= 1 but got {prune_every!r}")
+        self._prune_every = prune_every
+        self._commits_unpruned = 0
         self._store = store
         self._retention = retention
         self._fanout = shard_fanout
@@ -762,7 +775,10 @@ class CheckpointManager:
             written[0] += len(pointer_bytes)
             written[1] += 1
             self._retained = [manifest, *self._retained][: self._retention]
-            self._prune()
+            self._commits_unpruned += 1
+            if self._commits_unpruned >= self._prune_every:  # listing costs requests: batch it
+                self._commits_unpruned = 0
+                self._prune()
             return CommitInfo(
                 epoch=epoch,
                 seq=seq,

@@ -48,6 +48,9 @@ class AggregatorConfig(BaseModel):
         30.0, gt=0, description="Checkpoint on this timer too (always at every barrier)."
     )
     checkpoint_retention: int = Field(3, ge=1)
+    checkpoint_prune_every: int = Field(
+        4, ge=1, description="Delete unreferenced checkpoint objects every N commits (lists cost)."
+    )
     rewind_window: int = Field(
         64,
         ge=0,

@@ -45,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from art_ray_metrics.checkpoint import CheckpointManager, CheckpointParts
+from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.dedupe import DigestLedger
 from art_ray_metrics.state import AggregatorState
 from art_ray_metrics.storage import ObjectStore, open_store
@@ -69,7 +70,12 @@ def _base_state(n: int, store: ObjectStore) -> tuple[AggregatorState, Checkpoint
     state = AggregatorState()
     state.cum.scenarios = DigestLedger.from_bytes(_random_digests(n))
     state.cum.scenarios._journal.append(np.frombuffer(state.cum.scenarios.to_bytes(), "S16"))
-    ckpt = CheckpointManager(store, retention=3)
+    defaults = AggregatorConfig()  # the aggregator's own checkpoint settings
+    ckpt = CheckpointManager(
+        store,
+        retention=defaults.checkpoint_retention,
+        prune_every=defaults.checkpoint_prune_every,
+    )
     ckpt.acquire()
     blob, shards, token = state.checkpoint_parts()
     ckpt.commit(CheckpointParts(blob, shards))

@@ -743,3 +743,25 @@ class TestRealBackends:
         assert len(real_store.list("manifests/")) == 2
         stored = {k for k in real_store.list() if not k.startswith(("wal/", POINTER_KEY))}
         assert stored == manifest_refs(real_store)
+
+
+class TestPruneEvery:
+    def test_pruning_runs_every_nth_commit(self) -> None:
+        """With prune_every=3 old blobs linger for two commits and go on the third."""
+        store = InMemoryStore()
+        manager = CheckpointManager(store, retention=1, prune_every=3)
+        assert manager.acquire() is None
+        counts = []
+        for i in range(6):
+            manager.commit(CheckpointParts(f"state-{i}".encode(), {"s": b"x" * 16}))
+            counts.append(len(store.list("manifests/")))
+        assert counts == [1, 2, 1, 2, 3, 1]
+        loaded = CheckpointManager(store).load_latest()
+        assert loaded is not None
+        assert loaded.state == b"state-5"
+        assert loaded.shards["s"] == b"x" * 16 * 6
+
+    def test_prune_every_must_be_positive(self) -> None:
+        """A bad prune_every is a ConfigError."""
+        with pytest.raises(errors.ConfigError, match="prune_every"):
+            CheckpointManager(InMemoryStore(), prune_every=0)
