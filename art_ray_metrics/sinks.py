@@ -412,6 +412,16 @@ def _needs_own_definition(key: str) -> bool:
     return not any(key.startswith(glob[:-1]) for glob in WANDB_GLOBS)
 
 
+def _offline_run_dir(run: Any) -> Path | None:
+    """The directory of an offline run's ``.wandb`` file, or None (online, or unknown)."""
+    try:
+        if getattr(run, "offline", False):
+            return Path(run.dir).parent
+    except Exception:  # a run object without these attributes: nothing to wait for
+        return None
+    return None
+
+
 class WandbSink:
     """The single W&B writer; logs rows on a ``training_step`` axis and never raises.
 
@@ -455,6 +465,7 @@ class WandbSink:
         self._init_thread: threading.Thread | None = None
         self._finishing: threading.Thread | None = None
         self._closed = False
+        self._finished_ok = False
 
     # -- state ---------------------------------------------------------------------------
 
@@ -677,6 +688,7 @@ class WandbSink:
     def _finish_run(self, run: Any, exit_code: int) -> None:
         try:
             run.finish(exit_code=exit_code)
+            self._finished_ok = True
         except Exception as exc:  # BrokenPipeError among others (wandb#6449)
             with self._lock:
                 self._fail("finish", exc)
@@ -701,6 +713,9 @@ class WandbSink:
                     )
             if run is None:
                 return
+            run_dir = _offline_run_dir(run)
+            started = self._clock()
+            self._finished_ok = False
             finisher = threading.Thread(
                 target=self._finish_run, args=(run, exit_code), name="wandb-finish", daemon=True
             )
@@ -710,5 +725,13 @@ class WandbSink:
                 self._fail(
                     "finish", TimeoutError(f"finish exceeded {self.config.finish_timeout_s}s")
                 )
+            elif run_dir is not None and self._finished_ok:
+                # finish() returns before W&B's service has written the run file; an actor
+                # killed right after close() would lose its tail, so wait for the exit record
+                from .wandb_offline import wait_for_exit_record
+
+                left = max(0.5, self.config.finish_timeout_s - (self._clock() - started))
+                if not wait_for_exit_record(run_dir, timeout_s=left):
+                    self._fail("finish", TimeoutError("the offline run file has no exit record"))
         except Exception as exc:
             self._fail("close", exc)
