@@ -16,8 +16,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ConfigError
-
 __all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "AggregatorConfig", "ClientConfig"]
 
 DEFAULT_NAME = "art_ray_metrics"
@@ -127,10 +125,3 @@ class ClientConfig(BaseModel):
     )
     lookup_timeout_s: float = Field(60.0, gt=0, description="Give up finding the actor after.")
     flush_timeout_s: float = Field(60.0, gt=0, description="An explicit flush waits this long.")
-
-
-def check_config(config: object) -> AggregatorConfig:
-    """Return ``config`` as an AggregatorConfig or raise :class:`ConfigError`."""
-    if not isinstance(config, AggregatorConfig):
-        raise ConfigError(f"Expected an AggregatorConfig but got {config!r}")
-    return config

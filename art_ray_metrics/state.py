@@ -271,11 +271,6 @@ class AggregatorState:
 
     # -- ingest ---------------------------------------------------------------------------
 
-    def is_duplicate(self, producer_id: str, seq: int) -> bool:
-        """True if this ``(producer_id, seq)`` was already applied."""
-        window = self.producers.get(producer_id)
-        return window is not None and window.seen(seq)
-
     def ingest(self, batch: LeafBatch) -> IngestResult:
         """Apply a batch once; a repeated ``(producer_id, seq)`` is acknowledged, not applied."""
         window = self.producers.get(batch.producer_id)
