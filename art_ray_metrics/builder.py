@@ -35,11 +35,11 @@ from typing import Any
 from . import _active
 from . import keys as K
 from .dedupe import DigestLedger, digest
-from .errors import InvalidMetricError
+from .errors import InvalidMetricError, MetricConflictError
 from .instrument import ApiCostMixin
 from .pricing import PricingRegistry
 from .records import KeyedCost
-from .rollup import EXACT, ZERO, exact_sum, to_decimal
+from .rollup import exact_sum, to_decimal
 from .state import CumulativeState, StepBuffer, close_buffer
 
 __all__ = ["LeafRecorder", "MetricsBuilder", "PendingLeaves"]
@@ -61,41 +61,85 @@ def _scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
 class PendingLeaves:
     """The unclosed leaves of one ``(step, scope)`` of one producer.
 
-    A key is registered in :attr:`buffer` the first time it is seen (so a leaf/ancestor
-    conflict raises at the call, as in ART); its values are kept raw and summed exactly, each
-    distinct value converted once, when the step is closed or shipped (:meth:`to_buffer`).
-    Costs keyed by a response id and scenario digests go straight into :attr:`buffer`.
+    One dict, :attr:`slots`, holds the pending leaves and their proper ancestors below the
+    section: a leaf maps to its raw value (a number, or a ``list`` of them once it is written
+    again), an ancestor maps to one leaf under it (a ``str``). Every ancestor's own ancestors
+    are registered with it, so a new key whose parent is known costs two probes, and a
+    leaf/ancestor conflict raises at the call, as in ART. Values are summed exactly, each
+    distinct value converted once, when the step is closed or shipped (:meth:`sums`).
     """
 
-    __slots__ = ("buffer", "keyed", "leaves", "raw")
+    __slots__ = ("cost_ids", "keyed", "leaves", "scenarios", "slots")
 
     def __init__(self) -> None:
-        self.buffer = StepBuffer()
-        self.raw: dict[str, list[Number]] = {}
-        self.keyed: list[KeyedCost] = []
+        self.slots: dict[str, Any] = {}
+        self.scenarios: set[bytes] = set()
+        self.keyed: list[KeyedCost] = []  # producer side: applied once per id by the actor
+        self.cost_ids: set[bytes] = set()  # in-process: response ids already applied here
         self.leaves = 0
 
     def record(self, key: str, value: Number) -> None:
-        """Add a validated value to ``key``; raises MetricConflictError on a clash."""
-        values = self.raw.get(key)
-        if values is None:
-            self.buffer.add(key, ZERO)  # registers the key; raises on a conflict
-            values = self.raw[key] = []
-        values.append(value)
+        """Add a validated value to ``key``.
+
+        Raises:
+            MetricConflictError: ``key`` is an ancestor or a descendant of a pending leaf;
+                nothing is changed.
+        """
+        slots = self.slots
+        held = slots.get(key)
+        if held is None:
+            section_end = key.find("/")
+            cut = key.rfind("/")
+            if cut != section_end:
+                parent = key[:cut]
+                above = slots.get(parent)
+                if above.__class__ is not str:
+                    # the parent is not a known ancestor: walk up to one, or to the section
+                    new = []
+                    while above is None:
+                        new.append(parent)
+                        cut = key.rfind("/", 0, cut)
+                        if cut == section_end:
+                            break
+                        parent = key[:cut]
+                        above = slots.get(parent)
+                    if above is not None and above.__class__ is not str:
+                        raise MetricConflictError(
+                            f"Cannot log {key!r} as a leaf: {parent!r} is already a leaf ancestor"
+                        )
+                    for parent in new:  # known ancestors' own ancestors are known too
+                        slots[parent] = key
+            slots[key] = value
+        else:
+            kind = held.__class__
+            if kind is list:
+                held.append(value)
+            elif kind is str:
+                raise MetricConflictError(
+                    f"Cannot log {key!r} as a leaf: it is an ancestor of {held!r}"
+                )
+            else:
+                slots[key] = [held, value]
         self.leaves += 1
 
     def sums(self) -> dict[str, Decimal]:
         """The exact per-key sums so far (the raw values stay)."""
-        sums = dict(self.buffer.sums)
-        for key, values in self.raw.items():
-            sums[key] = EXACT.add(sums[key], exact_sum(values))
+        sums = {}
+        for key, held in self.slots.items():
+            kind = held.__class__
+            if kind is list:
+                sums[key] = exact_sum(held)
+            elif kind is not str:
+                sums[key] = to_decimal(held)
         return sums
 
     def to_buffer(self) -> StepBuffer:
-        """The exact step buffer (consumes this object)."""
-        buf = self.buffer
+        """The exact step buffer of these leaves (consumes this object)."""
+        buf = StepBuffer()
         buf.sums = self.sums()
-        self.raw = {}
+        buf.scenarios = self.scenarios
+        buf.cost_ids = self.cost_ids
+        self.slots = {}
         return buf
 
 
@@ -261,20 +305,21 @@ class MetricsBuilder(LeafRecorder):
         return pending
 
     def _record(self, key: str, value: Number) -> None:
-        self._pending().record(key, value)
+        pending = self._shared.buffers.get(self._buffer_scope)
+        (pending or self._pending()).record(key, value)
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
-        self._pending().buffer.scenarios.update(digests)
+        self._pending().scenarios.update(digests)
 
     def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
         d = digest(response_id)
         if d in self._shared.cum.cost_ids or any(
-            d in p.buffer.cost_ids for p in self._shared.buffers.values()
+            d in p.cost_ids for p in self._shared.buffers.values()
         ):
             return
-        buf = self._pending().buffer
-        buf.add(key, value)
-        buf.cost_ids.add(d)
+        pending = self._pending()
+        pending.record(key, value)
+        pending.cost_ids.add(d)
 
     def _pricing(self) -> PricingRegistry:
         return self._shared.pricing

@@ -128,7 +128,7 @@ class MetricsClient:
         """Add scenario digests."""
         with self._lock:
             slot = self._slot(step, scope)
-            slot.buffer.scenarios.update(digests)
+            slot.scenarios.update(digests)
             slot.leaves += len(digests)
             self._pending_leaves += len(digests)
 
@@ -167,7 +167,7 @@ class MetricsClient:
                     scope,
                     p.sums(),
                     tuple(p.keyed),
-                    b"".join(sorted(p.buffer.scenarios)),
+                    b"".join(sorted(p.scenarios)),
                 )
                 for (step, scope), p in sorted(self._pending.items())
             )

@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+from decimal import Decimal
 from typing import ClassVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from art_ray_metrics import InvalidMetricError, MetricConflictError, MetricsBuilder, track_api_cost
+from art_ray_metrics.builder import PendingLeaves
+from art_ray_metrics.state import StepBuffer
 
 
 def _flush(b: MetricsBuilder) -> dict[str, float]:
@@ -252,3 +257,45 @@ class TestState:
             m.add_data(scenario_ids=["s3"])
         assert _flush(a) == _flush(b)
         assert b.state_dict()["cum_state_exact"]["costs/cum/all"] == "0.4"
+
+
+_SEGMENTS = st.sampled_from(["a", "b", "c"])
+_KEYS = st.builds(
+    lambda section, rest: "/".join([section, *rest]),
+    st.sampled_from(["costs", "reward"]),
+    st.lists(_SEGMENTS, min_size=1, max_size=4),
+)
+
+
+class TestPendingLeaves:
+    """The one-dict pending buffer raises and sums exactly as the strict StepBuffer does."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(_KEYS, st.integers(0, 9)), max_size=40))
+    def test_same_conflicts_and_sums_as_step_buffer(self, writes: list[tuple[str, int]]) -> None:
+        pending, reference = PendingLeaves(), StepBuffer()
+        for key, value in writes:
+            expected = got = None
+            try:
+                reference.add(key, Decimal(value))
+            except MetricConflictError as exc:
+                expected = str(exc)
+            try:
+                pending.record(key, value)
+            except MetricConflictError as exc:
+                got = str(exc)
+            assert got == expected
+        assert pending.sums() == reference.sums
+
+    def test_a_rejected_key_registers_nothing(self) -> None:
+        """A conflict leaves no ancestor behind: the parent can still become a leaf."""
+        pending = PendingLeaves()
+        pending.record("costs/train/judge", 0.25)
+        with pytest.raises(MetricConflictError, match="'costs/train/judge' is already a leaf"):
+            pending.record("costs/train/judge/new/deep", 1.0)
+        assert set(pending.slots) == {"costs/train", "costs/train/judge"}
+        pending.record("costs/train/other/deep", 0.5)
+        assert pending.sums() == {
+            "costs/train/judge": Decimal("0.25"),
+            "costs/train/other/deep": Decimal("0.5"),
+        }

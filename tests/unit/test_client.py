@@ -42,7 +42,7 @@ class TestWorkerBuilder:
         assert [(k.key, k.value, k.response_id) for k in slot.keyed] == [
             ("costs/train/judge", Decimal("0.0002"), "openai:r-1")
         ]
-        assert slot.buffer.scenarios == {digest("a"), digest("b")}
+        assert slot.scenarios == {digest("a"), digest("b")}
         assert client._pending[(3, "eval")].sums() == {"costs/eval/judge": Decimal("0.5")}
 
     def test_batch_round_trips_through_the_wire(self, client: MetricsClient) -> None:
