@@ -69,14 +69,13 @@ class PendingLeaves:
     distinct value converted once, when the step is closed or shipped (:meth:`sums`).
     """
 
-    __slots__ = ("cost_ids", "keyed", "leaves", "scenarios", "slots")
+    __slots__ = ("cost_ids", "keyed", "scenarios", "slots")
 
     def __init__(self) -> None:
         self.slots: dict[str, Any] = {}
         self.scenarios: set[bytes] = set()
         self.keyed: list[KeyedCost] = []  # producer side: applied once per id by the actor
         self.cost_ids: set[bytes] = set()  # in-process: response ids already applied here
-        self.leaves = 0
 
     def record(self, key: str, value: Number) -> None:
         """Add a validated value to ``key``.
@@ -120,7 +119,6 @@ class PendingLeaves:
                 )
             else:
                 slots[key] = [held, value]
-        self.leaves += 1
 
     def sums(self) -> dict[str, Decimal]:
         """The exact per-key sums so far (the raw values stay)."""

@@ -38,9 +38,10 @@ from decimal import Decimal
 from typing import Any
 
 from . import keys as K
-from .builder import LeafRecorder, Number, PendingLeaves
+from .builder import _COST_KEYS, LeafRecorder, Number, PendingLeaves
 from .config import ClientConfig
 from .errors import AggregatorUnavailableError, InvalidMetricError, WireFormatError
+from .keys import _VALID_KEYS
 from .pricing import PricingRegistry
 from .records import KeyedCost, LeafBatch, StepGroup
 from .wire import encode_batch
@@ -83,6 +84,7 @@ class MetricsClient:
         self._lock = threading.RLock()
         self._pending: dict[tuple[int, str], PendingLeaves] = {}
         self._pending_leaves = 0
+        self._max_batch_leaves = self.config.max_batch_leaves
         self._seq = 0
         self._retained: dict[int, bytes] = {}
         self._inflight: dict[Any, int] = {}  # ObjectRef -> seq
@@ -120,7 +122,7 @@ class MetricsClient:
             slot = self._pending.get((step, scope)) or self._slot(step, scope)
             slot.record(key, value)
             self._pending_leaves += 1
-            full = self._pending_leaves >= self.config.max_batch_leaves
+            full = self._pending_leaves >= self._max_batch_leaves
         if full:
             self.ship()
 
@@ -129,7 +131,6 @@ class MetricsClient:
         with self._lock:
             slot = self._slot(step, scope)
             slot.scenarios.update(digests)
-            slot.leaves += len(digests)
             self._pending_leaves += len(digests)
 
     def record_keyed_cost(self, step: int, scope: str, key: str, value: Decimal, rid: str) -> None:
@@ -137,7 +138,6 @@ class MetricsClient:
         with self._lock:
             slot = self._slot(step, scope)
             slot.keyed.append(KeyedCost(key, value, rid))
-            slot.leaves += 1
             self._pending_leaves += 1
 
     def touch(self, step: int, scope: str) -> None:
@@ -383,10 +383,50 @@ class WorkerBuilder(LeafRecorder):
         self.step = step
         self.cost_context = cost_context.strip()
         self.scope = scope
+        self._slot_key = (step, scope)
         client.touch(step, scope)
 
-    def _record(self, key: str, value: Number) -> None:
-        self.client.record(self.step, self.scope, key, value)
+    # -- the hot path: one frame for a repeated cost or metric (validation inlined) ---------
+
+    def add_metric(self, key: str, value: float) -> None:
+        """Add ``value`` to leaf ``key`` of this step (repeated writes are summed)."""
+        kind = type(value)
+        if (
+            (kind is float or kind is int)
+            and type(key) is str
+            and key in _VALID_KEYS
+            and value - value == 0  # finite
+            and (value >= 0 or not key.startswith("costs/"))
+        ):
+            self._put(key, value)
+        else:
+            super().add_metric(key, value)  # validates, raising with the key and value
+
+    def add_cost(self, path: str, usd: float) -> None:
+        """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
+        key = _COST_KEYS.get(path) if type(path) is str else None
+        if key is not None and type(usd) is float and usd - usd == 0 and usd >= 0:
+            self._put(key, usd)
+        else:
+            super().add_cost(path, usd)
+
+    def _put(self, key: str, value: Number) -> None:
+        """Record a validated leaf into this step's pending slot (ship when the batch is full)."""
+        client = self.client
+        with client._lock:
+            slot = client._pending.get(self._slot_key)
+            if slot is None:
+                slot = client._slot(self.step, self.scope)
+            held = slot.slots.get(key)
+            if held.__class__ is list:
+                held.append(value)
+            else:
+                slot.record(key, value)  # new key, second value, or a conflict (raises)
+            pending = client._pending_leaves = client._pending_leaves + 1
+        if pending >= client._max_batch_leaves:
+            client.ship()
+
+    _record = _put
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
         self.client.record_scenarios(self.step, self.scope, digests)

@@ -179,7 +179,7 @@ class Producer:
         }
 
     def add_cost_cost(self, step: int, calls: int) -> dict[str, float]:
-        """µs per ``add_cost`` on a connected builder (shipping every 2,000 leaves included)."""
+        """µs per ``add_cost`` on a connected builder (shipping included, as configured)."""
         b = art_ray_metrics.connect(step, name=self.name, namespace=self.namespace)
         paths = [
             "train/llm_judge/correctness",
