@@ -407,10 +407,10 @@ def _per_call(fn: Any, n: int, repeats: int = 5) -> float:
 def hot_spots(bench: Bench, n: int) -> list[list[str]]:
     """µs per call of each layer a worker-side leaf goes through (driver process, real client)."""
     from art_ray_metrics import keys as K
+    from art_ray_metrics.builder import PendingLeaves
     from art_ray_metrics.client import WorkerBuilder
     from art_ray_metrics.dedupe import digest
     from art_ray_metrics.rollup import to_decimal
-    from art_ray_metrics.state import StepBuffer
 
     bench.step += 1
     step = bench.step
@@ -419,9 +419,9 @@ def hot_spots(bench: Bench, n: int) -> list[list[str]]:
     b = WorkerBuilder(client, step, "train", "train")
     paths = ["train/llm_judge/correctness", "train/tinker_inference"]
     keys = [f"costs/{p}" for p in paths]
-    buf = StepBuffer()
-    buf.add(keys[0], _D001)
-    buf.add(keys[1], _D001)
+    pending = PendingLeaves()
+    pending.record(keys[0], _D001)
+    pending.record(keys[1], _D001)
     values = [0.0012 + i * 1e-7 for i in range(n)]
     rows: list[list[Any]] = [
         [
@@ -448,10 +448,13 @@ def hot_spots(bench: Bench, n: int) -> list[list[str]]:
             _per_call(lambda i: b.add_data(1, 812, [f"s-{i}"]), n // 4),
         ],
         [
-            "`MetricsClient.record` (lock, slot, `StepBuffer.add`, ship check)",
+            "`MetricsClient.record` (lock, slot, `PendingLeaves.record`, ship check)",
             _per_call(lambda i: client.record(step, "train", keys[i & 1], _D001), n),
         ],
-        ["`StepBuffer.add` (existing key)", _per_call(lambda i: buf.add(keys[i & 1], _D001), n)],
+        [
+            "`PendingLeaves.record` (existing key)",
+            _per_call(lambda i: pending.record(keys[i & 1], _D001), n),
+        ],
         ["`keys.validate_key` (cached)", _per_call(lambda i: K.validate_key(keys[i & 1]), n)],
         [
             "`keys.check_value` (float)",
