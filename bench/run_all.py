@@ -154,6 +154,7 @@ def main() -> None:
     command = "python bench/run_all.py" + (" --quick" if args.quick else "")
     if args.only:
         command += " --only " + " ".join(args.only)
+    machine = machine_info()  # before the scripts write their tracked result files
     t0 = time.perf_counter()
     sections, failed = [], []
     for name in scripts:
@@ -171,7 +172,7 @@ def main() -> None:
         "",
         f"Command: `{command}` (from the repository root; total {total:.0f} s)",
         "",
-        *machine_info(),
+        *machine,
     ]
     if failed:
         header += ["", f"**Failed scripts: {', '.join(failed)}.**"]
