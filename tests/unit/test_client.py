@@ -78,6 +78,45 @@ class TestWorkerBuilder:
             call(b)  # type: ignore[operator]
         assert client._pending[(0, "train")].sums() == {}
 
+    @pytest.mark.parametrize(
+        ("call", "match"),
+        [
+            (lambda b: b.add_cost("train/hot", -0.5), "non-negative"),
+            (lambda b: b.add_cost("train/hot", -1), "non-negative"),
+            (lambda b: b.add_cost("train/hot", float("inf")), "finite"),
+            (lambda b: b.add_cost("train/hot", "0.1"), "'0.1'"),
+            (lambda b: b.add_metric("costs/train/hot", -0.5), "non-negative"),
+            (lambda b: b.add_metric("costs/train/hot", Decimal("-1")), "non-negative"),
+            (lambda b: b.add_metric("reward/hot", float("-inf")), "finite"),
+            (lambda b: b.add_metric("reward/hot", False), "finite"),
+            (lambda b: b.add_metric("reward/hot", None), "None"),
+        ],
+        ids=[
+            "neg-float",
+            "neg-int",
+            "inf",
+            "str",
+            "neg-metric",
+            "neg-decimal",
+            "-inf",
+            "bool",
+            "none",
+        ],
+    )
+    def test_hot_path_still_validates(
+        self, client: MetricsClient, call: object, match: str
+    ) -> None:
+        """Once a key is known (its validation cached), bad values still raise; nothing lands."""
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_cost("train/hot", 0.25)
+        b.add_metric("reward/hot", -2.0)  # negative is fine outside costs/
+        with pytest.raises(InvalidMetricError, match=match):
+            call(b)  # type: ignore[operator]
+        assert client._pending[(0, "train")].sums() == {
+            "costs/train/hot": Decimal("0.25"),
+            "reward/hot": Decimal("-2"),
+        }
+
     def test_conflict_within_one_producer_raises(self, client: MetricsClient) -> None:
         """A producer's own leaf/ancestor clash raises, as in ART."""
         b = WorkerBuilder(client, 0, "train", "train")
