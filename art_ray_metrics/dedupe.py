@@ -1,13 +1,20 @@
 """Exact distinct counting of scenario ids (and paid response ids) in 16 bytes per id.
 
 OpenPipe ART keeps every scenario id as a Python ``str`` in a ``set`` (about 128 bytes per id).
-We keep a **128-bit BLAKE2b digest** of ``str(id)`` in one sorted NumPy array of ``S16``:
+We keep a **128-bit BLAKE2b digest** of ``str(id)``, in sorted NumPy runs of two ``uint64``
+columns (the digest's big-endian halves: searches compare machine words, not byte strings):
 
 - **Exact for every practical run.** Two different ids count as one only if their 128-bit
   digests collide. By the birthday bound the chance of any collision among ``n`` ids is at most
   ``n² / 2¹²⁹``: 1.5e-21 at 1e9 ids and 1.5e-15 at 4e13 ids. The same id always has the same
   digest, so it never counts twice, whichever worker, step, retry or restart sends it.
-- **16 bytes per id** resident (the array) and serialised (raw digests, no framing).
+- **16 bytes per id** resident and serialised (raw digests, no framing).
+- **Cheap to grow at any size.** Digests live in disjoint sorted *runs*. A barrier's new
+  digests become a new run; the newest runs are merged while they are of similar size, but never
+  into a run of more than :data:`RUN_CAP` digests. So each digest is copied O(log) times, a
+  barrier never copies the whole history, and a merge needs at most ``2 × RUN_CAP × 16`` bytes
+  (32 MiB) of scratch, at 1 million ids as at 1 billion. A lookup searches each run: a few
+  dozen binary searches at 10 million ids.
 - **Incremental.** Digests added since the last checkpoint are kept in a journal; a checkpoint
   writes only those (:meth:`DigestLedger.journal_bytes`) and acknowledges them by position
   (:meth:`DigestLedger.drop_journal`), so a failed checkpoint loses nothing.
@@ -38,8 +45,10 @@ from .errors import WireFormatError
 __all__ = ["DIGEST_SIZE", "DigestLedger", "digest", "split_digests"]
 
 DIGEST_SIZE = 16
-_DTYPE = np.dtype(f"S{DIGEST_SIZE}")
-_Array = npt.NDArray[np.bytes_]
+_BE = np.dtype(">u8")
+_U64 = npt.NDArray[np.uint64]
+RUN_CAP = 1 << 20
+"""Runs are never merged beyond this many digests (16 MiB)."""
 
 
 def digest(value: object) -> bytes:
@@ -60,45 +69,126 @@ def split_digests(data: bytes) -> list[bytes]:
     return [data[i : i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
 
 
-def _sorted_unique(arr: _Array) -> _Array:
-    if arr.size == 0:
-        return arr
-    arr = np.sort(arr)
-    keep = np.empty(arr.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(arr[1:], arr[:-1], out=keep[1:])
-    return arr[keep]
+class _Run:
+    """Digests sorted and unique, as two native ``uint64`` columns: the big-endian high and low
+    halves, so numeric ``(hi, lo)`` order is the digests' byte order and searches compare
+    machine words."""
 
+    __slots__ = ("hi", "lo")
 
-class DigestLedger:
-    """A run-wide exact set of 16-byte digests with an incremental journal."""
+    def __init__(self, hi: _U64, lo: _U64) -> None:
+        self.hi = hi
+        self.lo = lo
 
-    __slots__ = ("_journal", "_sorted")
-
-    def __init__(self) -> None:
-        self._sorted: _Array = np.empty(0, dtype=_DTYPE)
-        self._journal: list[_Array] = []
-
-    def __len__(self) -> int:
-        return int(self._sorted.size)
-
-    def __contains__(self, item: object) -> bool:
-        if not isinstance(item, bytes) or len(item) != DIGEST_SIZE or self._sorted.size == 0:
-            return False
-        i = int(np.searchsorted(self._sorted, np.array(item, dtype=_DTYPE)))
-        return i < self._sorted.size and bytes(self._sorted[i]).ljust(DIGEST_SIZE, b"\0") == item
+    @property
+    def size(self) -> int:
+        return int(self.hi.size)
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes of the digest array (the journal holds slices of new digests)."""
-        return int(self._sorted.nbytes) + sum(int(a.nbytes) for a in self._journal)
+        return int(self.hi.nbytes + self.lo.nbytes)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> _Run:
+        """Sorted unique run of concatenated digests (any order, repeats allowed)."""
+        pairs = np.frombuffer(data, dtype=_BE).reshape(-1, 2)
+        hi, lo = pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
+        order = np.lexsort((lo, hi))
+        hi, lo = hi[order], lo[order]
+        if hi.size > 1:
+            keep = np.empty(hi.size, dtype=bool)
+            keep[0] = True
+            np.not_equal(hi[1:], hi[:-1], out=keep[1:])
+            keep[1:] |= lo[1:] != lo[:-1]
+            hi, lo = hi[keep], lo[keep]
+        return cls(hi, lo)
+
+    def to_bytes(self) -> bytes:
+        pairs = np.empty((self.size, 2), dtype=_BE)
+        pairs[:, 0] = self.hi
+        pairs[:, 1] = self.lo
+        return pairs.tobytes()
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> _Run:
+        return _Run(self.hi[mask], self.lo[mask])
+
+    def locate(self, other: _Run) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """For each digest of ``other``: its insertion index here, and whether it is here."""
+        hi, lo = self.hi, self.lo
+        if hi.size == 0:
+            return np.zeros(other.size, dtype=np.intp), np.zeros(other.size, dtype=bool)
+        pos = np.searchsorted(hi, other.hi)
+        inside = pos < hi.size
+        same_hi = np.zeros(other.size, dtype=bool)
+        same_hi[inside] = hi[pos[inside]] == other.hi[inside]
+        found = same_hi.copy()
+        found[same_hi] = lo[pos[same_hi]] == other.lo[same_hi]
+        # equal high halves and a smaller low half: walk the (vanishingly rare) equal-hi block
+        for k in np.flatnonzero(same_hi & ~found & (lo[np.minimum(pos, hi.size - 1)] < other.lo)):
+            h, low, i = other.hi[k], other.lo[k], int(pos[k])
+            while i < hi.size and hi[i] == h and lo[i] < low:
+                i += 1
+            pos[k] = i
+            found[k] = i < hi.size and hi[i] == h and lo[i] == low
+        return pos, found
+
+
+def _merged(a: _Run, b: _Run) -> _Run:
+    """One run of two disjoint runs (the larger is copied once)."""
+    if a.size < b.size:
+        a, b = b, a
+    pos, _ = a.locate(b)
+    return _Run(np.insert(a.hi, pos, b.hi), np.insert(a.lo, pos, b.lo))
+
+
+class DigestLedger:
+    """A run-wide exact set of 16-byte digests with an incremental journal.
+
+    ``run_cap`` bounds the size of a merged run (tests use small values).
+    """
+
+    __slots__ = ("_journal", "_run_cap", "_runs", "_size")
+
+    def __init__(self, run_cap: int = RUN_CAP) -> None:
+        self._runs: list[_Run] = []  # disjoint
+        self._size = 0
+        self._run_cap = run_cap
+        self._journal: list[bytes] = []
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, bytes) or len(item) != DIGEST_SIZE:
+            return False
+        hi, lo = int.from_bytes(item[:8], "big"), int.from_bytes(item[8:], "big")
+        key = np.uint64(hi)
+        for run in self._runs:
+            i = int(np.searchsorted(run.hi, key))
+            while i < run.size and int(run.hi[i]) == hi:
+                if int(run.lo[i]) == lo:
+                    return True
+                i += 1
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: the runs plus the journal of digests not yet checkpointed."""
+        return sum(run.nbytes for run in self._runs) + sum(len(j) for j in self._journal)
+
+    @property
+    def runs(self) -> int:
+        """How many sorted runs hold the digests."""
+        return len(self._runs)
 
     def add_many(self, digests: Iterable[bytes]) -> int:
         """Add digests; return how many were new."""
-        items = list(digests)
-        if not items:
-            return 0
-        return self._merge(np.array(items, dtype=_DTYPE))
+        data = b"".join(digests)
+        if len(data) % DIGEST_SIZE:
+            raise WireFormatError(
+                f"Expected {DIGEST_SIZE}-byte digests but got {len(data)} bytes in all"
+            )
+        return self._merge(_Run.from_bytes(data)) if data else 0
 
     def add_bytes(self, data: bytes) -> int:
         """Add concatenated digests (the serialised form); return how many were new."""
@@ -106,35 +196,49 @@ class DigestLedger:
             raise WireFormatError(
                 f"Expected a multiple of {DIGEST_SIZE} bytes of digests but got {len(data)} bytes"
             )
-        if not data:
-            return 0
-        return self._merge(np.frombuffer(data, dtype=_DTYPE).copy())
+        return self._merge(_Run.from_bytes(data)) if data else 0
 
-    def _merge(self, arr: _Array) -> int:
-        new = _sorted_unique(arr)
-        base = self._sorted
-        if base.size:
-            idx = np.searchsorted(base, new)
-            found = np.zeros(new.size, dtype=bool)
-            inside = idx < base.size
-            found[inside] = base[idx[inside]] == new[inside]
-            new, idx = new[~found], idx[~found]
+    def _merge(self, new: _Run) -> int:
+        for run in self._runs:
             if new.size == 0:
                 return 0
-            self._sorted = np.insert(base, idx, new)
-        else:
-            self._sorted = new
-        self._journal.append(new)
-        return int(new.size)
+            _, found = run.locate(new)
+            if found.any():
+                new = new.select(~found)
+        if new.size == 0:
+            return 0
+        self._journal.append(new.to_bytes())
+        self._size += new.size
+        runs = self._runs
+        runs.append(new)
+        # merge the newest runs while they are of similar size, up to the cap
+        while (
+            len(runs) >= 2
+            and runs[-2].size <= 2 * runs[-1].size
+            and runs[-2].size + runs[-1].size <= self._run_cap
+        ):
+            last = runs.pop()
+            runs[-1] = _merged(runs[-1], last)
+        return new.size
 
     def to_bytes(self) -> bytes:
-        """Serialise every digest (sorted, 16 bytes each)."""
-        return self._sorted.tobytes()
+        """Serialise every digest (sorted, 16 bytes each: equal sets give equal bytes)."""
+        if not self._runs:
+            return b""
+        if len(self._runs) == 1:
+            return self._runs[0].to_bytes()
+        hi = np.concatenate([r.hi for r in self._runs])
+        lo = np.concatenate([r.lo for r in self._runs])
+        order = np.lexsort((lo, hi))
+        return _Run(hi[order], lo[order]).to_bytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> DigestLedger:
-        """Rebuild from serialised digests (any order, repeats allowed); the journal starts empty."""
-        ledger = cls()
+    def from_bytes(cls, data: bytes, run_cap: int = RUN_CAP) -> DigestLedger:
+        """Rebuild from serialised digests (any order, repeats allowed); the journal starts empty.
+
+        The digests form one run, however large (later runs never merge into it).
+        """
+        ledger = cls(run_cap)
         ledger.add_bytes(data)
         ledger._journal.clear()
         return ledger
@@ -150,9 +254,13 @@ class DigestLedger:
                 f"Expected a multiple of {DIGEST_SIZE} bytes of digests but got "
                 f"{len(removed)} bytes"
             )
-        ledger = DigestLedger()
-        gone = np.frombuffer(removed, dtype=_DTYPE)
-        ledger._sorted = self._sorted[~np.isin(self._sorted, gone)] if gone.size else self._sorted
+        ledger = DigestLedger(self._run_cap)
+        gone = _Run.from_bytes(removed)
+        runs = self._runs
+        if gone.size:
+            runs = [run.select(~gone.locate(run)[1]) for run in runs]
+        ledger._runs = [run for run in runs if run.size]
+        ledger._size = sum(run.size for run in ledger._runs)
         return ledger
 
     def journal_position(self) -> int:
@@ -161,8 +269,7 @@ class DigestLedger:
 
     def journal_bytes(self, upto: int | None = None) -> bytes:
         """The digests added since the last :meth:`drop_journal`, as serialised bytes."""
-        parts = self._journal if upto is None else self._journal[:upto]
-        return b"".join(a.tobytes() for a in parts)
+        return b"".join(self._journal if upto is None else self._journal[:upto])
 
     def drop_journal(self, upto: int) -> None:
         """Forget journal entries ``[:upto]`` once a checkpoint holding them is committed."""

@@ -69,7 +69,7 @@ def _base_state(n: int, store: ObjectStore) -> tuple[AggregatorState, Checkpoint
     """A state holding ``n`` ids, committed once (the history), with a fresh writer epoch."""
     state = AggregatorState()
     state.cum.scenarios = DigestLedger.from_bytes(_random_digests(n))
-    state.cum.scenarios._journal.append(np.frombuffer(state.cum.scenarios.to_bytes(), "S16"))
+    state.cum.scenarios._journal.append(state.cum.scenarios.to_bytes())
     defaults = AggregatorConfig()  # the aggregator's own checkpoint settings
     ckpt = CheckpointManager(
         store,
