@@ -113,7 +113,8 @@ class _Run:
         return _Run(self.hi[mask], self.lo[mask])
 
     def locate(self, other: _Run) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
-        """For each digest of ``other``: its insertion index here, and whether it is here."""
+        """For each digest of ``other`` (in any order): its insertion index here, and whether
+        it is here."""
         hi, lo = self.hi, self.lo
         if hi.size == 0:
             return np.zeros(other.size, dtype=np.intp), np.zeros(other.size, dtype=bool)
@@ -163,13 +164,27 @@ class DigestLedger:
             return False
         hi, lo = int.from_bytes(item[:8], "big"), int.from_bytes(item[8:], "big")
         key = np.uint64(hi)
-        for run in self._runs:
+        for run in self._runs:  # scalar searches: cheaper than array set-up for one digest
             i = int(np.searchsorted(run.hi, key))
             while i < run.size and int(run.hi[i]) == hi:
                 if int(run.lo[i]) == lo:
                     return True
                 i += 1
         return False
+
+    def contains_many(self, digests: list[bytes]) -> list[bool]:
+        """Membership of each 16-byte digest, in order (one vectorised search per run)."""
+        if not digests or not self._runs:
+            return [False] * len(digests)
+        data = b"".join(digests)
+        if len(data) != DIGEST_SIZE * len(digests):
+            raise WireFormatError(f"Expected {DIGEST_SIZE}-byte digests")
+        pairs = np.frombuffer(data, dtype=_BE).reshape(-1, 2)
+        probe = _Run(pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64))
+        found = np.zeros(len(digests), dtype=bool)
+        for run in self._runs:
+            found |= run.locate(probe)[1]
+        return [bool(f) for f in found]
 
     @property
     def nbytes(self) -> int:

@@ -315,9 +315,11 @@ class AggregatorState:
     def _apply(self, buf: StepBuffer, group: StepGroup) -> None:
         for key, value in group.sums.items():
             buf.add(key, value, strict=False)
-        for cost in group.keyed_costs:
-            d = digest(cost.response_id)
-            if d in self.pending_cost_ids or d in self.cum.cost_ids:
+        costs = group.keyed_costs
+        ids = [digest(cost.response_id) for cost in costs]
+        applied = self.cum.cost_ids.contains_many(ids) if costs else []
+        for cost, d, seen in zip(costs, ids, applied, strict=True):
+            if seen or d in self.pending_cost_ids:
                 self.counters["duplicate_costs"] += 1
                 continue
             self.pending_cost_ids.add(d)

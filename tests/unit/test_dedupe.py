@@ -31,6 +31,8 @@ class TestLedgerIsASet:
         assert ledger.to_bytes() == _bytes_of(seen)
         for i in range(0, 301, 7):
             assert (digest(i) in ledger) is (i in seen)
+        probe = [3, 250, 3, 0, 299, 17]
+        assert ledger.contains_many([digest(i) for i in probe]) == [i in seen for i in probe]
         assert ledger.nbytes >= len(seen) * DIGEST_SIZE
 
     @settings(max_examples=100, deadline=None)
@@ -91,9 +93,12 @@ class TestEqualHighHalves:
             assert ledger.add_many(_crafted(*d) for d in batch) == len(new)
             seen |= new
         assert ledger.to_bytes() == b"".join(_crafted(*d) for d in sorted(seen))
-        for hi in (0, 1, 2**63, 2**64 - 1):
-            for lo in range(7):
-                assert (_crafted(hi, lo) in ledger) is ((hi, lo) in seen)
+        probes = [(hi, lo) for hi in (0, 1, 2**63, 2**64 - 1) for lo in range(7)]
+        for d in probes:
+            assert (_crafted(*d) in ledger) is (d in seen)
+        assert ledger.contains_many([_crafted(*d) for d in reversed(probes)]) == [
+            d in seen for d in reversed(probes)
+        ]
         rest = ledger.without(b"".join(_crafted(*d) for d in removed))
         assert rest.to_bytes() == b"".join(_crafted(*d) for d in sorted(seen - removed))
 
