@@ -167,8 +167,9 @@ class MetricsAggregator:
         meta = self.state.meta
         meta.setdefault("outbox", [])
         meta.setdefault("last_rows", {})
-        meta.setdefault("restarts", -1)
-        meta["restarts"] += 1
+        # every start claims the next writer epoch, durably, before anything else: so epoch - 1
+        # counts the restarts even when an instance died before its first checkpoint
+        meta["restarts"] = max(meta.get("restarts", -1) + 1, self.ckpt.epoch - 1)
         R.ensure_meta(meta)
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")

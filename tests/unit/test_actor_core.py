@@ -43,3 +43,16 @@ class TestGpuCost:
         """gpu_type='auto' with no Ray GPUs detected: no cost, no error."""
         assert _actor(gpu_type="auto")._gpu_cost(3600.0) is None
         assert _actor()._gpu_cost(3600.0) is None
+
+
+class TestRestarts:
+    def test_counted_even_when_an_instance_dies_before_its_first_checkpoint(self) -> None:
+        """Each start claims a writer epoch at once, so uncheckpointed starts still count."""
+        cfg = AggregatorConfig(
+            storage_uri=f"memory://{uuid.uuid4().hex}", wandb_mode="disabled"
+        ).model_dump_json()
+        first = MetricsAggregator(cfg)
+        assert first.state.meta["restarts"] == 0
+        asyncio.run(first.log(0))  # a checkpoint holding restarts == 0
+        for expected in (1, 2, 3):  # each instance replaced before it checkpoints
+            assert MetricsAggregator(cfg).state.meta["restarts"] == expected
