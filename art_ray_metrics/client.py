@@ -12,9 +12,10 @@ Guarantees:
 
 - **Exactly once.** Every batch has ``(producer_id, seq)``; the actor applies each once, so the
   client can resend freely (after an error, a timeout or an actor restart).
-- **Bounded memory.** Pending leaves are pre-aggregated (memory grows with distinct keys, not
-  with calls), in-flight calls are capped, retained batches are capped (beyond the cap the
-  oldest is dropped *and counted*: only when the actor has been unreachable for that long).
+- **Bounded memory.** Raw values wait at most until the next ship (``max_batch_leaves`` of
+  them); batches carry one exact sum per distinct key. In-flight calls are capped, retained
+  batches are capped (beyond the cap the oldest is dropped *and counted*: only when the actor
+  has been unreachable for that long).
 - **No lost errors.** Every call's result is reaped; failures are counted, logged once per
   kind, and resent under the same sequence number.
 - **Flush means durable.** ``flush()`` returns after the actor acknowledged every batch of
