@@ -10,11 +10,10 @@ columns (the digest's big-endian halves: searches compare machine words, not byt
   digest, so it never counts twice, whichever worker, step, retry or restart sends it.
 - **16 bytes per id** resident and serialised (raw digests, no framing).
 - **Cheap to grow at any size.** Digests live in disjoint sorted *runs*. A barrier's new
-  digests become a new run; the newest runs are merged while they are of similar size, but never
-  into a run of more than :data:`RUN_CAP` digests. So each digest is copied O(log) times, a
-  barrier never copies the whole history, and a merge needs at most ``2 × RUN_CAP × 16`` bytes
-  (32 MiB) of scratch, at 1 million ids as at 1 billion. A lookup searches each run: a few
-  dozen binary searches at 10 million ids.
+  digests become a new run; runs of similar size are merged, but never into a run of more than
+  ``max(RUN_CAP, len / RUN_SHARE)`` digests. So each digest is copied
+  O(log) times, a barrier never copies the whole history, a merge needs at most 32 MiB or
+  1/8 of the ledger's bytes of scratch, and a lookup searches a few dozen runs at any size.
 - **Incremental.** Digests added since the last checkpoint are kept in a journal; a checkpoint
   writes only those (:meth:`DigestLedger.journal_bytes`) and acknowledges them by position
   (:meth:`DigestLedger.drop_journal`), so a failed checkpoint loses nothing.
@@ -48,7 +47,8 @@ DIGEST_SIZE = 16
 _BE = np.dtype(">u8")
 _U64 = npt.NDArray[np.uint64]
 RUN_CAP = 1 << 20
-"""Runs are never merged beyond this many digests (16 MiB)."""
+"""Runs are never merged beyond this many digests (16 MiB), or a ``1 / RUN_SHARE`` share."""
+RUN_SHARE = 16
 
 
 def digest(value: object) -> bytes:
@@ -145,7 +145,8 @@ def _merged(a: _Run, b: _Run) -> _Run:
 class DigestLedger:
     """A run-wide exact set of 16-byte digests with an incremental journal.
 
-    ``run_cap`` bounds the size of a merged run (tests use small values).
+    ``run_cap`` bounds the size of a merged run below ``RUN_SHARE × run_cap`` digests (tests
+    use small values).
     """
 
     __slots__ = ("_journal", "_run_cap", "_runs", "_size")
@@ -224,17 +225,34 @@ class DigestLedger:
             return 0
         self._journal.append(new.to_bytes())
         self._size += new.size
-        runs = self._runs
-        runs.append(new)
-        # merge the newest runs while they are of similar size, up to the cap
-        while (
-            len(runs) >= 2
-            and runs[-2].size <= 2 * runs[-1].size
-            and runs[-2].size + runs[-1].size <= self._run_cap
-        ):
-            last = runs.pop()
-            runs[-1] = _merged(runs[-1], last)
+        self._runs.append(new)
+        self._compact()
         return new.size
+
+    def _compact(self) -> None:
+        """Merge two runs of the same size class (sizes within 2×) while the result fits the
+        cap. The cap grows with the ledger, so runs that filled an earlier cap merge again
+        later: the number of runs stays bounded (about ``2 × RUN_SHARE`` full runs plus one
+        per size class below), and each merge moves its digests up at least one size class, so a
+        digest is copied at most log2(len) times."""
+        runs = self._runs
+        cap = max(self._run_cap, self._size // RUN_SHARE)
+        while True:
+            smallest: dict[int, int] = {}  # size class -> index of its smallest run
+            pair = None
+            for i in sorted(range(len(runs)), key=lambda k: runs[k].size):
+                size_class = runs[i].size.bit_length()
+                j = smallest.get(size_class)
+                if j is None:
+                    smallest[size_class] = i
+                elif runs[i].size + runs[j].size <= cap:
+                    pair = (j, i)
+                    break
+            if pair is None:
+                return
+            j, i = pair
+            merged = _merged(runs[j], runs[i])
+            self._runs = runs = [r for k, r in enumerate(runs) if k not in pair] + [merged]
 
     def to_bytes(self) -> bytes:
         """Serialise every digest (sorted, 16 bytes each: equal sets give equal bytes)."""

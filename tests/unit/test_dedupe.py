@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from art_ray_metrics.dedupe import DIGEST_SIZE, DigestLedger, digest
+from art_ray_metrics.dedupe import DIGEST_SIZE, RUN_SHARE, DigestLedger, digest
 from art_ray_metrics.errors import WireFormatError
 
 _IDS = st.lists(st.lists(st.integers(0, 300), max_size=40), max_size=30)
@@ -115,6 +115,19 @@ class TestRuns:
         assert max(sizes) <= 1_000
         # full runs (> cap / 2) plus a short tail of geometrically shrinking ones
         assert ledger.runs <= len(ledger) // 500 + 12
+        every = ledger.to_bytes()
+        assert len({every[i : i + 16] for i in range(0, len(every), 16)}) == len(ledger)
+
+    def test_the_cap_grows_with_the_ledger_so_run_count_stays_bounded(self) -> None:
+        """Past RUN_SHARE × run_cap ids, runs may hold 1/RUN_SHARE of the ledger: the number of
+        runs (binary searches per barrier) stops growing with the ledger."""
+        ledger = DigestLedger(run_cap=16)
+        rng = np.random.default_rng(8)
+        for _ in range(400):
+            ledger.add_bytes(rng.bytes(DIGEST_SIZE * 25))
+        assert len(ledger) == 400 * 25
+        assert max(r.size for r in ledger._runs) <= len(ledger) // RUN_SHARE
+        assert ledger.runs <= 2 * RUN_SHARE + 12  # with the fixed cap of 16 it would be ~600
         every = ledger.to_bytes()
         assert len({every[i : i + 16] for i in range(0, len(every), 16)}) == len(ledger)
 
