@@ -47,8 +47,9 @@ DIGEST_SIZE = 16
 _BE = np.dtype(">u8")
 _U64 = npt.NDArray[np.uint64]
 RUN_CAP = 1 << 20
-"""Runs are never merged beyond this many digests (16 MiB), or a ``1 / RUN_SHARE`` share."""
+"""A merged run holds at most ``max(RUN_CAP, len(ledger) // RUN_SHARE)`` digests."""
 RUN_SHARE = 16
+"""Past ``RUN_SHARE × RUN_CAP`` digests, runs may hold this share of the ledger (see above)."""
 
 
 def digest(value: object) -> bytes:
@@ -145,8 +146,7 @@ def _merged(a: _Run, b: _Run) -> _Run:
 class DigestLedger:
     """A run-wide exact set of 16-byte digests with an incremental journal.
 
-    ``run_cap`` bounds the size of a merged run below ``RUN_SHARE × run_cap`` digests (tests
-    use small values).
+    ``run_cap`` replaces :data:`RUN_CAP` as the floor of the merge cap (tests use small values).
     """
 
     __slots__ = ("_journal", "_run_cap", "_runs", "_size")
