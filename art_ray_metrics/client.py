@@ -118,13 +118,19 @@ class MetricsClient:
         return slot
 
     def record(self, step: int, scope: str, key: str, value: Number) -> None:
-        """Add a validated leaf (conflicts with unshipped leaves of the step raise)."""
+        """Add a validated leaf (conflicts with unshipped leaves of the step raise); ship when
+        the batch is full. The worker's hot path: a repeated key is one list append."""
         with self._lock:
-            slot = self._pending.get((step, scope)) or self._slot(step, scope)
-            slot.record(key, value)
-            self._pending_leaves += 1
-            full = self._pending_leaves >= self._max_batch_leaves
-        if full:
+            slot = self._pending.get((step, scope))
+            if slot is None:
+                slot = self._slot(step, scope)
+            held = slot.slots.get(key)
+            if held.__class__ is list:
+                held.append(value)
+            else:
+                slot.record(key, value)  # new key, second value, or a conflict (raises)
+            pending = self._pending_leaves = self._pending_leaves + 1
+        if pending >= self._max_batch_leaves:
             self.ship()
 
     def record_scenarios(self, step: int, scope: str, digests: list[bytes]) -> None:
@@ -384,10 +390,9 @@ class WorkerBuilder(LeafRecorder):
         self.step = step
         self.cost_context = cost_context.strip()
         self.scope = scope
-        self._slot_key = (step, scope)
         client.touch(step, scope)
 
-    # -- the hot path: one frame for a repeated cost or metric (validation inlined) ---------
+    # -- the hot path: validation inlined, then MetricsClient.record -----------------------
 
     def add_metric(self, key: str, value: float) -> None:
         """Add ``value`` to leaf ``key`` of this step (repeated writes are summed)."""
@@ -399,7 +404,7 @@ class WorkerBuilder(LeafRecorder):
             and value - value == 0  # finite
             and (value >= 0 or not key.startswith("costs/"))
         ):
-            self._put(key, value)
+            self.client.record(self.step, self.scope, key, value)
         else:
             super().add_metric(key, value)  # validates, raising with the key and value
 
@@ -407,27 +412,12 @@ class WorkerBuilder(LeafRecorder):
         """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
         key = _COST_KEYS.get(path) if type(path) is str else None
         if key is not None and type(usd) is float and usd - usd == 0 and usd >= 0:
-            self._put(key, usd)
+            self.client.record(self.step, self.scope, key, usd)
         else:
             super().add_cost(path, usd)
 
-    def _put(self, key: str, value: Number) -> None:
-        """Record a validated leaf into this step's pending slot (ship when the batch is full)."""
-        client = self.client
-        with client._lock:
-            slot = client._pending.get(self._slot_key)
-            if slot is None:
-                slot = client._slot(self.step, self.scope)
-            held = slot.slots.get(key)
-            if held.__class__ is list:
-                held.append(value)
-            else:
-                slot.record(key, value)  # new key, second value, or a conflict (raises)
-            pending = client._pending_leaves = client._pending_leaves + 1
-        if pending >= client._max_batch_leaves:
-            client.ship()
-
-    _record = _put
+    def _record(self, key: str, value: Number) -> None:
+        self.client.record(self.step, self.scope, key, value)
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
         self.client.record_scenarios(self.step, self.scope, digests)
