@@ -61,12 +61,16 @@ def digest(value: object) -> bytes:
     return hashlib.blake2b(str(value).encode("utf-8"), digest_size=DIGEST_SIZE).digest()
 
 
-def split_digests(data: bytes) -> list[bytes]:
-    """Split concatenated digests; raise :class:`WireFormatError` on a ragged length."""
+def _check_length(data: bytes) -> None:
     if len(data) % DIGEST_SIZE:
         raise WireFormatError(
             f"Expected a multiple of {DIGEST_SIZE} bytes of digests but got {len(data)} bytes"
         )
+
+
+def split_digests(data: bytes) -> list[bytes]:
+    """Split concatenated digests; raise :class:`WireFormatError` on a ragged length."""
+    _check_length(data)
     return [data[i : i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
 
 
@@ -90,10 +94,16 @@ class _Run:
         return int(self.hi.nbytes + self.lo.nbytes)
 
     @classmethod
+    def unsorted(cls, data: bytes) -> _Run:
+        """Concatenated digests as columns, in their order (a probe for :meth:`locate`)."""
+        pairs = np.frombuffer(data, dtype=_BE).reshape(-1, 2)
+        return cls(pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64))
+
+    @classmethod
     def from_bytes(cls, data: bytes) -> _Run:
         """Sorted unique run of concatenated digests (any order, repeats allowed)."""
-        pairs = np.frombuffer(data, dtype=_BE).reshape(-1, 2)
-        hi, lo = pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
+        probe = cls.unsorted(data)
+        hi, lo = probe.hi, probe.lo
         order = np.lexsort((lo, hi))
         hi, lo = hi[order], lo[order]
         if hi.size > 1:
@@ -180,8 +190,7 @@ class DigestLedger:
         data = b"".join(digests)
         if len(data) != DIGEST_SIZE * len(digests):
             raise WireFormatError(f"Expected {DIGEST_SIZE}-byte digests")
-        pairs = np.frombuffer(data, dtype=_BE).reshape(-1, 2)
-        probe = _Run(pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64))
+        probe = _Run.unsorted(data)
         found = np.zeros(len(digests), dtype=bool)
         for run in self._runs:
             found |= run.locate(probe)[1]
@@ -199,19 +208,11 @@ class DigestLedger:
 
     def add_many(self, digests: Iterable[bytes]) -> int:
         """Add digests; return how many were new."""
-        data = b"".join(digests)
-        if len(data) % DIGEST_SIZE:
-            raise WireFormatError(
-                f"Expected {DIGEST_SIZE}-byte digests but got {len(data)} bytes in all"
-            )
-        return self._merge(_Run.from_bytes(data)) if data else 0
+        return self.add_bytes(b"".join(digests))
 
     def add_bytes(self, data: bytes) -> int:
         """Add concatenated digests (the serialised form); return how many were new."""
-        if len(data) % DIGEST_SIZE:
-            raise WireFormatError(
-                f"Expected a multiple of {DIGEST_SIZE} bytes of digests but got {len(data)} bytes"
-            )
+        _check_length(data)
         return self._merge(_Run.from_bytes(data)) if data else 0
 
     def _merge(self, new: _Run) -> int:
@@ -269,7 +270,8 @@ class DigestLedger:
     def from_bytes(cls, data: bytes, run_cap: int = RUN_CAP) -> DigestLedger:
         """Rebuild from serialised digests (any order, repeats allowed); the journal starts empty.
 
-        The digests form one run, however large (later runs never merge into it).
+        The digests form one run, however large; it merges again only once the ledger has grown
+        far past it (the merge cap is a share of the ledger).
         """
         ledger = cls(run_cap)
         ledger.add_bytes(data)
@@ -282,11 +284,7 @@ class DigestLedger:
         Raises:
             WireFormatError: ``removed`` is not a multiple of 16 bytes.
         """
-        if len(removed) % DIGEST_SIZE:
-            raise WireFormatError(
-                f"Expected a multiple of {DIGEST_SIZE} bytes of digests but got "
-                f"{len(removed)} bytes"
-            )
+        _check_length(removed)
         ledger = DigestLedger(self._run_cap)
         gone = _Run.from_bytes(removed)
         runs = self._runs
