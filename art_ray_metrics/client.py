@@ -118,12 +118,16 @@ class MetricsClient:
         return slot
 
     def record(self, step: int, scope: str, key: str, value: Number) -> None:
-        """Add a validated leaf (conflicts with unshipped leaves of the step raise); ship when
-        the batch is full. The worker's hot path: a repeated key is one list append."""
+        """Add a validated leaf (conflicts with unshipped leaves of the step raise)."""
+        self.record_into((step, scope), key, value)
+
+    def record_into(self, slot_key: tuple[int, str], key: str, value: Number) -> None:
+        """:meth:`record` for a ``(step, scope)`` the caller keeps; ship when the batch is full.
+        The worker's hot path: a repeated key is one list append."""
         with self._lock:
-            slot = self._pending.get((step, scope))
+            slot = self._pending.get(slot_key)
             if slot is None:
-                slot = self._slot(step, scope)
+                slot = self._slot(*slot_key)
             held = slot.slots.get(key)
             if held.__class__ is list:
                 held.append(value)
@@ -390,9 +394,10 @@ class WorkerBuilder(LeafRecorder):
         self.step = step
         self.cost_context = cost_context.strip()
         self.scope = scope
+        self._slot_key = (step, scope)
         client.touch(step, scope)
 
-    # -- the hot path: validation inlined, then MetricsClient.record -----------------------
+    # -- the hot path: validation inlined, then MetricsClient.record_into ------------------
 
     def add_metric(self, key: str, value: float) -> None:
         """Add ``value`` to leaf ``key`` of this step (repeated writes are summed)."""
@@ -404,7 +409,7 @@ class WorkerBuilder(LeafRecorder):
             and value - value == 0  # finite
             and (value >= 0 or not key.startswith("costs/"))
         ):
-            self.client.record(self.step, self.scope, key, value)
+            self.client.record_into(self._slot_key, key, value)
         else:
             super().add_metric(key, value)  # validates, raising with the key and value
 
@@ -412,12 +417,12 @@ class WorkerBuilder(LeafRecorder):
         """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
         key = _COST_KEYS.get(path) if type(path) is str else None
         if key is not None and type(usd) is float and usd - usd == 0 and usd >= 0:
-            self.client.record(self.step, self.scope, key, usd)
+            self.client.record_into(self._slot_key, key, usd)
         else:
             super().add_cost(path, usd)
 
     def _record(self, key: str, value: Number) -> None:
-        self.client.record(self.step, self.scope, key, value)
+        self.client.record_into(self._slot_key, key, value)
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
         self.client.record_scenarios(self.step, self.scope, digests)
