@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .actor import AggregatorHandle, MetricsAggregator, start_aggregator
-from .builder import MetricsBuilder
-from .client import FlushResult, WorkerBuilder, connect, get_client
-from .config import AggregatorConfig, ClientConfig
-from .errors import (
+from art_ray_metrics.builder import MetricsBuilder
+from art_ray_metrics.config import AggregatorConfig, ClientConfig
+from art_ray_metrics.distributed.actor import AggregatorHandle, MetricsAggregator, start_aggregator
+from art_ray_metrics.distributed.client import FlushResult, WorkerBuilder, connect, get_client
+from art_ray_metrics.errors import (
     AggregatorUnavailableError,
     BarrierTimeoutError,
     CheckpointCorruptError,
@@ -30,7 +30,7 @@ from .errors import (
     StorageError,
     WireFormatError,
 )
-from .instrument import bind_context, track_api_cost
+from art_ray_metrics.spend.track import bind_context, track_api_cost
 
 try:
     __version__ = version("art-ray-metrics")

@@ -32,15 +32,15 @@ from contextvars import Token
 from decimal import Decimal
 from typing import Any
 
-from . import _active
-from . import keys as K
-from .dedupe import DigestLedger, digest
-from .errors import InvalidMetricError, MetricConflictError
-from .instrument import ApiCostMixin
-from .pricing import PricingRegistry
-from .records import KeyedCost
-from .rollup import exact_sum, to_decimal
-from .state import CumulativeState, StepBuffer, close_buffer
+from art_ray_metrics.core import active as _active
+from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.dedupe import DigestLedger, digest
+from art_ray_metrics.core.records import KeyedCost
+from art_ray_metrics.core.rollup import exact_sum, to_decimal
+from art_ray_metrics.core.state import CumulativeState, StepBuffer, close_buffer
+from art_ray_metrics.errors import InvalidMetricError, MetricConflictError
+from art_ray_metrics.spend.pricing import PricingRegistry
+from art_ray_metrics.spend.track import ApiCostMixin
 
 __all__ = ["LeafRecorder", "MetricsBuilder", "PendingLeaves"]
 
@@ -165,8 +165,8 @@ class LeafRecorder(ApiCostMixin):
     # -- ApiCostMixin host hooks ----------------------------------------------------------
 
     def _add_cost_leaf(self, path: str, usd: Decimal, *, response_id: str | None) -> None:
-        key = K.validate_key(f"costs/{path}")
-        K.check_value(key, usd)
+        key = V.validate_key(f"costs/{path}")
+        V.check_value(key, usd)
         if response_id:
             self._record_keyed_cost(key, usd, response_id)
         else:
@@ -179,15 +179,15 @@ class LeafRecorder(ApiCostMixin):
 
     def add_metric(self, key: str, value: float) -> None:
         """Add ``value`` to leaf ``key`` of the current step (repeated writes are summed)."""
-        K.validate_key(key)
+        V.validate_key(key)
         kind: type = type(value)
         if kind is float or kind is int:
             if value - value != 0 or (value < 0 and key.startswith("costs/")):
-                K.check_value(key, value)  # raises, naming the key and the value
+                V.check_value(key, value)  # raises, naming the key and the value
         elif kind is Decimal:
-            K.check_value(key, value)
+            V.check_value(key, value)
         else:
-            value = K.check_value(key, value)
+            value = V.check_value(key, value)
         self._record(key, value)
 
     def add_cost(self, path: str, usd: float) -> None:
@@ -196,7 +196,7 @@ class LeafRecorder(ApiCostMixin):
         if key is None:
             if not isinstance(path, str) or not path.strip("/"):
                 raise InvalidMetricError(f"Expected a non-empty cost path but got {path!r}")
-            key = K.validate_key(f"costs/{path}")
+            key = V.validate_key(f"costs/{path}")
             if len(_COST_KEYS) < 65_536:
                 _COST_KEYS[path] = key
         self.add_metric(key, usd)
@@ -245,7 +245,7 @@ class LeafRecorder(ApiCostMixin):
     @contextmanager
     def measure(self, key: str) -> Iterator[None]:
         """Time the block and add the seconds to ``key``, also when the block raises."""
-        K.validate_key(key)
+        V.validate_key(key)
         started = time.monotonic()
         try:
             yield
@@ -288,8 +288,7 @@ class MetricsBuilder(LeafRecorder):
         _shared_state: _SharedState | None = None,
         _buffer_scope: str | None = None,
     ) -> None:
-        if not isinstance(cost_context, str) or not cost_context.strip():
-            raise InvalidMetricError(f"Expected a non-empty cost_context but got {cost_context!r}")
+        V.check_cost_context(cost_context)
         self.cost_context = cost_context
         self._buffer_scope = _buffer_scope if _buffer_scope is not None else cost_context
         self._shared = _shared_state if _shared_state is not None else _SharedState()
@@ -379,7 +378,7 @@ class MetricsBuilder(LeafRecorder):
         else:
             values = {}
             for k, v in state.get("cum_state", {}).items():
-                values[str(k)] = to_decimal(K.check_value(str(k), v, cost=False))
+                values[str(k)] = to_decimal(V.check_value(str(k), v, cost=False))
         scenarios = DigestLedger()
         scenarios.add_many(digest(s) for s in state.get("unique_scenario_ids", []))
         scenarios.add_bytes(base64.b64decode(state.get("unique_scenario_digests", "")))

@@ -53,7 +53,7 @@ class AggregatorConfig(BaseModel):
         64,
         ge=0,
         description="Closed steps that stay restorable for a trainer resuming from an older "
-        "step (see 'Resume from an older step' in art_ray_metrics.actor); 0: never rewind, "
+        "step (see 'Resume from an older step' in art_ray_metrics.distributed.actor); 0: never rewind, "
         "older steps are folded in as late leaves.",
     )
     wal_interval_s: float = Field(

@@ -1,7 +1,6 @@
 """Helpers for testing code that uses art_ray_metrics, without Ray.
 
-- :func:`make_batch` builds a :class:`~art_ray_metrics.records.LeafBatch` from plain values.
-- :class:`FakeClock` is a settable monotonic clock.
+- :func:`make_batch` builds a :class:`~art_ray_metrics.core.records.LeafBatch` from plain values.
 """
 
 from __future__ import annotations
@@ -9,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 
-from .dedupe import digest
-from .records import KeyedCost, LeafBatch, StepGroup
-from .rollup import EXACT, to_decimal
+from art_ray_metrics.core.dedupe import digest
+from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.rollup import EXACT, to_decimal
 
-__all__ = ["FakeClock", "make_batch", "make_group"]
+__all__ = ["make_batch", "make_group"]
 
 
 def make_group(
@@ -47,17 +46,3 @@ def make_batch(
     """A one-group batch."""
     group = make_group(step, scope, leaves, scenario_ids=scenario_ids, keyed_costs=keyed_costs)
     return LeafBatch(producer_id, seq, (group,))
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward."""
-        self.now += seconds

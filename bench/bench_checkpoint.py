@@ -9,7 +9,7 @@ For 0, 1M and 10M unique scenario ids already stored, one step adds 10k new ids.
   (headers and pointer included). The 10k ids are ingested first through the wire path (producers'
   work, not timed). The stored history is one base commit of N digests, so the measured steps are
   typical steps: the tiered compaction (fanout 8) additionally rewrites each byte at most
-  ``log8(steps)`` times, amortised (see :mod:`art_ray_metrics.checkpoint`); that amortised figure is
+  ``log8(steps)`` times, amortised (see :mod:`art_ray_metrics.durable.checkpoint`); that amortised figure is
   printed too, computed from the shard sizes.
 - **ART 0.5.18**: ``MetricsBuilder.add_data(scenario_ids=...)`` + ``await flush()``, then what
   ``Model._persist_metrics_builder_state`` does: ``merge_state`` = read ``state.json``, deep-merge
@@ -44,13 +44,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from art_ray_metrics.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.config import AggregatorConfig
-from art_ray_metrics.dedupe import DigestLedger
-from art_ray_metrics.state import AggregatorState
-from art_ray_metrics.storage import ObjectStore, open_store
+from art_ray_metrics.core.dedupe import DigestLedger
+from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.core.wire import encode_batch
+from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
+from art_ray_metrics.durable.storage import ObjectStore, open_store
 from art_ray_metrics.testing import make_batch
-from art_ray_metrics.wire import encode_batch
 
 STEP_IDS = 10_000
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint.md"

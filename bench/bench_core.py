@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _art import art_metrics_builder
 
 from art_ray_metrics import MetricsBuilder
-from art_ray_metrics.dedupe import digest
-from art_ray_metrics.records import LeafBatch, StepGroup
-from art_ray_metrics.state import AggregatorState
-from art_ray_metrics.wire import encode_batch
+from art_ray_metrics.core.dedupe import digest
+from art_ray_metrics.core.records import LeafBatch, StepGroup
+from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.core.wire import encode_batch
 
 # -- shared helpers (bench_ingest imports these) ---------------------------------------------
 

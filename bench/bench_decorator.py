@@ -28,9 +28,9 @@ import anthropic
 import httpx2
 import openai
 
-from art_ray_metrics._active import reset_active_builder, set_active_builder
-from art_ray_metrics.instrument import ApiCostMixin, track_api_cost
-from art_ray_metrics.pricing import PricingRegistry
+from art_ray_metrics.core.active import reset_active_builder, set_active_builder
+from art_ray_metrics.spend.pricing import PricingRegistry
+from art_ray_metrics.spend.track import ApiCostMixin, track_api_cost
 
 _ids = itertools.count()
 MESSAGES: Any = [{"role": "user", "content": "hi"}]

@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import fmt_rate, md_table, realistic_keys
 
 import art_ray_metrics
-from art_ray_metrics.client import MetricsClient
 from art_ray_metrics.config import ClientConfig
+from art_ray_metrics.distributed.client import MetricsClient
 
 NAMESPACE = "arm-bench"
 LEAVES_PER_ROLLOUT = 10
@@ -406,11 +406,11 @@ def _per_call(fn: Any, n: int, repeats: int = 5) -> float:
 
 def hot_spots(bench: Bench, n: int) -> list[list[str]]:
     """µs per call of each layer a worker-side leaf goes through (driver process, real client)."""
-    from art_ray_metrics import keys as K
     from art_ray_metrics.builder import PendingLeaves
-    from art_ray_metrics.client import WorkerBuilder
-    from art_ray_metrics.dedupe import digest
-    from art_ray_metrics.rollup import to_decimal
+    from art_ray_metrics.core import validate as V
+    from art_ray_metrics.core.dedupe import digest
+    from art_ray_metrics.core.rollup import to_decimal
+    from art_ray_metrics.distributed.client import WorkerBuilder
 
     bench.step += 1
     step = bench.step
@@ -455,10 +455,10 @@ def hot_spots(bench: Bench, n: int) -> list[list[str]]:
             "`PendingLeaves.record` (existing key)",
             _per_call(lambda i: pending.record(keys[i & 1], _D001), n),
         ],
-        ["`keys.validate_key` (cached)", _per_call(lambda i: K.validate_key(keys[i & 1]), n)],
+        ["`validate.validate_key` (cached)", _per_call(lambda i: V.validate_key(keys[i & 1]), n)],
         [
-            "`keys.check_value` (float)",
-            _per_call(lambda i: K.check_value(keys[i & 1], values[i]), n),
+            "`validate.check_value` (float)",
+            _per_call(lambda i: V.check_value(keys[i & 1], values[i]), n),
         ],
         [
             "`rollup.to_decimal` (float → Decimal via repr)",

@@ -161,11 +161,11 @@ STORAGE="$WORK/runs/$RUN"  # every node is on this machine, so a local directory
 SUMMARY="$WORK/summary.json"
 cd "$WORK"
 log "art-ray-metrics demo --address $ADDRESS --steps $STEPS ${CHAOS}"
-python -m art_ray_metrics.cli demo --address "$ADDRESS" --expect-nodes "$NODES" \
+python -m art_ray_metrics demo --address "$ADDRESS" --expect-nodes "$NODES" \
   --steps "$STEPS" --rollouts $((2 * NODES)) --judges "$NODES" --run "$RUN" \
   --storage "$STORAGE" --summary-json "$SUMMARY" $CHAOS 2>&1 | tee "$WORK/demo.log"
 
-rows=$(python -m art_ray_metrics.cli history "$STORAGE" --split train --format jsonl | wc -l)
+rows=$(python -m art_ray_metrics history "$STORAGE" --split train --format jsonl | wc -l)
 nodes_used=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['nodes_used'])" "$SUMMARY")
 if [ "$rows" -ne "$STEPS" ]; then
   echo "local-cluster.sh: expected $STEPS history rows but got $rows" >&2

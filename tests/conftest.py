@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from art_ray_metrics import _active
+from art_ray_metrics.core import active as _active
 
 pytest_plugins = ["tests.s3server"]
 

@@ -39,7 +39,7 @@ def ray_cluster() -> Iterator[Any]:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="arm-tests", log_to_driver=False)
     yield cluster
-    from art_ray_metrics.client import _reset_clients
+    from art_ray_metrics.distributed.client import _reset_clients
 
     _reset_clients()
     ray.shutdown()

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import art_ray_metrics as arm
-from art_ray_metrics.wandb_offline import find_offline_run_files, read_offline_history
+from art_ray_metrics.export.wandb_offline import find_offline_run_files, read_offline_history
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,9 @@ RUN = "cli-test"
 
 
 def cli(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> Any:
-    """Run ``python -m art_ray_metrics.cli ARGS`` and return the CompletedProcess."""
+    """Run ``python -m art_ray_metrics.ops.cli ARGS`` and return the CompletedProcess."""
     return subprocess.run(
-        [sys.executable, "-m", "art_ray_metrics.cli", *args],
+        [sys.executable, "-m", "art_ray_metrics.ops.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -15,9 +15,9 @@ import ray
 import ray.cloudpickle as cloudpickle
 
 import art_ray_metrics as arm
-from art_ray_metrics import keys as K
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.testing import make_batch
-from art_ray_metrics.wire import encode_batch
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.ray

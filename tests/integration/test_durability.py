@@ -23,16 +23,16 @@ import ray
 import ray.cloudpickle as cloudpickle
 
 import art_ray_metrics as arm
-from art_ray_metrics import keys as K
-from art_ray_metrics.sinks import HistoryStore
-from art_ray_metrics.storage import open_store
-from art_ray_metrics.testing import make_batch
-from art_ray_metrics.wandb_offline import (
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core.wire import encode_batch
+from art_ray_metrics.durable.history import HistoryStore
+from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.export.wandb_offline import (
     find_offline_run_files,
     read_offline_history,
     wait_for_exit_record,
 )
-from art_ray_metrics.wire import encode_batch
+from art_ray_metrics.testing import make_batch
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = [
@@ -487,12 +487,12 @@ def plain_step(handle: Any, name: str, step: int) -> dict[str, float]:
 class TestResumeFromOlderStep:
     def test_net_shards_and_without(self) -> None:
         """Tombstones cancel adds one for one; an id re-added after removal is present."""
-        from art_ray_metrics.rewind import net_shards as _net_shards
+        from art_ray_metrics.core.rewind import net_shards as _net_shards
 
         def _without(ledger: Any, removed: bytes) -> Any:
             return ledger.without(removed)
 
-        from art_ray_metrics.dedupe import DigestLedger, digest
+        from art_ray_metrics.core.dedupe import DigestLedger, digest
 
         a, b, c = digest("a"), digest("b"), digest("c")
         net = _net_shards({"scenarios": a + b + c + a, "scenarios_rewound": a + b, "cost_ids": c})

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from art_ray_metrics import AggregatorConfig
-from art_ray_metrics.actor import MetricsAggregator
+from art_ray_metrics.distributed.actor import MetricsAggregator
 
 
 def _actor(**fields: object) -> MetricsAggregator:

@@ -63,10 +63,10 @@ class TestImportBoundary:
         "module",
         [
             "art_ray_metrics",
-            "art_ray_metrics.state",
+            "art_ray_metrics.core.state",
             "art_ray_metrics.builder",
-            "art_ray_metrics.wire",
-            "art_ray_metrics.checkpoint",
+            "art_ray_metrics.core.wire",
+            "art_ray_metrics.durable.checkpoint",
         ],
     )
     def test_core_imports_neither_ray_nor_wandb(self, module: str) -> None:
@@ -80,7 +80,17 @@ class TestImportBoundary:
 
     @pytest.mark.parametrize(
         "name",
-        ["keys", "rollup", "dedupe", "records", "state", "wire", "errors", "checkpoint", "rewind"],
+        [
+            "core/keys",
+            "core/rollup",
+            "core/dedupe",
+            "core/records",
+            "core/state",
+            "core/wire",
+            "errors",
+            "durable/checkpoint",
+            "core/rewind",
+        ],
     )
     def test_pure_core_third_party_imports(self, name: str) -> None:
         """Core modules import only the standard library, msgpack, numpy and each other."""
@@ -118,5 +128,5 @@ class TestPackaging:
         (wheel,) = tmp_path.glob("art_ray_metrics-*.whl")
         names = zipfile.ZipFile(wheel).namelist()
         assert "art_ray_metrics/py.typed" in names
-        assert "art_ray_metrics/state.py" in names
+        assert "art_ray_metrics/core/state.py" in names
         assert not [n for n in names if n.startswith(("tests/", "bench/", "cluster/"))]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from art_ray_metrics import InvalidMetricError, MetricConflictError, MetricsBuilder, track_api_cost
 from art_ray_metrics.builder import PendingLeaves
-from art_ray_metrics.state import StepBuffer
+from art_ray_metrics.core.state import StepBuffer
 
 
 def _flush(b: MetricsBuilder) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Tests for the checkpoint commit protocol in art_ray_metrics.checkpoint.
+"""Tests for the checkpoint commit protocol in art_ray_metrics.durable.checkpoint.
 
 Mostly over InMemoryStore; the main path also runs on a local directory and on S3 (moto).
 Shard payloads are built from 8-byte big-endian counters so that "every byte exactly once"
@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from art_ray_metrics import errors
-from art_ray_metrics.checkpoint import (
+from art_ray_metrics.durable.checkpoint import (
     KIND_MANIFEST,
     KIND_SHARD,
     KIND_STATE,
@@ -33,7 +33,7 @@ from art_ray_metrics.checkpoint import (
     decode_blob,
     encode_blob,
 )
-from art_ray_metrics.storage import InMemoryStore, ObjectStore, open_store
+from art_ray_metrics.durable.storage import InMemoryStore, ObjectStore, open_store
 from tests import s3server
 
 
@@ -364,7 +364,7 @@ class TestCorruption:
         """The previous checkpoint loads, with the WAL written since it, and a warning."""
         _writer, latest = self._two_commits(store)
         damage(store, latest)
-        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.durable.checkpoint"):
             loaded = must_load(CheckpointManager(store))
         assert loaded.state == b"s1"
         assert loaded.shards == {"ids": recs(1)}
@@ -424,7 +424,7 @@ class TestCorruption:
         for record in (b"r0", b"r1", b"r2"):
             writer.append_wal(record)
         flip_byte(store, store.list("wal/")[1])
-        with caplog.at_level(logging.ERROR, logger="art_ray_metrics.checkpoint"):
+        with caplog.at_level(logging.ERROR, logger="art_ray_metrics.durable.checkpoint"):
             loaded = must_load(CheckpointManager(store))
         assert loaded.wal == [b"r0", b"r2"]
         assert "corrupt WAL record" in caplog.text
@@ -666,7 +666,7 @@ class TestRetention:
         writer = acquired(faulty, retention=1)
         writer.commit(CheckpointParts(b"s1"))
         faulty.fail_deletes = True
-        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.durable.checkpoint"):
             info = writer.commit(CheckpointParts(b"s2"))
         assert info.seq == 2
         assert "pruning" in caplog.text

@@ -8,10 +8,10 @@ from decimal import Decimal
 import pytest
 
 from art_ray_metrics import InvalidMetricError, MetricConflictError
-from art_ray_metrics.client import MetricsClient, WorkerBuilder
 from art_ray_metrics.config import ClientConfig
-from art_ray_metrics.dedupe import digest
-from art_ray_metrics.wire import decode_batch, encode_batch
+from art_ray_metrics.core.dedupe import digest
+from art_ray_metrics.core.wire import decode_batch, encode_batch
+from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ class TestWorkerBuilder:
             b.add_cost("train/x", 0.1)
         b.add_data(scenario_ids=["s"])
         slot = client._pending[(0, "train")]
-        from art_ray_metrics.records import LeafBatch, StepGroup
+        from art_ray_metrics.core.records import LeafBatch, StepGroup
 
         group = StepGroup(0, "train", slot.sums(), tuple(slot.keyed), digest("s"))
         batch = decode_batch(encode_batch(LeafBatch(client.producer_id, 1, (group,))))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from art_ray_metrics.dedupe import DIGEST_SIZE, RUN_SHARE, DigestLedger, digest
+from art_ray_metrics.core.dedupe import DIGEST_SIZE, RUN_SHARE, DigestLedger, digest
 from art_ray_metrics.errors import WireFormatError
 
 _IDS = st.lists(st.lists(st.integers(0, 300), max_size=40), max_size=30)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from art_ray_metrics import AggregatorConfig, ClientConfig
-from art_ray_metrics.state import COUNTER_NAMES
+from art_ray_metrics.core.state import COUNTER_NAMES
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

@@ -1,4 +1,4 @@
-"""Tests of art_ray_metrics.gpu: price table, cost formula, GPU detection (no Ray needed)."""
+"""Tests of art_ray_metrics.spend.gpu: price table, cost formula, GPU detection (no Ray needed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from art_ray_metrics.errors import ConfigError, InvalidMetricError
-from art_ray_metrics.gpu import (
+from art_ray_metrics.spend.gpu import (
     GPU_HOURLY_USD,
     detect_gpus,
     gpu_cost_usd,
@@ -94,7 +94,7 @@ class TestUnknownHardware:
 
     def test_none_and_one_warning(self, caplog: pytest.LogCaptureFixture) -> None:
         """Three calls for one unknown type log once; another unknown type logs again."""
-        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.gpu"):
+        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.spend.gpu"):
             for _ in range(3):
                 assert gpu_cost_usd(60, "Quantum-QPU-7", 1) is None
             assert gpu_cost_usd(60, "Quantum-QPU-8", 1) is None

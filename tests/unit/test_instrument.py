@@ -18,16 +18,16 @@ import httpx2
 import openai
 import pytest
 
-from art_ray_metrics._active import get_active_builder, reset_active_builder, set_active_builder
+from art_ray_metrics.core.active import get_active_builder, reset_active_builder, set_active_builder
 from art_ray_metrics.errors import InvalidMetricError, PricingError
-from art_ray_metrics.instrument import (
+from art_ray_metrics.spend.pricing import PricingRegistry
+from art_ray_metrics.spend.track import (
     ApiCostMixin,
     UnpricedCallWarning,
     UnpricedModelWarning,
     bind_context,
     track_api_cost,
 )
-from art_ray_metrics.pricing import PricingRegistry
 
 OPENAI_MODEL = "openai/gpt-4.1"  # built in: 2 / 0.5 cached / 8
 ANTHROPIC_MODEL = "claude-sonnet-4-6"  # genai-prices: 3 / 15 / 3.75 write / 0.30 read

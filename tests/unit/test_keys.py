@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from art_ray_metrics import keys as K
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core import validate as V
 from art_ray_metrics.errors import InvalidMetricError, MetricsError
 
 
@@ -86,12 +87,12 @@ class TestValidation:
     def test_no_section(self) -> None:
         """A key without '/' is refused and named."""
         with pytest.raises(InvalidMetricError, match=r"section prefix.*'accuracy'"):
-            K.validate_key("accuracy")
+            V.validate_key("accuracy")
 
     def test_reserved_cum(self) -> None:
         """The second segment 'cum' is reserved."""
         with pytest.raises(InvalidMetricError, match="reserved cumulative"):
-            K.validate_key("costs/cum/x")
+            V.validate_key("costs/cum/x")
 
     @pytest.mark.parametrize(
         ("key", "hint"),
@@ -100,28 +101,28 @@ class TestValidation:
     def test_legacy_cost_keys(self, key: str, hint: str) -> None:
         """Legacy costs_* keys name their hierarchical replacement."""
         with pytest.raises(InvalidMetricError, match=hint):
-            K.validate_key(key)
+            V.validate_key(key)
 
     @pytest.mark.parametrize("key", ["", "/x", "x/", "a//b", None, 3, ["a/b"]])
     def test_malformed(self, key: object) -> None:
         """Empty segments and non-strings are refused."""
         with pytest.raises(InvalidMetricError):
-            K.validate_key(key)
+            V.validate_key(key)
 
     @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, True, "1", None, [1]])
     def test_bad_values(self, value: object) -> None:
         """NaN, inf, bool and non-numbers are refused, naming the key."""
         with pytest.raises(InvalidMetricError, match="reward/x"):
-            K.check_value("reward/x", value)
+            V.check_value("reward/x", value)
 
     def test_negative_cost(self) -> None:
         """A negative cost is refused; a negative reward is fine."""
         with pytest.raises(InvalidMetricError, match="non-negative"):
-            K.check_value("costs/train/x", -0.01)
-        assert K.check_value("reward/x", -1.5) == -1.5
+            V.check_value("costs/train/x", -0.01)
+        assert V.check_value("reward/x", -1.5) == -1.5
 
     def test_errors_are_value_errors(self) -> None:
         """Ported `except ValueError` blocks keep working."""
         with pytest.raises(ValueError):
-            K.validate_key("bad")
+            V.validate_key("bad")
         assert issubclass(InvalidMetricError, MetricsError)

@@ -1,4 +1,4 @@
-"""Tests of art_ray_metrics.pricing: formulas, usage shapes, pricing order, genai-prices parity."""
+"""Tests of art_ray_metrics.spend.pricing: formulas, usage shapes, pricing order, genai-prices parity."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
 from art_ray_metrics.errors import PricingError
-from art_ray_metrics.pricing import (
+from art_ray_metrics.spend.pricing import (
     BUILTIN_PRICING,
     PriceOverrides,
     PricingRegistry,

@@ -1,5 +1,5 @@
 """Resume from an older step without Ray: exact restore, tombstones, the window, lost dollars
-and the rewind object format (art_ray_metrics.rewind)."""
+and the rewind object format (art_ray_metrics.core.rewind)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from art_ray_metrics import rewind as R
-from art_ray_metrics.dedupe import DigestLedger, digest
+from art_ray_metrics.core import rewind as R
+from art_ray_metrics.core.dedupe import DigestLedger, digest
+from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
-from art_ray_metrics.state import AggregatorState
 from art_ray_metrics.testing import make_batch
 
 

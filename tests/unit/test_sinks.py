@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from art_ray_metrics import storage
+from art_ray_metrics.durable import storage
+from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
-from art_ray_metrics.sinks import HistoryStore, InMemorySink, Sink, history_row_metrics
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
 
@@ -267,26 +267,3 @@ class TestExport:
         history.write(4, "train", _row(4, **{"costs/all": 1.5}))
         (record,) = history.read()
         assert history_row_metrics(record) == {"training_step": 4.0, "costs/all": 1.5}
-
-
-class TestInMemorySink:
-    def test_keeps_copies_in_order(self) -> None:
-        """Rows are kept in logging order as copies."""
-        sink = InMemorySink()
-        row = {"training_step": 1.0, "reward/x": 1.0}
-        sink.log(row, step=1, split="train")
-        row["reward/x"] = 99.0
-        sink.log({"training_step": 1.0, "val/reward": 0.5}, step=1, split="val")
-        assert sink.rows == [
-            (1, "train", {"training_step": 1.0, "reward/x": 1.0}),
-            (1, "val", {"training_step": 1.0, "val/reward": 0.5}),
-        ]
-        assert sink.for_split("val") == [{"training_step": 1.0, "val/reward": 0.5}]
-
-    def test_close_and_protocol(self) -> None:
-        """close marks the sink closed; it satisfies the Sink protocol."""
-        sink: Sink = InMemorySink()
-        assert isinstance(sink, InMemorySink)
-        assert not sink.closed
-        sink.close()
-        assert sink.closed

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from art_ray_metrics.core.records import LeafBatch
+from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
-from art_ray_metrics.records import LeafBatch
-from art_ray_metrics.state import AggregatorState
 from art_ray_metrics.testing import make_batch, make_group
-from art_ray_metrics.wire import encode_batch
 
 ART_COSTS = {
     "costs/train/llm_judge/general": 0.08,

@@ -1,4 +1,4 @@
-"""Contract tests for art_ray_metrics.storage, run against every back end.
+"""Contract tests for art_ray_metrics.durable.storage, run against every back end.
 
 The same behaviour is checked on the in-memory store, a local directory and S3 (a real moto
 server over HTTP on 127.0.0.1, see tests/s3server.py).
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from art_ray_metrics import errors
-from art_ray_metrics.storage import (
+from art_ray_metrics.durable.storage import (
     InMemoryStore,
     LocalDirStore,
     ObjectStore,
@@ -341,7 +341,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 _CAS_WORKER = """
 import os, sys, time
 from art_ray_metrics import errors
-from art_ray_metrics.storage import LocalDirStore
+from art_ray_metrics.durable.storage import LocalDirStore
 root, version, i, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 store = LocalDirStore(root)
 open(go + f".ready-{i}", "w").close()

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from art_ray_metrics.errors import WireFormatError
-from art_ray_metrics.sinks import WANDB_GLOBS, WandbSink, WandbSinkConfig
-from art_ray_metrics.wandb_offline import (
+from art_ray_metrics.export.wandb_offline import (
     BLOCK_SIZE,
     FILE_HEADER,
     find_offline_run_files,
@@ -25,6 +24,7 @@ from art_ray_metrics.wandb_offline import (
     read_offline_summary,
     wait_for_exit_record,
 )
+from art_ray_metrics.export.wandb_sink import WANDB_GLOBS, WandbSink, WandbSinkConfig
 
 wandb = pytest.importorskip("wandb")
 

@@ -13,16 +13,13 @@ Builder-managed keys (``costs/``, ``time/step_``, ``data/step_``, ``throughput/s
 summed within a step and get cumulative twins; every other key passes through to the row.
 Keys in sections ``costs``, ``time`` and ``data`` get twins (as in OpenPipe ART).
 
-Everything here is pure and cheap: routing and validation run on every leaf.
+Everything here is pure and cheap: routing runs on every leaf. Checking keys and values is
+:mod:`art_ray_metrics.core.validate`.
 """
 
 from __future__ import annotations
 
-import numbers
-from decimal import Decimal
 from typing import Final
-
-from .errors import InvalidMetricError
 
 __all__ = [
     "BACKEND_KEY_MAP",
@@ -32,13 +29,11 @@ __all__ = [
     "SPLITS",
     "TELEMETRY_PREFIX",
     "canonical_backend_key",
-    "check_value",
     "is_builder_managed",
     "is_cumulative",
     "route_key",
     "scope_for_split",
     "to_cumulative",
-    "validate_key",
 ]
 
 SECTIONS: Final = frozenset(
@@ -67,15 +62,9 @@ BACKEND_KEY_MAP: Final = {
     "num_trainable_tokens": "data/step_trainer_tokens",
     "train_tokens": "data/step_trainer_tokens",
 }
-"""Names emitted by training backends mapped into the taxonomy (SPEC §2)."""
+"""Names emitted by training backends, mapped into the taxonomy (``loss`` -> ``loss/train``)."""
 
 _MANAGED_PREFIXES: Final = ("costs/", "time/step_", "data/step_", "throughput/step_")
-_LEGACY_COST_HINTS: Final = {
-    "costs_prefill": "costs/train/prefill",
-    "costs_sample": "costs/train/sample",
-    "costs_train": "costs/train/train",
-    "costs_total": "costs/train/<source>",
-}
 
 
 def scope_for_split(split: str) -> str:
@@ -148,66 +137,3 @@ def to_cumulative(key: str) -> str:
     if rest.startswith("step_"):
         rest = rest[5:]
     return f"{section}/cum/{rest}"
-
-
-_VALID_KEYS: set[str] = set()
-_VALID_KEYS_MAX = 65_536  # keys repeat: remember valid ones so the hot path is one set lookup
-
-
-def validate_key(key: object) -> str:
-    """Check a key a producer wants to record and return it.
-
-    Raises:
-        InvalidMetricError: not a non-empty string, no section prefix, an empty segment, a
-            reserved ``cum`` namespace, or a legacy ``costs_*`` key (the message names the
-            hierarchical replacement).
-    """
-    if type(key) is str and key in _VALID_KEYS:
-        return key
-    if not isinstance(key, str) or not key:
-        raise InvalidMetricError(f"Expected a non-empty metric key but got {key!r}")
-    if "/" not in key:
-        if key.startswith("costs_"):
-            hint = _LEGACY_COST_HINTS.get(key, f"costs/train/{key[6:]}")
-            raise InvalidMetricError(
-                f"Legacy cost key {key=!r} is not supported; log a hierarchical cost key "
-                f"such as {hint!r} instead"
-            )
-        raise InvalidMetricError(
-            f"Metric key must include a section prefix (e.g. 'reward/{key}') but got {key=!r}"
-        )
-    if key.startswith("/") or key.endswith("/") or "//" in key:
-        raise InvalidMetricError(f"Expected '/'-separated non-empty segments but got {key=!r}")
-    if is_cumulative(key):
-        raise InvalidMetricError(
-            f"Metric key {key=!r} uses the reserved cumulative namespace '<section>/cum/...'; "
-            "cumulative values are computed by the aggregator"
-        )
-    if len(_VALID_KEYS) < _VALID_KEYS_MAX:
-        _VALID_KEYS.add(key)
-    return key
-
-
-def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
-    """Return ``value`` as a finite float, or raise naming the key.
-
-    ``bool`` is refused (``True`` is not a number of dollars). Negative values are refused for
-    cost keys (``cost`` defaults to ``key.startswith("costs/")``).
-
-    >>> check_value("costs/train/x", 0.25)
-    0.25
-    """
-    kind = type(value)
-    if kind is float:
-        f: float = value  # type: ignore[assignment]
-    elif kind is int or kind is Decimal:
-        f = float(value)  # type: ignore[arg-type]
-    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
-        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
-    else:
-        f = float(value)
-    if f - f != 0.0:  # NaN or an infinity
-        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
-    if (key.startswith("costs/") if cost is None else cost) and f < 0:
-        raise InvalidMetricError(f"Expected a non-negative cost for {key=!r} but got {value!r}")
-    return f

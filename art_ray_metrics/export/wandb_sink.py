@@ -1,81 +1,38 @@
-"""Where finished rows go: the JSONL history (system of record) and Weights & Biases.
+"""Weights & Biases: the single writer of a run's rows (it runs inside the aggregator actor).
 
-A *row* is the flat ``dict[str, float]`` the aggregator produces for one ``(step, split)`` at a
-barrier. It already carries ``training_step`` (equal to the step). Keys are "/" paths in the
-sections ``reward/ loss/ offpolicy/ pipeline/ throughput/ costs/ time/ data/``, the splits
-``train/ val/ test/`` and our own ``telemetry/`` prefix.
-
-History format
---------------
-Object stores cannot append, so :class:`HistoryStore` writes every row as its own object::
-
-    history/000000000042-train.json
-
-holding exactly one JSON line (UTF-8, ``\\n`` terminated)::
-
-    {"step": 42, "split": "train", "training_step": 42,
-     "recorded_at": "2025-01-02T03:04:05.000006+00:00", "costs/all": 1.83, ...}
-
-Invariants:
-
-* the step is zero-padded to 12 digits, so lexicographic key order is step order;
-* metric values are finite floats (NaN and infinities are rejected before anything is
-  written, naming the key); metric keys are written in sorted order;
-* ``recorded_at`` is ISO-8601 in UTC;
-* writing the same ``(step, split)`` again overwrites the object: replays are idempotent and
-  the latest version wins.
-
-W&B
----
-:class:`WandbSink` is the only code that talks to W&B (it runs inside the aggregator actor, the
-single writer). Every row is logged with ``run.log(row)`` *without* ``step=``; W&B's own
-``_step`` increments while charts use ``training_step`` as their x-axis, declared with
-``define_metric`` for each section and split glob. Late or replayed rows therefore land instead
-of being dropped as "older than the current step". Summaries are declared per key, when a key is
-first seen, because W&B 0.31 resolves overlapping globs (``throughput/*`` vs
-``throughput/cum/*``) in no fixed order: cumulative keys (a ``cum`` path segment) summarise as
-``last``, rate keys (``throughput/...``) as ``mean``. The sink never raises into the caller:
-failures are logged, counted and retried, and W&B can always be rebuilt from the history.
+Rows are logged without ``step=`` on a ``training_step`` x-axis, so late or replayed rows land
+instead of being dropped; cumulative keys summarise as ``last`` and rate keys as ``mean``. The
+sink never raises into its caller: failures are counted and retried, and the history can
+always rebuild W&B. ``docs/design.md`` explains why.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 import secrets
 import string
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
-from art_ray_metrics.errors import InvalidMetricError, WireFormatError
+from art_ray_metrics.core.keys import is_cumulative
+from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
 
 if TYPE_CHECKING:
-    from art_ray_metrics.storage import ObjectStore
+    pass
 
 __all__ = [
-    "STEP_METRIC",
     "WANDB_GLOBS",
-    "HistoryStore",
-    "InMemorySink",
-    "Sink",
     "WandbSink",
     "WandbSinkConfig",
-    "history_row_metrics",
 ]
 
 _log = logging.getLogger(__name__)
 
-STEP_METRIC = "training_step"
-"""The x-axis of every chart; every row carries it."""
 
 WANDB_GLOBS: tuple[str, ...] = (
     "reward/*",
@@ -94,250 +51,6 @@ WANDB_GLOBS: tuple[str, ...] = (
 """Globs declared with ``step_metric="training_step"`` when a W&B run starts."""
 
 _COST_AXIS = "costs/cum/all"
-_RESERVED_FIELDS = frozenset({"step", "split", "recorded_at"})
-_STEP_DIGITS = 12
-_MAX_STEP = 10**_STEP_DIGITS - 1
-_SPLIT_RE = re.compile(r"[A-Za-z0-9_.]+")
-_NAME_RE = re.compile(r"(\d{12})-([A-Za-z0-9_.]+)\.json")
-
-
-# --------------------------------------------------------------------------------------------
-# JSONL history
-# --------------------------------------------------------------------------------------------
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= _MAX_STEP:
-        raise InvalidMetricError(f"Expected a step in [0, {_MAX_STEP}] but got {step!r}")
-    return step
-
-
-def _check_split(split: str) -> str:
-    if not isinstance(split, str) or not _SPLIT_RE.fullmatch(split):
-        raise InvalidMetricError(
-            f"Expected a split of letters, digits, '_' or '.' but got {split!r}"
-        )
-    return split
-
-
-def _finite_float(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
-        raise InvalidMetricError(f"Expected a number for {key=!r} but got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise InvalidMetricError(f"Expected a finite value for {key=!r} but got {value!r}")
-    return out
-
-
-def _clean_row(step: int, row: Mapping[str, float]) -> dict[str, float]:
-    """Validate a row for the history; return its metrics as floats in sorted key order."""
-    out: dict[str, float] = {}
-    for key in sorted(row):
-        if not isinstance(key, str) or not key:
-            raise InvalidMetricError(f"Expected a non-empty string key but got {key!r}")
-        if key in _RESERVED_FIELDS:
-            raise InvalidMetricError(
-                f"Expected a metric key but got the reserved history field {key=!r}"
-            )
-        out[key] = _finite_float(key, row[key])
-    if STEP_METRIC in out and out[STEP_METRIC] != step:
-        raise InvalidMetricError(
-            f"Expected {STEP_METRIC!r} == step {step} but got {row[STEP_METRIC]!r}"
-        )
-    out.pop(STEP_METRIC, None)
-    return out
-
-
-def history_row_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    """Return the loggable metrics of a history record (drops ``step``, ``split``, ``recorded_at``).
-
-    ``training_step`` is kept, so the result can be handed to :meth:`WandbSink.relog`.
-
-    >>> history_row_metrics({"step": 3, "split": "train", "training_step": 3,
-    ...                      "recorded_at": "2025-01-01T00:00:00+00:00", "loss/train": 0.5})
-    {'training_step': 3.0, 'loss/train': 0.5}
-    """
-    return {
-        key: float(value)
-        for key, value in record.items()
-        if key not in _RESERVED_FIELDS and isinstance(value, int | float)
-    }
-
-
-class HistoryStore:
-    """The JSONL history: one object per ``(step, split)`` under ``prefix`` in an object store.
-
-    Args:
-        store: Where the objects live (local directory, S3, in memory, ...).
-        prefix: Key prefix of the history objects; must end with ``/`` unless empty.
-        clock: Source of ``recorded_at`` when :meth:`write` is not given one.
-    """
-
-    def __init__(
-        self,
-        store: ObjectStore,
-        prefix: str = "history/",
-        *,
-        clock: Callable[[], datetime] = _utc_now,
-    ) -> None:
-        if prefix and not prefix.endswith("/"):
-            raise InvalidMetricError(f"Expected a prefix ending with '/' but got {prefix!r}")
-        self._store = store
-        self._prefix = prefix
-        self._clock = clock
-
-    @property
-    def prefix(self) -> str:
-        """Key prefix of the history objects."""
-        return self._prefix
-
-    def key_for(self, step: int, split: str) -> str:
-        """Return the object key of the row for ``(step, split)``.
-
-        Raises:
-            InvalidMetricError: If the step or the split cannot be stored.
-        """
-        return f"{self._prefix}{_check_step(step):0{_STEP_DIGITS}d}-{_check_split(split)}.json"
-
-    def write(
-        self,
-        step: int,
-        split: str,
-        row: Mapping[str, float],
-        recorded_at: datetime | None = None,
-    ) -> str:
-        """Write (or overwrite) the row for ``(step, split)``; return its object key.
-
-        Raises:
-            InvalidMetricError: A value is not a finite number (the message names the key), a
-                key is reserved, ``training_step`` disagrees with ``step``, or ``recorded_at``
-                is naive. Nothing is written then.
-        """
-        key = self.key_for(step, split)
-        metrics = _clean_row(step, row)
-        when = self._clock() if recorded_at is None else recorded_at
-        if when.tzinfo is None or when.utcoffset() is None:
-            raise InvalidMetricError(
-                f"Expected a timezone-aware recorded_at but got {recorded_at!r}"
-            )
-        record: dict[str, Any] = {
-            "step": step,
-            "split": split,
-            STEP_METRIC: step,
-            "recorded_at": when.astimezone(UTC).isoformat(timespec="microseconds"),
-        }
-        record.update(metrics)
-        line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
-        self._store.put(key, line.encode("utf-8"))
-        return key
-
-    def _entries(self) -> list[tuple[int, str, str]]:
-        entries: list[tuple[int, str, str]] = []
-        plen = len(self._prefix)
-        for key in self._store.list(self._prefix):
-            if not key.startswith(self._prefix):
-                continue
-            match = _NAME_RE.fullmatch(key[plen:])
-            if match is None:
-                _log.warning("history: ignoring foreign object %r", key)
-                continue
-            entries.append((int(match.group(1)), match.group(2), key))
-        entries.sort()
-        return entries
-
-    def read(
-        self, split: str | None = None, start_step: int | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """Yield history records in ``(step, split)`` order, optionally filtered.
-
-        Args:
-            split: Only rows of this split.
-            start_step: Only rows with ``step >= start_step``.
-
-        Raises:
-            WireFormatError: An object is not one JSON object of the expected shape.
-        """
-        for step, row_split, key in self._entries():
-            if split is not None and row_split != split:
-                continue
-            if start_step is not None and step < start_step:
-                continue
-            yield self._decode(key, self._store.get(key))
-
-    @staticmethod
-    def _decode(key: str, data: bytes) -> dict[str, Any]:
-        try:
-            record = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WireFormatError(
-                f"Expected one JSON line in {key!r} but got {data[:80]!r}"
-            ) from exc
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise WireFormatError(f"Expected a history record in {key!r} but got {record!r}")
-        return record
-
-    def last_step(self, split: str | None = None) -> int | None:
-        """Return the highest step written (for ``split`` if given), or ``None`` if none."""
-        steps = [s for s, sp, _ in self._entries() if split is None or sp == split]
-        return max(steps) if steps else None
-
-    def export_jsonl(self, fp: IO[str]) -> int:
-        """Write every record as one JSON line to ``fp`` in ``(step, split)`` order.
-
-        Returns:
-            The number of lines written.
-        """
-        count = 0
-        for record in self.read():
-            fp.write(json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n")
-            count += 1
-        return count
-
-
-# --------------------------------------------------------------------------------------------
-# Sinks
-# --------------------------------------------------------------------------------------------
-
-
-class Sink(Protocol):
-    """Receives finished rows. Implementations must not raise out of :meth:`log`."""
-
-    def log(self, row: Mapping[str, float], *, step: int, split: str) -> None:
-        """Record one row for ``(step, split)``."""
-        ...
-
-    def close(self) -> None:
-        """Flush and release resources."""
-        ...
-
-
-@dataclass
-class InMemorySink:
-    """Keeps every logged row in memory, for tests.
-
-    Attributes:
-        rows: ``(step, split, row)`` in the order logged; each row is a copy.
-        closed: Whether :meth:`close` was called.
-    """
-
-    rows: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
-    closed: bool = False
-
-    def log(self, row: Mapping[str, float], *, step: int, split: str) -> None:
-        """Append a copy of the row."""
-        self.rows.append((step, split, dict(row)))
-
-    def close(self) -> None:
-        """Mark the sink closed."""
-        self.closed = True
-
-    def for_split(self, split: str) -> list[dict[str, float]]:
-        """Return the rows of one split in logging order."""
-        return [row for _, sp, row in self.rows if sp == split]
 
 
 WandbMode = Literal["online", "offline", "disabled"]
@@ -391,12 +104,8 @@ class WandbSinkConfig:
     reset_after_failures: int = 3
 
 
-def _is_cumulative(key: str) -> bool:
-    return "cum" in key.split("/")[1:-1]
-
-
 def _summary_for(key: str) -> str | None:
-    if _is_cumulative(key):
+    if is_cumulative(key):
         return "last"
     if key.startswith("throughput/"):
         return "mean"
@@ -728,7 +437,7 @@ class WandbSink:
             elif run_dir is not None and self._finished_ok:
                 # finish() returns before W&B's service has written the run file; an actor
                 # killed right after close() would lose its tail, so wait for the exit record
-                from .wandb_offline import wait_for_exit_record
+                from art_ray_metrics.export.wandb_offline import wait_for_exit_record
 
                 left = max(0.5, self.config.finish_timeout_s - (self._clock() - started))
                 if not wait_for_exit_record(run_dir, timeout_s=left):

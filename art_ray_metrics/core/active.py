@@ -9,7 +9,7 @@ Invariants:
       so a builder activated before ``asyncio.create_task``/``gather`` is active in the task.
     * Threads do not inherit it: a plain ``threading.Thread`` or ``ThreadPoolExecutor.submit``
       starts in an empty context. Run the callable in a copy of the caller's context
-      (``contextvars.copy_context().run``, or :func:`art_ray_metrics.instrument.bind_context`).
+      (``contextvars.copy_context().run``, or :func:`art_ray_metrics.spend.track.bind_context`).
       ``asyncio.to_thread`` copies the context itself.
 """
 

@@ -12,7 +12,7 @@ Two consumers share the machinery:
 - :class:`~art_ray_metrics.builder.MetricsBuilder` (in-process, ART's API) keeps one
   :class:`StepBuffer` per scope and a :class:`CumulativeState`;
 - :class:`AggregatorState` (inside the Ray actor) keeps one buffer per ``(step, scope)`` and
-  ingests :class:`~art_ray_metrics.records.LeafBatch` es from many producers.
+  ingests :class:`~art_ray_metrics.core.records.LeafBatch` es from many producers.
 
 Invariants of :class:`AggregatorState`:
 
@@ -38,12 +38,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from . import keys as K
-from .dedupe import DigestLedger, digest, split_digests
-from .errors import InvalidMetricError, MetricConflictError, WireFormatError
-from .records import IngestResult, LeafBatch, StepGroup
-from .rollup import EXACT, ZERO, cost_rollups, to_decimal
-from .wire import decode_batch, decode_state, encode_state
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
+from art_ray_metrics.core.records import IngestResult, LeafBatch, StepGroup
+from art_ray_metrics.core.rollup import EXACT, ZERO, cost_rollups, to_decimal
+from art_ray_metrics.core.wire import decode_batch, decode_state, encode_state
+from art_ray_metrics.errors import InvalidMetricError, MetricConflictError, WireFormatError
 
 __all__ = [
     "UNATTRIBUTED",
@@ -139,7 +140,7 @@ class StepBuffer:
         self.conflicts.extend(other.conflicts)
 
     def to_wire(self) -> list[Any]:
-        """Plain msgpack-able form (see :mod:`art_ray_metrics.wire`)."""
+        """Plain msgpack-able form (see :mod:`art_ray_metrics.core.wire`)."""
         return [
             {k: str(v) for k, v in self.sums.items()},
             b"".join(sorted(self.scenarios)),
@@ -362,10 +363,8 @@ class AggregatorState:
         and the row gets ``training_step``. Invalid trainer metrics raise before anything
         changes.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise InvalidMetricError(f"Expected a non-negative int step but got {step!r}")
-        if not isinstance(split, str) or not split or "/" in split:
-            raise InvalidMetricError(f"Expected a split name without '/' but got {split!r}")
+        V.check_step(step)
+        V.check_split(split)
         managed, passthrough = split_trainer_metrics(metrics)
         scope = K.scope_for_split(split)
         buf = self.pending.pop((step, scope), None) or StepBuffer()
@@ -500,15 +499,15 @@ def split_trainer_metrics(
         if not isinstance(raw_key, str) or not raw_key:
             raise InvalidMetricError(f"Expected a non-empty metric key but got {raw_key!r}")
         if raw_key.startswith("costs_"):
-            K.validate_key(raw_key)  # raises the legacy-key error with its replacement
+            V.validate_key(raw_key)  # raises the legacy-key error with its replacement
         key = K.canonical_backend_key(raw_key)
-        number = K.check_value(key, value)
+        number = V.check_value(key, value)
         if K.is_builder_managed(key):
-            K.validate_key(key)
+            V.validate_key(key)
             managed.append((key, to_decimal(value if isinstance(value, Decimal) else number)))
         else:
             if K.is_cumulative(key):
-                K.validate_key(key)
+                V.validate_key(key)
             passthrough[key] = number
     # a leaf/ancestor clash among the trainer's own managed keys is the trainer's error
     probe = StepBuffer()

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints and a write-ahead log over an :class:`~.storage.ObjectStore`.
+"""Crash-safe checkpoints and a write-ahead log over an :class:`~art_ray_metrics.durable.storage.ObjectStore`.
 
 The aggregator hands :meth:`CheckpointManager.commit` its state as :class:`CheckpointParts`: a
 small ``state`` blob rewritten every time, plus per shard *family* the bytes added since the last
@@ -98,7 +98,7 @@ import msgpack
 from art_ray_metrics import errors
 
 if TYPE_CHECKING:
-    from art_ray_metrics.storage import ObjectStore
+    from art_ray_metrics.durable.storage import ObjectStore
 
 __all__ = [
     "FORMAT_VERSION",

@@ -1,6 +1,6 @@
 """Object stores addressed by URI, with the two conditional writes a commit protocol needs.
 
-The checkpoint protocol (:mod:`art_ray_metrics.checkpoint`) needs exactly two atomic primitives
+The checkpoint protocol (:mod:`art_ray_metrics.durable.checkpoint`) needs exactly two atomic primitives
 besides plain reads and writes: **create-only** (write an object only if no object exists at that
 key) and **compare-and-swap** (overwrite an object only if it still has the version we read). This
 module gives one small :class:`ObjectStore` protocol with those primitives over four back ends::

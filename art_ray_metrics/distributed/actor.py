@@ -1,96 +1,9 @@
 """The aggregator: a named, detached Ray actor that is a thin shell over ``AggregatorState``.
 
-Trainer side::
-
-    handle = art_ray_metrics.start_aggregator(run_name="my-run", storage_uri="s3://bucket/runs")
-    row = handle.log(step, split="train", metrics={"loss": 0.1})   # the step barrier
-
-Remote methods, for users who call ``ray.get_actor(name, namespace=...)`` themselves (all
-return plain Python values):
-
-========================================================  =================================================
-``ingest(data: bytes, durable: bool = False) -> dict``    apply one msgpack batch (see :mod:`.wire`); returns
-                                                          ``{"producer_id", "seq", "duplicate", "durable",
-                                                          "durable_upto"}``; ``durable=True`` returns after the
-                                                          batch is in the write-ahead log. Malformed bytes raise
-                                                          :class:`~.errors.WireFormatError` (counted; no change).
-``log(step, split="train", metrics=None,                  close ``(step, split)``; returns the row
-expect_producers=None, timeout_s=None) -> dict``
-``stats() -> dict``                                       counters, rates, queue depths, storage and W&B health
-``checkpoint() -> dict``                                  commit a checkpoint now
-``rewind(step: int) -> dict``                             the trainer resumed from its checkpoint of ``step``:
-                                                          discard every step closed after it (see below)
-``config_fingerprint() -> str``                           hash of the configuration it runs with
-``shutdown(exit_code: int = 0) -> None``                  final checkpoint, finish W&B (then ``ray.kill``)
-========================================================  =================================================
-
-Concurrency. The actor is an asyncio actor: every method runs on one event loop, and every
-mutation of the state happens in a synchronous stretch of a coroutine, so no lock guards the
-state. Slow I/O (storage, W&B) runs in threads on immutable bytes and never blocks ingest.
-
-Durability. Every applied batch is appended to a write-ahead log by a group commit every
-``wal_interval_s`` (or at once for a durable ingest); a checkpoint at every barrier and on a
-timer covers the log, which is then compacted. The constructor restores the latest checkpoint
-and replays the log, so a restart (``max_restarts``) or a new cluster continues exactly.
-
-Failure semantics:
-
-- **Actor restart / node loss** (``max_restarts``): the constructor claims a new writer epoch,
-  restores the checkpoint and replays the WAL; producers resend what was not acknowledged as
-  durable; a barrier call cut by the restart is retried by :class:`AggregatorHandle` and either
-  returns the row already committed or closes the step again from the restored leaves.
-- **An acknowledged flush is durable**: ``ingest(durable=True)`` answers only after the batch is
-  in the WAL (or a checkpoint).
-- **Storage outage**: barriers still return rows (each waits at most about
-  ``storage_timeout_s`` for the failed commit); WAL writes and checkpoints are retried on the
-  timer and at every barrier; explicit flushes wait until the WAL write succeeds. A row returned
-  during an outage is durable only once a later checkpoint succeeds: if the actor also dies
-  before that, the step's leaves are restored from the WAL but the row must be closed again.
-- **Split brain**: a second aggregator on the same storage claims a newer epoch; the older one
-  is fenced at its next write (``stats()["fenced"]``), stops writing and keeps answering.
-- **W&B**: rows are logged after the checkpoint that holds them; after a restart the sink
-  re-logs every row since the last clean ``shutdown`` (from the history, plus rows committed but
-  not yet written to it), so a committed row may appear twice in W&B, never zero times.
-
-Resume from an older step (``rewind_window``, default 64). A trainer that restarts from its
-checkpoint of step ``k`` while the aggregator already closed steps after ``k`` would otherwise
-double-count the re-executed steps. Policy (SPEC §7 default): the aggregator goes back to the
-state right after step ``k`` closed, so every row logged after the resume equals the row of a
-run that never failed:
-
-- cumulative values and the last closed step per scope are restored to their values after the
-  last close of a step ``<= k``;
-- unique scenario ids and paid response ids first seen in a discarded step are removed, so a
-  re-executed step that sees the same ids counts them again, exactly as the first time;
-- pending and late leaves of the discarded timeline are dropped (their spend is reported in
-  ``stats()["rewound"]``); history rows of discarded steps are deleted; W&B keeps the rows it
-  has (charts use ``training_step`` as x-axis, so the re-logged steps appear next to them).
-
-Trigger it explicitly with :meth:`AggregatorHandle.rewind` right after the trainer restored its
-checkpoint and before its rollouts start. Implicitly, a barrier for a step below the last
-closed step of its scope rewinds to ``step - 1`` first (keeping the late leaves, which then
-belong to the re-executed step); a barrier repeating the *last* closed step is treated as a
-retried call and returns the same row, so re-executing only the last step needs the explicit
-call. With the implicit trigger, leaves that arrived before that barrier were checked against
-the not yet rewound paid-response ledger: a response id re-sent by the re-executed step is not
-charged again (the explicit call has no such gap). With ``rewind_window > 0`` every barrier
-writes one more object (the step's new ids, 16 bytes each, plus the cumulative values). Only
-the last ``rewind_window`` closes are restorable: an older target raises
-:class:`~.errors.InvalidMetricError` (explicit) or, implicitly, is logged, counted in
-``stats()["health"]["rewind_refused"]`` and folded in as late leaves. ``rewind_window=0``
-disables rewinding.
-
-The policy itself is pure and lives in :mod:`.rewind` (``record_close``, ``plan_rewind``,
-``apply_rewind``, ``net_shards``); this shell only reads and writes the objects, in threads,
-and persists. How it is stored. Every barrier writes one immutable object
-``rewind/<step:12>-<split>-<close:12>.bin`` (format in :mod:`.rewind`: the cumulative state
-right after that close and the ids it added), before the checkpoint that references it in
-``state.meta["rewind"]``; objects leaving the window are deleted after the next commit. Bytes
-per step do not grow with history. Removed ids are written as tombstone shards (families
-``scenarios_rewound``/``cost_ids_rewound``); on restore an id is present iff it occurs more
-often in the add shards than in the tombstone shards (an id is added only when absent and
-removed only when present, so occurrences alternate). An unreadable rewind object is a
-:class:`~.errors.StorageError` (explicit) or a refused rewind (implicit).
+It owns no policy: ingest, barriers and rewinds are the pure core's (:mod:`~art_ray_metrics.core`);
+this module schedules the I/O around them (write-ahead log, checkpoints, history, W&B) on one
+asyncio event loop, with slow I/O in threads. The remote methods, the commit protocol and the
+failure semantics are described once, in ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -106,21 +19,23 @@ from typing import Any
 
 import msgpack
 
-from . import keys as K
-from . import rewind as R
-from .checkpoint import CheckpointManager, CheckpointParts
-from .config import AggregatorConfig
-from .errors import (
+from art_ray_metrics.config import AggregatorConfig
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core import rewind as R
+from art_ray_metrics.core.rewind import TOMBSTONES
+from art_ray_metrics.core.state import AggregatorState, _Window
+from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
+from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
+from art_ray_metrics.durable.restore import rebuild_state
+from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.errors import (
     ConfigMismatchError,
     FencedError,
     InvalidMetricError,
     StorageError,
     WireFormatError,
 )
-from .rewind import TOMBSTONES, net_shards
-from .sinks import HistoryStore, WandbSink, WandbSinkConfig
-from .state import AggregatorState, _Window
-from .storage import open_store
+from art_ray_metrics.export.wandb_sink import WandbSink, WandbSinkConfig
 
 __all__ = ["AggregatorHandle", "MetricsAggregator", "start_aggregator"]
 
@@ -219,19 +134,7 @@ class MetricsAggregator:
                 delay *= 2
         if loaded is None:
             return AggregatorState(), 0
-        state = (
-            AggregatorState.from_checkpoint(loaded.state, net_shards(loaded.shards))
-            if loaded.committed
-            else AggregatorState()
-        )
-        replayed = 0
-        for record in loaded.wal:
-            for data in msgpack.unpackb(record, raw=False):
-                try:
-                    if not state.ingest_bytes(data).duplicate:
-                        replayed += 1
-                except WireFormatError as exc:  # written by us; should never happen
-                    log.error("art_ray_metrics: skipping unreadable WAL batch: %s", exc)
+        state, replayed = rebuild_state(loaded)
         if replayed:
             log.warning("art_ray_metrics: replayed %d batches from the write-ahead log", replayed)
         return state, replayed
@@ -259,7 +162,7 @@ class MetricsAggregator:
             # some. Re-log every row since the last clean finish: twice is fine, never zero.
             since = int(meta.get("wandb_finished_upto", -1))
             rows = {
-                (int(r["step"]), str(r["split"])): _history_metrics(r)
+                (int(r["step"]), str(r["split"])): history_row_metrics(r)
                 for r in self.history.read(start_step=since + 1)
             }
             # committed rows whose history write had not happened yet
@@ -480,7 +383,7 @@ class MetricsAggregator:
         if not cfg.gpu_type:
             return None
         if self.gpus is None:  # resolved once: the cluster's GPUs do not change per step
-            from .gpu import detect_gpus
+            from art_ray_metrics.spend.gpu import detect_gpus
 
             detected = detect_gpus() if cfg.gpu_count is None else {}
             if cfg.gpu_type == "auto":
@@ -492,7 +395,7 @@ class MetricsAggregator:
                 log.warning("art_ray_metrics: gpu_type=%r but no GPUs to charge", cfg.gpu_type)
         if not self.gpus:
             return None
-        from .gpu import gpus_cost_usd
+        from art_ray_metrics.spend.gpu import gpus_cost_usd
 
         price = cfg.gpu_hourly_usd
         overrides = {t: price for t in self.gpus} if price is not None else None
@@ -660,11 +563,6 @@ class MetricsAggregator:
         await self.checkpoint()
         if self.wandb is not None:
             await asyncio.to_thread(self.wandb.close, exit_code)
-
-
-def _history_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    skip = {"step", "split", "recorded_at"}
-    return {k: float(v) for k, v in record.items() if k not in skip}
 
 
 def _node_id() -> str | None:

@@ -59,10 +59,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .dedupe import DIGEST_SIZE
-from .errors import InvalidMetricError, WireFormatError
-from .rollup import ZERO
-from .state import AggregatorState, StepBuffer
+from art_ray_metrics.core.dedupe import DIGEST_SIZE
+from art_ray_metrics.core.rollup import ZERO
+from art_ray_metrics.core.state import AggregatorState, StepBuffer
+from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 
 __all__ = [
     "REWIND_FORMAT",

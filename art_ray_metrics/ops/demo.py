@@ -28,7 +28,7 @@ total with an in-process :class:`~art_ray_metrics.MetricsBuilder` fed the same l
 Timings (``time/``) are wall-clock and not compared.
 
 Files: ``<storage>`` holds the aggregator's checkpoint, log and history (see
-:mod:`art_ray_metrics.sinks`), plus ``demo/params.json`` (seed and sizes, so ``--resume``
+:mod:`art_ray_metrics.export.wandb_sink`), plus ``demo/params.json`` (seed and sizes, so ``--resume``
 replays the same workload). The chart goes to ``<local run dir>/chart.png``.
 """
 
@@ -56,14 +56,14 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._fakellm import FakeLLMServer, score_from_text
-from .actor import AggregatorHandle, start_aggregator
-from .builder import LeafRecorder, MetricsBuilder
-from .client import connect
-from .config import AggregatorConfig, ClientConfig
-from .instrument import track_api_cost
-from .sinks import HistoryStore
-from .storage import open_store
+from art_ray_metrics.builder import LeafRecorder, MetricsBuilder
+from art_ray_metrics.config import AggregatorConfig, ClientConfig
+from art_ray_metrics.distributed.actor import AggregatorHandle, start_aggregator
+from art_ray_metrics.distributed.client import connect
+from art_ray_metrics.durable.history import HistoryStore
+from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.ops.fakellm import FakeLLMServer, score_from_text
+from art_ray_metrics.spend.track import track_api_cost
 
 __all__ = [
     "ANTHROPIC_JUDGE",
@@ -440,7 +440,7 @@ def _wait_for_nodes(expected: int, timeout_s: float = 120.0) -> int:
 
 
 def _load_params(opts: DemoOptions) -> dict[str, Any]:
-    from .cli import read_run  # the operations module owns checkpoint reading
+    from art_ray_metrics.durable.restore import read_run
 
     store = open_store(opts.storage_uri)
     info = read_run(opts.storage_uri)

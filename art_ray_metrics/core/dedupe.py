@@ -39,7 +39,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-from .errors import WireFormatError
+from art_ray_metrics.errors import WireFormatError
 
 __all__ = ["DIGEST_SIZE", "DigestLedger", "digest", "split_digests"]
 

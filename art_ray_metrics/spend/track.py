@@ -1,9 +1,9 @@
 """Record the dollar cost of LLM API calls: ``track_api_cost`` and the builders' pricing methods.
 
 ``@track_api_cost(source=..., provider=..., model_name=...)`` wraps a function that calls an LLM
-API. After each call it prices the response (see :mod:`art_ray_metrics.pricing`) and records
+API. After each call it prices the response (see :mod:`art_ray_metrics.spend.pricing`) and records
 ``costs/<cost_context>/<source>`` on the builder active in the current context
-(:mod:`art_ray_metrics._active`). Builders get ART's ``add_response_cost``,
+(:mod:`art_ray_metrics.core.active`). Builders get ART's ``add_response_cost``,
 ``register_cost_extractor`` and ``register_model_pricing`` from :class:`ApiCostMixin`.
 
 What the decorator handles:
@@ -41,7 +41,7 @@ Guarantees and choices:
   the stream ends, or reported as unraisable if the stream was garbage-collected.
 * **Idempotent by response id**: a response with a provider id is recorded once.
   :class:`ApiCostMixin` skips ids it recorded before in this process (bounded LRU in the
-  builder's :class:`~art_ray_metrics.pricing.PricingRegistry`) and passes the id on to the
+  builder's :class:`~art_ray_metrics.spend.pricing.PricingRegistry`) and passes the id on to the
   aggregator, which applies it at most once per run. Providers that reuse ids (some mocks and
   self-hosted servers) must not rely on this; responses without an id are never de-duplicated.
 
@@ -60,9 +60,9 @@ from contextvars import copy_context
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from art_ray_metrics._active import get_active_builder
+from art_ray_metrics.core.active import get_active_builder
 from art_ray_metrics.errors import InvalidMetricError, PricingError
-from art_ray_metrics.pricing import (
+from art_ray_metrics.spend.pricing import (
     CostExtractor,
     PriceOverrides,
     PricingRegistry,
@@ -765,7 +765,7 @@ def bind_context(func: Callable[P, R]) -> Callable[P, R]:
     Each call runs in a fresh copy of the captured context, so the result can be called from
     several threads at once.
 
-    >>> from art_ray_metrics._active import set_active_builder, reset_active_builder
+    >>> from art_ray_metrics.core.active import set_active_builder, reset_active_builder
     >>> import threading
     >>> token = set_active_builder("b")
     >>> seen = []

@@ -38,14 +38,15 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from . import keys as K
-from .builder import _COST_KEYS, LeafRecorder, Number, PendingLeaves
-from .config import ClientConfig
-from .errors import AggregatorUnavailableError, InvalidMetricError, WireFormatError
-from .keys import _VALID_KEYS
-from .pricing import PricingRegistry
-from .records import KeyedCost, LeafBatch, StepGroup
-from .wire import encode_batch
+from art_ray_metrics.builder import _COST_KEYS, LeafRecorder, Number, PendingLeaves
+from art_ray_metrics.config import ClientConfig
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.validate import _VALID_KEYS
+from art_ray_metrics.core.wire import encode_batch
+from art_ray_metrics.errors import AggregatorUnavailableError, WireFormatError
+from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = ["FlushResult", "MetricsClient", "WorkerBuilder", "connect", "get_client"]
 
@@ -386,13 +387,9 @@ class WorkerBuilder(LeafRecorder):
     the process-wide client. ``flush()`` blocks until durable; ``aflush()`` awaits it."""
 
     def __init__(self, client: MetricsClient, step: int, cost_context: str, scope: str) -> None:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise InvalidMetricError(f"Expected a non-negative int step but got {step!r}")
-        if not isinstance(cost_context, str) or not cost_context.strip():
-            raise InvalidMetricError(f"Expected a non-empty cost_context but got {cost_context!r}")
         self.client = client
-        self.step = step
-        self.cost_context = cost_context.strip()
+        self.step = V.check_step(step)
+        self.cost_context = V.check_cost_context(cost_context)
         self.scope = scope
         self._slot_key = (step, scope)
         client.touch(step, scope)
@@ -437,9 +434,7 @@ class WorkerBuilder(LeafRecorder):
         self, cost_context: str, *, buffer_scope: str | None = None
     ) -> WorkerBuilder:
         """The same step under another cost context (and scope)."""
-        context = cost_context.strip() if isinstance(cost_context, str) else ""
-        if not context:
-            raise InvalidMetricError(f"Expected a non-empty cost_context but got {cost_context!r}")
+        context = V.check_cost_context(cost_context)
         return WorkerBuilder(self.client, self.step, context, buffer_scope or context)
 
     def for_step(self, step: int) -> WorkerBuilder:

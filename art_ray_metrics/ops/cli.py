@@ -32,19 +32,20 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import msgpack
 from rich.console import Console
 from rich.table import Table
 
-from . import checkpoint as ckpt_mod
-from . import wire
-from .checkpoint import CheckpointManager
-from .config import DEFAULT_NAME, DEFAULT_NAMESPACE
-from .errors import (
+from art_ray_metrics.config import DEFAULT_NAME, DEFAULT_NAMESPACE
+from art_ray_metrics.durable import checkpoint as ckpt_mod
+from art_ray_metrics.durable.checkpoint import CheckpointManager
+from art_ray_metrics.durable.history import HistoryStore
+from art_ray_metrics.durable.restore import RunInfo, read_run
+from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.errors import (
     AggregatorUnavailableError,
     CheckpointCorruptError,
     ConfigError,
@@ -52,11 +53,9 @@ from .errors import (
     StorageError,
     WireFormatError,
 )
-from .sinks import HistoryStore, WandbSink, WandbSinkConfig
-from .state import AggregatorState
-from .storage import open_store
+from art_ray_metrics.export.wandb_sink import WandbSink, WandbSinkConfig
 
-__all__ = ["CliError", "RunInfo", "build_parser", "main", "read_run"]
+__all__ = ["CliError", "build_parser", "main"]
 
 DEFAULT_COLUMNS = (
     "costs/all",
@@ -70,46 +69,6 @@ DEFAULT_COLUMNS = (
 
 class CliError(Exception):
     """A problem with the user's input; printed as one line, exit code 2."""
-
-
-# --------------------------------------------------------------------------- reading a run
-
-
-@dataclass
-class RunInfo:
-    """What a run's storage says, as a restarted aggregator would see it (read-only)."""
-
-    uri: str
-    committed: bool
-    epoch: int
-    seq: int
-    manifest: str | None
-    checkpoint_format: int
-    wire_format: int
-    wal_records: int
-    replayed_batches: int
-    last_closed: dict[str, int]
-    pending_steps: list[list[Any]]
-    totals: dict[str, float]
-    unique_scenarios: int
-    response_ids: int
-    wandb_run_id: str | None
-    wandb_finished_upto: int | None
-    restarts: int
-    counters: dict[str, int]
-    producers: int
-    history_rows: int
-    history_last_step: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def last_train_step(self) -> int | None:
-        """The last closed train step (state or history, whichever is further)."""
-        steps = [
-            s
-            for s in (self.last_closed.get("train"), self.history_last_step.get("train"))
-            if s is not None
-        ]
-        return max(steps) if steps else None
 
 
 def _is_local(uri: str) -> bool:
@@ -129,65 +88,6 @@ def _open_existing(uri: str) -> Any:
                 f"Expected an existing run directory but got {uri!r} (no such directory)"
             )
     return open_store(uri)
-
-
-def read_run(uri: str, store: Any = None) -> RunInfo | None:
-    """Load the latest checkpoint and replay its write-ahead log, without claiming the store.
-
-    Returns:
-        The run's state, or None when the store holds no checkpoint and no log.
-
-    Raises:
-        CheckpointCorruptError: Every checkpoint is unreadable (corrupt, or another format
-            version).
-        WireFormatError: The state blob or a batch has an unknown format version.
-        StorageError: The store failed.
-    """
-    store = store if store is not None else open_store(uri)
-    loaded = CheckpointManager(store).load_latest()
-    if loaded is None:
-        return None
-    state = (
-        AggregatorState.from_checkpoint(loaded.state, loaded.shards)
-        if loaded.committed
-        else AggregatorState()
-    )
-    replayed = 0
-    for record in loaded.wal:
-        for data in msgpack.unpackb(record, raw=False):
-            if not state.ingest_bytes(data).duplicate:
-                replayed += 1
-    history = HistoryStore(store)
-    rows = 0
-    last: dict[str, int] = {}
-    for step, split, _key in history._entries():
-        rows += 1
-        last[split] = max(step, last.get(split, step))
-    meta = state.meta
-    finished = meta.get("wandb_finished_upto")
-    return RunInfo(
-        uri=getattr(store, "uri", uri),
-        committed=loaded.committed,
-        epoch=loaded.epoch,
-        seq=loaded.seq,
-        manifest=loaded.manifest,
-        checkpoint_format=ckpt_mod.FORMAT_VERSION,
-        wire_format=wire.FORMAT_VERSION,
-        wal_records=len(loaded.wal),
-        replayed_batches=replayed,
-        last_closed=dict(state.last_closed),
-        pending_steps=sorted([s, sc] for s, sc in state.pending),
-        totals={k: float(v) for k, v in sorted(state.cum.values.items())},
-        unique_scenarios=len(state.cum.scenarios),
-        response_ids=len(state.cum.cost_ids),
-        wandb_run_id=meta.get("wandb_run_id"),
-        wandb_finished_upto=int(finished) if finished is not None else None,
-        restarts=int(meta.get("restarts", 0)),
-        counters=dict(state.counters),
-        producers=len(state.producers),
-        history_rows=rows,
-        history_last_step=last,
-    )
 
 
 def _require_run(uri: str) -> tuple[Any, RunInfo]:
@@ -420,7 +320,7 @@ def _wandb_mode(args: argparse.Namespace) -> Literal["online", "offline", "disab
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``demo``: the ART-style loop on Ray (see :mod:`art_ray_metrics.demo`)."""
+    """``demo``: the ART-style loop on Ray (see :mod:`art_ray_metrics.ops.demo`)."""
     if args.steps < 1 or args.rollouts < 1 or args.judges < 1:
         raise CliError(
             "Expected --steps, --rollouts and --judges >= 1 but got "
@@ -445,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        from . import demo
+        from art_ray_metrics.ops import demo
     except ImportError as exc:
         raise CliError(
             f"Expected the demo extras but got {exc}; install them with "

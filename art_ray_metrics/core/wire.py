@@ -9,11 +9,11 @@ Batch, format version 1 (a msgpack array)::
 Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across processes.
 
 Snapshot, format version 1: ``["arm-state", 1, state]`` where ``state`` is
-:meth:`AggregatorState.to_wire() <art_ray_metrics.state.AggregatorState.to_wire>`.
+:meth:`AggregatorState.to_wire() <art_ray_metrics.core.state.AggregatorState.to_wire>`.
 
 Decoding never trusts its input: every field's type is checked, every key goes through
-:func:`~art_ray_metrics.keys.validate_key` and every value through
-:func:`~art_ray_metrics.keys.check_value`; anything else raises :class:`WireFormatError` naming
+:func:`~art_ray_metrics.core.validate.validate_key` and every value through
+:func:`~art_ray_metrics.core.validate.check_value`; anything else raises :class:`WireFormatError` naming
 what was wrong, before any state is touched. Schema evolution: new fields are appended with
 defaults; fields are never reordered or retyped; an unknown version is refused.
 """
@@ -26,10 +26,10 @@ from typing import Any
 
 import msgpack
 
-from . import keys as K
-from .dedupe import DIGEST_SIZE
-from .errors import InvalidMetricError, WireFormatError
-from .records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.dedupe import DIGEST_SIZE
+from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 
 __all__ = [
     "BATCH_MAGIC",
@@ -94,7 +94,7 @@ def _str(value: object, what: str) -> str:
 
 def _leaf(key: object, value: object) -> tuple[str, Decimal]:
     try:
-        k = K.validate_key(key)
+        k = V.validate_key(key)
         if not isinstance(value, str):
             raise InvalidMetricError(f"Expected a decimal string for {k=!r} but got {value!r}")
         try:
@@ -103,7 +103,7 @@ def _leaf(key: object, value: object) -> tuple[str, Decimal]:
             raise InvalidMetricError(
                 f"Expected a decimal string for {k=!r} but got {value!r}"
             ) from None
-        K.check_value(k, number)
+        V.check_value(k, number)
     except InvalidMetricError as exc:
         raise WireFormatError(f"Invalid leaf in batch: {exc}") from exc
     return k, number

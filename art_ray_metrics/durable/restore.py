@@ -1,0 +1,136 @@
+"""Rebuild an aggregator's state from storage: the one restore path.
+
+The aggregator calls :func:`rebuild_state` when it starts; the CLI (``inspect``, ``history``)
+and the demo's ``--resume`` call :func:`read_run`, which uses the same function without claiming
+the store, so both see the same totals, including after a rewind.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from art_ray_metrics.core import wire
+from art_ray_metrics.core.rewind import net_shards
+from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.durable import checkpoint as ckpt_mod
+from art_ray_metrics.durable.checkpoint import CheckpointManager, LoadedCheckpoint
+from art_ray_metrics.durable.history import HistoryStore
+from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.errors import WireFormatError
+
+__all__ = ["RunInfo", "read_run", "rebuild_state"]
+
+log = logging.getLogger(__name__)
+
+
+def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
+    """Return the state a checkpoint describes, with its write-ahead log replayed.
+
+    Rewind tombstones are netted out of the id shards, so an id removed by a rewind stays
+    removed. Returns the state and the number of batches replayed (duplicates not counted).
+    """
+    state = (
+        AggregatorState.from_checkpoint(loaded.state, net_shards(loaded.shards))
+        if loaded.committed
+        else AggregatorState()
+    )
+    replayed = 0
+    for record in loaded.wal:
+        for data in msgpack.unpackb(record, raw=False):
+            try:
+                if not state.ingest_bytes(data).duplicate:
+                    replayed += 1
+            except WireFormatError as exc:  # written by us; should never happen
+                log.error("art_ray_metrics: skipping unreadable WAL batch: %s", exc)
+    return state, replayed
+
+
+@dataclass
+class RunInfo:
+    """What a run's storage says, as a restarted aggregator would see it (read-only)."""
+
+    uri: str
+    committed: bool
+    epoch: int
+    seq: int
+    manifest: str | None
+    checkpoint_format: int
+    wire_format: int
+    wal_records: int
+    replayed_batches: int
+    last_closed: dict[str, int]
+    pending_steps: list[list[Any]]
+    totals: dict[str, float]
+    unique_scenarios: int
+    response_ids: int
+    wandb_run_id: str | None
+    wandb_finished_upto: int | None
+    restarts: int
+    counters: dict[str, int]
+    producers: int
+    history_rows: int
+    history_last_step: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def last_train_step(self) -> int | None:
+        """The last closed train step (state or history, whichever is further)."""
+        steps = [
+            s
+            for s in (self.last_closed.get("train"), self.history_last_step.get("train"))
+            if s is not None
+        ]
+        return max(steps) if steps else None
+
+
+def read_run(uri: str, store: Any = None) -> RunInfo | None:
+    """Load the latest checkpoint and replay its write-ahead log, without claiming the store.
+
+    Returns:
+        The run's state, or None when the store holds no checkpoint and no log.
+
+    Raises:
+        CheckpointCorruptError: Every checkpoint is unreadable (corrupt, or another format
+            version).
+        WireFormatError: The state blob or a batch has an unknown format version.
+        StorageError: The store failed.
+    """
+    store = store if store is not None else open_store(uri)
+    loaded = CheckpointManager(store).load_latest()
+    if loaded is None:
+        return None
+    state, replayed = rebuild_state(loaded)
+    history = HistoryStore(store)
+    rows = 0
+    last: dict[str, int] = {}
+    for step, split, _key in history._entries():
+        rows += 1
+        last[split] = max(step, last.get(split, step))
+    meta = state.meta
+    finished = meta.get("wandb_finished_upto")
+    return RunInfo(
+        uri=getattr(store, "uri", uri),
+        committed=loaded.committed,
+        epoch=loaded.epoch,
+        seq=loaded.seq,
+        manifest=loaded.manifest,
+        checkpoint_format=ckpt_mod.FORMAT_VERSION,
+        wire_format=wire.FORMAT_VERSION,
+        wal_records=len(loaded.wal),
+        replayed_batches=replayed,
+        last_closed=dict(state.last_closed),
+        pending_steps=sorted([s, sc] for s, sc in state.pending),
+        totals={k: float(v) for k, v in sorted(state.cum.values.items())},
+        unique_scenarios=len(state.cum.scenarios),
+        response_ids=len(state.cum.cost_ids),
+        wandb_run_id=meta.get("wandb_run_id"),
+        wandb_finished_upto=int(finished) if finished is not None else None,
+        restarts=int(meta.get("restarts", 0)),
+        counters=dict(state.counters),
+        producers=len(state.producers),
+        history_rows=rows,
+        history_last_step=last,
+    )
