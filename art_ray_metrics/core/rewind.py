@@ -1,52 +1,16 @@
 """Resume from an older step: the pure rewind policy over an :class:`AggregatorState`.
 
-A trainer that restarts from its checkpoint of step ``k`` while the aggregator already closed
-steps after ``k`` would otherwise double-count the re-executed steps. Rewinding to ``k`` puts
-the state back to right after the last close of a step ``<= k`` (SPEC §7 default), so every
-row closed afterwards equals the row of a run that never failed. This module holds the whole
-policy as plain Python (no I/O, Ray or W&B); the actor chooses which objects to read, reads
-and writes them in threads, and persists.
-
-Protocol, per barrier and per rewind::
+Rewinding to ``k`` restores the state right after the last close of a step ``<= k``, so rows
+closed afterwards equal those of a run that never failed. The policy and the record format are
+described in ``docs/design.md`` ("Rewinds"). The actor's protocol, per barrier and rewind::
 
     key, data, evicted = record_close(state, step, split, new_scenarios, new_cost_ids, window=n)
-    # shell: store ``data`` at ``key`` before the checkpoint; forget ``evicted`` objects
     plan = plan_rewind(state, k, keep_late=..., window=n)     # None: nothing to discard
-    # shell: read plan.base_key (if any) and plan.keys, decode with decode_record
     result = apply_rewind(state, plan, base, records, keep_late=...)
-    # shell: append result.tombstones to its tombstone shards; forget result.dropped_keys
 
-Invariants:
-
-- **Exact restore.** After :func:`apply_rewind`, ``state.cum.values`` and
-  ``state.last_closed`` equal those recorded right after the base close (empty without a
-  base), and each ledger lacks exactly the ids that the discarded closes added.
-- **Window.** ``state.meta["rewind"]`` lists ``[step, split, key]`` of the last ``window``
-  closes, oldest first; ``meta["rewind_floor"]`` is the step of the newest close that left it.
-  A target whose base close left the window is refused with :class:`InvalidMetricError`.
-- **Nothing vanishes silently.** Spend that leaves the totals (``costs/cum/all`` of the
-  discarded closes plus ``costs/`` leaves of dropped pending/late buffers) is returned and
-  added to ``meta["rewound"]["costs_usd"]``.
-- **Tombstones.** Removed ids are returned per tombstone family (:data:`TOMBSTONES`) and
-  written as extra checkpoint shards; :func:`net_shards` cancels them against the add shards
-  one for one on restore (an id is added only when absent and removed only when present, so
-  its occurrences alternate: present iff added more often than removed).
-
-Rewind object (one per close, immutable), key ``rewind/<step:12>-<split>-<close:12>.bin``,
-format version 1, a msgpack map in this field order::
-
-    {"format": 1, "step": int >= 0, "split": str, "cum": {key: decimal-str},
-     "last_closed": {scope: int}, "scenarios": bin, "cost_ids": bin}
-
-``cum`` and ``last_closed`` are the state right after that close; ``scenarios`` and
-``cost_ids`` are the 16-byte digests the close added to the ledgers. :func:`decode_record`
-checks every field and raises :class:`WireFormatError`; an unknown version is refused.
-
-Meta fields (in ``state.meta``, set by :func:`ensure_meta`): ``rewind`` (the window),
-``rewind_drop`` (object keys to delete after the next commit), ``rewind_floor``,
-``history_drop`` (``[step, split]`` history rows of discarded steps), ``close_seq`` and
-``rewound`` (``{"rewinds", "steps", "costs_usd"}``). ``apply_rewind`` also removes discarded
-steps from ``meta["last_rows"]`` and ``meta["outbox"]`` when present.
+The shell stores ``data`` at ``key`` before the checkpoint, reads ``plan.base_key`` and
+``plan.keys``, appends ``result.tombstones`` to its tombstone shards and forgets the evicted
+and dropped objects.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ not associative: ``(0.1 + 0.2) + 0.3 != 0.1 + (0.2 + 0.3)``). A float enters thr
 shortest ``repr`` (``0.1`` is ten cents, not ``0.1000000000000000055…``) and leaves as the
 nearest float only when a row is emitted.
 
-Rollups (SPEC §3.2): every cost leaf adds its value to each proper ancestor at depth ≥ 2, and
+Rollups: every cost leaf adds its value to each proper ancestor at depth ≥ 2, and
 ``costs/all`` is the sum over the top-level children, which is the sum of all leaves::
 
     costs/train/llm_judge/general        0.08  ┐

@@ -1,5 +1,5 @@
 """The aggregation state machine: pending step buffers, the run-wide cumulative state, and
-the step math of SPEC §3. Pure Python: no I/O, threads, locks, Ray or W&B.
+the step math described in docs/design.md. Pure Python: no I/O, threads, locks, Ray or W&B.
 
 Temporality. Leaves are *per-step deltas*; rows carry per-step values plus *cumulative twins*
 that add up every closed step of the run (shared by all scopes)::
@@ -177,7 +177,7 @@ class CumulativeState:
 
 
 def close_buffer(buf: StepBuffer, cum: CumulativeState) -> dict[str, float]:
-    """Fold one step's buffer into the cumulative state and return its row (SPEC §3).
+    """Fold one step's buffer into the cumulative state and return its row.
 
     The row holds the summed leaves, cost rollups and ``costs/all``, cumulative twins of every
     ``costs/``, ``time/`` and ``data/`` key, idle cumulatives, the unique-scenario count (when

@@ -1,84 +1,11 @@
 """Crash-safe checkpoints and a write-ahead log over an :class:`~art_ray_metrics.durable.storage.ObjectStore`.
 
-The aggregator hands :meth:`CheckpointManager.commit` its state as :class:`CheckpointParts`: a
-small ``state`` blob rewritten every time, plus per shard *family* the bytes added since the last
-checkpoint. Shard bytes are opaque to this module but concatenable (two shards of one family
-joined are a valid shard of it), which allows incremental writes and compaction by concatenation.
-Pure logic: no Ray, no W&B, no cloud SDK; all I/O goes through the injected store.
-
-Layout under the store root (E = writer epoch, 10 digits; S = commit sequence, 12 digits;
-C = WAL counter, 12 digits; L = shard level, 2 digits)::
-
-    CHECKPOINT                              pointer, rewritten by compare-and-swap only
-    manifests/EEEEEEEEEE-SSSSSSSSSSSS.bin   immutable, create-only: one per commit
-    state/EEEEEEEEEE-SSSSSSSSSSSS.bin       immutable: the state blob of that commit
-    shards/<family>/E…-S…-LLL.bin           immutable: one shard; LLL is "L" + level ("L00", …)
-    wal/EEEEEEEEEE-CCCCCCCCCCCC.bin         immutable: one WAL record
-
-Every object starts with a 20-byte big-endian header, then the payload::
-
-    offset  size  field
-    0       4     magic b"ARMC"
-    4       2     format version (1)
-    6       1     kind: 1 pointer, 2 manifest, 3 state, 4 shard, 5 WAL record
-    7       1     reserved (0)
-    8       8     payload length in bytes
-    16      4     CRC-32 of the payload
-
-A short, overlong, mis-kinded or CRC-failing object raises :class:`CheckpointCorruptError` naming
-its key. Pointer and manifest payloads are msgpack maps:
-
-- pointer: ``{"format": 1, "epoch": E, "seq": S, "manifest": key | None}``;
-- manifest: ``{"format": 1, "epoch": E, "seq": S, "state": key, "shards": {family: [key, …]},
-  "wal_next": C, "prev": key | None}``. It covers every WAL record of an epoch below ``E`` and
-  the records of epoch ``E`` with counter below ``wal_next``; ``prev`` is the committed manifest
-  it was built on (the retention chain).
-
-Commit (one writer epoch ``E``, next sequence ``S``):
-
-1. write ``state/E-S`` and the new shards create-only (a merge writes one shard of the next level
-   instead of the level-0 shard, see below);
-2. write ``manifests/E-S`` create-only;
-3. compare-and-swap ``CHECKPOINT`` to ``(E, S, manifests/E-S)`` against the version this manager
-   last wrote or read. Only this step makes the commit visible, so a crash before it leaves the
-   previous checkpoint in place plus unreferenced blobs, which the next successful commit
-   prunes. A failed commit consumes ``S``; the caller must pass that commit's shard bytes again.
-
-Fencing. :meth:`CheckpointManager.acquire` claims ``E = max(epoch in the pointer, any epoch in
-an object key) + 1`` by CAS on the pointer, then lists and loads. A commit whose CAS fails while
-the pointer shows a newer epoch raises :class:`FencedError`, and so does every later write of
-that manager. A WAL append writes its record, then reads the pointer: if a newer epoch owns it,
-the append raises :class:`FencedError`. Guarantee: **every record whose** ``append_wal``
-**returned is replayed by any later writer**. Proof: the append returned, so the pointer read
-that followed the record's write still showed ``E``; a newer writer's claim CAS is therefore
-later than the record's write, and it lists ``wal/`` after its claim, on a store with
-read-after-write consistency (S3, GCS, POSIX). A record whose append raised may or may not be
-replayed; it was never acknowledged, so the producer resends and the consumer deduplicates.
-
-Replay. The loader returns, in ``(epoch, counter)`` order, the WAL records not covered by the
-loaded manifest (epoch equal and counter ``>= wal_next``, or a newer epoch). Records of older
-epochs are covered: they were replayed into the new writer's state or were never acknowledged.
-The caller must apply ``LoadedCheckpoint.wal`` before its first commit, and each ``commit`` must
-include every record whose ``append_wal`` returned before it (or pass ``wal_next=``).
-
-Incremental shards and tiered compaction. A commit writes only the family's new bytes as one
-level-0 shard. Whenever a family holds ``shard_fanout`` shards of one level, they are
-concatenated into one shard of the next level (cascading). A family of ``n`` commits therefore
-has at most ``(fanout - 1) * (log_fanout(n) + 1)`` shards, and each byte is rewritten at most
-``log_fanout(n)`` times: bytes per commit do not grow with history except on amortised merges.
-
-Corruption. Loading tries the pointer's manifest, then older manifests in descending key order,
-skipping (with a warning) any whose manifest, state or shard is corrupt or missing. An outage
-(any other :class:`StorageError`) is raised, never treated as corruption. A corrupt WAL record is
-skipped with an error log.
-
-Retention. After a successful commit the manager keeps the last ``retention`` manifests of its
-chain and every object they reference, deletes every other manifest, state and shard object of
-its own or an older epoch (never a newer writer's), and deletes WAL records covered by the
-oldest retained manifest, so a fallback to any retained manifest still finds its WAL. Pruning
-lists the store, so it runs after every ``prune_every``-th commit (default 1): in between, older
-objects linger a little longer, which costs storage, never correctness. Pruning failures are
-logged, not raised. All writers of one URI should use the same ``retention``.
+:meth:`CheckpointManager.commit` takes the state as :class:`CheckpointParts`: a small ``state``
+blob rewritten every time, plus per shard family the bytes added since the last checkpoint
+(concatenable, so shards are incremental and compacted by concatenation). Pure logic: all I/O
+goes through the injected store. The object layout, header, commit, fencing, replay, shard
+compaction and retention rules are in ``docs/design.md`` ("The commit protocol"); the
+aggregator passes ``AggregatorConfig.checkpoint_prune_every`` (default 4) as ``prune_every``.
 """
 
 from __future__ import annotations

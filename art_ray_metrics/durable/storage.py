@@ -1,53 +1,15 @@
-"""Object stores addressed by URI, with the two conditional writes a commit protocol needs.
+"""Object stores addressed by URI, with the two conditional writes the commit protocol needs.
 
-The checkpoint protocol (:mod:`art_ray_metrics.durable.checkpoint`) needs exactly two atomic primitives
-besides plain reads and writes: **create-only** (write an object only if no object exists at that
-key) and **compare-and-swap** (overwrite an object only if it still has the version we read). This
-module gives one small :class:`ObjectStore` protocol with those primitives over four back ends::
+:class:`ObjectStore` offers plain reads and writes plus **create-only** and
+**compare-and-swap** over a local directory, S3, GCS and memory (``docs/design.md`` has the
+table). Every failure is a :class:`~art_ray_metrics.errors.StorageError` naming the store and
+key, never credentials. ``timeout_s`` bounds each request and its retries, so an outage
+surfaces within seconds. S3 settings come from the standard ``AWS_*`` environment variables.
 
-    URI                              store                 create-only          compare-and-swap
-    ------------------------------   -------------------   ------------------   -------------------
-    /abs/dir, rel/dir, file:///dir   LocalDirStore         os.link (EEXIST)     flock + sha256 token
-    s3://bucket/prefix               obstore S3Store       If-None-Match: *     If-Match: <etag>
-    gs://bucket/prefix               obstore GCSStore      ifGenerationMatch=0  ifGenerationMatch
-    memory://name                    InMemoryStore         dict under a lock    generation counter
-
-Why obstore: it speaks S3 and GCS conditional writes natively (``PutMode`` ``"create"`` and
-``{"e_tag": ..., "version": ...}``), has bounded client timeouts and retries, and is one small
-wheel without a cloud SDK. ``pyarrow.fs`` (what Ray Train uses) has no conditional writes at all,
-so it cannot fence a stale writer.
-
-Why our own local store: obstore's ``LocalStore`` supports create-only but raises
-``NotImplementedError`` for ``PutMode::Update`` (checked with obstore 0.12.1), so CAS on a local
-directory is implemented here:
-
-- every write goes to a temporary file in the target directory, is fsynced, then renamed into
-  place with ``os.replace`` (atomic on POSIX) and the directory is fsynced: readers see the old
-  or the new bytes, never a torn object;
-- create-only publishes the temporary file with ``os.link``, which fails atomically if the key
-  exists;
-- the version token is ``sha256:<hex>`` of the content, read from one open file descriptor, so
-  data and token always belong together; overwrites, CAS and deletes hold an exclusive
-  ``fcntl.flock`` on ``<root>/.arm-store.lock`` (plus a per-process thread lock, because flock
-  is per open file) between checking the version and renaming, so two writers with the same token
-  cannot both win, across threads and processes on one host. Names starting with ``.arm-`` are
-  reserved for these files and are rejected as key segments.
-
-Invariants shared by every store (checked by one contract test suite):
-
-- keys are relative, ``/``-separated, non-empty segments without ``.``/``..``; ``list`` returns
-  keys relative to the store root, sorted, filtered by a plain string prefix;
-- a version token is opaque; it changes whenever the content changes (S3 ETags and the local
-  sha256 are content hashes, so rewriting identical bytes may keep the token);
-- ``put_if_version`` on a missing key fails with :class:`PreconditionFailedError`;
-- every back-end failure is raised as a :class:`StorageError` subclass whose message names the
-  store URI and the key, never credentials. ``uri`` never carries credentials either.
-
-S3 settings come from the standard environment (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``); an
-``http://`` endpoint enables plain HTTP. ``timeout_s`` bounds the connect and read phases of each
-request and the total time spent retrying (at most two retries), so an outage surfaces as a
-``StorageError`` within seconds instead of hanging the aggregator.
+The local store is ours because obstore's local store has no compare-and-swap: writes go to a
+fsynced temporary file renamed into place; create-only publishes with ``os.link``; the version
+token is the content's sha256; overwrites, swaps and deletes hold an ``fcntl.flock`` on
+``<root>/.arm-store.lock`` (names starting with ``.arm-`` are reserved).
 """
 
 from __future__ import annotations

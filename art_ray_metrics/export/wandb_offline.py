@@ -1,7 +1,7 @@
 """Read back the ``run-<id>.wandb`` files of W&B runs (W&B 0.31 ships no reader).
 
-Used by tests and by the CLI to check what an offline run recorded, and to compare it with the
-JSONL history.
+Used by the W&B sink (to wait for an offline run's exit record) and by tests (to compare what an
+offline run recorded with the JSONL history).
 
 File format (checked against files written by wandb 0.31.0 in offline mode)
 --------------------------------------------------------------------------

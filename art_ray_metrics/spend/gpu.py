@@ -1,4 +1,4 @@
-"""GPU cost: ``costs/gpu`` = wall seconds × hourly price per GPU × GPU count ÷ 3600 (SPEC §10).
+"""GPU cost: ``costs/gpu`` = wall seconds × hourly price per GPU × GPU count ÷ 3600.
 
 Pure except :func:`detect_gpus`, which asks Ray (imported lazily, only if the caller already
 imported and initialised it). Money is :class:`~decimal.Decimal`.

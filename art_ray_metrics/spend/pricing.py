@@ -3,7 +3,7 @@
 Pure and synchronous; no I/O. Money is :class:`~decimal.Decimal` from the first price to the
 returned cost; only the sink turns it into a float.
 
-Order in which a response is priced (SPEC §9):
+Order in which a response is priced:
 
 1. A cost the response reports itself: ``usage.cost`` (a number, or an object with
    ``total_cost``), ``usage.model_extra["cost"]``, or LiteLLM's
@@ -575,7 +575,7 @@ def normalize_usage(response: Any, provider: str) -> TokenUsage:
 
 
 def usage_cost(usage: TokenUsage, pricing: TokenPricing) -> Decimal:
-    """Dollar cost of ``usage`` at ``pricing`` (SPEC §9 formulas), exact.
+    """Dollar cost of ``usage`` at ``pricing`` (the formulas in docs/design.md), exact.
 
     >>> p = TokenPricing.create(prompt_per_million=3, completion_per_million=15,
     ...                         cache_creation_per_million=3.75, cache_read_per_million=0.30)

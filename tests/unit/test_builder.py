@@ -1,4 +1,4 @@
-"""MetricsBuilder: ART's in-process API, results and state format (SPEC §5)."""
+"""MetricsBuilder: ART's in-process API, results and state format."""
 
 from __future__ import annotations
 

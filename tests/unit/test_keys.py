@@ -1,4 +1,4 @@
-"""Taxonomy: routing, backend names, cumulative twins and the validation table (SPEC §2, §4)."""
+"""Taxonomy: routing, backend names, cumulative twins and the validation table."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class TestRouting:
         ],
     )
     def test_backend_names(self, name: str, key: str) -> None:
-        """Backend names map into the taxonomy as in SPEC §2."""
+        """Backend names map into the taxonomy as in ART."""
         assert K.canonical_backend_key(name) == key
 
     def test_scopes(self) -> None:

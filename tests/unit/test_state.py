@@ -1,5 +1,5 @@
 """The aggregation state machine: ART's step math, idempotency, ordering, late leaves,
-conflicts and snapshots (SPEC §3, §4)."""
+conflicts and snapshots."""
 
 from __future__ import annotations
 
