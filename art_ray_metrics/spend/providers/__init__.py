@@ -34,9 +34,9 @@ PROVIDERS: Final[tuple[Provider, ...]] = (
     openai.PROVIDER,
     anthropic.PROVIDER,
     openrouter.PROVIDER,
-    litellm.PROVIDER,
     tinker.PROVIDER,
     genai.PROVIDER,
+    litellm.PROVIDER,  # after genai-prices: its price map is the last price source
 )
 
 BUILTIN_PRICING: Final[Mapping[str, TokenPricing]] = {
