@@ -274,7 +274,8 @@ class _SharedState:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.buffers: dict[str, PendingLeaves] = {}
-        self.cum = CumulativeState()
+        # state_dict() serialises the whole ledgers: no incremental-checkpoint journal to keep
+        self.cum = CumulativeState(journal=False)
         self.pricing = PricingRegistry()
 
 
@@ -379,10 +380,12 @@ class MetricsBuilder(LeafRecorder):
             values = {}
             for k, v in state.get("cum_state", {}).items():
                 values[str(k)] = to_decimal(V.check_value(str(k), v, cost=False))
-        scenarios = DigestLedger()
+        scenarios = DigestLedger(journal=False)
         scenarios.add_many(digest(s) for s in state.get("unique_scenario_ids", []))
         scenarios.add_bytes(base64.b64decode(state.get("unique_scenario_digests", "")))
-        cost_ids = DigestLedger.from_bytes(base64.b64decode(state.get("response_id_digests", "")))
+        cost_ids = DigestLedger.from_bytes(
+            base64.b64decode(state.get("response_id_digests", "")), journal=False
+        )
         cum = self._shared.cum
         cum.values = values
         cum.scenarios = scenarios

@@ -14,6 +14,10 @@ Prints Markdown tables, all measured in one run, with OpenPipe ART 0.5.18's own
    incremental checkpoint shards, and the whole ``snapshot()``. ART's figure is its real path
    too: ``add_data`` + ``flush`` per step, then the size of its ``set[str]`` (``sys.getsizeof``
    of the set and the strings, cross-checked by RSS) and of its ``state_dict()`` ids as JSON.
+   **In-process builder** (section ``builder_ids``): the same ids through the public
+   ``MetricsBuilder.add_data(scenario_ids=...)`` + ``flush()`` per 10k-id step, at 10M ids
+   (1M with ``--quick``): RSS growth per id, beside the same builder keeping a checkpoint
+   journal (how it was before; measured in the same run).
 2. **Core ingest rate.** Pre-built batches through ``AggregatorState.ingest`` and, encoded,
    through ``ingest_bytes``; ``MetricsBuilder.add_metric`` in a loop.
 3. **``add_metric`` per call** at 10 / 100 / 1,000 pending keys, re-adding existing keys and
@@ -45,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _art import art_metrics_builder
 
 from art_ray_metrics import MetricsBuilder
-from art_ray_metrics.core.dedupe import digest
+from art_ray_metrics.core.dedupe import DigestLedger, digest
 from art_ray_metrics.core.records import LeafBatch, StepGroup
 from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import encode_batch
@@ -327,6 +331,75 @@ def bench_ids(quick: bool) -> str:
     )
 
 
+def builder_public_path(n: int, *, journal: bool) -> dict[str, float]:
+    """``MetricsBuilder.add_data(scenario_ids=...)`` + ``flush()`` per 10k-id step, in process.
+
+    The ids are created and hashed inside the measured block (the public API takes strings);
+    each step's strings are freed after its flush, so what stays is the builder's state.
+    ``journal=True`` swaps in journaling ledgers: the builder as it was before it stopped
+    keeping the incremental-checkpoint journal (the baseline).
+    """
+    rng = random.Random(SEED)
+    with _Probe(trace=False) as probe:
+        builder = MetricsBuilder("train")
+        if journal:
+            cum = builder._shared.cum
+            cum.scenarios, cum.cost_ids = DigestLedger(), DigestLedger()
+
+        async def run() -> None:
+            for size in _chunks(n, STEP_IDS):
+                builder.add_data(step_num_scenarios=size, scenario_ids=scenario_ids(rng, size))
+                await builder.flush()
+
+        asyncio.run(run())
+    ledger = builder._shared.cum.scenarios
+    assert len(ledger) == n, (len(ledger), n)
+    return {
+        "n": n,
+        "resident": ledger.nbytes / n,
+        "rss": probe.rss / n,
+        "peak": probe.peak / n,
+        "seconds": probe.seconds,
+    }
+
+
+def bench_builder_ids(quick: bool) -> str:
+    """Section 1b: the in-process builder's memory per unique id, through the public API."""
+    n = 1_000_000 if quick else 10_000_000
+    ours = builder_public_path(n, journal=False)
+    base = builder_public_path(n, journal=True)
+    rows = [
+        [
+            name,
+            f"{int(r['n']):,}",
+            f"{r['resident']:.1f}",
+            f"{r['rss']:.1f}",
+            f"{r['peak']:.1f}",
+            f"{r['seconds']:.1f}",
+        ]
+        for name, r in (
+            ("ours: `MetricsBuilder` (ledger without journal)", ours),
+            ("baseline: the same builder with a checkpoint journal (before)", base),
+        )
+    ]
+    headers = ["path", "ids", "resident B/id", "RSS Δ B/id", "peak RSS Δ B/id", "s"]
+    notes = [
+        "",
+        "- Public API only: `add_data(step_num_scenarios=10_000, scenario_ids=[...])` then "
+        "`await flush()` per step; ids are `scenario-<uuid4>` strings made and hashed inside "
+        "the measured block. *RSS Δ*: process RSS after − before; *peak*: the kernel's "
+        "peak-RSS mark (reset before) − RSS before.",
+        f"- RSS Δ ours / baseline: {ours['rss'] / base['rss']:.2f}×. Target ≤ 20 B/id of RSS "
+        f"growth at {n:,} ids: {ours['rss']:.1f} ({'met' if ours['rss'] <= 20 else 'MISSED'}).",
+    ]
+    return (
+        "### In-process `MetricsBuilder`: bytes per unique scenario id\n\n"
+        + md_table(headers, rows)
+        + "\n"
+        + "\n".join(notes)
+    )
+
+
 # -- 2. core ingest rate ---------------------------------------------------------------------
 
 
@@ -522,13 +595,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument(
-        "--only", choices=("ids", "ingest", "add_metric"), help="run one section only"
+        "--only",
+        choices=("ids", "builder_ids", "ingest", "add_metric"),
+        help="run one section only",
     )
     args = parser.parse_args()
     sections: list[tuple[str, Callable[[bool], str]]] = [
         ("add_metric", bench_add_metric),
         ("ingest", bench_ingest_rate),
         ("ids", bench_ids),
+        ("builder_ids", bench_builder_ids),
     ]
     out = []
     for name, fn in sections:

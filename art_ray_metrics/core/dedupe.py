@@ -16,7 +16,9 @@ columns (the digest's big-endian halves: searches compare machine words, not byt
   1/8 of the ledger's bytes of scratch, and a lookup searches a few dozen runs at any size.
 - **Incremental.** Digests added since the last checkpoint are kept in a journal; a checkpoint
   writes only those (:meth:`DigestLedger.journal_bytes`) and acknowledges them by position
-  (:meth:`DigestLedger.drop_journal`), so a failed checkpoint loses nothing.
+  (:meth:`DigestLedger.drop_journal`), so a failed checkpoint loses nothing. A ledger that is
+  never checkpointed incrementally (the in-process builder's) is made with ``journal=False``
+  and keeps no second copy.
 
 Serialised form: the concatenation of 16-byte digests in any order, possibly with repeats. The
 concatenation of two serialised ledgers is a valid serialised ledger of their union, which is
@@ -157,15 +159,18 @@ class DigestLedger:
     """A run-wide exact set of 16-byte digests with an incremental journal.
 
     ``run_cap`` replaces :data:`RUN_CAP` as the floor of the merge cap (tests use small values).
+    With ``journal=False`` nothing is journaled (:meth:`journal_bytes` stays empty): 16 bytes per
+    digest instead of 32 until a checkpoint drops the journal.
     """
 
-    __slots__ = ("_journal", "_run_cap", "_runs", "_size")
+    __slots__ = ("_journal", "_journaling", "_run_cap", "_runs", "_size")
 
-    def __init__(self, run_cap: int = RUN_CAP) -> None:
+    def __init__(self, run_cap: int = RUN_CAP, *, journal: bool = True) -> None:
         self._runs: list[_Run] = []  # disjoint
         self._size = 0
         self._run_cap = run_cap
         self._journal: list[bytes] = []
+        self._journaling = journal
 
     def __len__(self) -> int:
         return self._size
@@ -224,7 +229,8 @@ class DigestLedger:
                 new = new.select(~found)
         if new.size == 0:
             return 0
-        self._journal.append(new.to_bytes())
+        if self._journaling:
+            self._journal.append(new.to_bytes())
         self._size += new.size
         self._runs.append(new)
         self._compact()
@@ -267,13 +273,15 @@ class DigestLedger:
         return _Run(hi[order], lo[order]).to_bytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes, run_cap: int = RUN_CAP) -> DigestLedger:
+    def from_bytes(
+        cls, data: bytes, run_cap: int = RUN_CAP, *, journal: bool = True
+    ) -> DigestLedger:
         """Rebuild from serialised digests (any order, repeats allowed); the journal starts empty.
 
         The digests form one run, however large; it merges again only once the ledger has grown
         far past it (the merge cap is a share of the ledger).
         """
-        ledger = cls(run_cap)
+        ledger = cls(run_cap, journal=journal)
         ledger.add_bytes(data)
         ledger._journal.clear()
         return ledger
@@ -285,7 +293,7 @@ class DigestLedger:
             WireFormatError: ``removed`` is not a multiple of 16 bytes.
         """
         _check_length(removed)
-        ledger = DigestLedger(self._run_cap)
+        ledger = DigestLedger(self._run_cap, journal=self._journaling)
         gone = _Run.from_bytes(removed)
         runs = self._runs
         if gone.size:

@@ -170,10 +170,11 @@ class CumulativeState:
 
     __slots__ = ("cost_ids", "scenarios", "values")
 
-    def __init__(self) -> None:
+    def __init__(self, *, journal: bool = True) -> None:
+        """``journal=False``: the ledgers keep no journal (nothing checkpoints incrementally)."""
         self.values: dict[str, Decimal] = {}
-        self.scenarios = DigestLedger()
-        self.cost_ids = DigestLedger()
+        self.scenarios = DigestLedger(journal=journal)
+        self.cost_ids = DigestLedger(journal=journal)
 
 
 def close_buffer(buf: StepBuffer, cum: CumulativeState) -> dict[str, float]:

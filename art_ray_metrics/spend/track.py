@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from art_ray_metrics.core.active import get_active_builder
 from art_ray_metrics.errors import InvalidMetricError, PricingError
+from art_ray_metrics.spend.base import StreamUsage
 from art_ray_metrics.spend.pricing import (
     CostExtractor,
     PriceOverrides,
@@ -70,6 +71,7 @@ from art_ray_metrics.spend.pricing import (
     normalize_model_name,
     normalize_provider,
 )
+from art_ray_metrics.spend.providers import STREAM_OBSERVERS
 
 __all__ = [
     "ApiCostMixin",
@@ -365,7 +367,7 @@ class _CallSpec:
         tapped = _tap(target, kind, _StreamRecorder(self, builder))
         return tapped if target is result else result
 
-    def record_stream_end(self, builder: Any, accumulated: _StreamUsage) -> None:
+    def record_stream_end(self, builder: Any, accumulated: StreamUsage) -> None:
         response = accumulated.response()
         if response is None:
             self._failed(
@@ -383,74 +385,6 @@ class _CallSpec:
 # --------------------------------------------------------------------------- streams
 
 
-def _get(item: Any, name: str) -> Any:
-    if isinstance(item, dict):
-        return item.get(name)
-    return getattr(item, name, None)
-
-
-_ANTHROPIC_USAGE_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
-
-
-class _StreamUsage:
-    """Accumulates the response id and usage reported by the chunks of one stream."""
-
-    __slots__ = ("anthropic", "response_id", "usage")
-
-    def __init__(self) -> None:
-        self.response_id: str | None = None
-        self.usage: Any = None
-        self.anthropic: dict[str, Any] | None = None
-
-    def observe(self, item: Any) -> None:
-        kind = _get(item, "type")
-        if kind in ("message_start", "message_stop"):
-            message = _get(item, "message")
-            if message is not None:
-                self._set_id(_get(message, "id"))
-                self._merge_anthropic(_get(message, "usage"), replace=True)
-            return
-        if kind == "message_delta":
-            self._merge_anthropic(_get(item, "usage"), replace=False)
-            return
-        if kind == "chunk" and _get(item, "chunk") is not None:  # openai .stream() ChunkEvent
-            item = _get(item, "chunk")
-        elif isinstance(kind, str) and kind.startswith("response."):
-            item = _get(item, "response")
-            if item is None:
-                return
-        usage = _get(item, "usage")
-        if usage is not None:
-            self.usage = usage
-        self._set_id(_get(item, "id"))
-
-    def _set_id(self, value: Any) -> None:
-        if isinstance(value, str) and value:
-            self.response_id = value
-
-    def _merge_anthropic(self, usage: Any, *, replace: bool) -> None:
-        if usage is None:
-            return
-        merged = {} if replace or self.anthropic is None else self.anthropic
-        for name in _ANTHROPIC_USAGE_FIELDS:
-            value = _get(usage, name)
-            if value is not None:
-                merged[name] = value
-        self.anthropic = merged
-
-    def response(self) -> dict[str, Any] | None:
-        """A response-shaped dict for pricing, or ``None`` if no usage was seen."""
-        usage = self.anthropic if self.anthropic else self.usage
-        if usage is None:
-            return None
-        return {"id": self.response_id, "usage": usage}
-
-
 class _StreamRecorder:
     """Observes chunks and records the cost exactly once when the stream finishes."""
 
@@ -460,7 +394,7 @@ class _StreamRecorder:
         self._spec = spec
         self._builder = builder
         self._done = False
-        self.usage = _StreamUsage()
+        self.usage = StreamUsage(STREAM_OBSERVERS)
 
     def finish(self) -> None:
         if self._done:

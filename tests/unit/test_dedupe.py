@@ -156,3 +156,40 @@ class TestRuns:
         assert digest("a")[:8] not in ledger
         assert "a" not in ledger
         assert DigestLedger().to_bytes() == b""
+
+
+class TestJournal:
+    @settings(max_examples=50, deadline=None)
+    @given(batches=_IDS)
+    def test_no_journal_same_set_half_the_bytes(self, batches: list[list[int]]) -> None:
+        """journal=False: the same set and bytes as a journaling ledger, 16 bytes per digest."""
+        plain, journaled = DigestLedger(2, journal=False), DigestLedger(2)
+        for batch in batches:
+            assert plain.add_many(digest(i) for i in batch) == journaled.add_many(
+                digest(i) for i in batch
+            )
+        assert plain.to_bytes() == journaled.to_bytes()
+        assert plain.journal_bytes() == b""
+        assert plain.nbytes == DIGEST_SIZE * len(plain)
+        assert journaled.nbytes == 2 * DIGEST_SIZE * len(journaled)
+        assert plain.without(_bytes_of({1})).journal_bytes() == b""
+
+    def test_in_process_builder_keeps_16_bytes_per_id(self) -> None:
+        """MetricsBuilder never checkpoints incrementally: its ledger holds no journal copy."""
+        import asyncio
+
+        from art_ray_metrics import MetricsBuilder
+
+        builder = MetricsBuilder("train")
+        for step in range(5):
+            builder.add_data(scenario_ids=[f"s-{step}-{i}" for i in range(1000)])
+            asyncio.run(builder.flush())
+        ledger = builder._shared.cum.scenarios
+        assert len(ledger) == 5000
+        assert ledger.nbytes == DIGEST_SIZE * 5000
+        restored = MetricsBuilder("train")
+        restored.load_state_dict(builder.state_dict())
+        restored.add_data(scenario_ids=["new"])
+        row = asyncio.run(restored.flush())
+        assert row["data/cum/num_unique_scenarios"] == 5001
+        assert restored._shared.cum.scenarios.nbytes == DIGEST_SIZE * 5001
