@@ -233,8 +233,9 @@ def plan_close(
             tokens = updates.get(f"data/cum/{kind}_tokens", values.get(f"data/cum/{kind}_tokens"))
             seconds = updates.get(f"time/cum/{kind}_s", values.get(f"time/cum/{kind}_s"))
             if tokens is not None and seconds is not None and float(seconds) > 0:
-                key = f"throughput/avg_{kind}_tok_per_s"
-                row[key] = V.finite_float(key, float(tokens) / float(seconds))
+                rate = float(tokens) / float(seconds)
+                if rate - rate == 0.0:  # a derived gauge: omitted, never a failed barrier
+                    row[f"throughput/avg_{kind}_tok_per_s"] = rate
     return row, updates
 
 

@@ -145,3 +145,17 @@ class TestLimits:
         s.ingest(make_batch("p", 1, 0, leaves={f"reward/k{i}": 1 for i in range(2000)}))
         assert len(s.pending[(0, "train")].sums) == 2000
         assert encode_batch(make_batch("p", 1, 0)) != b""
+
+
+class TestDerivedGauges:
+    def test_throughput_that_overflows_is_omitted(self) -> None:
+        """Tokens over a subnormal number of seconds: no throughput key, the barrier works."""
+        s = AggregatorState()
+        s.ingest(
+            make_batch(
+                "p", 1, 0, leaves={"time/step_actor_s": 2.2e-313, "data/step_actor_tokens": 1}
+            )
+        )
+        row = s.close_step(0).row
+        assert "throughput/avg_actor_tok_per_s" not in row
+        assert row["data/cum/actor_tokens"] == 1.0
