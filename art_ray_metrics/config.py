@@ -64,6 +64,24 @@ class AggregatorConfig(BaseModel):
         60.0, gt=0, description="Default wait for expected producers at a barrier."
     )
     telemetry_in_rows: bool = Field(True, description="Add telemetry/* counters to each row.")
+    max_keys_per_step: int = Field(
+        10_000, ge=1, description="Distinct leaf keys pending for one (step, split scope)."
+    )
+    max_keys_per_run: int = Field(
+        20_000,
+        ge=1,
+        description="Distinct leaf keys producers may send in a run (they size every checkpoint "
+        "and rewind object).",
+    )
+    max_open_scopes: int = Field(
+        64, ge=1, description="Split scopes with pending leaves (splits the trainer never logs)."
+    )
+    max_wal_queue_bytes: int = Field(
+        128 * 2**20,
+        ge=1,
+        description="Bytes of batches waiting for the write-ahead log; above it ingest answers "
+        "BackPressureError and producers resend later.",
+    )
     on_driver_node: bool = Field(True, description="Pin the actor to the driver's node.")
     max_restarts: int = -1
     actor_resources: dict[str, float] | None = Field(

@@ -8,6 +8,7 @@ ART raises ``ValueError`` for the same input, ours also derives from ``ValueErro
     ├── InvalidMetricError (ValueError)      bad key or value, raised before anything is sent
     │   └── MetricConflictError              leaf / ancestor clash inside one step and scope
     ├── WireFormatError (ValueError)         malformed, truncated or unknown-version bytes
+    │   └── LimitExceededError               a batch refused by a configured limit
     ├── PricingError (ValueError)            no price for a model, usage that does not match
     ├── ConfigError (ValueError)             bad configuration, raised at start-up
     │   └── ConfigMismatchError              a running aggregator has another config
@@ -17,6 +18,7 @@ ART raises ``ValueError`` for the same input, ours also derives from ``ValueErro
     │   ├── CheckpointCorruptError           a checkpoint blob failed its checks
     │   └── FencedError                      a newer writer epoch owns the storage
     ├── AggregatorUnavailableError           the aggregator actor cannot be reached
+    ├── BackPressureError                    the aggregator is full: resend the batch later
     └── BarrierTimeoutError (TimeoutError)   expected producers did not report in time
 
 This module has no dependencies so the pure core can raise these errors.
@@ -26,12 +28,14 @@ from __future__ import annotations
 
 __all__ = [
     "AggregatorUnavailableError",
+    "BackPressureError",
     "BarrierTimeoutError",
     "CheckpointCorruptError",
     "ConfigError",
     "ConfigMismatchError",
     "FencedError",
     "InvalidMetricError",
+    "LimitExceededError",
     "MetricConflictError",
     "MetricsError",
     "ObjectNotFoundError",
@@ -56,6 +60,13 @@ class MetricConflictError(InvalidMetricError):
 
 class WireFormatError(MetricsError, ValueError):
     """Bytes that are not a valid batch or snapshot of a known format version."""
+
+
+class LimitExceededError(WireFormatError):
+    """A batch that would exceed a configured limit (distinct keys, open scopes).
+
+    Refused like malformed bytes: counted, not applied, and not resent by the client.
+    """
 
 
 class PricingError(MetricsError, ValueError):
@@ -95,6 +106,11 @@ class FencedError(StorageError):
 
 class AggregatorUnavailableError(MetricsError):
     """The aggregator actor could not be found or did not answer."""
+
+
+class BackPressureError(MetricsError):
+    """The aggregator's write-ahead queue is full (storage is slow or down); the batch was not
+    applied and the client resends it later."""
 
 
 class BarrierTimeoutError(MetricsError, TimeoutError):

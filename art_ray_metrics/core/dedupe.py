@@ -287,7 +287,11 @@ class DigestLedger:
         return ledger
 
     def without(self, removed: bytes) -> DigestLedger:
-        """A new ledger of these digests minus ``removed`` (concatenated); its journal is empty.
+        """A new ledger of these digests minus ``removed`` (concatenated).
+
+        The journal is kept as it is: digests added since the last checkpoint must still be
+        written, because the caller writes the removal as a tombstone (an add and its tombstone
+        cancel out; a tombstone without its add would cancel a later re-add).
 
         Raises:
             WireFormatError: ``removed`` is not a multiple of 16 bytes.
@@ -300,6 +304,7 @@ class DigestLedger:
             runs = [run.select(~gone.locate(run)[1]) for run in runs]
         ledger._runs = [run for run in runs if run.size]
         ledger._size = sum(run.size for run in ledger._runs)
+        ledger._journal = list(self._journal)
         return ledger
 
     def journal_position(self) -> int:

@@ -44,15 +44,23 @@ from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
 from art_ray_metrics.core.records import IngestResult, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import EXACT, ZERO, cost_rollups, to_decimal
 from art_ray_metrics.core.wire import decode_batch, decode_state, encode_state
-from art_ray_metrics.errors import InvalidMetricError, MetricConflictError, WireFormatError
+from art_ray_metrics.errors import (
+    InvalidMetricError,
+    LimitExceededError,
+    MetricConflictError,
+    WireFormatError,
+)
 
 __all__ = [
     "UNATTRIBUTED",
     "AggregatorState",
     "CumulativeState",
+    "Limits",
     "StepBuffer",
     "StepReport",
     "close_buffer",
+    "commit_close",
+    "plan_close",
 ]
 
 UNATTRIBUTED = "unattributed"
@@ -183,34 +191,62 @@ def close_buffer(buf: StepBuffer, cum: CumulativeState) -> dict[str, float]:
     The row holds the summed leaves, cost rollups and ``costs/all``, cumulative twins of every
     ``costs/``, ``time/`` and ``data/`` key, idle cumulatives, the unique-scenario count (when
     scenarios arrived) and the throughput averages. An empty buffer gives ``{}``.
+
+    Raises:
+        InvalidMetricError: a row value would not be a finite float; ``cum`` is unchanged.
+    """
+    row, updates = plan_close(buf, cum)
+    commit_close(buf, cum, updates)
+    return row
+
+
+def plan_close(
+    buf: StepBuffer, cum: CumulativeState
+) -> tuple[dict[str, float], dict[str, Decimal]]:
+    """The row of :func:`close_buffer` and the cumulative values it sets, changing nothing.
+
+    Raises:
+        InvalidMetricError: a row value would not be a finite float (naming the key).
     """
     result: dict[str, Decimal] = dict(buf.sums)
     result.update(cost_rollups({k: v for k, v in result.items() if k.startswith("costs/")}))
     values = cum.values
+    updates: dict[str, Decimal] = {}
     for key, value in list(result.items()):
         if key.partition("/")[0] in K.CUMULATIVE_SECTIONS:
             cum_key = K.to_cumulative(key)
-            total = _add(values.get(cum_key, ZERO), value)
-            values[cum_key] = total
+            total = _add(updates.get(cum_key, values.get(cum_key, ZERO)), value)
+            updates[cum_key] = total
             result[cum_key] = total
     for step_key, cum_key in K.IDLE_CUMULATIVE_KEYS.items():
         if step_key in result:
-            total = _add(values.get(cum_key, ZERO), result[step_key])
-            values[cum_key] = total
+            total = _add(updates.get(cum_key, values.get(cum_key, ZERO)), result[step_key])
+            updates[cum_key] = total
             result[cum_key] = total
     if buf.scenarios:
-        cum.scenarios.add_many(buf.scenarios)
-        result["data/cum/num_unique_scenarios"] = Decimal(len(cum.scenarios))
-    if buf.cost_ids:
-        cum.cost_ids.add_many(buf.cost_ids)
-    row = {k: float(v) for k, v in result.items()}
+        new = buf.scenarios
+        found = cum.scenarios.contains_many(list(new))
+        unique = len(cum.scenarios) + sum(1 for f in found if not f)
+        result["data/cum/num_unique_scenarios"] = Decimal(unique)
+    row = {k: V.finite_float(k, v) for k, v in result.items()}
     for kind in ("trainer", "actor"):
         if f"data/step_{kind}_tokens" in result or f"time/step_{kind}_s" in result:
-            tokens = values.get(f"data/cum/{kind}_tokens")
-            seconds = values.get(f"time/cum/{kind}_s")
-            if tokens is not None and seconds is not None and seconds > 0:
-                row[f"throughput/avg_{kind}_tok_per_s"] = float(tokens) / float(seconds)
-    return row
+            tokens = updates.get(f"data/cum/{kind}_tokens", values.get(f"data/cum/{kind}_tokens"))
+            seconds = updates.get(f"time/cum/{kind}_s", values.get(f"time/cum/{kind}_s"))
+            if tokens is not None and seconds is not None and float(seconds) > 0:
+                rate = float(tokens) / float(seconds)
+                if rate - rate == 0.0:  # a derived gauge: omitted, never a failed barrier
+                    row[f"throughput/avg_{kind}_tok_per_s"] = rate
+    return row, updates
+
+
+def commit_close(buf: StepBuffer, cum: CumulativeState, updates: Mapping[str, Decimal]) -> None:
+    """Apply a :func:`plan_close` to the cumulative state (cannot fail)."""
+    cum.values.update(updates)
+    if buf.scenarios:
+        cum.scenarios.add_many(buf.scenarios)
+    if buf.cost_ids:
+        cum.cost_ids.add_many(buf.cost_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,10 +280,26 @@ class _Window:
             self.above.discard(self.watermark)
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what producers can make the aggregator hold; ``None`` is unbounded.
+
+    Attributes:
+        max_keys_per_step: distinct leaf keys pending for one ``(step, scope)``.
+        max_keys_per_run: distinct leaf keys producers sent in the whole run.
+        max_open_scopes: scopes with pending leaves (a split the trainer never closes).
+    """
+
+    max_keys_per_step: int | None = None
+    max_keys_per_run: int | None = None
+    max_open_scopes: int | None = None
+
+
 COUNTER_NAMES = (
     "batches",
     "duplicate_batches",
     "rejected_batches",
+    "limit_rejections",
     "leaves",
     "late_leaves",
     "conflicts",
@@ -259,7 +311,10 @@ COUNTER_NAMES = (
 class AggregatorState:
     """The aggregator's whole state; the Ray actor is a thin shell around one instance."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.run_keys: set[str] = set()
+        """Every leaf key producers sent in the run (bounded by ``limits.max_keys_per_run``)."""
         self.cum = CumulativeState()
         self.pending: dict[tuple[int, str], StepBuffer] = {}
         self.late: dict[str, StepBuffer] = {}
@@ -281,6 +336,15 @@ class AggregatorState:
         if window.seen(batch.seq):
             self.counters["duplicate_batches"] += 1
             return IngestResult(batch.producer_id, batch.seq, duplicate=True)
+        try:
+            self._admit(batch)
+        except WireFormatError as exc:
+            self.counters["rejected_batches"] += 1
+            if isinstance(exc, LimitExceededError):
+                self.counters["limit_rejections"] += 1
+            if not window.watermark and not window.above:
+                del self.producers[batch.producer_id]
+            raise
         late = 0
         conflicts: list[tuple[str, str]] = []
         for group in batch.groups:
@@ -300,6 +364,67 @@ class AggregatorState:
         for ancestor, _ in conflicts:
             self.conflict_names[ancestor] = self.conflict_names.get(ancestor, 0) + 1
         return IngestResult(batch.producer_id, batch.seq, False, late, tuple(conflicts))
+
+    def _admit(self, batch: LeafBatch) -> None:
+        """Refuse a batch that would break a limit or make a pending sum overflow; no change.
+
+        Raises:
+            LimitExceededError: a :class:`Limits` bound would be exceeded.
+            WireFormatError: a pending sum would leave ``+-MAX_ABS_VALUE``.
+        """
+        limits = self.limits
+        sums: dict[tuple[int, str, str], Decimal] = {}
+        step_keys: dict[tuple[int, str], set[str]] = {}
+        new_keys: set[str] = set()
+        scopes = {sc for _, sc in self.pending} | set(self.late)
+        for group in batch.groups:
+            last = self.last_closed.get(group.scope)
+            late = last is not None and group.step <= last
+            where = (-1 if late else group.step, group.scope)
+            buf = self.late.get(group.scope) if late else self.pending.get(where)
+            if buf is None:
+                scopes.add(group.scope)
+            leaves = [*group.sums.items(), *((c.key, c.value) for c in group.keyed_costs)]
+            keys = step_keys.get(where)
+            if keys is None:
+                keys = step_keys[where] = set(buf.sums) if buf is not None else set()
+            for key, value in leaves:
+                slot = (*where, key)
+                current = sums.get(slot)
+                if current is None:
+                    current = buf.sums.get(key, ZERO) if buf is not None else ZERO
+                total = sums[slot] = _add(current, value)
+                if not -V.MAX_ABS_VALUE <= total <= V.MAX_ABS_VALUE:
+                    raise WireFormatError(
+                        f"Invalid batch {batch.producer_id}/{batch.seq}: the sum of {key!r} for "
+                        f"step {group.step} ({group.scope}) would be {total:.3e}, beyond "
+                        f"+-{V.MAX_ABS_VALUE:g}"
+                    )
+                keys.add(key)
+                if key not in self.run_keys:
+                    new_keys.add(key)
+            cap = limits.max_keys_per_step
+            if cap is not None and len(keys) > cap:
+                raise LimitExceededError(
+                    f"Batch {batch.producer_id}/{batch.seq} refused: step {group.step} "
+                    f"({group.scope}) would hold {len(keys)} distinct keys, above "
+                    f"max_keys_per_step={cap}"
+                )
+        cap = limits.max_keys_per_run
+        if cap is not None and len(self.run_keys) + len(new_keys) > cap:
+            raise LimitExceededError(
+                f"Batch {batch.producer_id}/{batch.seq} refused: the run would hold "
+                f"{len(self.run_keys) + len(new_keys)} distinct keys (new: "
+                f"{sorted(new_keys)[:3]}...), above max_keys_per_run={cap}"
+            )
+        cap = limits.max_open_scopes
+        if cap is not None and len(scopes) > cap:
+            raise LimitExceededError(
+                f"Batch {batch.producer_id}/{batch.seq} refused: {len(scopes)} scopes would have "
+                f"pending leaves ({sorted(scopes)[:5]}...), above max_open_scopes={cap}; "
+                "are producers recording for a split the trainer never logs?"
+            )
+        self.run_keys |= new_keys
 
     def _buffer_for(self, group: StepGroup) -> tuple[StepBuffer, bool]:
         last = self.last_closed.get(group.scope)
@@ -361,26 +486,41 @@ class AggregatorState:
         ``metrics`` are the trainer's own values for the row: backend names are mapped into the
         taxonomy, builder-managed keys are summed with the producers' leaves, other keys pass
         through (a builder key of the same name wins, as in ART). Every key is routed as in ART
-        and the row gets ``training_step``. Invalid trainer metrics raise before anything
-        changes.
+        and the row gets ``training_step``. A transaction: the whole row is computed and
+        checked first (every value a finite float, no reserved history field), and a close that
+        raises :class:`InvalidMetricError` leaves the state as it was.
         """
         V.check_step(step)
         V.check_split(split)
         managed, passthrough = split_trainer_metrics(metrics)
         scope = K.scope_for_split(split)
-        buf = self.pending.pop((step, scope), None) or StepBuffer()
-        late = self.late.pop(scope, None)
+        # a transaction: build the row on a fresh buffer, commit only once nothing can fail
+        current = self.pending.get((step, scope))
+        late = self.late.get(scope)
+        older = [k for k in self.pending if k[1] == scope and k[0] < step]
+        buf = StepBuffer()
+        if current is not None:
+            buf.merge(current)
         if late is not None:
             buf.merge(late)
-        for older in [k for k in self.pending if k[1] == scope and k[0] < step]:
-            stale = self.pending.pop(older)  # a step the trainer skipped: its leaves are late
-            stale.late_leaves += len(stale.sums)
+        for skipped in older:  # a step the trainer skipped: its leaves are late
+            stale = self.pending[skipped]
             buf.merge(stale)
+            buf.late_leaves += len(stale.sums)
         for key, value in managed:
             buf.add(key, value, strict=False)
-        row = {**passthrough, **close_buffer(buf, self.cum)}
+        computed, updates = plan_close(buf, self.cum)  # raises InvalidMetricError
+        row = {**passthrough, **computed}
         routed = {K.route_key(k, split): v for k, v in row.items()}
+        for routed_key in routed:
+            V.check_row_key(routed_key)
         routed["training_step"] = float(step)
+        # -- commit
+        self.pending.pop((step, scope), None)
+        self.late.pop(scope, None)
+        for skipped in older:
+            self.pending.pop(skipped)
+        commit_close(buf, self.cum, updates)
         self.pending_cost_ids -= buf.cost_ids
         prev = self.last_closed.get(scope)
         self.last_closed[scope] = step if prev is None else max(prev, step)
@@ -414,6 +554,7 @@ class AggregatorState:
             "counters": dict(self.counters),
             "conflict_names": dict(self.conflict_names),
             "meta": self.meta,
+            "keys": sorted(self.run_keys),
         }
         if include_ledgers:
             out["scenarios"] = self.cum.scenarios.to_bytes()
@@ -436,6 +577,7 @@ class AggregatorState:
         state.counters.update({str(k): int(v) for k, v in raw["counters"].items()})
         state.conflict_names = {str(k): int(v) for k, v in raw["conflict_names"].items()}
         state.meta = dict(raw["meta"])
+        state.run_keys = {str(k) for k in raw.get("keys", ())}
         for buf in (*state.pending.values(), *state.late.values()):
             state.pending_cost_ids |= buf.cost_ids
         return state
@@ -502,8 +644,9 @@ def split_trainer_metrics(
         if raw_key.startswith("costs_"):
             V.validate_key(raw_key)  # raises the legacy-key error with its replacement
         key = K.canonical_backend_key(raw_key)
-        number = V.check_value(key, value)
-        if K.is_builder_managed(key):
+        is_managed = K.is_builder_managed(key)
+        number = V.check_value(key, value, bounded=is_managed)
+        if is_managed:
             V.validate_key(key)
             managed.append((key, to_decimal(value if isinstance(value, Decimal) else number)))
         else:

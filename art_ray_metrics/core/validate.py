@@ -16,9 +16,12 @@ from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.errors import InvalidMetricError
 
 __all__ = [
+    "MAX_ABS_VALUE",
     "MAX_STEP",
+    "RESERVED_ROW_KEYS",
     "STEP_DIGITS",
     "check_cost_context",
+    "check_row_key",
     "check_split",
     "check_step",
     "check_value",
@@ -30,6 +33,11 @@ STEP_DIGITS: Final = 12
 """Steps are written zero-padded to this many digits in history object names."""
 MAX_STEP: Final = 10**STEP_DIGITS - 1
 _SPLIT_RE: Final = re.compile(r"[A-Za-z0-9_.]+")
+MAX_ABS_VALUE: Final = 1e300
+"""Largest magnitude of a recorded leaf and of a pending sum: headroom so that summing leaves,
+rollups and cumulative totals never overflows a float."""
+RESERVED_ROW_KEYS: Final = frozenset({"step", "split", "recorded_at"})
+"""Fields of a history record; no row metric may use these names."""
 
 _LEGACY_COST_HINTS: Final = {
     "costs_prefill": "costs/train/prefill",
@@ -83,11 +91,14 @@ def validate_key(key: object) -> str:
     return key
 
 
-def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
+def check_value(
+    key: str, value: object, *, cost: bool | None = None, bounded: bool = True
+) -> float:
     """Return ``value`` as a finite float, or raise naming the key.
 
     ``bool`` is refused (``True`` is not a number of dollars). Negative values are refused for
-    cost keys (``cost`` defaults to ``key.startswith("costs/")``).
+    cost keys (``cost`` defaults to ``key.startswith("costs/")``). Values that are summed
+    (``bounded``) must lie within :data:`MAX_ABS_VALUE`.
 
     >>> check_value("costs/train/x", 0.25)
     0.25
@@ -95,7 +106,11 @@ def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
     kind = type(value)
     if kind is float:
         f: float = value  # type: ignore[assignment]
-    elif kind is int or kind is Decimal:
+    elif kind is int:
+        f = float(value)  # type: ignore[arg-type]
+    elif kind is Decimal:
+        if not value.is_finite():  # type: ignore[attr-defined]  # sNaN cannot become a float
+            raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
         f = float(value)  # type: ignore[arg-type]
     elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
@@ -103,6 +118,10 @@ def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
         f = float(value)
     if f - f != 0.0:  # NaN or an infinity
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
+    if bounded and not -MAX_ABS_VALUE <= f <= MAX_ABS_VALUE:
+        raise InvalidMetricError(
+            f"Expected a number within +-{MAX_ABS_VALUE:g} for {key=!r} but got {value!r}"
+        )
     if (key.startswith("costs/") if cost is None else cost) and f < 0:
         raise InvalidMetricError(f"Expected a non-negative cost for {key=!r} but got {value!r}")
     return f
@@ -123,6 +142,19 @@ def finite_float(key: str, value: object) -> float:
     if out - out != 0.0:
         raise InvalidMetricError(f"Expected a finite value for {key=!r} but got {value!r}")
     return out
+
+
+def check_row_key(key: str) -> str:
+    """Return a row key the history can store (not one of :data:`RESERVED_ROW_KEYS`).
+
+    >>> check_row_key("loss/train")
+    'loss/train'
+    """
+    if key in RESERVED_ROW_KEYS:
+        raise InvalidMetricError(
+            f"Expected a metric key but got the reserved history field {key=!r}"
+        )
+    return key
 
 
 def check_step(step: object, what: str = "step") -> int:

@@ -125,6 +125,10 @@ def decode_batch(data: bytes) -> LeafBatch:
             raise WireFormatError(f"Expected a 5-field group but got {str(raw)[:80]!r}")
         step = _int(raw[0], "step", 0)
         scope = _str(raw[1], "scope")
+        try:
+            V.check_split(scope)  # a scope the trainer could never close would stay pending
+        except InvalidMetricError as exc:
+            raise WireFormatError(f"Invalid scope in batch: {exc}") from exc
         if not isinstance(raw[2], dict) or not isinstance(raw[3], list):
             raise WireFormatError("Expected group sums as a map and keyed costs as a list")
         sums = dict(_leaf(k, v) for k, v in raw[2].items())

@@ -22,13 +22,15 @@ import msgpack
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
+from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.rewind import TOMBSTONES
-from art_ray_metrics.core.state import AggregatorState, _Window
+from art_ray_metrics.core.state import AggregatorState, Limits, _Window, split_trainer_metrics
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
 from art_ray_metrics.durable.restore import rebuild_state
 from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.errors import (
+    BackPressureError,
     ConfigMismatchError,
     FencedError,
     InvalidMetricError,
@@ -79,6 +81,11 @@ class MetricsAggregator:
         )
         self.history = HistoryStore(self.store)
         self.state, replayed = self._restore()
+        self.state.limits = Limits(
+            max_keys_per_step=self.config.max_keys_per_step,
+            max_keys_per_run=self.config.max_keys_per_run,
+            max_open_scopes=self.config.max_open_scopes,
+        )
         meta = self.state.meta
         meta.setdefault("outbox", [])
         meta.setdefault("last_rows", {})
@@ -93,6 +100,8 @@ class MetricsAggregator:
             p: _Window(w.watermark, w.above) for p, w in self.state.producers.items()
         }
         self.wal_queue: list[tuple[bytes, str, int]] = []
+        self.wal_queue_bytes = 0
+        self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
         self.since_ckpt: list[tuple[str, int]] = []
         self.fenced: str | None = None
         self.health: dict[str, Any] = {
@@ -105,6 +114,9 @@ class MetricsAggregator:
             "last_storage_error": None,
             "barrier_timeouts": 0,
             "rewind_refused": 0,
+            "backpressure": 0,
+            "history_rejected": 0,
+            "loop_restarts": 0,
         }
         self.ingest_times: deque[float] = deque(maxlen=4096)
         self.inflight = 0
@@ -178,7 +190,24 @@ class MetricsAggregator:
         self.wal_lock = asyncio.Lock()
         self.persist_lock = asyncio.Lock()
         loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._wal_loop()), loop.create_task(self._ckpt_loop())]
+        self.tasks = [
+            loop.create_task(self._supervised("wal", self._wal_loop)),
+            loop.create_task(self._supervised("checkpoint", self._ckpt_loop)),
+        ]
+
+    async def _supervised(self, name: str, body: Any) -> None:
+        """Run a background loop forever: a loop that raises is logged, counted and restarted."""
+        delay = 0.1
+        while True:
+            try:
+                await body()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.health["loop_restarts"] += 1
+                log.error("art_ray_metrics: %s loop died (%r); restarting", name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     # -- ingest -----------------------------------------------------------------------------
 
@@ -186,9 +215,19 @@ class MetricsAggregator:
         """Apply one batch (idempotent on ``(producer_id, seq)``); see the module docstring."""
         self._ensure_tasks()
         self.ingest_times.append(time.monotonic())
+        if self.fenced:  # a newer aggregator owns the run: accept nothing
+            raise FencedError(self.fenced)
+        if self.wal_queue_bytes + len(data) > self.config.max_wal_queue_bytes and self.wal_queue:
+            self.health["backpressure"] += 1
+            raise BackPressureError(
+                f"The write-ahead queue holds {self.wal_queue_bytes} bytes "
+                f"(max_wal_queue_bytes={self.config.max_wal_queue_bytes}); storage is slow or "
+                "down: resend later"
+            )
         result = self.state.ingest_bytes(data)  # raises WireFormatError: counted, state untouched
         if not result.duplicate:
             self.wal_queue.append((data, result.producer_id, result.seq))
+            self.wal_queue_bytes += len(data)
             self.since_ckpt.append((result.producer_id, result.seq))
         window = self.durable.get(result.producer_id)
         is_durable = window is not None and window.seen(result.seq)
@@ -223,6 +262,7 @@ class MetricsAggregator:
             if not self.wal_queue or self.fenced:
                 return
             batch, self.wal_queue = self.wal_queue, []
+            self.wal_queue_bytes = 0
             record = msgpack.packb([d for d, _, _ in batch], use_bin_type=True)
             try:
                 await asyncio.to_thread(self.ckpt.append_wal, record)
@@ -231,11 +271,15 @@ class MetricsAggregator:
                 return
             except StorageError as exc:
                 self.wal_queue[:0] = batch  # keep for the next attempt or the next checkpoint
+                self._count_wal_bytes()
                 self.health["wal_failures"] += 1
                 self.health["last_storage_error"] = str(exc)[:300]
                 return
             self.health["wal_writes"] += 1
             self._mark_durable([(p, s) for _, p, s in batch])
+
+    def _count_wal_bytes(self) -> None:
+        self.wal_queue_bytes = sum(len(d) for d, _, _ in self.wal_queue)
 
     async def _wal_loop(self) -> None:
         while True:
@@ -254,6 +298,7 @@ class MetricsAggregator:
             log.error("art_ray_metrics: %s", exc)
         self.fenced = str(exc)
         self.wal_queue.clear()
+        self.wal_queue_bytes = 0
 
     # -- barrier ----------------------------------------------------------------------------
 
@@ -267,9 +312,36 @@ class MetricsAggregator:
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
         self._ensure_tasks()
+        V.check_step(step)
+        V.check_split(split)
+        split_trainer_metrics(metrics)  # invalid metrics raise before anything happens
         last = self.state.meta["last_rows"].get(split)
         if last is not None and last[0] == step:
             return dict(last[1])  # a retried barrier call: same row, nothing closed twice
+        running = self.closing.get((step, split))
+        if running is not None:  # the same barrier still in flight (a retried call)
+            return dict(await asyncio.shield(running))
+        future: asyncio.Future[dict[str, float]] = asyncio.get_running_loop().create_future()
+        self.closing[(step, split)] = future
+        try:
+            row = await self._close(step, split, metrics, expect_producers, timeout_s)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without a waiter
+            raise
+        finally:
+            del self.closing[(step, split)]
+        future.set_result(row)
+        return dict(row)
+
+    async def _close(
+        self,
+        step: int,
+        split: str,
+        metrics: Mapping[str, float] | None,
+        expect_producers: int | list[str] | None,
+        timeout_s: float | None,
+    ) -> dict[str, float]:
         scope = K.scope_for_split(split)
         closed = self.state.last_closed.get(scope)
         if (
@@ -464,6 +536,7 @@ class MetricsAggregator:
             self._mark_durable(covered)
             done = set(covered)
             self.wal_queue = [item for item in self.wal_queue if (item[1], item[2]) not in done]
+            self._count_wal_bytes()
             await self._drop_objects(rewind_drop, history_drop)
             written = []
             for step, split, row, recorded_at in outbox:
@@ -471,6 +544,10 @@ class MetricsAggregator:
                     await asyncio.to_thread(
                         self.history.write, step, split, row, datetime.fromisoformat(recorded_at)
                     )
+                    written.append((step, split))
+                except InvalidMetricError as exc:  # cannot happen for our rows; never blocks
+                    self.health["history_rejected"] += 1
+                    log.error("art_ray_metrics: history refused row %s/%s: %s", step, split, exc)
                     written.append((step, split))
                 except StorageError as exc:
                     self.health["history_failures"] += 1
@@ -597,6 +674,8 @@ class AggregatorHandle:
         the step just closed returns the same row. Invalid ``metrics`` raise
         :class:`~art_ray_metrics.errors.InvalidMetricError`.
         """
+        V.check_step(step)
+        V.check_split(split)
         row: dict[str, float] = self._call(
             "log", step, split, dict(metrics or {}), expect_producers, timeout_s
         )

@@ -28,7 +28,7 @@ STEP_METRIC = "training_step"
 
 _log = logging.getLogger(__name__)
 
-_RESERVED_FIELDS = frozenset({"step", "split", "recorded_at"})
+_RESERVED_FIELDS = V.RESERVED_ROW_KEYS
 _NAME_RE = re.compile(r"(\d{12})-([A-Za-z0-9_.]+)\.json")
 
 
@@ -42,10 +42,7 @@ def _clean_row(step: int, row: Mapping[str, float]) -> dict[str, float]:
     for key in sorted(row):
         if not isinstance(key, str) or not key:
             raise InvalidMetricError(f"Expected a non-empty string key but got {key!r}")
-        if key in _RESERVED_FIELDS:
-            raise InvalidMetricError(
-                f"Expected a metric key but got the reserved history field {key=!r}"
-            )
+        V.check_row_key(key)
         out[key] = V.finite_float(key, row[key])
     if STEP_METRIC in out and out[STEP_METRIC] != step:
         raise InvalidMetricError(
