@@ -10,13 +10,15 @@ ART raises ``ValueError`` for the same input, ours also derives from ``ValueErro
     ├── WireFormatError (ValueError)         malformed, truncated or unknown-version bytes
     ├── PricingError (ValueError)            no price for a model, usage that does not match
     ├── ConfigError (ValueError)             bad configuration, raised at start-up
-    │   └── ConfigMismatchError              a running aggregator has another config
+    │   ├── ConfigMismatchError              a running aggregator has another config
+    │   └── ConditionalWritesUnsupportedError   storage ignores If-None-Match/If-Match
     ├── StorageError                         object storage failed (retried by the caller)
     │   ├── ObjectNotFoundError (KeyError)   no object at that key
     │   ├── PreconditionFailedError          a create-only or compare-and-swap write lost
     │   ├── CheckpointCorruptError           a checkpoint blob failed its checks
     │   └── FencedError                      a newer writer epoch owns the storage
     ├── AggregatorUnavailableError           the aggregator actor cannot be reached
+    │   └── CredentialsRequiredError         it cannot open its storage with what it has
     └── BarrierTimeoutError (TimeoutError)   expected producers did not report in time
 
 This module has no dependencies so the pure core can raise these errors.
@@ -28,8 +30,10 @@ __all__ = [
     "AggregatorUnavailableError",
     "BarrierTimeoutError",
     "CheckpointCorruptError",
+    "ConditionalWritesUnsupportedError",
     "ConfigError",
     "ConfigMismatchError",
+    "CredentialsRequiredError",
     "FencedError",
     "InvalidMetricError",
     "MetricConflictError",
@@ -70,6 +74,14 @@ class ConfigMismatchError(ConfigError):
     """An aggregator with the same name already runs with a different configuration."""
 
 
+class ConditionalWritesUnsupportedError(ConfigError):
+    """The storage accepted a create-only or compare-and-swap write it had to refuse.
+
+    Without those refusals a stale aggregator cannot be fenced off, so the aggregator does not
+    start (unless ``AggregatorConfig.require_conditional_writes`` is False).
+    """
+
+
 class StorageError(MetricsError):
     """Object storage failed; callers retry and never crash training on it."""
 
@@ -95,6 +107,13 @@ class FencedError(StorageError):
 
 class AggregatorUnavailableError(MetricsError):
     """The aggregator actor could not be found or did not answer."""
+
+
+class CredentialsRequiredError(AggregatorUnavailableError):
+    """The aggregator cannot open its storage with the credentials it holds.
+
+    The trainer's handle answers it by sending the driver's credentials (in memory) and retrying.
+    """
 
 
 class BarrierTimeoutError(MetricsError, TimeoutError):
