@@ -85,7 +85,7 @@ class MetricsAggregator:
         if self.booted:
             return
         try:
-            self._boot()
+            self._boot(attempts=1)  # fail fast: the driver's handle answers with credentials
         except (FencedError, ConditionalWritesUnsupportedError):
             raise
         except (StorageError, ConfigError) as exc:
@@ -94,7 +94,7 @@ class MetricsAggregator:
                 f"has ({exc}); the driver's handle sends them with set_credentials"
             ) from exc
 
-    def _boot(self) -> None:
+    def _boot(self, attempts: int = 6) -> None:
         self.store = open_store(
             self.config.storage_uri or "",
             timeout_s=self.config.storage_timeout_s,
@@ -108,7 +108,7 @@ class MetricsAggregator:
             prune_every=self.config.checkpoint_prune_every,
         )
         self.history = HistoryStore(self.store)
-        self.state, replayed = self._restore()
+        self.state, replayed = self._restore(attempts)
         meta = self.state.meta
         meta.setdefault("outbox", [])
         meta.setdefault("last_rows", {})
@@ -151,7 +151,7 @@ class MetricsAggregator:
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def _restore(self) -> tuple[AggregatorState, int]:
+    def _restore(self, max_attempts: int) -> tuple[AggregatorState, int]:
         delay, attempts = 0.5, 0
         while True:
             try:
@@ -161,7 +161,7 @@ class MetricsAggregator:
                 raise
             except StorageError as exc:
                 attempts += 1
-                if attempts >= 6:
+                if attempts >= max_attempts:
                     raise
                 log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
                 time.sleep(delay)
