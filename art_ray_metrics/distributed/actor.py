@@ -59,6 +59,10 @@ CLOSES_PER_EPOCH = 10**9
 """Close numbers of writer epoch E start at E * this (rewind object keys never collide)."""
 
 
+def _wall_clock() -> float:
+    return time.time()
+
+
 class MetricsAggregator:
     """The actor class (wrapped with ``ray.remote`` by :func:`start_aggregator`).
 
@@ -144,7 +148,9 @@ class MetricsAggregator:
         self.tasks: list[asyncio.Task[None]] = []
         self.wal_lock: asyncio.Lock | None = None
         self.persist_lock: asyncio.Lock | None = None
-        self.last_train_barrier = time.monotonic()
+        # GPU time is charged from the last train barrier, on the wall clock and persisted, so
+        # the time between a barrier and a restart is charged once, at the next barrier
+        self.state.meta.setdefault("gpu_since", _wall_clock())
         self.gpus: dict[str, int] | None = None
         self.wandb = self._make_wandb()
         self.booted = True
@@ -338,8 +344,8 @@ class MetricsAggregator:
             await self._wait_for(step, split, expect_producers, timeout_s)
         metrics = dict(metrics or {})
         if split == "train":
-            now = time.monotonic()
-            gpu = self._gpu_cost(now - self.last_train_barrier)
+            now = _wall_clock()
+            gpu = self._gpu_cost(max(0.0, now - self.last_train_barrier))
             if gpu is not None and "costs/gpu" not in metrics:
                 metrics["costs/gpu"] = gpu
         ledgers = (self.state.cum.scenarios, self.state.cum.cost_ids)
@@ -353,7 +359,7 @@ class MetricsAggregator:
             self.rewind_queue[key] = data
             self._forget_rewind_objects(evicted)
         if split == "train":
-            self.last_train_barrier = time.monotonic()
+            self.last_train_barrier = now  # committed with the row that charged up to it
         row = report.row
         if self.config.telemetry_in_rows:
             row.update(self.state.telemetry())
@@ -431,6 +437,15 @@ class MetricsAggregator:
             result.costs_usd,
         )
         return result.summary()
+
+    @property
+    def last_train_barrier(self) -> float:
+        """Wall-clock time (epoch seconds) GPU cost is next charged from; in the checkpoint."""
+        return float(self.state.meta["gpu_since"])
+
+    @last_train_barrier.setter
+    def last_train_barrier(self, when: float) -> None:
+        self.state.meta["gpu_since"] = float(when)
 
     def _gpu_cost(self, wall_s: float) -> float | None:
         """``costs/gpu`` for ``wall_s`` seconds of the configured (or detected) GPUs."""
