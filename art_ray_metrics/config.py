@@ -60,6 +60,12 @@ class AggregatorConfig(BaseModel):
         0.2, gt=0, description="Group-commit interval of the write-ahead log."
     )
     storage_timeout_s: float = Field(10.0, gt=0)
+    require_conditional_writes: bool = Field(
+        True,
+        description="At start, check that the storage refuses losing create-only and "
+        "compare-and-swap writes (what fences a stale aggregator off) and refuse to run "
+        "otherwise; False skips the check and runs unfenced on such storage.",
+    )
     barrier_timeout_s: float = Field(
         60.0, gt=0, description="Default wait for expected producers at a barrier."
     )

@@ -11,13 +11,15 @@ ART raises ``ValueError`` for the same input, ours also derives from ``ValueErro
     │   └── LimitExceededError               a batch refused by a configured limit
     ├── PricingError (ValueError)            no price for a model, usage that does not match
     ├── ConfigError (ValueError)             bad configuration, raised at start-up
-    │   └── ConfigMismatchError              a running aggregator has another config
+    │   ├── ConfigMismatchError              a running aggregator has another config
+    │   └── ConditionalWritesUnsupportedError   storage ignores If-None-Match/If-Match
     ├── StorageError                         object storage failed (retried by the caller)
     │   ├── ObjectNotFoundError (KeyError)   no object at that key
     │   ├── PreconditionFailedError          a create-only or compare-and-swap write lost
     │   ├── CheckpointCorruptError           a checkpoint blob failed its checks
     │   └── FencedError                      a newer writer epoch owns the storage
     ├── AggregatorUnavailableError           the aggregator actor cannot be reached
+    │   └── CredentialsRequiredError         it cannot open its storage with what it has
     ├── BackPressureError                    the aggregator is full: resend the batch later
     └── BarrierTimeoutError (TimeoutError)   expected producers did not report in time
 
@@ -31,8 +33,10 @@ __all__ = [
     "BackPressureError",
     "BarrierTimeoutError",
     "CheckpointCorruptError",
+    "ConditionalWritesUnsupportedError",
     "ConfigError",
     "ConfigMismatchError",
+    "CredentialsRequiredError",
     "FencedError",
     "InvalidMetricError",
     "LimitExceededError",
@@ -81,6 +85,14 @@ class ConfigMismatchError(ConfigError):
     """An aggregator with the same name already runs with a different configuration."""
 
 
+class ConditionalWritesUnsupportedError(ConfigError):
+    """The storage accepted a create-only or compare-and-swap write it had to refuse.
+
+    Without those refusals a stale aggregator cannot be fenced off, so the aggregator does not
+    start (unless ``AggregatorConfig.require_conditional_writes`` is False).
+    """
+
+
 class StorageError(MetricsError):
     """Object storage failed; callers retry and never crash training on it."""
 
@@ -111,6 +123,13 @@ class AggregatorUnavailableError(MetricsError):
 class BackPressureError(MetricsError):
     """The aggregator's write-ahead queue is full (storage is slow or down); the batch was not
     applied and the client resends it later."""
+
+
+class CredentialsRequiredError(AggregatorUnavailableError):
+    """The aggregator cannot open its storage with the credentials it holds.
+
+    The trainer's handle answers it by sending the driver's credentials (in memory) and retrying.
+    """
 
 
 class BarrierTimeoutError(MetricsError, TimeoutError):

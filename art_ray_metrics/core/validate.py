@@ -36,7 +36,7 @@ _SPLIT_RE: Final = re.compile(r"[A-Za-z0-9_.]+")
 MAX_ABS_VALUE: Final = 1e300
 """Largest magnitude of a recorded leaf and of a pending sum: headroom so that summing leaves,
 rollups and cumulative totals never overflows a float."""
-RESERVED_ROW_KEYS: Final = frozenset({"step", "split", "recorded_at"})
+RESERVED_ROW_KEYS: Final = frozenset({"step", "split", "recorded_at", "writer_epoch", "discarded"})
 """Fields of a history record; no row metric may use these names."""
 
 _LEGACY_COST_HINTS: Final = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -28,59 +29,92 @@ from art_ray_metrics.core.state import AggregatorState, Limits, _Window, split_t
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
 from art_ray_metrics.durable.restore import rebuild_state
-from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.durable.storage import (
+    ObstoreStore,
+    backend_for,
+    check_conditional_writes,
+    open_store,
+)
 from art_ray_metrics.errors import (
     BackPressureError,
+    ConditionalWritesUnsupportedError,
+    ConfigError,
     ConfigMismatchError,
+    CredentialsRequiredError,
     FencedError,
     InvalidMetricError,
     StorageError,
     WireFormatError,
 )
-from art_ray_metrics.export.wandb_sink import WandbSink, WandbSinkConfig
+from art_ray_metrics.export.wandb_sink import (
+    WANDB_SECRETS,
+    WANDB_SETTINGS,
+    WandbSink,
+    WandbSinkConfig,
+)
 
-__all__ = ["AggregatorHandle", "MetricsAggregator", "start_aggregator"]
+__all__ = ["AggregatorHandle", "MetricsAggregator", "credentials_from_env", "start_aggregator"]
 
 log = logging.getLogger(__name__)
 
-CREDENTIAL_ENV = (
-    "WANDB_API_KEY",
-    "WANDB_BASE_URL",
-    "WANDB_MODE",
-    "WANDB_DIR",
-    "WANDB_SILENT",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ALLOW_HTTP",
-    "AWS_REQUEST_CHECKSUM_CALCULATION",
-    "AWS_RESPONSE_CHECKSUM_VALIDATION",
-    "GOOGLE_APPLICATION_CREDENTIALS",
-    "GOOGLE_SERVICE_ACCOUNT",
-)
-"""Environment variables forwarded to the actor through Ray's runtime env (never persisted)."""
+CLOSES_PER_EPOCH = 10**9
+"""Close numbers of writer epoch E start at E * this (rewind object keys never collide)."""
+
+
+def _wall_clock() -> float:
+    return time.time()
 
 
 class MetricsAggregator:
-    """The actor class (wrapped with ``ray.remote`` by :func:`start_aggregator`)."""
+    """The actor class (wrapped with ``ray.remote`` by :func:`start_aggregator`).
 
-    def __init__(self, config_json: str) -> None:
+    ``await_credentials``: open the storage at the first call instead of in the constructor,
+    so the driver's :meth:`set_credentials` can come first (credentials never travel through
+    the constructor, which Ray keeps and replays on every restart).
+    """
+
+    def __init__(self, config_json: str, await_credentials: bool = False) -> None:
         self.config = AggregatorConfig.model_validate_json(config_json)
         self.started_at = time.time()
+        self.credentials: dict[str, str] = {}  # in memory only: never logged or persisted
+        self.booted = False
+        if not await_credentials:
+            self._boot()
+
+    def _ensure_booted(self) -> None:
+        """Open, check, claim and restore the storage once, with the credentials in hand.
+
+        Raises:
+            CredentialsRequiredError: The storage cannot be opened with the credentials this
+                process has (the node's environment or identity, or what a driver sent).
+        """
+        if self.booted:
+            return
+        try:
+            self._boot(attempts=1)  # fail fast: the driver's handle answers with credentials
+        except (FencedError, ConditionalWritesUnsupportedError):
+            raise
+        except (StorageError, ConfigError) as exc:
+            raise CredentialsRequiredError(
+                f"The aggregator cannot open {self.config.storage_uri} with the credentials it "
+                f"has ({exc}); the driver's handle sends them with set_credentials"
+            ) from exc
+
+    def _boot(self, attempts: int = 6) -> None:
         self.store = open_store(
-            self.config.storage_uri or "", timeout_s=self.config.storage_timeout_s
+            self.config.storage_uri or "",
+            timeout_s=self.config.storage_timeout_s,
+            env=self.credentials,
         )
+        if self.config.require_conditional_writes:
+            check_conditional_writes(self.store)  # raises ConditionalWritesUnsupportedError
         self.ckpt = CheckpointManager(
             self.store,
             retention=self.config.checkpoint_retention,
             prune_every=self.config.checkpoint_prune_every,
         )
         self.history = HistoryStore(self.store)
-        self.state, replayed = self._restore()
+        self.state, replayed = self._restore(attempts)
         self.state.limits = Limits(
             max_keys_per_step=self.config.max_keys_per_step,
             max_keys_per_run=self.config.max_keys_per_run,
@@ -93,6 +127,9 @@ class MetricsAggregator:
         # counts the restarts even when an instance died before its first checkpoint
         meta["restarts"] = max(meta.get("restarts", -1) + 1, self.ckpt.epoch - 1)
         R.ensure_meta(meta)
+        # close numbers (and so rewind object keys) are unique per writer epoch: a stale
+        # aggregator can never overwrite a rewind object this one names
+        meta["close_seq"] = max(int(meta["close_seq"]), self.ckpt.epoch * CLOSES_PER_EPOCH)
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
         self.restarted = meta["restarts"] > 0 or replayed > 0
@@ -123,13 +160,16 @@ class MetricsAggregator:
         self.tasks: list[asyncio.Task[None]] = []
         self.wal_lock: asyncio.Lock | None = None
         self.persist_lock: asyncio.Lock | None = None
-        self.last_train_barrier = time.monotonic()
+        # GPU time is charged from the last train barrier, on the wall clock and persisted, so
+        # the time between a barrier and a restart is charged once, at the next barrier
+        self.state.meta.setdefault("gpu_since", _wall_clock())
         self.gpus: dict[str, int] | None = None
         self.wandb = self._make_wandb()
+        self.booted = True
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def _restore(self) -> tuple[AggregatorState, int]:
+    def _restore(self, max_attempts: int) -> tuple[AggregatorState, int]:
         delay, attempts = 0.5, 0
         while True:
             try:
@@ -139,7 +179,7 @@ class MetricsAggregator:
                 raise
             except StorageError as exc:
                 attempts += 1
-                if attempts >= 6:
+                if attempts >= max_attempts:
                     raise
                 log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
                 time.sleep(delay)
@@ -165,7 +205,8 @@ class MetricsAggregator:
                 mode=mode,
                 dir=self.config.wandb_dir,
                 config={"art_ray_metrics": self.config.model_dump(mode="json")},
-            )
+            ),
+            api_key=self.credentials.get("WANDB_API_KEY"),
         )
         meta["wandb_run_id"] = sink.run_id
         sink.start()
@@ -184,7 +225,23 @@ class MetricsAggregator:
             sink.relog(rows[k] for k in sorted(rows))
         return sink
 
+    async def set_credentials(self, env: dict[str, str]) -> dict[str, Any]:
+        """Hold credential variables in memory and use them from now on.
+
+        Before the storage is open, it is opened with them; after, the storage client is rebuilt
+        with them (fresh session tokens). Nothing of ``env`` is logged, returned or persisted.
+        """
+        self.credentials = {str(k): str(v) for k, v in env.items()}
+        if self.booted:
+            if isinstance(self.store, ObstoreStore):
+                self.store.use_env(self.credentials)
+        else:
+            self._boot()  # errors propagate to the driver as they are
+        self._ensure_tasks()
+        return {"epoch": self.ckpt.epoch, "credentials": sorted(self.credentials)}
+
     def _ensure_tasks(self) -> None:
+        self._ensure_booted()
         if self.tasks:
             return
         self.wal_lock = asyncio.Lock()
@@ -294,11 +351,15 @@ class MetricsAggregator:
                 await self._persist()
 
     def _fence(self, exc: FencedError) -> None:
+        """A newer aggregator owns the storage: stop every write, W&B included."""
         if not self.fenced:
             log.error("art_ray_metrics: %s", exc)
         self.fenced = str(exc)
         self.wal_queue.clear()
         self.wal_queue_bytes = 0
+        sink, self.wandb = self.wandb, None
+        if sink is not None:  # two writers must never log to one W&B run; finish off-loop
+            threading.Thread(target=sink.close, args=(1,), daemon=True).start()
 
     # -- barrier ----------------------------------------------------------------------------
 
@@ -355,8 +416,8 @@ class MetricsAggregator:
             await self._wait_for(step, split, expect_producers, timeout_s)
         metrics = dict(metrics or {})
         if split == "train":
-            now = time.monotonic()
-            gpu = self._gpu_cost(now - self.last_train_barrier)
+            now = _wall_clock()
+            gpu = self._gpu_cost(max(0.0, now - self.last_train_barrier))
             if gpu is not None and "costs/gpu" not in metrics:
                 metrics["costs/gpu"] = gpu
         ledgers = (self.state.cum.scenarios, self.state.cum.cost_ids)
@@ -370,7 +431,7 @@ class MetricsAggregator:
             self.rewind_queue[key] = data
             self._forget_rewind_objects(evicted)
         if split == "train":
-            self.last_train_barrier = time.monotonic()
+            self.last_train_barrier = now  # committed with the row that charged up to it
         row = report.row
         if self.config.telemetry_in_rows:
             row.update(self.state.telemetry())
@@ -381,7 +442,7 @@ class MetricsAggregator:
         self.state.meta["outbox"].append([step, split, row, recorded_at])
         self.state.meta["last_rows"][split] = [step, row]
         await self._persist()
-        if self.wandb is not None:
+        if self.wandb is not None and not self.fenced:
             self.wandb.log(row, step=step, split=split)
         return row
 
@@ -448,6 +509,15 @@ class MetricsAggregator:
             result.costs_usd,
         )
         return result.summary()
+
+    @property
+    def last_train_barrier(self) -> float:
+        """Wall-clock time (epoch seconds) GPU cost is next charged from; in the checkpoint."""
+        return float(self.state.meta["gpu_since"])
+
+    @last_train_barrier.setter
+    def last_train_barrier(self, when: float) -> None:
+        self.state.meta["gpu_since"] = float(when)
 
     def _gpu_cost(self, wall_s: float) -> float | None:
         """``costs/gpu`` for ``wall_s`` seconds of the configured (or detected) GPUs."""
@@ -542,13 +612,21 @@ class MetricsAggregator:
             for step, split, row, recorded_at in outbox:
                 try:
                     await asyncio.to_thread(
-                        self.history.write, step, split, row, datetime.fromisoformat(recorded_at)
+                        self.history.write,
+                        step,
+                        split,
+                        row,
+                        datetime.fromisoformat(recorded_at),
+                        epoch=self.ckpt.epoch,
                     )
                     written.append((step, split))
                 except InvalidMetricError as exc:  # cannot happen for our rows; never blocks
                     self.health["history_rejected"] += 1
                     log.error("art_ray_metrics: history refused row %s/%s: %s", step, split, exc)
                     written.append((step, split))
+                except FencedError as exc:
+                    self._fence(exc)
+                    return
                 except StorageError as exc:
                     self.health["history_failures"] += 1
                     self.health["last_storage_error"] = str(exc)[:300]
@@ -558,19 +636,27 @@ class MetricsAggregator:
                 self.state.meta["outbox"] = [e for e in box if (e[0], e[1]) not in set(written)]
 
     async def _drop_objects(self, rewind_keys: list[str], history_rows: list[list[Any]]) -> None:
-        """Delete rewind objects that left the window and history rows of discarded steps."""
+        """Delete rewind objects that left the window; mark history rows of discarded steps.
+
+        Both are safe from a stale aggregator: the rewind objects were dropped by a commit that
+        succeeded, so any newer aggregator restored that commit and dropped them too; history
+        rows are replaced by a fenced marker (a plain delete could remove a newer row).
+        """
         if not rewind_keys and not history_rows:
             return
-        keys = list(rewind_keys) + [
-            self.history.key_for(int(st), str(sp)) for st, sp in history_rows
-        ]
+        epoch = self.ckpt.epoch
 
         def delete() -> None:
-            for key in keys:
+            for key in rewind_keys:
                 self.store.delete(key)
+            for st, sp in history_rows:
+                self.history.discard(int(st), str(sp), epoch=epoch)
 
         try:
             await asyncio.to_thread(delete)
+        except FencedError as exc:
+            self._fence(exc)
+            return
         except StorageError as exc:
             self.health["last_storage_error"] = str(exc)[:300]
             return  # retried after the next commit
@@ -597,6 +683,7 @@ class MetricsAggregator:
 
     async def stats(self) -> dict[str, Any]:
         """Counters, rates, queue depths, storage and W&B health."""
+        self._ensure_booted()
         return {
             "name": self.config.name,
             "namespace": self.config.namespace,
@@ -657,6 +744,26 @@ class AggregatorHandle:
     def __init__(self, actor: Any, config: AggregatorConfig) -> None:
         self.actor = actor
         self.config = config
+        self._sent: str | None = None  # digest of the credentials last sent (never the values)
+
+    def set_credentials(self, env: Mapping[str, str] | None = None) -> None:
+        """Send credentials to the aggregator, in memory (default: read from this process's env).
+
+        Call it after refreshing short-lived credentials; :meth:`log` also re-sends them when
+        this process's environment changed, and every call re-sends them when a restarted
+        aggregator asks. Only the variables the storage back end and W&B declare as secrets
+        are read.
+        """
+        import ray
+
+        creds = dict(env) if env is not None else credentials_from_env(self.config)
+        ray.get(self.actor.set_credentials.remote(creds))
+        self._sent = _digest(creds)
+
+    def _sync_credentials(self) -> None:
+        creds = credentials_from_env(self.config)
+        if creds and _digest(creds) != self._sent:
+            self.set_credentials(creds)
 
     def log(
         self,
@@ -676,13 +783,18 @@ class AggregatorHandle:
         """
         V.check_step(step)
         V.check_split(split)
+        self._sync_credentials()
         row: dict[str, float] = self._call(
             "log", step, split, dict(metrics or {}), expect_producers, timeout_s
         )
         return row
 
     def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        """Call a remote method; retry while the actor restarts (about 50 s at most)."""
+        """Call a remote method; retry while the actor restarts (about 50 s at most).
+
+        A restarted actor that cannot open its storage with its node's credentials asks for
+        them (CredentialsRequiredError): they are sent from this process, then the call retried.
+        """
         import ray
 
         attempts = 0
@@ -694,6 +806,11 @@ class AggregatorHandle:
                 if attempts > 30:
                     raise
                 time.sleep(min(0.2 * attempts, 2.0))
+            except CredentialsRequiredError:
+                attempts += 1
+                if attempts > 30:
+                    raise
+                self.set_credentials()
 
     async def alog(
         self,
@@ -744,8 +861,26 @@ class AggregatorHandle:
                 ray.kill(self.actor, no_restart=True)
 
 
-def _runtime_env() -> dict[str, Any]:
-    env = {k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}
+def _secret_names(cfg: AggregatorConfig) -> tuple[str, ...]:
+    return backend_for(cfg.storage_uri or "").secrets + WANDB_SECRETS
+
+
+def credentials_from_env(cfg: AggregatorConfig) -> dict[str, str]:
+    """The secret variables the aggregator of ``cfg`` needs, as set in this process's env."""
+    return {k: os.environ[k] for k in _secret_names(cfg) if os.environ.get(k)}
+
+
+def _digest(creds: Mapping[str, str]) -> str:
+    import hashlib
+
+    blob = "\x00".join(f"{k}={v}" for k, v in sorted(creds.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _runtime_env(cfg: AggregatorConfig) -> dict[str, Any]:
+    """Ray runtime env of the actor: non-secret settings only (Ray logs runtime envs)."""
+    names = backend_for(cfg.storage_uri or "").settings + WANDB_SETTINGS
+    env = {k: os.environ[k] for k in names if k in os.environ}
     return {"env_vars": env} if env else {}
 
 
@@ -777,7 +912,9 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
                 f"a different configuration (fingerprint {running} != {fingerprint}); shut it "
                 "down first (AggregatorHandle.shutdown or ray.kill) or use another name"
             )
-        return AggregatorHandle(actor, cfg)
+        attached = AggregatorHandle(actor, cfg)
+        attached.set_credentials()
+        return attached
 
     handle = attach()
     if handle is not None:
@@ -790,7 +927,7 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
         "max_task_retries": 0,
         "num_cpus": 0,
         "max_concurrency": 1000,
-        "runtime_env": _runtime_env(),
+        "runtime_env": _runtime_env(cfg),
     }
     if cfg.actor_resources:
         options["resources"] = dict(cfg.actor_resources)
@@ -798,11 +935,20 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
         node = ray.get_runtime_context().get_node_id()
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
     try:
-        actor: Any = ray.remote(MetricsAggregator).options(**options).remote(cfg.model_dump_json())
+        actor: Any = (
+            ray.remote(MetricsAggregator)
+            .options(**options)
+            .remote(cfg.model_dump_json(), await_credentials=True)
+        )
     except ValueError:  # created concurrently by another driver
         handle = attach()
         if handle is None:
             raise
         return handle
-    ray.get(actor.config_fingerprint.remote())  # wait until restored and ready
-    return AggregatorHandle(actor, cfg)
+    handle = AggregatorHandle(actor, cfg)
+    try:
+        handle.set_credentials()  # opens, checks and restores the storage: ready afterwards
+    except BaseException:
+        ray.kill(actor, no_restart=True)  # frees the name; the error says why it cannot run
+        raise
+    return handle

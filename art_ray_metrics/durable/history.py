@@ -4,6 +4,12 @@ Object stores cannot append, so every row is its own object, ``history/<step:012
 holding one JSON line with ``step``, ``split``, ``training_step``, ``recorded_at`` (ISO-8601,
 UTC) and the row's metrics as finite floats in sorted key order. Writing a ``(step, split)``
 again replaces it, so replays are idempotent. The layout is described in ``docs/design.md``.
+
+Fenced writes: the aggregator passes its writer ``epoch``; the record then carries
+``writer_epoch`` and is written by compare-and-swap only over a record of the same or an older
+epoch, so a stale aggregator can never replace a newer one's row (it gets ``FencedError``). A
+row a rewind discarded is replaced the same way by a ``{"discarded": true}`` marker, which
+readers skip: a plain delete could not be fenced.
 """
 
 from __future__ import annotations
@@ -16,19 +22,30 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from art_ray_metrics.core import validate as V
-from art_ray_metrics.errors import InvalidMetricError, WireFormatError
+from art_ray_metrics.errors import (
+    FencedError,
+    InvalidMetricError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    WireFormatError,
+)
 
 if TYPE_CHECKING:
     from art_ray_metrics.durable.storage import ObjectStore
 
-__all__ = ["STEP_METRIC", "HistoryStore", "history_row_metrics"]
+__all__ = ["STEP_METRIC", "WRITER_EPOCH", "HistoryStore", "history_row_metrics"]
 
 STEP_METRIC = "training_step"
 """The x-axis of every chart; every row carries it."""
 
 _log = logging.getLogger(__name__)
 
+WRITER_EPOCH = "writer_epoch"
+"""Field of a fenced record: the writer epoch of the aggregator that wrote it."""
+_DISCARDED = "discarded"
 _RESERVED_FIELDS = V.RESERVED_ROW_KEYS
+assert {WRITER_EPOCH, _DISCARDED} <= _RESERVED_FIELDS
+_CAS_ATTEMPTS = 8
 _NAME_RE = re.compile(r"(\d{12})-([A-Za-z0-9_.]+)\.json")
 
 
@@ -50,6 +67,15 @@ def _clean_row(step: int, row: Mapping[str, float]) -> dict[str, float]:
         )
     out.pop(STEP_METRIC, None)
     return out
+
+
+def _writer_epoch(data: bytes) -> int:
+    """The writer epoch of a stored record (0: unfenced, or unreadable and thus replaceable)."""
+    try:
+        value = json.loads(data.decode("utf-8")).get(WRITER_EPOCH, 0)
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def history_row_metrics(record: Mapping[str, Any]) -> dict[str, float]:
@@ -109,10 +135,15 @@ class HistoryStore:
         split: str,
         row: Mapping[str, float],
         recorded_at: datetime | None = None,
+        *,
+        epoch: int | None = None,
     ) -> str:
         """Write (or overwrite) the row for ``(step, split)``; return its object key.
 
+        ``epoch``: fence the write (see the module docstring).
+
         Raises:
+            FencedError: A newer writer epoch wrote this row (only with ``epoch``).
             InvalidMetricError: A value is not a finite number (the message names the key), a
                 key is reserved, ``training_step`` disagrees with ``step``, or ``recorded_at``
                 is naive. Nothing is written then.
@@ -130,10 +161,54 @@ class HistoryStore:
             STEP_METRIC: step,
             "recorded_at": when.astimezone(UTC).isoformat(timespec="microseconds"),
         }
+        if epoch is not None:
+            record[WRITER_EPOCH] = epoch
         record.update(metrics)
         line = json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n"
-        self._store.put(key, line.encode("utf-8"))
+        if epoch is None:
+            self._store.put(key, line.encode("utf-8"))
+        else:
+            self._put_fenced(key, line.encode("utf-8"), epoch, create=True)
         return key
+
+    def discard(self, step: int, split: str, *, epoch: int) -> None:
+        """Mark the row of ``(step, split)`` discarded (readers skip it), fenced by ``epoch``.
+
+        Raises:
+            FencedError: A newer writer epoch wrote this row; it is left alone.
+        """
+        key = self.key_for(step, split)
+        marker = {"step": step, "split": split, _DISCARDED: True, WRITER_EPOCH: epoch}
+        line = json.dumps(marker, separators=(",", ":")) + "\n"
+        self._put_fenced(key, line.encode("utf-8"), epoch, create=False)
+
+    def _put_fenced(self, key: str, data: bytes, epoch: int, *, create: bool) -> None:
+        """Write ``data`` over a record of epoch <= ``epoch`` only, by compare-and-swap."""
+        for _attempt in range(_CAS_ATTEMPTS):
+            try:
+                current, version = self._store.get_versioned(key)
+            except ObjectNotFoundError:
+                if not create:
+                    return
+                try:
+                    self._store.put_if_absent(key, data)
+                    return
+                except PreconditionFailedError:
+                    continue  # created meanwhile: check whose it is
+            owner = _writer_epoch(current)
+            if owner > epoch:
+                raise FencedError(
+                    f"history row {key!r} in {self._store.uri} was written by a newer "
+                    f"aggregator (epoch {owner}); this one (epoch {epoch}) stops writing"
+                )
+            try:
+                self._store.put_if_version(key, data, version)
+                return
+            except PreconditionFailedError:
+                continue
+        raise PreconditionFailedError(
+            f"Expected to write history row {key!r} in {self._store.uri} but it kept changing"
+        )
 
     def _entries(self) -> list[tuple[int, str, str]]:
         entries: list[tuple[int, str, str]] = []
@@ -166,7 +241,12 @@ class HistoryStore:
                 continue
             if start_step is not None and step < start_step:
                 continue
-            yield self._decode(key, self._store.get(key))
+            try:
+                record = self._decode(key, self._store.get(key))
+            except ObjectNotFoundError:
+                continue  # deleted after the listing
+            if not record.get(_DISCARDED):
+                yield record
 
     @staticmethod
     def _decode(key: str, data: bytes) -> dict[str, Any]:
@@ -182,7 +262,7 @@ class HistoryStore:
 
     def last_step(self, split: str | None = None) -> int | None:
         """Return the highest step written (for ``split`` if given), or ``None`` if none."""
-        steps = [s for s, sp, _ in self._entries() if split is None or sp == split]
+        steps = [int(r["step"]) for r in self.read(split=split)]
         return max(steps) if steps else None
 
     def export_jsonl(self, fp: IO[str]) -> int:

@@ -106,7 +106,8 @@ def read_run(uri: str, store: Any = None) -> RunInfo | None:
     history = HistoryStore(store)
     rows = 0
     last: dict[str, int] = {}
-    for step, split, _key in history._entries():
+    for record in history.read():
+        step, split = int(record["step"]), str(record["split"])
         rows += 1
         last[split] = max(step, last.get(split, step))
     meta = state.meta

@@ -10,6 +10,13 @@ The local store is ours because obstore's local store has no compare-and-swap: w
 fsynced temporary file renamed into place; create-only publishes with ``os.link``; the version
 token is the content's sha256; overwrites, swaps and deletes hold an ``fcntl.flock`` on
 ``<root>/.arm-store.lock`` (names starting with ``.arm-`` are reserved).
+
+Back ends live in a registry (:data:`BACKENDS`): one :class:`Backend` entry per scheme names the
+opener and the environment variables it reads, split into non-secret ``settings`` and
+``secrets``; adding a back end is one :func:`register_backend` call. ``open_store(..., env=...)``
+overrides the environment with credentials held in memory and :meth:`ObstoreStore.use_env`
+swaps them later. :func:`check_conditional_writes` probes that a store really refuses losing
+conditional writes.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import itertools
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -34,11 +42,16 @@ if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
 
 __all__ = [
+    "BACKENDS",
+    "Backend",
     "InMemoryStore",
     "LocalDirStore",
     "ObjectStore",
     "ObstoreStore",
+    "backend_for",
+    "check_conditional_writes",
     "open_store",
+    "register_backend",
 ]
 
 _RESERVED_PREFIX = ".arm-"
@@ -494,11 +507,23 @@ class ObstoreStore:
     Args:
         store: An ``obstore.store.S3Store`` or ``GCSStore``.
         uri: The credential-free URI it was opened from.
+        rebuild: Builds a new client from variables overriding the environment.
     """
 
-    def __init__(self, store: Any, uri: str) -> None:
+    def __init__(
+        self, store: Any, uri: str, rebuild: Callable[[Mapping[str, str]], Any] | None = None
+    ) -> None:
         self._store = store
         self.uri = uri
+        self._rebuild = rebuild
+
+    def use_env(self, env: Mapping[str, str]) -> None:
+        """Rebuild the client with ``env`` overriding the process environment (new credentials).
+
+        Requests already running finish on the old client.
+        """
+        if self._rebuild is not None:
+            self._store = self._rebuild(env)
 
     def _wrap(self, op: str, key: str, exc: Exception) -> errors.StorageError:
         from obstore import exceptions as obx
@@ -621,61 +646,202 @@ def _split_bucket(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _open_s3(uri: str, timeout_s: float) -> ObstoreStore:
-    from obstore.store import S3Store
+def _lookup(env: Mapping[str, str], name: str) -> str | None:
+    """``env`` first (credentials held in memory), then the process environment."""
+    value = env.get(name)
+    return value if value else os.environ.get(name)
 
+
+def _obstore_config(env: Mapping[str, str], names: Mapping[str, str]) -> dict[str, str]:
+    """obstore config entries for the variables of ``names`` present in ``env`` (overrides)."""
+    return {key: env[var] for var, key in names.items() if env.get(var)}
+
+
+_S3_ENV_KEYS = {
+    "AWS_ACCESS_KEY_ID": "access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "secret_access_key",
+    "AWS_SESSION_TOKEN": "session_token",
+}
+
+
+def _open_s3(uri: str, timeout_s: float, env: Mapping[str, str]) -> ObstoreStore:
     bucket, prefix = _split_bucket(uri)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        kwargs["endpoint"] = endpoint
-    if region:
-        kwargs["region"] = region
-    allow_http = bool(endpoint) and str(endpoint).lower().startswith("http://")
-    try:
-        store = S3Store(
-            bucket,
-            prefix=prefix or None,
-            client_options=_client_options(timeout_s, allow_http=allow_http),
-            retry_config=_retry_config(timeout_s),
-            **kwargs,
-        )
-    except Exception as exc:
-        raise errors.ConfigError(
-            f"Expected a usable S3 configuration for {_redact(uri)!r} but got: {_first_line(exc)}"
-        ) from exc
-    return ObstoreStore(store, _redact(uri))
+
+    def build(env: Mapping[str, str]) -> Any:
+        from obstore.store import S3Store
+
+        endpoint = _lookup(env, "AWS_ENDPOINT_URL_S3") or _lookup(env, "AWS_ENDPOINT_URL")
+        region = _lookup(env, "AWS_REGION") or _lookup(env, "AWS_DEFAULT_REGION")
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+        if region:
+            kwargs["region"] = region
+        allow_http = bool(endpoint) and str(endpoint).lower().startswith("http://")
+        try:
+            return S3Store(
+                bucket,
+                prefix=prefix or None,
+                config=_obstore_config(env, _S3_ENV_KEYS),  # type: ignore[arg-type]
+                client_options=_client_options(timeout_s, allow_http=allow_http),
+                retry_config=_retry_config(timeout_s),
+                **kwargs,
+            )
+        except Exception as exc:
+            raise errors.ConfigError(
+                f"Expected a usable S3 configuration for {_redact(uri)!r} but got: "
+                f"{_first_line(exc)}"
+            ) from exc
+
+    return ObstoreStore(build(env), _redact(uri), build)
 
 
-def _open_gcs(uri: str, timeout_s: float) -> ObstoreStore:
-    from obstore.store import GCSStore
+_GCS_ENV_KEYS = {
+    "GOOGLE_SERVICE_ACCOUNT_KEY": "service_account_key",
+    "GOOGLE_SERVICE_ACCOUNT": "service_account",
+    "GOOGLE_APPLICATION_CREDENTIALS": "application_credentials",
+}
 
+
+def _open_gcs(uri: str, timeout_s: float, env: Mapping[str, str]) -> ObstoreStore:
     bucket, prefix = _split_bucket(uri)
-    base_url = os.environ.get("GOOGLE_BASE_URL", "")
-    try:
-        store = GCSStore(
-            bucket,
-            prefix=prefix or None,
-            client_options=_client_options(
-                timeout_s, allow_http=base_url.lower().startswith("http://")
-            ),
-            retry_config=_retry_config(timeout_s),
-        )
-    except Exception as exc:
+
+    def build(env: Mapping[str, str]) -> Any:
+        from obstore.store import GCSStore
+
+        base_url = _lookup(env, "GOOGLE_BASE_URL") or ""
+        try:
+            return GCSStore(
+                bucket,
+                prefix=prefix or None,
+                config=_obstore_config(env, _GCS_ENV_KEYS),  # type: ignore[arg-type]
+                client_options=_client_options(
+                    timeout_s, allow_http=base_url.lower().startswith("http://")
+                ),
+                retry_config=_retry_config(timeout_s),
+            )
+        except Exception as exc:
+            raise errors.ConfigError(
+                f"Expected a usable GCS configuration for {_redact(uri)!r} but got: "
+                f"{_first_line(exc)}"
+            ) from exc
+
+    return ObstoreStore(build(env), _redact(uri), build)
+
+
+def _open_local(uri: str, timeout_s: float, env: Mapping[str, str]) -> LocalDirStore:
+    if "://" not in uri:
+        return LocalDirStore(uri)
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost") or not parts.path:
         raise errors.ConfigError(
-            f"Expected a usable GCS configuration for {_redact(uri)!r} but got: {_first_line(exc)}"
-        ) from exc
-    return ObstoreStore(store, _redact(uri))
+            f"Expected a local file URI like 'file:///abs/dir' but got {_redact(uri)!r}"
+        )
+    return LocalDirStore(parts.path, uri=f"file://{parts.path}")
 
 
-def open_store(uri: str, *, timeout_s: float = 10.0) -> ObjectStore:
+def _open_memory(uri: str, timeout_s: float, env: Mapping[str, str]) -> InMemoryStore:
+    name = uri.split("://", 1)[1]
+    if not name:
+        raise errors.ConfigError(f"Expected a store name in 'memory://<name>' but got {uri!r}")
+    return InMemoryStore.named(name)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of back ends
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One storage back end: its URI schemes, how to open it, and the environment it reads.
+
+    Attributes:
+        schemes: URI schemes it serves (``""`` is a plain directory path).
+        open: ``open(uri, timeout_s, env)``; ``env`` overrides the process environment for
+            the variables below (credentials the aggregator holds in memory).
+        settings: Environment variables that configure it and are not secret (endpoints,
+            regions); the aggregator's runtime environment may carry them.
+        secrets: Environment variables holding credentials; they are only ever handed to
+            the aggregator in memory, never through Ray's runtime environment.
+    """
+
+    schemes: tuple[str, ...]
+    open: Callable[[str, float, Mapping[str, str]], ObjectStore]
+    settings: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()
+
+
+BACKENDS: dict[str, Backend] = {}
+"""Back ends by URI scheme; add one with :func:`register_backend`."""
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Serve ``backend.schemes`` with ``backend`` (replacing an earlier entry); return it."""
+    for scheme in backend.schemes:
+        BACKENDS[scheme.lower()] = backend
+    return backend
+
+
+register_backend(Backend(("", "file"), _open_local))
+register_backend(Backend(("memory",), _open_memory))
+register_backend(
+    Backend(
+        ("s3", "s3a"),
+        _open_s3,
+        settings=(
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ALLOW_HTTP",
+            "AWS_REQUEST_CHECKSUM_CALCULATION",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION",
+        ),
+        secrets=tuple(_S3_ENV_KEYS),
+    )
+)
+register_backend(
+    Backend(
+        ("gs",),
+        _open_gcs,
+        settings=("GOOGLE_BASE_URL", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_SERVICE_ACCOUNT"),
+        secrets=("GOOGLE_SERVICE_ACCOUNT_KEY",),
+    )
+)
+
+
+def _scheme(uri: str) -> str:
+    return urlsplit(uri).scheme.lower() if "://" in uri else ""
+
+
+def backend_for(uri: str) -> Backend:
+    """The registered back end serving ``uri``.
+
+    Raises:
+        ConfigError: No back end serves its scheme.
+    """
+    backend = BACKENDS.get(_scheme(uri))
+    if backend is None:
+        known = ", ".join(f"{s}://" for s in sorted(BACKENDS) if s) or "none"
+        raise errors.ConfigError(
+            f"Expected a storage URI with a known scheme ({known}) or a plain path "
+            f"but got {_redact(uri)!r}"
+        )
+    return backend
+
+
+def open_store(
+    uri: str, *, timeout_s: float = 10.0, env: Mapping[str, str] | None = None
+) -> ObjectStore:
     """Open the object store a URI names.
 
     Args:
         uri: A plain directory path (relative or absolute), ``file:///dir``,
-            ``s3://bucket/prefix``, ``gs://bucket/prefix`` or ``memory://name``.
+            ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``memory://name`` or any scheme
+            added with :func:`register_backend`.
         timeout_s: Bound on each request phase and on retrying (S3 and GCS only).
+        env: Variables that override the process environment (credentials held in memory).
 
     Returns:
         The store; its ``uri`` is credential-free.
@@ -691,26 +857,44 @@ def open_store(uri: str, *, timeout_s: float = 10.0) -> ObjectStore:
         raise errors.ConfigError(f"Expected a storage URI or directory path but got {uri!r}")
     if not (timeout_s > 0):
         raise errors.ConfigError(f"Expected timeout_s > 0 but got {timeout_s!r}")
-    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
-    if scheme == "":
-        return LocalDirStore(uri)
-    if scheme == "file":
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost") or not parts.path:
-            raise errors.ConfigError(
-                f"Expected a local file URI like 'file:///abs/dir' but got {_redact(uri)!r}"
-            )
-        return LocalDirStore(parts.path, uri=f"file://{parts.path}")
-    if scheme == "memory":
-        name = uri.split("://", 1)[1]
-        if not name:
-            raise errors.ConfigError(f"Expected a store name in 'memory://<name>' but got {uri!r}")
-        return InMemoryStore.named(name)
-    if scheme in ("s3", "s3a"):
-        return _open_s3(uri, timeout_s)
-    if scheme == "gs":
-        return _open_gcs(uri, timeout_s)
-    raise errors.ConfigError(
-        f"Expected a storage URI with scheme file://, s3://, gs://, memory:// or a plain path "
-        f"but got {_redact(uri)!r}"
-    )
+    return backend_for(uri).open(uri, timeout_s, dict(env or {}))
+
+
+def check_conditional_writes(store: ObjectStore) -> None:
+    """Check that ``store`` honours create-only and compare-and-swap writes (fencing needs both).
+
+    Creates a probe object twice (the second must fail), swaps it against its version, then
+    against that now stale version (must fail), and deletes it.
+
+    Raises:
+        ConditionalWritesUnsupportedError: The store accepted a write it had to refuse.
+        StorageError: The store failed.
+    """
+    key = f"fencing-probe/{uuid.uuid4().hex}"
+    try:
+        first = store.put_if_absent(key, b"probe-1")
+        failures = []
+        try:
+            store.put_if_absent(key, b"probe-2")
+            failures.append("a second create-only write (If-None-Match: *) succeeded")
+        except errors.PreconditionFailedError:
+            pass
+        current = store.get_versioned(key)[1]
+        if current != first:  # the second create overwrote the object: swap from what is there
+            first = current
+        store.put_if_version(key, b"probe-3", first)
+        try:
+            store.put_if_version(key, b"probe-4", first)
+            failures.append("a compare-and-swap write against a stale version (If-Match) succeeded")
+        except errors.PreconditionFailedError:
+            pass
+    finally:
+        with contextlib.suppress(errors.StorageError):
+            store.delete(key)
+    if failures:
+        raise errors.ConditionalWritesUnsupportedError(
+            f"Expected {store.uri} to refuse conditional writes that lose, but "
+            f"{' and '.join(failures)}: a stale aggregator could not be fenced off. Use storage "
+            "that honours If-None-Match/If-Match, or set "
+            "AggregatorConfig(require_conditional_writes=False) to run unfenced at your own risk"
+        )

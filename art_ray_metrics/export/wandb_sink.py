@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WANDB_GLOBS",
+    "WANDB_SECRETS",
+    "WANDB_SETTINGS",
     "WandbSink",
     "WandbSinkConfig",
 ]
@@ -51,6 +53,11 @@ WANDB_GLOBS: tuple[str, ...] = (
 """Globs declared with ``step_metric="training_step"`` when a W&B run starts."""
 
 _COST_AXIS = "costs/cum/all"
+
+WANDB_SETTINGS: tuple[str, ...] = ("WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")
+"""W&B environment variables that are not secret (the aggregator's runtime env may carry them)."""
+WANDB_SECRETS: tuple[str, ...] = ("WANDB_API_KEY",)
+"""W&B credentials: handed to the aggregator in memory only (see ``AggregatorHandle``)."""
 
 
 WandbMode = Literal["online", "offline", "disabled"]
@@ -156,8 +163,10 @@ class WandbSink:
         config: WandbSinkConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        api_key: str | None = None,
     ) -> None:
         self.config = config
+        self._api_key = api_key  # in memory only; None: W&B reads its own environment
         self.run_id: str = config.run_id or new_run_id()
         self.logged = 0
         self.failures = 0
@@ -214,6 +223,7 @@ class WandbSink:
             console="off",  # the aggregator's stdout is not the experiment's
             x_disable_stats=True,  # host metrics of the aggregator node would mislead
             init_timeout=cfg.init_timeout_s,
+            **({"api_key": self._api_key} if self._api_key else {}),
         )
         run = wandb.init(
             project=cfg.project,
