@@ -12,19 +12,6 @@ import sys
 import time
 import urllib.request
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("WANDB_MODE", "disabled")
-# a loaded CI machine can take longer than the default to register the raylet
-os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
-os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
-
-import ray
-
-import art_ray_metrics as arm
-from art_ray_metrics.core.wire import encode_batch
-from art_ray_metrics.testing import make_batch
-
 # Series the workload below must produce, with the value each must reach.
 EXPECTED = {
     "ray_art_metrics_batches_total": 3.0,
@@ -60,6 +47,18 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    # a loaded CI machine can take longer than the defaults to start the raylet and its agent
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    import ray
+
+    import art_ray_metrics as arm
+    from art_ray_metrics.core.wire import encode_batch
+    from art_ray_metrics.testing import make_batch
+
     storage, timeout_s = sys.argv[1], float(sys.argv[2])
     port = free_port()
     ray.init(
