@@ -26,6 +26,7 @@ from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.rewind import TOMBSTONES
 from art_ray_metrics.core.state import AggregatorState, Limits, _Window, split_trainer_metrics
+from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
 from art_ray_metrics.durable.restore import rebuild_state
@@ -166,6 +167,8 @@ class MetricsAggregator:
         self.gpus: dict[str, int] | None = None
         self.wandb = self._make_wandb()
         self.booted = True
+        self.telemetry = AggregatorTelemetry(self.config.name, self.config.namespace)
+        self.telemetry.baseline(self.state.counters)  # restored totals were published before
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -321,6 +324,7 @@ class MetricsAggregator:
             batch, self.wal_queue = self.wal_queue, []
             self.wal_queue_bytes = 0
             record = msgpack.packb([d for d, _, _ in batch], use_bin_type=True)
+            started = time.monotonic()
             try:
                 await asyncio.to_thread(self.ckpt.append_wal, record)
             except FencedError as exc:
@@ -333,6 +337,7 @@ class MetricsAggregator:
                 self.health["last_storage_error"] = str(exc)[:300]
                 return
             self.health["wal_writes"] += 1
+            self.telemetry.observe("wal_commit_seconds", time.monotonic() - started)
             self._mark_durable([(p, s) for _, p, s in batch])
 
     def _count_wal_bytes(self) -> None:
@@ -341,6 +346,7 @@ class MetricsAggregator:
     async def _wal_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.wal_interval_s)
+            self._publish_telemetry()
             if self.wal_queue:
                 await self._write_wal()
 
@@ -403,6 +409,7 @@ class MetricsAggregator:
         expect_producers: int | list[str] | None,
         timeout_s: float | None,
     ) -> dict[str, float]:
+        started = time.monotonic()
         scope = K.scope_for_split(split)
         closed = self.state.last_closed.get(scope)
         if (
@@ -444,6 +451,8 @@ class MetricsAggregator:
         await self._persist()
         if self.wandb is not None and not self.fenced:
             self.wandb.log(row, step=step, split=split)
+        self.telemetry.observe("barrier_seconds", time.monotonic() - started)
+        self._publish_telemetry(force=True)
         return row
 
     # -- resume from an older step ----------------------------------------------------------
@@ -585,9 +594,11 @@ class MetricsAggregator:
             try:
                 for key, data in rewind_objects.items():  # before the commit that names them
                     await asyncio.to_thread(self.store.put, key, data)
+                started = time.monotonic()
                 await asyncio.to_thread(
                     self.ckpt.commit, CheckpointParts(state_blob, shards), wal_next=wal_next
                 )
+                self.telemetry.observe("checkpoint_commit_seconds", time.monotonic() - started)
             except FencedError as exc:
                 self._fence(exc)
                 return
@@ -668,6 +679,26 @@ class MetricsAggregator:
         ]
 
     # -- operations -------------------------------------------------------------------------
+
+    def _publish_telemetry(self, *, force: bool = False) -> None:
+        """Push counters and gauges to Ray's metrics (see :mod:`.telemetry`)."""
+        if not self.telemetry.enabled:
+            return
+        health = self.health
+        counters = {
+            **self.state.counters,
+            "storage_failures/wal": health["wal_failures"],
+            "storage_failures/checkpoint": health["checkpoint_failures"],
+            "storage_failures/history": health["history_failures"],
+            "wandb_failures": self.wandb.failures if self.wandb is not None else 0,
+        }
+        gauges = {
+            "producers": len(self.state.producers),
+            "pending_steps": len(self.state.pending),
+            "unique_scenarios": len(self.state.cum.scenarios),
+            "wal_queue_batches": len(self.wal_queue),
+        }
+        self.telemetry.publish(counters, gauges, force=force)
 
     def _gauges(self) -> dict[str, float]:
         now = time.monotonic()

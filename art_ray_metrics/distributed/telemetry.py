@@ -1,0 +1,161 @@
+"""The aggregator's own health as Ray metrics (``ray.util.metrics``), for Ray's dashboard,
+Prometheus and Grafana.
+
+Created inside the actor; every metric carries the tags ``aggregator`` (the actor name) and
+``namespace``. Ray exports them from each node's metrics endpoint with a ``ray_`` prefix (and a
+``_total`` suffix on counters). Counters are published as deltas of the aggregator's own
+counters, at most once per :data:`PUBLISH_INTERVAL_S` from the actor's WAL loop and at every
+barrier, so the ingest hot path makes no metric calls. Outside a Ray worker, or if Ray's metrics
+fail, every method is a no-op: telemetry never breaks the aggregator.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+__all__ = ["COUNTERS", "FAILURES", "GAUGES", "HISTOGRAMS", "PREFIX", "AggregatorTelemetry"]
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "art_metrics_"
+PUBLISH_INTERVAL_S: Final = 1.0
+
+COUNTERS: Final[Mapping[str, str]] = {
+    "batches": "Leaf batches applied (each (producer, seq) once)",
+    "leaves": "Leaves in the applied batches",
+    "duplicate_batches": "Batches received again (a resend) and acknowledged without applying",
+    "rejected_batches": "Batches rejected as malformed or of an unknown wire version",
+    "late_leaves": "Leaves that arrived for a step already closed (folded into the next row)",
+    "conflicts": "Leaves whose key conflicts with an existing key (renamed)",
+    "duplicate_costs": "Cost leaves skipped because their response id was already applied",
+    "rows": "Rows produced (steps closed)",
+}
+"""Counter name (after :data:`PREFIX`) → description; fed from the aggregator's counters."""
+
+FAILURES: Final[Mapping[str, str]] = {
+    "storage_failures": "Failed object-storage writes, by operation (wal, checkpoint, history)",
+    "wandb_failures": "Failed W&B calls (init, define_metric, log, finish)",
+}
+
+GAUGES: Final[Mapping[str, str]] = {
+    "producers": "Producers (workers) that have sent at least one batch in this run",
+    "pending_steps": "Steps with received leaves that are not closed yet",
+    "unique_scenarios": "Unique scenario ids in the run",
+    "wal_queue_batches": "Applied batches not yet in the write-ahead log",
+}
+
+HISTOGRAMS: Final[Mapping[str, str]] = {
+    "wal_commit_seconds": "Time to append one write-ahead-log record to storage",
+    "checkpoint_commit_seconds": "Time to commit one checkpoint to storage",
+    "barrier_seconds": "Time of one step barrier (handle.log): close, checkpoint, history",
+}
+
+_BOUNDARIES: Final = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class AggregatorTelemetry:
+    """Ray metrics of one aggregator actor; methods never raise."""
+
+    def __init__(self, aggregator: str, namespace: str) -> None:
+        """Create the metrics if this process runs inside Ray; otherwise stay disabled."""
+        self._metrics: dict[str, Any] = {}
+        self._published: dict[str, float] = {}
+        self._last_publish = 0.0
+        ray = sys.modules.get("ray")  # not imported: certainly not inside a Ray worker
+        if ray is None:
+            return
+        try:
+            if not ray.is_initialized():
+                return
+            from ray.util import metrics as ray_metrics
+
+            tags = {"aggregator": aggregator, "namespace": namespace}
+            keys = tuple(tags)
+            made: dict[str, Any] = {}
+            for name, doc in COUNTERS.items():
+                made[name] = ray_metrics.Counter(PREFIX + name, description=doc, tag_keys=keys)
+            made["storage_failures"] = ray_metrics.Counter(
+                PREFIX + "storage_failures",
+                description=FAILURES["storage_failures"],
+                tag_keys=(*keys, "operation"),
+            )
+            made["wandb_failures"] = ray_metrics.Counter(
+                PREFIX + "wandb_failures", description=FAILURES["wandb_failures"], tag_keys=keys
+            )
+            for name, doc in GAUGES.items():
+                made[name] = ray_metrics.Gauge(PREFIX + name, description=doc, tag_keys=keys)
+            for name, doc in HISTOGRAMS.items():
+                made[name] = ray_metrics.Histogram(
+                    PREFIX + name, description=doc, boundaries=_BOUNDARIES, tag_keys=keys
+                )
+            for metric in made.values():
+                metric.set_default_tags(tags)
+        except Exception as exc:
+            log.warning("art_ray_metrics: Ray metrics unavailable (%s); not exported", exc)
+            return
+        self._metrics = made
+
+    @property
+    def enabled(self) -> bool:
+        """Whether metrics are exported."""
+        return bool(self._metrics)
+
+    def baseline(self, counters: Mapping[str, float]) -> None:
+        """Values already counted before this process started (restored): not re-published."""
+        self._published.update(counters)
+
+    def publish(
+        self,
+        counters: Mapping[str, float],
+        gauges: Mapping[str, float],
+        *,
+        force: bool = False,
+    ) -> None:
+        """Publish counter deltas and gauge values (at most once per interval unless ``force``).
+
+        Args:
+            counters: Running totals by counter name; ``storage_failures/<operation>`` names
+                feed the ``storage_failures`` counter with that ``operation`` tag.
+            gauges: Current gauge values by name.
+            force: Publish even if the last publish was less than an interval ago.
+        """
+        if not self._metrics:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_publish < PUBLISH_INTERVAL_S:
+            return
+        self._last_publish = now
+        try:
+            for key, total in counters.items():
+                delta = total - self._published.get(key, 0)
+                self._published[key] = total
+                if delta <= 0:  # nothing new, or a total that went back (a rewind): rebase
+                    continue
+                name, _, operation = key.partition("/")
+                metric = self._metrics.get(name)
+                if metric is not None:
+                    metric.inc(delta, tags={"operation": operation} if operation else None)
+            for name, value in gauges.items():
+                metric = self._metrics.get(name)
+                if metric is not None:
+                    metric.set(value)
+        except Exception as exc:
+            self._disable(exc)
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Record one latency of histogram ``name``."""
+        metric = self._metrics.get(name)
+        if metric is None:
+            return
+        try:
+            metric.observe(seconds)
+        except Exception as exc:
+            self._disable(exc)
+
+    def _disable(self, exc: Exception) -> None:
+        log.warning("art_ray_metrics: Ray metrics failed (%s); no longer exported", exc)
+        self._metrics = {}
