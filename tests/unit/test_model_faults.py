@@ -135,10 +135,11 @@ class Reference:
         self.closed.append(row)
         return row
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, *, keep_late: bool = False) -> None:
         self.closed = [c for c in self.closed if c.step <= step]
         self.pending = {s: p for s, p in self.pending.items() if s <= step}
-        self.late = []
+        if not keep_late:
+            self.late = []
 
 
 def _ledger(values: set[str]) -> bytes:
@@ -322,6 +323,30 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
         assert row.get("costs/all", 0.0) == float(row_cost)
         if expected.parts:
             assert row["costs/cum/all"] == float(expected.cum_after)
+        self.last_log = (step, row)
+
+    @precondition(
+        lambda self: (
+            self.agg is not None
+            and not self.store.down
+            and self.store.fail_after is None
+            and len(self.ref.closed) >= 2
+        )
+    )
+    @rule(back=st.integers(1, 3))
+    def log_older_step(self, back: int) -> None:
+        """A barrier for a step already closed (the trainer resumed without calling rewind):
+        an implicit rewind to the step before it, then the close."""
+        assert self.agg is not None
+        steps = [c.step for c in self.ref.closed]
+        step = steps[max(0, len(steps) - 1 - back)]
+        before = self.agg.health["checkpoints"]
+        row = self._run(self.agg.log(step))
+        self.ref.rewind(step - 1, keep_late=True)
+        expected = self.ref.close(step)
+        self._after_call(before)
+        self.trainer_step = step
+        assert row.get("costs/all", 0.0) == float(sum((p.cost for p in expected.parts), ZERO))
         self.last_log = (step, row)
 
     @precondition(lambda self: self.agg is not None and self.last_log is not None)
