@@ -23,6 +23,7 @@ import msgpack
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
+from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.rewind import TOMBSTONES
 from art_ray_metrics.core.state import AggregatorState, _Window
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
@@ -114,35 +115,22 @@ class MetricsAggregator:
         self.history = HistoryStore(self.store)
         self.state, replayed = self._restore(attempts)
         meta = self.state.meta
-        meta.setdefault("outbox", [])
-        meta.setdefault("last_rows", {})
         # every start claims the next writer epoch, durably, before anything else: so epoch - 1
         # counts the restarts even when an instance died before its first checkpoint
-        meta["restarts"] = max(meta.get("restarts", -1) + 1, self.ckpt.epoch - 1)
-        R.ensure_meta(meta)
+        meta.restarts = max(meta.restarts + 1, self.ckpt.epoch - 1)
         # close numbers (and so rewind object keys) are unique per writer epoch: a stale
         # aggregator can never overwrite a rewind object this one names
-        meta["close_seq"] = max(int(meta["close_seq"]), self.ckpt.epoch * CLOSES_PER_EPOCH)
+        meta.close_seq = max(meta.close_seq, self.ckpt.epoch * CLOSES_PER_EPOCH)
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
-        self.restarted = meta["restarts"] > 0 or replayed > 0
+        self.restarted = meta.restarts > 0 or replayed > 0
         self.durable: dict[str, _Window] = {
             p: _Window(w.watermark, w.above) for p, w in self.state.producers.items()
         }
         self.wal_queue: list[tuple[bytes, str, int]] = []
         self.since_ckpt: list[tuple[str, int]] = []
         self.fenced: str | None = None
-        self.health: dict[str, Any] = {
-            "wal_writes": 0,
-            "wal_failures": 0,
-            "checkpoints": 0,
-            "checkpoint_failures": 0,
-            "history_failures": 0,
-            "replayed_batches": replayed,
-            "last_storage_error": None,
-            "barrier_timeouts": 0,
-            "rewind_refused": 0,
-        }
+        self.health = Health(replayed_batches=replayed)
         self.ingest_times: deque[float] = deque(maxlen=4096)
         self.inflight = 0
         self.tasks: list[asyncio.Task[None]] = []
@@ -150,7 +138,8 @@ class MetricsAggregator:
         self.persist_lock: asyncio.Lock | None = None
         # GPU time is charged from the last train barrier, on the wall clock and persisted, so
         # the time between a barrier and a restart is charged once, at the next barrier
-        self.state.meta.setdefault("gpu_since", _wall_clock())
+        if meta.gpu_since is None:
+            meta.gpu_since = _wall_clock()
         self.gpus: dict[str, int] | None = None
         self.wandb = self._make_wandb()
         self.booted = True
@@ -189,27 +178,30 @@ class MetricsAggregator:
                 project=self.config.wandb_project,
                 entity=self.config.wandb_entity,
                 run_name=self.config.run_name,
-                run_id=meta.get("wandb_run_id"),
+                run_id=meta.wandb_run_id,
                 mode=mode,
                 dir=self.config.wandb_dir,
                 config={"art_ray_metrics": self.config.model_dump(mode="json")},
             ),
             api_key=self.credentials.get("WANDB_API_KEY"),
         )
-        meta["wandb_run_id"] = sink.run_id
+        meta.wandb_run_id = sink.run_id
         sink.start()
         if self.restarted:
             # W&B buffers rows in its own process until finish(); a killed actor may have lost
             # some. Re-log every row since the last clean finish: twice is fine, never zero.
-            since = int(meta.get("wandb_finished_upto", -1))
+            since = meta.wandb_finished_upto if meta.wandb_finished_upto is not None else -1
             rows = {
                 (int(r["step"]), str(r["split"])): history_row_metrics(r)
                 for r in self.history.read(start_step=since + 1)
             }
             # committed rows whose history write had not happened yet
-            for step, split, row, _recorded_at in meta["outbox"]:
-                if int(step) > since:
-                    rows[(int(step), str(split))] = {**row, "training_step": float(step)}
+            for entry in meta.outbox:
+                if entry.step > since:
+                    rows[(entry.step, entry.split)] = {
+                        **entry.row,
+                        "training_step": float(entry.step),
+                    }
             sink.relog(rows[k] for k in sorted(rows))
         return sink
 
@@ -288,10 +280,10 @@ class MetricsAggregator:
                 return
             except StorageError as exc:
                 self.wal_queue[:0] = batch  # keep for the next attempt or the next checkpoint
-                self.health["wal_failures"] += 1
-                self.health["last_storage_error"] = str(exc)[:300]
+                self.health.wal_failures += 1
+                self.health.storage_failed(exc)
                 return
-            self.health["wal_writes"] += 1
+            self.health.wal_writes += 1
             self._mark_durable([(p, s) for _, p, s in batch])
 
     async def _wal_loop(self) -> None:
@@ -303,7 +295,7 @@ class MetricsAggregator:
     async def _ckpt_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.checkpoint_interval_s)
-            if self.since_ckpt or self.state.meta["outbox"]:
+            if self.since_ckpt or self.state.meta.outbox:
                 await self._persist()
 
     def _fence(self, exc: FencedError) -> None:
@@ -328,9 +320,9 @@ class MetricsAggregator:
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
         self._ensure_tasks()
-        last = self.state.meta["last_rows"].get(split)
-        if last is not None and last[0] == step:
-            return dict(last[1])  # a retried barrier call: same row, nothing closed twice
+        last = self.state.meta.last_rows.get(split)
+        if last is not None and last.step == step:
+            return dict(last.row)  # a retried barrier call: same row, nothing closed twice
         scope = K.scope_for_split(split)
         closed = self.state.last_closed.get(scope)
         if (
@@ -367,8 +359,8 @@ class MetricsAggregator:
             row[f"{K.TELEMETRY_PREFIX}late_leaves_in_row"] = float(report.late_leaves)
             row[f"{K.TELEMETRY_PREFIX}conflicts_in_row"] = float(len(report.conflicts))
         recorded_at = datetime.now(UTC).isoformat()
-        self.state.meta["outbox"].append([step, split, row, recorded_at])
-        self.state.meta["last_rows"][split] = [step, row]
+        self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
+        self.state.meta.last_rows[split] = LastRow(step, row)
         await self._persist()
         if self.wandb is not None and not self.fenced:
             self.wandb.log(row, step=step, split=split)
@@ -380,7 +372,7 @@ class MetricsAggregator:
         """Unqueue rewind objects not written yet; delete the others after the next commit."""
         for key in keys:
             if self.rewind_queue.pop(key, None) is None:
-                self.state.meta["rewind_drop"].append(key)
+                self.state.meta.rewind_drop.append(key)
 
     def _read_rewind(self, key: str) -> R.RewindRecord:
         """One rewind object, from the queue or the store (runs in a thread)."""
@@ -396,11 +388,11 @@ class MetricsAggregator:
         try:
             await self._rewind(step - 1, keep_late=True)
         except InvalidMetricError as exc:
-            self.health["rewind_refused"] += 1
+            self.health.rewind_refused += 1
             log.warning("art_ray_metrics: %s; step %s/%s is folded in as late", exc, step, split)
         except StorageError as exc:
-            self.health["rewind_refused"] += 1
-            self.health["last_storage_error"] = str(exc)[:300]
+            self.health.rewind_refused += 1
+            self.health.storage_failed(exc)
             log.warning("art_ray_metrics: rewind failed (%s); step %s/%s is late", exc, step, split)
 
     async def rewind(self, step: int) -> dict[str, Any]:
@@ -441,11 +433,12 @@ class MetricsAggregator:
     @property
     def last_train_barrier(self) -> float:
         """Wall-clock time (epoch seconds) GPU cost is next charged from; in the checkpoint."""
-        return float(self.state.meta["gpu_since"])
+        since = self.state.meta.gpu_since
+        return float(since) if since is not None else _wall_clock()
 
     @last_train_barrier.setter
     def last_train_barrier(self, when: float) -> None:
-        self.state.meta["gpu_since"] = float(when)
+        self.state.meta.gpu_since = float(when)
 
     def _gpu_cost(self, wall_s: float) -> float | None:
         """``costs/gpu`` for ``wall_s`` seconds of the configured (or detected) GPUs."""
@@ -482,7 +475,7 @@ class MetricsAggregator:
             if ok:
                 return
             if time.monotonic() >= deadline:
-                self.health["barrier_timeouts"] += 1
+                self.health.barrier_timeouts += 1
                 missing = (
                     expect - len(seen) if isinstance(expect, int) else sorted(set(expect) - seen)
                 )
@@ -506,10 +499,10 @@ class MetricsAggregator:
             shards.update(tombstones)
             rewind_objects = dict(self.rewind_queue)
             meta = self.state.meta
-            rewind_drop, history_drop = list(meta["rewind_drop"]), list(meta["history_drop"])
+            rewind_drop, history_drop = list(meta.rewind_drop), list(meta.history_drop)
             wal_next = self.ckpt.wal_next
             covered, self.since_ckpt = self.since_ckpt, []
-            outbox = list(meta["outbox"])
+            outbox = list(meta.outbox)
             try:
                 for key, data in rewind_objects.items():  # before the commit that names them
                     await asyncio.to_thread(self.store.put, key, data)
@@ -521,8 +514,8 @@ class MetricsAggregator:
                 return
             except StorageError as exc:
                 self.since_ckpt[:0] = covered
-                self.health["checkpoint_failures"] += 1
-                self.health["last_storage_error"] = str(exc)[:300]
+                self.health.checkpoint_failures += 1
+                self.health.storage_failed(exc)
                 log.warning("art_ray_metrics: checkpoint failed, will retry: %s", exc)
                 return
             self.state.checkpoint_committed(token)
@@ -530,35 +523,37 @@ class MetricsAggregator:
                 self.tombstones[family] = self.tombstones[family][len(data) :]
             for key in rewind_objects:
                 self.rewind_queue.pop(key, None)
-            self.health["checkpoints"] += 1
+            self.health.checkpoints += 1
             self._mark_durable(covered)
             done = set(covered)
             self.wal_queue = [item for item in self.wal_queue if (item[1], item[2]) not in done]
             await self._drop_objects(rewind_drop, history_drop)
             written = []
-            for step, split, row, recorded_at in outbox:
+            for entry in outbox:
                 try:
                     await asyncio.to_thread(
                         self.history.write,
-                        step,
-                        split,
-                        row,
-                        datetime.fromisoformat(recorded_at),
+                        entry.step,
+                        entry.split,
+                        entry.row,
+                        datetime.fromisoformat(entry.recorded_at),
                         epoch=self.ckpt.epoch,
                     )
-                    written.append((step, split))
+                    written.append((entry.step, entry.split))
                 except FencedError as exc:
                     self._fence(exc)
                     return
                 except StorageError as exc:
-                    self.health["history_failures"] += 1
-                    self.health["last_storage_error"] = str(exc)[:300]
+                    self.health.history_failures += 1
+                    self.health.storage_failed(exc)
                     break
             if written:
-                box = self.state.meta["outbox"]
-                self.state.meta["outbox"] = [e for e in box if (e[0], e[1]) not in set(written)]
+                box = self.state.meta.outbox
+                self.state.meta.outbox = [e for e in box if (e.step, e.split) not in set(written)]
 
-    async def _drop_objects(self, rewind_keys: list[str], history_rows: list[list[Any]]) -> None:
+    async def _drop_objects(
+        self, rewind_keys: list[str], history_rows: list[tuple[int, str]]
+    ) -> None:
         """Delete rewind objects that left the window; mark history rows of discarded steps.
 
         Both are safe from a stale aggregator: the rewind objects were dropped by a commit that
@@ -573,7 +568,7 @@ class MetricsAggregator:
             for key in rewind_keys:
                 self.store.delete(key)
             for st, sp in history_rows:
-                self.history.discard(int(st), str(sp), epoch=epoch)
+                self.history.discard(st, sp, epoch=epoch)
 
         try:
             await asyncio.to_thread(delete)
@@ -581,14 +576,12 @@ class MetricsAggregator:
             self._fence(exc)
             return
         except StorageError as exc:
-            self.health["last_storage_error"] = str(exc)[:300]
+            self.health.storage_failed(exc)
             return  # retried after the next commit
         meta = self.state.meta
-        meta["rewind_drop"] = [k for k in meta["rewind_drop"] if k not in set(rewind_keys)]
-        done = {(int(st), str(sp)) for st, sp in history_rows}
-        meta["history_drop"] = [
-            e for e in meta["history_drop"] if (int(e[0]), str(e[1])) not in done
-        ]
+        meta.rewind_drop = [k for k in meta.rewind_drop if k not in set(rewind_keys)]
+        done = set(history_rows)
+        meta.history_drop = [e for e in meta.history_drop if e not in done]
 
     # -- operations -------------------------------------------------------------------------
 
@@ -600,8 +593,8 @@ class MetricsAggregator:
             f"{p}ingest_batches_per_s": recent / 10.0,
             f"{p}wal_queue": float(len(self.wal_queue)),
             f"{p}inflight_durable_calls": float(self.inflight),
-            f"{p}checkpoint_failures": float(self.health["checkpoint_failures"]),
-            f"{p}restarts": float(self.state.meta.get("restarts", 0)),
+            f"{p}checkpoint_failures": float(self.health.checkpoint_failures),
+            f"{p}restarts": float(max(self.state.meta.restarts, 0)),
         }
 
     async def stats(self) -> dict[str, Any]:
@@ -620,11 +613,11 @@ class MetricsAggregator:
             "last_closed": dict(self.state.last_closed),
             "producers": len(self.state.producers),
             "gauges": self._gauges(),
-            "health": dict(self.health),
+            "health": self.health.to_dict(),
             "wandb": self.wandb.stats() if self.wandb is not None else None,
-            "wandb_run_id": self.state.meta.get("wandb_run_id"),
+            "wandb_run_id": self.state.meta.wandb_run_id,
             "unique_scenarios": len(self.state.cum.scenarios),
-            "rewound": dict(self.state.meta["rewound"]),
+            "rewound": self.state.meta.rewound.to_dict(),
             "cum": {k: float(v) for k, v in self.state.cum.values.items()},
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),
@@ -636,7 +629,7 @@ class MetricsAggregator:
         self._ensure_tasks()
         await self._write_wal()
         await self._persist()
-        return {"checkpoints": self.health["checkpoints"], "fenced": self.fenced}
+        return {"checkpoints": self.health.checkpoints, "fenced": self.fenced}
 
     async def config_fingerprint(self) -> str:
         """The hash of the configuration this actor runs with."""
@@ -645,8 +638,8 @@ class MetricsAggregator:
     async def shutdown(self, exit_code: int = 0) -> None:
         """Final checkpoint and W&B finish; call before ``ray.kill``."""
         self._ensure_tasks()
-        last = max((int(v[0]) for v in self.state.meta["last_rows"].values()), default=-1)
-        self.state.meta["wandb_finished_upto"] = last
+        last = max((r.step for r in self.state.meta.last_rows.values()), default=-1)
+        self.state.meta.wandb_finished_upto = last
         await self.checkpoint()
         if self.wandb is not None:
             await asyncio.to_thread(self.wandb.close, exit_code)

@@ -251,6 +251,6 @@ class TestStaleWritesAreFenced:
         asyncio.run(new.log(1, metrics={"costs/train/x": 2.0}))
         asyncio.run(old.log(1, metrics={"costs/train/x": 50.0}))  # fenced at its commit
         assert old.fenced
-        key = new.state.meta["rewind"][-1][2]
+        key = new.state.meta.rewind[-1].key
         record = R.decode_record(store.get(key))
         assert float(record.cum["costs/cum/all"]) == pytest.approx(3.0)
