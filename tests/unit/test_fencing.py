@@ -198,6 +198,7 @@ class TestStaleWritesAreFenced:
         with pytest.raises(FencedError):
             history.discard(1, "train", epoch=1)
         assert [r["loss/x"] for r in history.read()] == [2.0]
+        assert "writer_epoch" not in next(history.read())  # bookkeeping, not part of the row
         history.discard(1, "train", epoch=3)
         assert list(history.read()) == []
         assert history.last_step() is None
