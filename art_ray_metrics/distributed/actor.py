@@ -209,9 +209,11 @@ class MetricsAggregator:
         """Hold credential variables in memory and use them from now on.
 
         Before the storage is open, it is opened with them; after, the storage client is rebuilt
-        with them (fresh session tokens). Nothing of ``env`` is logged, returned or persisted.
+        with them (fresh session tokens). Returns the epoch and the variable names; the values
+        are never logged, returned or persisted.
         """
-        self.credentials = {str(k): str(v) for k, v in env.items()}
+        if env or not self.booted:  # a driver without secrets must not wipe another's
+            self.credentials = {str(k): str(v) for k, v in env.items()}
         if self.booted:
             if isinstance(self.store, ObstoreStore):
                 self.store.use_env(self.credentials)
