@@ -24,6 +24,7 @@ import msgpack
 import numpy as np
 
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
+from art_ray_metrics.core.meta import RewindEntry
 from art_ray_metrics.core.rollup import ZERO
 from art_ray_metrics.core.state import AggregatorState, StepBuffer
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
@@ -38,7 +39,6 @@ __all__ = [
     "apply_rewind",
     "decode_record",
     "encode_record",
-    "ensure_meta",
     "net_shards",
     "plan_rewind",
     "record_close",
@@ -74,7 +74,7 @@ class RewindPlan:
 
     Attributes:
         step: the target step.
-        first: index in ``meta["rewind"]`` of the first discarded close.
+        first: index in ``meta.rewind`` of the first discarded close.
         base_key: the object of the close to restore (``None``: back to the empty state).
         keys: the objects of the discarded closes, oldest first.
         discarded: ``(step, split)`` of the discarded closes.
@@ -234,16 +234,6 @@ def net_shards(shards: Mapping[str, bytes]) -> dict[str, bytes]:
 # -- the window ------------------------------------------------------------------------------
 
 
-def ensure_meta(meta: dict[str, Any]) -> None:
-    """Add the rewind fields to ``meta`` where missing (a new or an older state)."""
-    meta.setdefault("rewind", [])  # [step, split, object key] per close, oldest first
-    meta.setdefault("rewind_drop", [])  # rewind objects to delete after the next commit
-    meta.setdefault("rewind_floor", -1)  # step of the newest close that left the window
-    meta.setdefault("history_drop", [])  # [step, split] rows of discarded steps
-    meta.setdefault("close_seq", 0)
-    meta.setdefault("rewound", {"rewinds": 0, "steps": 0, "costs_usd": "0"})
-
-
 def record_close(
     state: AggregatorState,
     step: int,
@@ -260,18 +250,18 @@ def record_close(
     keeps the new one).
     """
     meta = state.meta
-    meta["close_seq"] += 1
-    key = record_key(step, split, int(meta["close_seq"]))
+    meta.close_seq += 1
+    key = record_key(step, split, meta.close_seq)
     record = RewindRecord(
         step, split, dict(state.cum.values), dict(state.last_closed), scenarios, cost_ids
     )
-    entries: list[list[Any]] = meta["rewind"]
-    entries.append([step, split, key])
+    entries = meta.rewind
+    entries.append(RewindEntry(step, split, key))
     evicted = []
     while len(entries) > window:
-        old_step, _old_split, old_key = entries.pop(0)
-        meta["rewind_floor"] = max(int(meta["rewind_floor"]), int(old_step))
-        evicted.append(str(old_key))
+        old = entries.pop(0)
+        meta.rewind_floor = max(meta.rewind_floor, old.step)
+        evicted.append(old.key)
     return key, encode_record(record), evicted
 
 
@@ -285,14 +275,14 @@ def plan_rewind(
             left the window.
     """
     meta = state.meta
-    entries: list[list[Any]] = meta["rewind"]
-    first = next((i for i, r in enumerate(entries) if int(r[0]) > step), None)
+    entries = meta.rewind
+    first = next((i for i, r in enumerate(entries) if r.step > step), None)
     pending_later = tuple(k for k in state.pending if k[0] > step)
     if first is None and not pending_later and (keep_late or not state.late):
         return None
     first = len(entries) if first is None else first
-    if window <= 0 or (first == 0 and int(meta["rewind_floor"]) >= 0):
-        oldest = entries[0][0] if entries else "none"
+    if window <= 0 or (first == 0 and meta.rewind_floor >= 0):
+        oldest = entries[0].step if entries else "none"
         raise InvalidMetricError(
             f"Expected a step to rewind to >= {oldest} (the oldest step still restorable "
             f"with rewind_window={window}) but got {step!r}"
@@ -301,9 +291,9 @@ def plan_rewind(
     return RewindPlan(
         step=step,
         first=first,
-        base_key=str(entries[first - 1][2]) if first > 0 else None,
-        keys=tuple(str(r[2]) for r in discarded),
-        discarded=frozenset((int(r[0]), str(r[1])) for r in discarded),
+        base_key=entries[first - 1].key if first > 0 else None,
+        keys=tuple(r.key for r in discarded),
+        discarded=frozenset((r.step, r.split) for r in discarded),
         pending_later=pending_later,
     )
 
@@ -349,16 +339,11 @@ def apply_rewind(
         state.pending_cost_ids |= buf.cost_ids
     meta = state.meta
     gone = plan.discarded
-    if "last_rows" in meta:
-        meta["last_rows"] = {
-            sp: v for sp, v in meta["last_rows"].items() if (int(v[0]), sp) not in gone
-        }
-    if "outbox" in meta:
-        meta["outbox"] = [e for e in meta["outbox"] if (int(e[0]), str(e[1])) not in gone]
-    meta["history_drop"].extend([st, sp] for st, sp in sorted(gone))
-    meta["rewind"] = meta["rewind"][: plan.first]
-    rewound = meta["rewound"]
-    rewound["rewinds"] += 1
-    rewound["steps"] += len(gone)
-    rewound["costs_usd"] = str(Decimal(rewound["costs_usd"]) + lost)
+    meta.last_rows = {sp: r for sp, r in meta.last_rows.items() if (r.step, sp) not in gone}
+    meta.outbox = [e for e in meta.outbox if (e.step, e.split) not in gone]
+    meta.history_drop.extend(sorted(gone))
+    meta.rewind = meta.rewind[: plan.first]
+    meta.rewound.rewinds += 1
+    meta.rewound.steps += len(gone)
+    meta.rewound.costs_usd += lost
     return RewindResult(len(gone), len(dropped), lost, tombstones, plan.keys)

@@ -41,6 +41,7 @@ from typing import Any
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
+from art_ray_metrics.core.meta import AggregatorMeta
 from art_ray_metrics.core.records import IngestResult, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import EXACT, ZERO, cost_rollups, to_decimal
 from art_ray_metrics.core.wire import decode_batch, decode_state, encode_state
@@ -323,7 +324,7 @@ class AggregatorState:
         self.pending_cost_ids: set[bytes] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.conflict_names: dict[str, int] = {}
-        self.meta: dict[str, Any] = {}
+        self.meta = AggregatorMeta()
         """Opaque, msgpack-able fields the shell persists with the state (run id, epoch, …)."""
 
     # -- ingest ---------------------------------------------------------------------------
@@ -553,7 +554,7 @@ class AggregatorState:
             "producers": {p: [w.watermark, sorted(w.above)] for p, w in self.producers.items()},
             "counters": dict(self.counters),
             "conflict_names": dict(self.conflict_names),
-            "meta": self.meta,
+            "meta": self.meta.to_dict(),
             "keys": sorted(self.run_keys),
         }
         if include_ledgers:
@@ -576,7 +577,7 @@ class AggregatorState:
         state.producers = {str(p): _Window(int(w), a) for p, (w, a) in raw["producers"].items()}
         state.counters.update({str(k): int(v) for k, v in raw["counters"].items()})
         state.conflict_names = {str(k): int(v) for k, v in raw["conflict_names"].items()}
-        state.meta = dict(raw["meta"])
+        state.meta = AggregatorMeta.from_dict(raw["meta"])
         state.run_keys = {str(k) for k in raw.get("keys", ())}
         for buf in (*state.pending.values(), *state.late.values()):
             state.pending_cost_ids |= buf.cost_ids

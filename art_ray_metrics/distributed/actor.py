@@ -24,6 +24,7 @@ from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.rewind import TOMBSTONES
 from art_ray_metrics.core.state import AggregatorState, Limits, _Window, split_trainer_metrics
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
@@ -122,18 +123,15 @@ class MetricsAggregator:
             max_open_scopes=self.config.max_open_scopes,
         )
         meta = self.state.meta
-        meta.setdefault("outbox", [])
-        meta.setdefault("last_rows", {})
         # every start claims the next writer epoch, durably, before anything else: so epoch - 1
         # counts the restarts even when an instance died before its first checkpoint
-        meta["restarts"] = max(meta.get("restarts", -1) + 1, self.ckpt.epoch - 1)
-        R.ensure_meta(meta)
+        meta.restarts = max(meta.restarts + 1, self.ckpt.epoch - 1)
         # close numbers (and so rewind object keys) are unique per writer epoch: a stale
         # aggregator can never overwrite a rewind object this one names
-        meta["close_seq"] = max(int(meta["close_seq"]), self.ckpt.epoch * CLOSES_PER_EPOCH)
+        meta.close_seq = max(meta.close_seq, self.ckpt.epoch * CLOSES_PER_EPOCH)
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
-        self.restarted = meta["restarts"] > 0 or replayed > 0
+        self.restarted = meta.restarts > 0 or replayed > 0
         self.durable: dict[str, _Window] = {
             p: _Window(w.watermark, w.above) for p, w in self.state.producers.items()
         }
@@ -142,20 +140,7 @@ class MetricsAggregator:
         self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
         self.since_ckpt: list[tuple[str, int]] = []
         self.fenced: str | None = None
-        self.health: dict[str, Any] = {
-            "wal_writes": 0,
-            "wal_failures": 0,
-            "checkpoints": 0,
-            "checkpoint_failures": 0,
-            "history_failures": 0,
-            "replayed_batches": replayed,
-            "last_storage_error": None,
-            "barrier_timeouts": 0,
-            "rewind_refused": 0,
-            "backpressure": 0,
-            "history_rejected": 0,
-            "loop_restarts": 0,
-        }
+        self.health = Health(replayed_batches=replayed)
         self.ingest_times: deque[float] = deque(maxlen=4096)
         self.inflight = 0
         self.tasks: list[asyncio.Task[None]] = []
@@ -163,7 +148,8 @@ class MetricsAggregator:
         self.persist_lock: asyncio.Lock | None = None
         # GPU time is charged from the last train barrier, on the wall clock and persisted, so
         # the time between a barrier and a restart is charged once, at the next barrier
-        self.state.meta.setdefault("gpu_since", _wall_clock())
+        if meta.gpu_since is None:
+            meta.gpu_since = _wall_clock()
         self.gpus: dict[str, int] | None = None
         self.wandb = self._make_wandb()
         self.booted = True
@@ -204,27 +190,30 @@ class MetricsAggregator:
                 project=self.config.wandb_project,
                 entity=self.config.wandb_entity,
                 run_name=self.config.run_name,
-                run_id=meta.get("wandb_run_id"),
+                run_id=meta.wandb_run_id,
                 mode=mode,
                 dir=self.config.wandb_dir,
                 config={"art_ray_metrics": self.config.model_dump(mode="json")},
             ),
             api_key=self.credentials.get("WANDB_API_KEY"),
         )
-        meta["wandb_run_id"] = sink.run_id
+        meta.wandb_run_id = sink.run_id
         sink.start()
         if self.restarted:
             # W&B buffers rows in its own process until finish(); a killed actor may have lost
             # some. Re-log every row since the last clean finish: twice is fine, never zero.
-            since = int(meta.get("wandb_finished_upto", -1))
+            since = meta.wandb_finished_upto if meta.wandb_finished_upto is not None else -1
             rows = {
                 (int(r["step"]), str(r["split"])): history_row_metrics(r)
                 for r in self.history.read(start_step=since + 1)
             }
             # committed rows whose history write had not happened yet
-            for step, split, row, _recorded_at in meta["outbox"]:
-                if int(step) > since:
-                    rows[(int(step), str(split))] = {**row, "training_step": float(step)}
+            for entry in meta.outbox:
+                if entry.step > since:
+                    rows[(entry.step, entry.split)] = {
+                        **entry.row,
+                        "training_step": float(entry.step),
+                    }
             sink.relog(rows[k] for k in sorted(rows))
         return sink
 
@@ -232,9 +221,11 @@ class MetricsAggregator:
         """Hold credential variables in memory and use them from now on.
 
         Before the storage is open, it is opened with them; after, the storage client is rebuilt
-        with them (fresh session tokens). Nothing of ``env`` is logged, returned or persisted.
+        with them (fresh session tokens). Returns the epoch and the variable names; the values
+        are never logged, returned or persisted.
         """
-        self.credentials = {str(k): str(v) for k, v in env.items()}
+        if env or not self.booted:  # a driver without secrets must not wipe another's
+            self.credentials = {str(k): str(v) for k, v in env.items()}
         if self.booted:
             if isinstance(self.store, ObstoreStore):
                 self.store.use_env(self.credentials)
@@ -264,7 +255,7 @@ class MetricsAggregator:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.health["loop_restarts"] += 1
+                self.health.loop_restarts += 1
                 log.error("art_ray_metrics: %s loop died (%r); restarting", name, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -278,7 +269,7 @@ class MetricsAggregator:
         if self.fenced:  # a newer aggregator owns the run: accept nothing
             raise FencedError(self.fenced)
         if self.wal_queue_bytes + len(data) > self.config.max_wal_queue_bytes and self.wal_queue:
-            self.health["backpressure"] += 1
+            self.health.backpressure += 1
             raise BackPressureError(
                 f"The write-ahead queue holds {self.wal_queue_bytes} bytes "
                 f"(max_wal_queue_bytes={self.config.max_wal_queue_bytes}); storage is slow or "
@@ -333,10 +324,10 @@ class MetricsAggregator:
             except StorageError as exc:
                 self.wal_queue[:0] = batch  # keep for the next attempt or the next checkpoint
                 self._count_wal_bytes()
-                self.health["wal_failures"] += 1
-                self.health["last_storage_error"] = str(exc)[:300]
+                self.health.wal_failures += 1
+                self.health.storage_failed(exc)
                 return
-            self.health["wal_writes"] += 1
+            self.health.wal_writes += 1
             self.telemetry.observe("wal_commit_seconds", time.monotonic() - started)
             self._mark_durable([(p, s) for _, p, s in batch])
 
@@ -353,7 +344,7 @@ class MetricsAggregator:
     async def _ckpt_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.checkpoint_interval_s)
-            if self.since_ckpt or self.state.meta["outbox"]:
+            if self.since_ckpt or self.state.meta.outbox:
                 await self._persist()
 
     def _fence(self, exc: FencedError) -> None:
@@ -382,9 +373,9 @@ class MetricsAggregator:
         V.check_step(step)
         V.check_split(split)
         split_trainer_metrics(metrics)  # invalid metrics raise before anything happens
-        last = self.state.meta["last_rows"].get(split)
-        if last is not None and last[0] == step:
-            return dict(last[1])  # a retried barrier call: same row, nothing closed twice
+        last = self.state.meta.last_rows.get(split)
+        if last is not None and last.step == step:
+            return dict(last.row)  # a retried barrier call: same row, nothing closed twice
         running = self.closing.get((step, split))
         if running is not None:  # the same barrier still in flight (a retried call)
             return dict(await asyncio.shield(running))
@@ -446,8 +437,8 @@ class MetricsAggregator:
             row[f"{K.TELEMETRY_PREFIX}late_leaves_in_row"] = float(report.late_leaves)
             row[f"{K.TELEMETRY_PREFIX}conflicts_in_row"] = float(len(report.conflicts))
         recorded_at = datetime.now(UTC).isoformat()
-        self.state.meta["outbox"].append([step, split, row, recorded_at])
-        self.state.meta["last_rows"][split] = [step, row]
+        self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
+        self.state.meta.last_rows[split] = LastRow(step, row)
         await self._persist()
         if self.wandb is not None and not self.fenced:
             self.wandb.log(row, step=step, split=split)
@@ -461,7 +452,7 @@ class MetricsAggregator:
         """Unqueue rewind objects not written yet; delete the others after the next commit."""
         for key in keys:
             if self.rewind_queue.pop(key, None) is None:
-                self.state.meta["rewind_drop"].append(key)
+                self.state.meta.rewind_drop.append(key)
 
     def _read_rewind(self, key: str) -> R.RewindRecord:
         """One rewind object, from the queue or the store (runs in a thread)."""
@@ -477,11 +468,11 @@ class MetricsAggregator:
         try:
             await self._rewind(step - 1, keep_late=True)
         except InvalidMetricError as exc:
-            self.health["rewind_refused"] += 1
+            self.health.rewind_refused += 1
             log.warning("art_ray_metrics: %s; step %s/%s is folded in as late", exc, step, split)
         except StorageError as exc:
-            self.health["rewind_refused"] += 1
-            self.health["last_storage_error"] = str(exc)[:300]
+            self.health.rewind_refused += 1
+            self.health.storage_failed(exc)
             log.warning("art_ray_metrics: rewind failed (%s); step %s/%s is late", exc, step, split)
 
     async def rewind(self, step: int) -> dict[str, Any]:
@@ -522,11 +513,12 @@ class MetricsAggregator:
     @property
     def last_train_barrier(self) -> float:
         """Wall-clock time (epoch seconds) GPU cost is next charged from; in the checkpoint."""
-        return float(self.state.meta["gpu_since"])
+        since = self.state.meta.gpu_since
+        return float(since) if since is not None else _wall_clock()
 
     @last_train_barrier.setter
     def last_train_barrier(self, when: float) -> None:
-        self.state.meta["gpu_since"] = float(when)
+        self.state.meta.gpu_since = float(when)
 
     def _gpu_cost(self, wall_s: float) -> float | None:
         """``costs/gpu`` for ``wall_s`` seconds of the configured (or detected) GPUs."""
@@ -563,7 +555,7 @@ class MetricsAggregator:
             if ok:
                 return
             if time.monotonic() >= deadline:
-                self.health["barrier_timeouts"] += 1
+                self.health.barrier_timeouts += 1
                 missing = (
                     expect - len(seen) if isinstance(expect, int) else sorted(set(expect) - seen)
                 )
@@ -587,10 +579,10 @@ class MetricsAggregator:
             shards.update(tombstones)
             rewind_objects = dict(self.rewind_queue)
             meta = self.state.meta
-            rewind_drop, history_drop = list(meta["rewind_drop"]), list(meta["history_drop"])
+            rewind_drop, history_drop = list(meta.rewind_drop), list(meta.history_drop)
             wal_next = self.ckpt.wal_next
             covered, self.since_ckpt = self.since_ckpt, []
-            outbox = list(meta["outbox"])
+            outbox = list(meta.outbox)
             try:
                 for key, data in rewind_objects.items():  # before the commit that names them
                     await asyncio.to_thread(self.store.put, key, data)
@@ -604,8 +596,8 @@ class MetricsAggregator:
                 return
             except StorageError as exc:
                 self.since_ckpt[:0] = covered
-                self.health["checkpoint_failures"] += 1
-                self.health["last_storage_error"] = str(exc)[:300]
+                self.health.checkpoint_failures += 1
+                self.health.storage_failed(exc)
                 log.warning("art_ray_metrics: checkpoint failed, will retry: %s", exc)
                 return
             self.state.checkpoint_committed(token)
@@ -613,40 +605,47 @@ class MetricsAggregator:
                 self.tombstones[family] = self.tombstones[family][len(data) :]
             for key in rewind_objects:
                 self.rewind_queue.pop(key, None)
-            self.health["checkpoints"] += 1
+            self.health.checkpoints += 1
             self._mark_durable(covered)
             done = set(covered)
             self.wal_queue = [item for item in self.wal_queue if (item[1], item[2]) not in done]
             self._count_wal_bytes()
             await self._drop_objects(rewind_drop, history_drop)
             written = []
-            for step, split, row, recorded_at in outbox:
+            for entry in outbox:
                 try:
                     await asyncio.to_thread(
                         self.history.write,
-                        step,
-                        split,
-                        row,
-                        datetime.fromisoformat(recorded_at),
+                        entry.step,
+                        entry.split,
+                        entry.row,
+                        datetime.fromisoformat(entry.recorded_at),
                         epoch=self.ckpt.epoch,
                     )
-                    written.append((step, split))
+                    written.append((entry.step, entry.split))
                 except InvalidMetricError as exc:  # cannot happen for our rows; never blocks
-                    self.health["history_rejected"] += 1
-                    log.error("art_ray_metrics: history refused row %s/%s: %s", step, split, exc)
-                    written.append((step, split))
+                    self.health.history_rejected += 1
+                    log.error(
+                        "art_ray_metrics: history refused row %s/%s: %s",
+                        entry.step,
+                        entry.split,
+                        exc,
+                    )
+                    written.append((entry.step, entry.split))
                 except FencedError as exc:
                     self._fence(exc)
                     return
                 except StorageError as exc:
-                    self.health["history_failures"] += 1
-                    self.health["last_storage_error"] = str(exc)[:300]
+                    self.health.history_failures += 1
+                    self.health.storage_failed(exc)
                     break
             if written:
-                box = self.state.meta["outbox"]
-                self.state.meta["outbox"] = [e for e in box if (e[0], e[1]) not in set(written)]
+                box = self.state.meta.outbox
+                self.state.meta.outbox = [e for e in box if (e.step, e.split) not in set(written)]
 
-    async def _drop_objects(self, rewind_keys: list[str], history_rows: list[list[Any]]) -> None:
+    async def _drop_objects(
+        self, rewind_keys: list[str], history_rows: list[tuple[int, str]]
+    ) -> None:
         """Delete rewind objects that left the window; mark history rows of discarded steps.
 
         Both are safe from a stale aggregator: the rewind objects were dropped by a commit that
@@ -661,7 +660,7 @@ class MetricsAggregator:
             for key in rewind_keys:
                 self.store.delete(key)
             for st, sp in history_rows:
-                self.history.discard(int(st), str(sp), epoch=epoch)
+                self.history.discard(st, sp, epoch=epoch)
 
         try:
             await asyncio.to_thread(delete)
@@ -669,14 +668,12 @@ class MetricsAggregator:
             self._fence(exc)
             return
         except StorageError as exc:
-            self.health["last_storage_error"] = str(exc)[:300]
+            self.health.storage_failed(exc)
             return  # retried after the next commit
         meta = self.state.meta
-        meta["rewind_drop"] = [k for k in meta["rewind_drop"] if k not in set(rewind_keys)]
-        done = {(int(st), str(sp)) for st, sp in history_rows}
-        meta["history_drop"] = [
-            e for e in meta["history_drop"] if (int(e[0]), str(e[1])) not in done
-        ]
+        meta.rewind_drop = [k for k in meta.rewind_drop if k not in set(rewind_keys)]
+        done = set(history_rows)
+        meta.history_drop = [e for e in meta.history_drop if e not in done]
 
     # -- operations -------------------------------------------------------------------------
 
@@ -687,9 +684,9 @@ class MetricsAggregator:
         health = self.health
         counters = {
             **self.state.counters,
-            "storage_failures/wal": health["wal_failures"],
-            "storage_failures/checkpoint": health["checkpoint_failures"],
-            "storage_failures/history": health["history_failures"],
+            "storage_failures/wal": health.wal_failures,
+            "storage_failures/checkpoint": health.checkpoint_failures,
+            "storage_failures/history": health.history_failures,
             "wandb_failures": self.wandb.failures if self.wandb is not None else 0,
         }
         gauges = {
@@ -708,8 +705,8 @@ class MetricsAggregator:
             f"{p}ingest_batches_per_s": recent / 10.0,
             f"{p}wal_queue": float(len(self.wal_queue)),
             f"{p}inflight_durable_calls": float(self.inflight),
-            f"{p}checkpoint_failures": float(self.health["checkpoint_failures"]),
-            f"{p}restarts": float(self.state.meta.get("restarts", 0)),
+            f"{p}checkpoint_failures": float(self.health.checkpoint_failures),
+            f"{p}restarts": float(max(self.state.meta.restarts, 0)),
         }
 
     async def stats(self) -> dict[str, Any]:
@@ -728,11 +725,11 @@ class MetricsAggregator:
             "last_closed": dict(self.state.last_closed),
             "producers": len(self.state.producers),
             "gauges": self._gauges(),
-            "health": dict(self.health),
+            "health": self.health.to_dict(),
             "wandb": self.wandb.stats() if self.wandb is not None else None,
-            "wandb_run_id": self.state.meta.get("wandb_run_id"),
+            "wandb_run_id": self.state.meta.wandb_run_id,
             "unique_scenarios": len(self.state.cum.scenarios),
-            "rewound": dict(self.state.meta["rewound"]),
+            "rewound": self.state.meta.rewound.to_dict(),
             "cum": {k: float(v) for k, v in self.state.cum.values.items()},
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),
@@ -744,7 +741,7 @@ class MetricsAggregator:
         self._ensure_tasks()
         await self._write_wal()
         await self._persist()
-        return {"checkpoints": self.health["checkpoints"], "fenced": self.fenced}
+        return {"checkpoints": self.health.checkpoints, "fenced": self.fenced}
 
     async def config_fingerprint(self) -> str:
         """The hash of the configuration this actor runs with."""
@@ -753,8 +750,8 @@ class MetricsAggregator:
     async def shutdown(self, exit_code: int = 0) -> None:
         """Final checkpoint and W&B finish; call before ``ray.kill``."""
         self._ensure_tasks()
-        last = max((int(v[0]) for v in self.state.meta["last_rows"].values()), default=-1)
-        self.state.meta["wandb_finished_upto"] = last
+        last = max((r.step for r in self.state.meta.last_rows.values()), default=-1)
+        self.state.meta.wandb_finished_upto = last
         await self.checkpoint()
         if self.wandb is not None:
             await asyncio.to_thread(self.wandb.close, exit_code)

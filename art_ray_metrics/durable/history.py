@@ -229,6 +229,8 @@ class HistoryStore:
     ) -> Iterator[dict[str, Any]]:
         """Yield history records in ``(step, split)`` order, optionally filtered.
 
+        Discarded rows are skipped; ``writer_epoch`` is not part of the yielded records.
+
         Args:
             split: Only rows of this split.
             start_step: Only rows with ``step >= start_step``.
@@ -246,6 +248,7 @@ class HistoryStore:
             except ObjectNotFoundError:
                 continue  # deleted after the listing
             if not record.get(_DISCARDED):
+                record.pop(WRITER_EPOCH, None)  # fencing bookkeeping, not part of the row
                 yield record
 
     @staticmethod

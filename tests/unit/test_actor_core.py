@@ -52,7 +52,7 @@ class TestRestarts:
             storage_uri=f"memory://{uuid.uuid4().hex}", wandb_mode="disabled"
         ).model_dump_json()
         first = MetricsAggregator(cfg)
-        assert first.state.meta["restarts"] == 0
+        assert first.state.meta.restarts == 0
         asyncio.run(first.log(0))  # a checkpoint holding restarts == 0
         for expected in (1, 2, 3):  # each instance replaced before it checkpoints
-            assert MetricsAggregator(cfg).state.meta["restarts"] == expected
+            assert MetricsAggregator(cfg).state.meta.restarts == expected

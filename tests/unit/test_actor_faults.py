@@ -89,7 +89,7 @@ class TestPoisonAtTheDoor:
             return row
 
         assert asyncio.run(run())["costs/cum/all"] == 0.5
-        assert agg.state.meta["outbox"] == []
+        assert agg.state.meta.outbox == []
 
     def test_values_that_overflow_when_summed_never_reach_a_row(self) -> None:
         """Two producers each sending a huge value under one key: refused at ingest, so the
@@ -141,13 +141,13 @@ class TestSupervisedLoops:
             await agg.ingest(_batch("w", 1, 0, leaves={"reward/x": 1}))
             for _ in range(200):
                 await asyncio.sleep(0.02)
-                if agg.health["checkpoints"]:
+                if agg.health.checkpoints:
                     break
             await _stop(agg)
 
         asyncio.run(run())
-        assert agg.health["loop_restarts"] == 1
-        assert agg.health["checkpoints"] >= 1
+        assert agg.health.loop_restarts == 1
+        assert agg.health.checkpoints >= 1
 
 
 class TestBackPressure:
@@ -168,7 +168,7 @@ class TestBackPressure:
                     refused += 1
             assert refused > 0
             assert agg.wal_queue_bytes <= 2000 + len(data[0])
-            assert agg.health["backpressure"] == refused
+            assert agg.health.backpressure == refused
             applied = agg.state.counters["batches"]
             assert applied == len(data) - refused
             faulty.down = False

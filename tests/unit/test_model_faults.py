@@ -203,7 +203,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
     def _after_call(self, checkpoints_before: int) -> None:
         """Follow what became durable: a commit snapshots the reference."""
         assert self.agg is not None
-        if self.agg.health["checkpoints"] > checkpoints_before:
+        if self.agg.health.checkpoints > checkpoints_before:
             self.committed = copy.deepcopy(self.ref)
             self.since_commit = []
 
@@ -215,7 +215,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
     def _deliver(self, key: tuple[str, int], *, durable: bool, after_restore: bool = False) -> None:
         assert self.agg is not None
         data, leaves = self.sent[key]
-        before = self.agg.health["checkpoints"]
+        before = self.agg.health.checkpoints
         try:
             ack = self._run(self.agg.ingest(data, durable))
         except BackPressureError:
@@ -314,7 +314,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
         """The step barrier (sometimes skipping a step number)."""
         assert self.agg is not None
         step = self.trainer_step + 1 + skip
-        before = self.agg.health["checkpoints"]
+        before = self.agg.health.checkpoints
         row = self._run(self.agg.log(step))
         self.trainer_step = step
         expected = self.ref.close(step)
@@ -340,7 +340,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
         assert self.agg is not None
         steps = [c.step for c in self.ref.closed]
         step = steps[max(0, len(steps) - 1 - back)]
-        before = self.agg.health["checkpoints"]
+        before = self.agg.health.checkpoints
         row = self._run(self.agg.log(step))
         self.ref.rewind(step - 1, keep_late=True)
         expected = self.ref.close(step)
@@ -366,7 +366,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
         """The trainer resumes from its checkpoint of an older step."""
         assert self.agg is not None
         target = max(-1, self.trainer_step - back)
-        before = self.agg.health["checkpoints"]
+        before = self.agg.health.checkpoints
         try:
             self._run(self.agg.rewind(target))
         except StorageError:
@@ -382,7 +382,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
     def checkpoint(self) -> None:
         """An explicit checkpoint (also what the timer loop does)."""
         assert self.agg is not None
-        before = self.agg.health["checkpoints"]
+        before = self.agg.health.checkpoints
         self._run(self.agg.checkpoint())
         self._after_call(before)
 
@@ -478,7 +478,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
         if agg is None or self.store.down or self.store.fail_after is not None:
             return
         meta = agg.state.meta
-        if meta["outbox"] or meta["history_drop"]:
+        if meta.outbox or meta.history_drop:
             return  # writes still owed: checked once they are done
         records = list(agg.history.read())
         steps = [int(r["step"]) for r in records]

@@ -11,6 +11,7 @@ import pytest
 
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core.dedupe import DigestLedger, digest
+from art_ray_metrics.core.meta import LastRow, OutboxEntry
 from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 from art_ray_metrics.testing import make_batch
@@ -21,7 +22,6 @@ class Shell:
 
     def __init__(self, window: int = 64) -> None:
         self.state = AggregatorState()
-        R.ensure_meta(self.state.meta)
         self.window = window
         self.objects: dict[str, bytes] = {}
         self.tombstones = dict.fromkeys(R.TOMBSTONES.values(), b"")
@@ -116,7 +116,7 @@ class TestExactRestore:
             shell.step(s, _ids(s), rid=f"r{s}")
         shell.rewind(-1)
         assert _snapshot(shell.state) == ({}, {}, b"", b"", set())
-        assert shell.state.meta["rewind"] == []
+        assert shell.state.meta.rewind == []
 
     def test_paid_response_is_charged_again_after_rewind(self) -> None:
         """A response id first paid in a discarded step counts again when re-sent."""
@@ -142,18 +142,18 @@ class TestExactRestore:
         """Rows of discarded steps leave last_rows and the outbox and are queued for deletion."""
         shell = Shell()
         meta = shell.state.meta
-        meta["last_rows"], meta["outbox"] = {}, []
+        meta.last_rows, meta.outbox = {}, []
         for s in range(3):
             row = shell.step(s)
-            meta["last_rows"]["train"] = [s, row]
-            meta["outbox"].append([s, "train", row, "t"])
+            meta.last_rows["train"] = LastRow(s, row)
+            meta.outbox.append(OutboxEntry(s, "train", row, "t"))
         shell.rewind(0)
-        assert meta["last_rows"] == {}
-        assert [e[0] for e in meta["outbox"]] == [0]
-        assert meta["history_drop"] == [[1, "train"], [2, "train"]]
-        assert [r[0] for r in meta["rewind"]] == [0]
-        assert meta["rewound"]["rewinds"] == 1
-        assert meta["rewound"]["steps"] == 2
+        assert meta.last_rows == {}
+        assert [e.step for e in meta.outbox] == [0]
+        assert meta.history_drop == [(1, "train"), (2, "train")]
+        assert [r.step for r in meta.rewind] == [0]
+        assert meta.rewound.rewinds == 1
+        assert meta.rewound.steps == 2
 
 
 class TestTombstones:
@@ -256,22 +256,22 @@ class TestWindow:
         for s in range(5):
             shell.step(s)
         meta = shell.state.meta
-        assert [r[0] for r in meta["rewind"]] == [3, 4]
-        assert meta["rewind_floor"] == 2
-        assert sorted(shell.objects) == [r[2] for r in meta["rewind"]]
-        assert meta["rewind"][-1][2] == "rewind/000000000004-train-000000000005.bin"
+        assert [r.step for r in meta.rewind] == [3, 4]
+        assert meta.rewind_floor == 2
+        assert sorted(shell.objects) == [r.key for r in meta.rewind]
+        assert meta.rewind[-1].key == "rewind/000000000004-train-000000000005.bin"
 
     def test_target_outside_the_window_is_refused(self) -> None:
         """A target whose base close left the window raises and changes nothing."""
         shell = Shell(window=2)
         for s in range(5):
             shell.step(s)
-        before = (_snapshot(shell.state), [list(r) for r in shell.state.meta["rewind"]])
+        before = (_snapshot(shell.state), list(shell.state.meta.rewind))
         with pytest.raises(InvalidMetricError, match="oldest step still restorable"):
             shell.rewind(1)
         with pytest.raises(InvalidMetricError, match=">= 3"):
             shell.rewind(2)
-        assert (_snapshot(shell.state), shell.state.meta["rewind"]) == before
+        assert (_snapshot(shell.state), shell.state.meta.rewind) == before
         result = shell.rewind(3)
         assert result is not None
         assert result.discarded_steps == 1
@@ -279,7 +279,6 @@ class TestWindow:
     def test_disabled_window_refuses(self) -> None:
         """With rewind_window=0 any rewind that would discard something raises."""
         state = AggregatorState()
-        R.ensure_meta(state.meta)
         state.ingest(make_batch("p", 1, 3, leaves={"costs/train/llm": 1.0}))
         with pytest.raises(InvalidMetricError, match="rewind_window=0"):
             R.plan_rewind(state, 1, keep_late=False, window=0)
@@ -309,7 +308,7 @@ class TestLostDollars:
             "0.125"
         )
         assert (result.discarded_steps, result.discarded_buffers) == (2, 2)
-        assert shell.state.meta["rewound"]["costs_usd"] == str(result.costs_usd)
+        assert shell.state.meta.rewound.costs_usd == result.costs_usd
         assert not shell.state.pending
         assert not shell.state.late
         assert result.summary() == {
