@@ -68,6 +68,9 @@ def test_health_keeps_the_stats_keys() -> None:
             "last_storage_error",
             "barrier_timeouts",
             "rewind_refused",
+            "backpressure",
+            "history_rejected",
+            "loop_restarts",
         ]
     )
     assert len(out["last_storage_error"]) == 300
