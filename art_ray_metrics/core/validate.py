@@ -16,11 +16,14 @@ from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.errors import InvalidMetricError
 
 __all__ = [
+    "MAX_MAGNITUDE",
     "MAX_STEP",
     "STEP_DIGITS",
     "check_cost_context",
     "check_split",
     "check_step",
+    "check_sum",
+    "check_text",
     "check_value",
     "finite_float",
     "validate_key",
@@ -29,6 +32,9 @@ __all__ = [
 STEP_DIGITS: Final = 12
 """Steps are written zero-padded to this many digits in history object names."""
 MAX_STEP: Final = 10**STEP_DIGITS - 1
+MAX_MAGNITUDE: Final = 1e300
+"""Values below this magnitude go through fast paths; larger ones get their running sum checked
+(:func:`check_sum`) so a sum never leaves float range."""
 _SPLIT_RE: Final = re.compile(r"[A-Za-z0-9_.]+")
 
 _LEGACY_COST_HINTS: Final = {
@@ -93,19 +99,52 @@ def check_value(key: str, value: object, *, cost: bool | None = None) -> float:
     0.25
     """
     kind = type(value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     if kind is float:
         f: float = value  # type: ignore[assignment]
-    elif kind is int or kind is Decimal:
-        f = float(value)  # type: ignore[arg-type]
-    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
-        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     else:
-        f = float(value)
+        try:
+            f = float(value)
+        except OverflowError:  # an int or Decimal beyond float range
+            f = float("inf")
     if f - f != 0.0:  # NaN or an infinity
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     if (key.startswith("costs/") if cost is None else cost) and f < 0:
         raise InvalidMetricError(f"Expected a non-negative cost for {key=!r} but got {value!r}")
     return f
+
+
+def check_sum(key: str, total: object) -> None:
+    """Raise unless a running sum (exact, e.g. a ``Decimal``) still converts to a finite float.
+
+    >>> check_sum("time/step_x", Decimal("1e308"))
+    """
+    try:
+        f = float(total)  # type: ignore[arg-type]
+    except (OverflowError, TypeError, ValueError):
+        f = float("inf")
+    if f - f != 0.0:
+        raise InvalidMetricError(
+            f"Adding this value to {key=!r} makes its sum {total!r} overflow the float range"
+        )
+
+
+def check_text(what: str, value: object) -> str:
+    """Return a non-empty string that encodes as UTF-8 (ids, scopes), or raise naming it.
+
+    >>> check_text("producer_id", "judge-1")
+    'judge-1'
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidMetricError(f"Expected {what} as a non-empty string but got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMetricError(
+            f"Expected {what} that encodes as UTF-8 (no lone surrogates) but got {value!r}"
+        ) from None
+    return value
 
 
 def finite_float(key: str, value: object) -> float:
@@ -158,4 +197,4 @@ def check_cost_context(context: object) -> str:
     text = context.strip() if isinstance(context, str) else ""
     if not text:
         raise InvalidMetricError(f"Expected a non-empty cost_context but got {context!r}")
-    return text
+    return check_text("cost_context", text)
