@@ -303,17 +303,6 @@ class MetricsClient:
                 ready, _ = ray.wait(refs, num_returns=1, timeout=0.5, fetch_local=True)
                 self._reap_refs(ready)
 
-    async def _await_room(self) -> None:
-        deadline = time.monotonic() + self.config.flush_timeout_s
-        while len(self._inflight) >= self.config.max_in_flight and time.monotonic() < deadline:
-            refs = list(self._inflight)
-            futs = {asyncio.ensure_future(_as_future(r)): r for r in refs}
-            done, _ = await asyncio.wait(
-                futs, timeout=max(0.0, deadline - time.monotonic()), return_when="FIRST_COMPLETED"
-            )
-            for f in done:
-                self._complete(futs[f], f.exception() or f.result())
-
     def reap(self, *, timeout_s: float = 0.0, block: bool = False) -> int:
         """Collect finished calls; return how many finished."""
         import ray
@@ -447,11 +436,12 @@ class MetricsClient:
         return FlushResult(done, self._seq, left, None if done else self.last_error)
 
     def _ship_for(self, hi: int) -> None:
+        """Build batch ``hi`` if nobody did yet and send it durable. Not held back by
+        ``max_in_flight``: each such call has a caller waiting on it, which bounds them."""
         if self._seq < hi:
             with self._lock:
                 built = self._build() if self._seq < hi else None
             if built is not None:
-                self._wait_for_room()
                 self._send(built[0], built[1], durable=True)
 
     def flush_range(self, lo: int, hi: int, timeout_s: float | None = None) -> FlushResult:
@@ -484,11 +474,8 @@ class MetricsClient:
             except Exception as exc:
                 self._failed(exc)
         if self._seq < hi:
-            with self._lock:
-                built = self._build() if self._seq < hi else None
-            if built is not None:
-                await self._await_room()
-                self._send(built[0], built[1], durable=True)
+            await asyncio.sleep(0)  # let coroutines about to flush record first: one batch
+            self._ship_for(hi)
         while True:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()

@@ -133,8 +133,9 @@ class ProducerProtocol(RuleBasedStateMachine):
         return min(self.unacked) - 1 if self.unacked else self.seq
 
     def _send(self, seq: int) -> None:
-        batch = LeafBatch("p", seq, (make_group(0, "train", {"data/step_x": 1}),), "i",
-                          self._acked_upto(), 0)
+        batch = LeafBatch(
+            "p", seq, (make_group(0, "train", {"data/step_x": 1}),), "i", self._acked_upto(), 0
+        )
         if not self.state.ingest(batch).duplicate:
             self.applied[seq] = self.applied.get(seq, 0) + 1
 
