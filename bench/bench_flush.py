@@ -255,8 +255,41 @@ def measure(
     return out
 
 
+def state_bytes_per_producer(producers: int) -> tuple[float, float]:
+    """Python heap bytes per idle producer in the aggregator's state (tracemalloc): (never
+    confirmed, after confirm)."""
+    import tracemalloc
+
+    from art_ray_metrics.core.state import AggregatorState
+
+    state = AggregatorState()
+    state.close_step(0)
+    batches = [
+        LeafBatch(
+            f"host-{i:06d}",
+            1,
+            (make_group(1, "train", {"costs/train/judge": COST}),),
+            uuid.uuid4().hex[:16],
+            0,
+            0,
+        )
+        for i in range(producers)
+    ]
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for b in batches:
+        state.ingest(b)
+    state.close_step(1)
+    kept = (tracemalloc.get_traced_memory()[0] - base) / producers
+    for b in batches:
+        state.confirm(b.producer_id, b.incarnation, 1)
+    confirmed = (tracemalloc.get_traced_memory()[0] - base) / producers
+    tracemalloc.stop()
+    return kept, confirmed
+
+
 def producer_memory(uri: str, producers: int) -> tuple[float, float]:
-    """Aggregator RSS bytes per idle producer: (never confirmed, after confirm)."""
+    """Aggregator RSS growth per idle producer: (never confirmed, confirmed)."""
     name = f"arm-bench-mem-{uuid.uuid4().hex[:6]}"
     handle = art_ray_metrics.start_aggregator(
         name=name, namespace=NAMESPACE, run_name=name, storage_uri=uri, wandb_mode="disabled"
@@ -296,10 +329,8 @@ def producer_memory(uri: str, producers: int) -> tuple[float, float]:
             steps_done[0] += 1
             return (rss() - before) / producers
 
-        wave("warm", True)  # allocator warm-up
-        confirmed = wave("confirmed", True)
-        kept = wave("crashed", False)
-        return kept, confirmed
+        wave("warm", True)  # allocator and Ray warm-up
+        return wave("crashed", False), wave("confirmed", True)
     finally:
         handle.shutdown()
 
@@ -318,6 +349,9 @@ def main() -> None:
         namespace=NAMESPACE,
         log_to_driver=False,
     )
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     tmp = tempfile.mkdtemp(prefix="arm-bench-flush-")
     s3 = None
     started = time.perf_counter()
@@ -342,6 +376,7 @@ def main() -> None:
             results += measure("S3", f"{s3.bucket()}/run", runners, run_s, warmup_s)
         mem_n = 5_000 if args.quick else 20_000
         kept, confirmed = producer_memory(str(Path(tmp) / "mem"), mem_n)
+        heap_kept, heap_confirmed = state_bytes_per_producer(mem_n)
     finally:
         ray.shutdown()
         if s3 is not None:
@@ -367,9 +402,12 @@ def main() -> None:
         "p99 + one storage write (last column)."
     )
     print(
-        f"\nAggregator resident memory per idle producer ({mem_n:,} producers, one batch each): "
-        f"{kept:,.0f} B while unconfirmed (a producer that died before confirming), "
-        f"{confirmed:,.0f} B after confirming (what a live client does when idle)."
+        f"\nAggregator memory per idle producer ({mem_n:,} producers, one batch each): "
+        f"actor RSS growth {kept:,.0f} B per producer that never confirmed (died first), "
+        f"{confirmed:,.0f} B per producer that confirmed (what an idle client does; RSS is "
+        f"coarse: freed memory is reused, not returned). State heap (tracemalloc): "
+        f"{heap_kept:,.0f} B per unconfirmed producer window, {heap_confirmed:,.0f} B after "
+        "confirm."
     )
     print(
         f"\nTotal time {time.perf_counter() - started:.0f} s. Command: "
