@@ -360,10 +360,10 @@ class AggregatorState:
             self.counters["rejected_batches"] += 1
             ident = batch_identity(data)
             if ident is not None:  # move the producer past it: its later batches still count
-                pid, inc, seq = ident
+                pid, inc, seq, acked_upto = ident
                 window = self.producers.get((pid, inc))
                 if window is None:
-                    window = self.producers[(pid, inc)] = _Window()
+                    window = self.producers[(pid, inc)] = _Window(acked_upto)
                 window.mark(seq)
             raise
         return self.ingest(batch)

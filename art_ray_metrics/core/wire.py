@@ -170,19 +170,22 @@ def decode_batch(data: bytes) -> LeafBatch:
     return LeafBatch(producer_id, seq, tuple(groups), incarnation, acked_upto, dropped)
 
 
-def batch_identity(data: object) -> tuple[str, str, int] | None:
-    """``(producer_id, incarnation, seq)`` of a batch whose body may be invalid, or None when
-    even that header is unreadable (lets the aggregator move a producer past a refused batch)."""
+def batch_identity(data: object) -> tuple[str, str, int, int] | None:
+    """``(producer_id, incarnation, seq, acked_upto)`` of a batch whose body may be invalid, or
+    None when even that header is unreadable (lets the aggregator move a producer past a
+    refused batch)."""
     try:
         obj = _unpack(data, BATCH_MAGIC)
         producer_id = _str(obj[2], "producer_id")
         seq = _int(obj[3], "seq", 1)
-        incarnation = obj[5] if obj[1] != 1 and len(obj) > 5 else ""
+        v2 = obj[1] != 1 and len(obj) > 6
+        incarnation = obj[5] if v2 else ""
+        acked_upto = _int(obj[6], "acked_upto", 0) if v2 else 0
     except (WireFormatError, IndexError):
         return None
-    if not isinstance(incarnation, str):
+    if not isinstance(incarnation, str) or acked_upto >= seq:
         return None
-    return producer_id, incarnation, seq
+    return producer_id, incarnation, seq, acked_upto
 
 
 def encode_state(state: Mapping[str, Any]) -> bytes:

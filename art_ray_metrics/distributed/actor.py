@@ -202,6 +202,8 @@ class MetricsAggregator:
             ident = batch_identity(data)
             if ident is not None:
                 key = (ident[0], ident[1])
+                if key not in self.durable:
+                    self.durable[key] = _Window(ident[3])
                 self.wal_queue.append((data, key, ident[2]))
                 self.since_ckpt.append((key, ident[2]))
                 await self._await_wal(key, ident[2])
@@ -260,9 +262,8 @@ class MetricsAggregator:
     def _mark_durable(self, items: list[tuple[ProducerKey, int]]) -> None:
         for key, seq in items:
             window = self.durable.get(key)
-            if window is None:
-                window = self.durable[key] = _Window()
-            window.mark(seq)
+            if window is not None:  # None: the producer confirmed and its window was dropped
+                window.mark(seq)
 
     async def _write_wal(self) -> None:
         assert self.wal_lock is not None
