@@ -4,24 +4,25 @@ Life of a leaf::
 
     builder.add_cost("train/judge", 0.002)       # validated here; raises before anything is sent
       -> PendingLeaves of (step, scope)           # raw values; summed exactly at ship time
-      -> ship(): LeafBatch(producer_id, seq)      # on size, on time (background thread), on flush()
-      -> actor.ingest.remote(bytes)               # at most max_in_flight unacknowledged calls
+      -> ship(): LeafBatch(producer_id, incarnation, seq)   # on size, on time, on flush()
+      -> actor.ingest.remote(bytes, durable)      # a flush's call waits for the log write
       -> retained until the actor says durable    # resent after a failed call or actor restart
 
 Guarantees:
 
-- **Exactly once.** Every batch has ``(producer_id, seq)``; the actor applies each once, so the
-  client can resend freely (after an error, a timeout or an actor restart).
+- **Exactly once.** Every batch has ``(producer_id, incarnation, seq)``; the incarnation is
+  chosen when the client starts (a restarted, retried or forked producer gets a new one), and
+  the actor applies each batch once, so the client can resend freely.
 - **Bounded memory.** Raw values wait at most until the next ship (``max_batch_leaves`` of
-  them); batches carry one exact sum per distinct key. In-flight calls are capped, retained
-  batches are capped (beyond the cap the oldest is dropped *and counted*: only when the actor
-  has been unreachable for that long).
-- **No lost errors.** Every call's result is reaped; failures are counted, logged once per
-  kind, and resent under the same sequence number.
-- **Flush means durable.** ``flush()`` returns after the actor acknowledged every batch of
-  this process as durable (write-ahead log or checkpoint), so a rollout that flushed and
-  returned has its metrics in, even if the actor dies right after. It never raises on
-  telemetry failure: it returns a :class:`FlushResult` saying what happened.
+  them); batches carry one exact sum per distinct key. Background calls in flight are capped,
+  retained batches are capped (beyond the cap the oldest is dropped *and counted* on the next
+  row: only when the actor has been unreachable for that long).
+- **No lost errors, no wedge.** Every call's result is reaped; failures are counted, logged once
+  per kind, and resent under the same seq with jittered backoff. A batch the actor refuses is
+  dropped, reported by the next flush and counted on the row; later batches are unaffected.
+- **Flush means durable, for its own leaves.** A builder's ``flush()`` returns once the batches
+  holding its leaves are durable (write-ahead log or checkpoint); it does not wait for other
+  rollouts' batches. It never raises on telemetry failure: it returns a :class:`FlushResult`.
 """
 
 from __future__ import annotations
