@@ -55,7 +55,12 @@ def _scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
         raise InvalidMetricError(
             f"Expected scenario_ids as a list of ids but got a single string {scenario_ids!r}"
         )
-    return [digest(s) for s in scenario_ids]
+    try:
+        return [digest(s) for s in scenario_ids]
+    except UnicodeEncodeError as exc:
+        raise InvalidMetricError(
+            f"Expected scenario ids that encode as UTF-8 but got {exc.object!r}"
+        ) from None
 
 
 class PendingLeaves:

@@ -23,7 +23,13 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SCRIPTS = ("bench_core.py", "bench_ingest.py", "bench_decorator.py", "bench_checkpoint.py")
+SCRIPTS = (
+    "bench_core.py",
+    "bench_ingest.py",
+    "bench_flush.py",
+    "bench_decorator.py",
+    "bench_checkpoint.py",
+)
 
 
 def _version(module: str) -> str:

@@ -1,7 +1,9 @@
 """Plain records exchanged between producers, the aggregator state and the wire format.
 
-A producer ships a :class:`LeafBatch`: its stable ``producer_id``, a per-producer sequence
-number ``seq`` (1, 2, 3, … in the order batches are built) and one :class:`StepGroup` per
+A producer ships a :class:`LeafBatch`: its stable (logical) ``producer_id``, the
+``incarnation`` its process chose at start (so a restarted, retried or forked producer under the
+same id starts a fresh sequence), a per-incarnation sequence number ``seq`` (1, 2, 3, … in the
+order batches are built) and one :class:`StepGroup` per
 ``(step, scope)`` it recorded leaves for. Within a group, repeated keys are already summed
 (sums commute, so pre-aggregating at the producer changes no row), except API costs that carry
 a provider response id: those travel one by one as :class:`KeyedCost` so the aggregator can
@@ -43,11 +45,18 @@ class StepGroup:
 
 @dataclass(frozen=True, slots=True)
 class LeafBatch:
-    """What a producer sends in one call; ``(producer_id, seq)`` makes resends idempotent."""
+    """What a producer sends in one call; ``(producer_id, incarnation, seq)`` makes resends
+    idempotent."""
 
     producer_id: str
     seq: int
     groups: tuple[StepGroup, ...]
+    incarnation: str = ""
+    acked_upto: int = 0
+    """The producer holds durable acknowledgements of every seq up to this one (it will never
+    resend them)."""
+    dropped: int = 0
+    """Batches the producer gave up on (retained-batch cap) since its previous batch."""
 
     @property
     def leaf_count(self) -> int:
@@ -64,3 +73,5 @@ class IngestResult:
     duplicate: bool
     late_leaves: int = 0
     conflicts: tuple[tuple[str, str], ...] = ()
+    incarnation: str = ""
+    acked_upto: int = 0

@@ -16,8 +16,11 @@ Two consumers share the machinery:
 
 Invariants of :class:`AggregatorState`:
 
-- **Idempotent ingest.** A batch is applied at most once per ``(producer_id, seq)``; the
-  window per producer is a watermark plus the set of sequence numbers above it.
+- **Idempotent ingest.** A batch is applied at most once per ``(producer_id, incarnation,
+  seq)``; the window per producer incarnation is a watermark plus the set of sequence numbers
+  above it. A window the producer confirmed it will never resend into (:meth:`AggregatorState.
+  confirm`) is dropped; if that incarnation sends again, its window restarts at the batch's
+  ``acked_upto``. So state grows with live producers, not with every producer ever seen.
 - **Order independence.** Sums are exact decimals and scenario ids a set union, so any split of
   the same leaves into batches, in any arrival order, yields the same rows.
 - **Paid responses once.** A cost leaf with a response id is applied once per run.
@@ -44,7 +47,7 @@ from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
 from art_ray_metrics.core.meta import AggregatorMeta
 from art_ray_metrics.core.records import IngestResult, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import EXACT, ZERO, cost_rollups, to_decimal
-from art_ray_metrics.core.wire import decode_batch, decode_state, encode_state
+from art_ray_metrics.core.wire import batch_identity, decode_batch, decode_state, encode_state
 from art_ray_metrics.errors import (
     InvalidMetricError,
     LimitExceededError,
@@ -263,22 +266,34 @@ class StepReport:
 
 
 class _Window:
-    """Which sequence numbers of one producer were applied: a watermark plus the gaps above."""
+    """Which sequence numbers of one producer incarnation were applied: a watermark plus the
+    gaps above it (``above`` is None while there are none: idle producers stay small)."""
 
     __slots__ = ("above", "watermark")
 
     def __init__(self, watermark: int = 0, above: Iterable[int] = ()) -> None:
         self.watermark = watermark
-        self.above: set[int] = set(above)
+        self.above: set[int] | None = set(above) or None
 
     def seen(self, seq: int) -> bool:
-        return seq <= self.watermark or seq in self.above
+        return seq <= self.watermark or (self.above is not None and seq in self.above)
 
     def mark(self, seq: int) -> None:
-        self.above.add(seq)
-        while self.watermark + 1 in self.above:
+        if seq <= self.watermark:
+            return
+        if seq == self.watermark + 1 and self.above is None:
+            self.watermark = seq
+            return
+        above = self.above if self.above is not None else set()
+        above.add(seq)
+        while self.watermark + 1 in above:
             self.watermark += 1
-            self.above.discard(self.watermark)
+            above.discard(self.watermark)
+        self.above = above or None
+
+
+ProducerKey = tuple[str, str]
+"""``(producer_id, incarnation)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +321,7 @@ COUNTER_NAMES = (
     "conflicts",
     "duplicate_costs",
     "rows",
+    "dropped_batches",
 )
 
 
@@ -320,7 +336,7 @@ class AggregatorState:
         self.pending: dict[tuple[int, str], StepBuffer] = {}
         self.late: dict[str, StepBuffer] = {}
         self.last_closed: dict[str, int] = {}
-        self.producers: dict[str, _Window] = {}
+        self.producers: dict[ProducerKey, _Window] = {}
         self.pending_cost_ids: set[bytes] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.conflict_names: dict[str, int] = {}
@@ -330,13 +346,15 @@ class AggregatorState:
     # -- ingest ---------------------------------------------------------------------------
 
     def ingest(self, batch: LeafBatch) -> IngestResult:
-        """Apply a batch once; a repeated ``(producer_id, seq)`` is acknowledged, not applied."""
-        window = self.producers.get(batch.producer_id)
+        """Apply a batch once; a repeated ``(producer_id, incarnation, seq)`` is acknowledged,
+        not applied."""
+        pid, inc = batch.producer_id, batch.incarnation
+        window = self.producers.get((pid, inc))
         if window is None:
-            window = self.producers[batch.producer_id] = _Window()
+            window = self.producers[(pid, inc)] = _Window(batch.acked_upto)
         if window.seen(batch.seq):
             self.counters["duplicate_batches"] += 1
-            return IngestResult(batch.producer_id, batch.seq, duplicate=True)
+            return IngestResult(pid, batch.seq, True, 0, (), inc, batch.acked_upto)
         try:
             self._admit(batch)
         except WireFormatError as exc:
@@ -344,8 +362,9 @@ class AggregatorState:
             if isinstance(exc, LimitExceededError):
                 self.counters["limit_rejections"] += 1
             if not window.watermark and not window.above:
-                del self.producers[batch.producer_id]
+                del self.producers[(pid, inc)]
             raise
+        self.counters["dropped_batches"] += batch.dropped
         late = 0
         conflicts: list[tuple[str, str]] = []
         for group in batch.groups:
@@ -364,7 +383,7 @@ class AggregatorState:
         self.counters["conflicts"] += len(conflicts)
         for ancestor, _ in conflicts:
             self.conflict_names[ancestor] = self.conflict_names.get(ancestor, 0) + 1
-        return IngestResult(batch.producer_id, batch.seq, False, late, tuple(conflicts))
+        return IngestResult(pid, batch.seq, False, late, tuple(conflicts), inc, batch.acked_upto)
 
     def _admit(self, batch: LeafBatch) -> None:
         """Refuse a batch that would break a limit or make a pending sum overflow; no change.
@@ -466,8 +485,26 @@ class AggregatorState:
             batch = decode_batch(data)
         except WireFormatError:
             self.counters["rejected_batches"] += 1
+            ident = batch_identity(data)
+            if ident is not None:  # move the producer past it: its later batches still count
+                pid, inc, seq, acked_upto = ident
+                window = self.producers.get((pid, inc))
+                if window is None:
+                    window = self.producers[(pid, inc)] = _Window(acked_upto)
+                window.mark(seq)
             raise
         return self.ingest(batch)
+
+    def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
+        """The producer holds durable acknowledgements up to ``acked_upto`` and will never
+        resend those batches: drop its window when nothing above is applied. Returns whether
+        the window was dropped."""
+        key = (producer_id, incarnation)
+        window = self.producers.get(key)
+        if window is None or window.above is not None or window.watermark > acked_upto:
+            return False
+        del self.producers[key]
+        return True
 
     # -- barrier --------------------------------------------------------------------------
 
@@ -551,7 +588,9 @@ class AggregatorState:
             "pending": [[s, sc, b.to_wire()] for (s, sc), b in sorted(self.pending.items())],
             "late": [[sc, b.to_wire()] for sc, b in sorted(self.late.items())],
             "last_closed": dict(self.last_closed),
-            "producers": {p: [w.watermark, sorted(w.above)] for p, w in self.producers.items()},
+            "windows": [
+                [p, i, w.watermark, sorted(w.above or ())] for (p, i), w in self.producers.items()
+            ],
             "counters": dict(self.counters),
             "conflict_names": dict(self.conflict_names),
             "meta": self.meta.to_dict(),
@@ -574,7 +613,14 @@ class AggregatorState:
         state.pending = {(int(s), str(sc)): StepBuffer.from_wire(b) for s, sc, b in raw["pending"]}
         state.late = {str(sc): StepBuffer.from_wire(b) for sc, b in raw["late"]}
         state.last_closed = {str(k): int(v) for k, v in raw["last_closed"].items()}
-        state.producers = {str(p): _Window(int(w), a) for p, (w, a) in raw["producers"].items()}
+        if "windows" in raw:
+            state.producers = {
+                (str(p), str(i)): _Window(int(w), a) for p, i, w, a in raw["windows"]
+            }
+        else:  # format 1: one window per producer id, no incarnation
+            state.producers = {
+                (str(p), ""): _Window(int(w), a) for p, (w, a) in raw["producers"].items()
+            }
         state.counters.update({str(k): int(v) for k, v in raw["counters"].items()})
         state.conflict_names = {str(k): int(v) for k, v in raw["conflict_names"].items()}
         state.meta = AggregatorMeta.from_dict(raw["meta"])

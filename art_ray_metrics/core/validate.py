@@ -17,6 +17,7 @@ from art_ray_metrics.errors import InvalidMetricError
 
 __all__ = [
     "MAX_ABS_VALUE",
+    "MAX_MAGNITUDE",
     "MAX_STEP",
     "RESERVED_ROW_KEYS",
     "STEP_DIGITS",
@@ -24,6 +25,8 @@ __all__ = [
     "check_row_key",
     "check_split",
     "check_step",
+    "check_sum",
+    "check_text",
     "check_value",
     "finite_float",
     "validate_key",
@@ -36,6 +39,9 @@ _SPLIT_RE: Final = re.compile(r"[A-Za-z0-9_.]+")
 MAX_ABS_VALUE: Final = 1e300
 """Largest magnitude of a recorded leaf and of a pending sum: headroom so that summing leaves,
 rollups and cumulative totals never overflows a float."""
+MAX_MAGNITUDE: Final = 1e290
+"""Values below this magnitude take the workers' fast path: no realistic count of them can sum
+past :data:`MAX_ABS_VALUE`. Larger ones have their running sum checked (:func:`check_sum`)."""
 RESERVED_ROW_KEYS: Final = frozenset({"step", "split", "recorded_at", "writer_epoch", "discarded"})
 """Fields of a history record; no row metric may use these names."""
 
@@ -104,18 +110,17 @@ def check_value(
     0.25
     """
     kind = type(value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     if kind is float:
         f: float = value  # type: ignore[assignment]
-    elif kind is int:
-        f = float(value)  # type: ignore[arg-type]
-    elif kind is Decimal:
-        if not value.is_finite():  # type: ignore[attr-defined]  # sNaN cannot become a float
-            raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
-        f = float(value)  # type: ignore[arg-type]
-    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
-        raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     else:
-        f = float(value)
+        if isinstance(value, Decimal) and not value.is_finite():  # sNaN cannot become a float
+            raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
+        try:
+            f = float(value)
+        except OverflowError:  # an int or Decimal beyond float range
+            f = float("inf")
     if f - f != 0.0:  # NaN or an infinity
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     if bounded and not -MAX_ABS_VALUE <= f <= MAX_ABS_VALUE:
@@ -125,6 +130,39 @@ def check_value(
     if (key.startswith("costs/") if cost is None else cost) and f < 0:
         raise InvalidMetricError(f"Expected a non-negative cost for {key=!r} but got {value!r}")
     return f
+
+
+def check_sum(key: str, total: object) -> None:
+    """Raise unless a running sum (exact, e.g. a ``Decimal``) stays within :data:`MAX_ABS_VALUE`,
+    the bound the aggregator enforces on pending sums.
+
+    >>> check_sum("time/step_x", Decimal("1e300"))
+    """
+    try:
+        f = float(total)  # type: ignore[arg-type]
+    except (OverflowError, TypeError, ValueError):
+        f = float("inf")
+    if not -MAX_ABS_VALUE <= f <= MAX_ABS_VALUE:
+        raise InvalidMetricError(
+            f"Adding this value to {key=!r} makes its sum {total!r} leave +-{MAX_ABS_VALUE:g}"
+        )
+
+
+def check_text(what: str, value: object) -> str:
+    """Return a non-empty string that encodes as UTF-8 (ids, scopes), or raise naming it.
+
+    >>> check_text("producer_id", "judge-1")
+    'judge-1'
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidMetricError(f"Expected {what} as a non-empty string but got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMetricError(
+            f"Expected {what} that encodes as UTF-8 (no lone surrogates) but got {value!r}"
+        ) from None
+    return value
 
 
 def finite_float(key: str, value: object) -> float:
@@ -190,4 +228,4 @@ def check_cost_context(context: object) -> str:
     text = context.strip() if isinstance(context, str) else ""
     if not text:
         raise InvalidMetricError(f"Expected a non-empty cost_context but got {context!r}")
-    return text
+    return check_text("cost_context", text)

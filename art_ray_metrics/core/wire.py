@@ -1,14 +1,16 @@
 """The msgpack wire format of batches and state snapshots, with strict decoding.
 
-Batch, format version 1 (a msgpack array)::
+Batch, format version 2 (a msgpack array)::
 
-    ["arm-batch", 1, producer_id: str, seq: int >= 1, [group, ...]]
+    ["arm-batch", 2, producer_id: str, seq: int >= 1, [group, ...],
+     incarnation: str, acked_upto: int >= 0, dropped: int >= 0]
     group = [step: int >= 0, scope: str, sums: {key: decimal-str}, keyed: [[key, decimal-str, response_id], ...],
              scenario_digests: bin (16-byte BLAKE2b digests, concatenated)]
 
-Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across processes.
+Version 1 had only the first five fields (its batches read with incarnation ``""``), so write-ahead
+logs of older builds replay. Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across processes.
 
-Snapshot, format version 1: ``["arm-state", 1, state]`` where ``state`` is
+Snapshot, format version 2 (version 1 is still read): ``["arm-state", 2, state]`` where ``state`` is
 :meth:`AggregatorState.to_wire() <art_ray_metrics.core.state.AggregatorState.to_wire>`.
 
 Decoding never trusts its input: every field's type is checked, every key goes through
@@ -34,20 +36,23 @@ from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 __all__ = [
     "BATCH_MAGIC",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "STATE_MAGIC",
+    "batch_identity",
     "decode_batch",
     "decode_state",
     "encode_batch",
     "encode_state",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BATCH_MAGIC = "arm-batch"
 STATE_MAGIC = "arm-state"
 
 
 def encode_batch(batch: LeafBatch) -> bytes:
-    """Serialise a batch (format version 1)."""
+    """Serialise a batch (format version 2)."""
     groups = [
         [
             g.step,
@@ -59,7 +64,17 @@ def encode_batch(batch: LeafBatch) -> bytes:
         for g in batch.groups
     ]
     out: bytes = msgpack.packb(
-        [BATCH_MAGIC, FORMAT_VERSION, batch.producer_id, batch.seq, groups], use_bin_type=True
+        [
+            BATCH_MAGIC,
+            FORMAT_VERSION,
+            batch.producer_id,
+            batch.seq,
+            groups,
+            batch.incarnation,
+            batch.acked_upto,
+            batch.dropped,
+        ],
+        use_bin_type=True,
     )
     return out
 
@@ -73,9 +88,10 @@ def _unpack(data: object, magic: str) -> list[Any]:
         raise WireFormatError(f"Malformed or truncated msgpack ({len(data)} bytes): {exc}") from exc
     if not isinstance(obj, list) or len(obj) < 2 or obj[0] != magic:
         raise WireFormatError(f"Expected a {magic!r} message but got {str(obj)[:80]!r}")
-    if obj[1] != FORMAT_VERSION:
+    if obj[1] not in READABLE_VERSIONS:
         raise WireFormatError(
-            f"Unknown {magic} format version {obj[1]!r}; this build reads version {FORMAT_VERSION}"
+            f"Unknown {magic} format version {obj[1]!r}; this build reads versions "
+            f"{READABLE_VERSIONS}"
         )
     return obj
 
@@ -112,10 +128,18 @@ def _leaf(key: object, value: object) -> tuple[str, Decimal]:
 def decode_batch(data: bytes) -> LeafBatch:
     """Parse and validate a batch; raise :class:`WireFormatError` on anything unexpected."""
     obj = _unpack(data, BATCH_MAGIC)
-    if len(obj) != 5:
-        raise WireFormatError(f"Expected 5 batch fields but got {len(obj)}")
+    want = 5 if obj[1] == 1 else 8
+    if len(obj) != want:
+        raise WireFormatError(f"Expected {want} batch fields but got {len(obj)}")
     producer_id = _str(obj[2], "producer_id")
     seq = _int(obj[3], "seq", 1)
+    incarnation, acked_upto, dropped = "", 0, 0
+    if want == 8:
+        if not isinstance(obj[5], str):
+            raise WireFormatError(f"Expected the incarnation as a str but got {obj[5]!r}")
+        incarnation = obj[5]
+        acked_upto = _int(obj[6], "acked_upto", 0)
+        dropped = _int(obj[7], "dropped", 0)
     raw_groups = obj[4]
     if not isinstance(raw_groups, list):
         raise WireFormatError(f"Expected a list of groups but got {raw_groups!r}")
@@ -147,7 +171,25 @@ def decode_batch(data: bytes) -> LeafBatch:
                 f"but got {type(digests).__name__} of length {len(digests)}"
             )
         groups.append(StepGroup(step, scope, sums, tuple(keyed), digests))
-    return LeafBatch(producer_id, seq, tuple(groups))
+    return LeafBatch(producer_id, seq, tuple(groups), incarnation, acked_upto, dropped)
+
+
+def batch_identity(data: object) -> tuple[str, str, int, int] | None:
+    """``(producer_id, incarnation, seq, acked_upto)`` of a batch whose body may be invalid, or
+    None when even that header is unreadable (lets the aggregator move a producer past a
+    refused batch)."""
+    try:
+        obj = _unpack(data, BATCH_MAGIC)
+        producer_id = _str(obj[2], "producer_id")
+        seq = _int(obj[3], "seq", 1)
+        v2 = obj[1] != 1 and len(obj) > 6
+        incarnation = obj[5] if v2 else ""
+        acked_upto = _int(obj[6], "acked_upto", 0) if v2 else 0
+    except (WireFormatError, IndexError):
+        return None
+    if not isinstance(incarnation, str) or acked_upto >= seq:
+        return None
+    return producer_id, incarnation, seq, acked_upto
 
 
 def encode_state(state: Mapping[str, Any]) -> bytes:

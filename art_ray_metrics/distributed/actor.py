@@ -26,7 +26,14 @@ from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.rewind import TOMBSTONES
-from art_ray_metrics.core.state import AggregatorState, Limits, _Window, split_trainer_metrics
+from art_ray_metrics.core.state import (
+    AggregatorState,
+    Limits,
+    ProducerKey,
+    _Window,
+    split_trainer_metrics,
+)
+from art_ray_metrics.core.wire import batch_identity
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
@@ -132,13 +139,18 @@ class MetricsAggregator:
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
         self.restarted = meta.restarts > 0 or replayed > 0
-        self.durable: dict[str, _Window] = {
-            p: _Window(w.watermark, w.above) for p, w in self.state.producers.items()
+        self.durable: dict[ProducerKey, _Window] = {
+            p: _Window(w.watermark, w.above or ()) for p, w in self.state.producers.items()
         }
-        self.wal_queue: list[tuple[bytes, str, int]] = []
+        self.wal_queue: list[tuple[bytes, ProducerKey, int]] = []
         self.wal_queue_bytes = 0
         self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
-        self.since_ckpt: list[tuple[str, int]] = []
+        self.since_ckpt: list[tuple[ProducerKey, int]] = []
+        # group commit: batches queued while a write is in flight go out together in the next
+        # one; each write resolves the future of its generation
+        self.wal_gen = 0
+        self.wal_done: dict[int, asyncio.Future[None]] = {}
+        self.wal_wake: asyncio.Event | None = None
         self.fenced: str | None = None
         self.health = Health(replayed_batches=replayed)
         self.ingest_times: deque[float] = deque(maxlen=4096)
@@ -240,6 +252,7 @@ class MetricsAggregator:
             return
         self.wal_lock = asyncio.Lock()
         self.persist_lock = asyncio.Lock()
+        self.wal_wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.tasks = [
             loop.create_task(self._supervised("wal", self._wal_loop)),
@@ -263,7 +276,10 @@ class MetricsAggregator:
     # -- ingest -----------------------------------------------------------------------------
 
     async def ingest(self, data: bytes, durable: bool = False) -> dict[str, Any]:
-        """Apply one batch (idempotent on ``(producer_id, seq)``); see the module docstring."""
+        """Apply one batch (idempotent on ``(producer_id, incarnation, seq)``); with ``durable``,
+        answer once it is in the write-ahead log (group commit: one storage write for every
+        batch that arrived meanwhile). A refused batch is logged too, so the producer's window
+        moves past it for good, then :class:`WireFormatError` is raised to the producer."""
         self._ensure_tasks()
         self.ingest_times.append(time.monotonic())
         if self.fenced:  # a newer aggregator owns the run: accept nothing
@@ -275,70 +291,125 @@ class MetricsAggregator:
                 f"(max_wal_queue_bytes={self.config.max_wal_queue_bytes}); storage is slow or "
                 "down: resend later"
             )
-        result = self.state.ingest_bytes(data)  # raises WireFormatError: counted, state untouched
+        try:
+            result = self.state.ingest_bytes(data)  # raises WireFormatError: counted
+        except WireFormatError:
+            ident = batch_identity(data)
+            if ident is not None:
+                key = (ident[0], ident[1])
+                if key not in self.durable:
+                    self.durable[key] = _Window(ident[3])
+                self.wal_queue.append((data, key, ident[2]))
+                self.wal_queue_bytes += len(data)
+                self.since_ckpt.append((key, ident[2]))
+                await self._await_wal(key, ident[2])
+            raise
+        key = (result.producer_id, result.incarnation)
+        if key not in self.durable:  # new, or back after confirm dropped its window
+            self.durable[key] = _Window(result.acked_upto)
         if not result.duplicate:
-            self.wal_queue.append((data, result.producer_id, result.seq))
+            self.wal_queue.append((data, key, result.seq))
             self.wal_queue_bytes += len(data)
-            self.since_ckpt.append((result.producer_id, result.seq))
-        window = self.durable.get(result.producer_id)
-        is_durable = window is not None and window.seen(result.seq)
-        if durable and not is_durable:
-            self.inflight += 1
-            try:
-                await self._write_wal()
-            finally:
-                self.inflight -= 1
-            window = self.durable.get(result.producer_id)
-            is_durable = window is not None and window.seen(result.seq)
+            self.since_ckpt.append((key, result.seq))
+        if durable:
+            await self._await_wal(key, result.seq)
+        window = self.durable.get(key)
         return {
             "producer_id": result.producer_id,
             "seq": result.seq,
             "duplicate": result.duplicate,
-            "durable": is_durable,
+            "durable": window is not None and window.seen(result.seq),
             "durable_upto": window.watermark if window is not None else 0,
             "late_leaves": result.late_leaves,
             "conflicts": [list(c) for c in result.conflicts],
         }
 
-    def _mark_durable(self, items: list[tuple[str, int]]) -> None:
-        for producer_id, seq in items:
-            window = self.durable.get(producer_id)
-            if window is None:
-                window = self.durable[producer_id] = _Window()
-            window.mark(seq)
+    async def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
+        """A producer holds durable acknowledgements up to ``acked_upto``: forget its window
+        when nothing above it was applied (see ``AggregatorState.confirm``)."""
+        window = self.durable.get((producer_id, incarnation))
+        if window is not None and (window.above is not None or window.watermark > acked_upto):
+            return False
+        if self.state.confirm(producer_id, incarnation, int(acked_upto)):
+            self.durable.pop((producer_id, incarnation), None)
+            return True
+        return False
+
+    async def _await_wal(self, key: ProducerKey, seq: int) -> None:
+        """Wait until ``seq`` is durable or a write that should have covered it failed."""
+        for _ in range(2):  # the write in flight may predate the batch: then the next one
+            window = self.durable.get(key)
+            if (window is not None and window.seen(seq)) or self.fenced:
+                return
+            self.inflight += 1
+            try:
+                await asyncio.shield(self._wal_future())
+            finally:
+                self.inflight -= 1
+
+    def _wal_future(self) -> asyncio.Future[None]:
+        """The future of the next write (the one that will take what is queued now)."""
+        fut = self.wal_done.get(self.wal_gen)
+        if fut is None:
+            fut = self.wal_done[self.wal_gen] = asyncio.get_running_loop().create_future()
+        assert self.wal_wake is not None
+        self.wal_wake.set()
+        return fut
+
+    def _mark_durable(self, items: list[tuple[ProducerKey, int]]) -> None:
+        for key, seq in items:
+            window = self.durable.get(key)
+            if window is not None:  # None: the producer confirmed and its window was dropped
+                window.mark(seq)
 
     async def _write_wal(self) -> None:
         assert self.wal_lock is not None
         async with self.wal_lock:
-            if not self.wal_queue or self.fenced:
-                return
-            batch, self.wal_queue = self.wal_queue, []
-            self.wal_queue_bytes = 0
-            record = msgpack.packb([d for d, _, _ in batch], use_bin_type=True)
-            started = time.monotonic()
+            gen = self.wal_gen
+            self.wal_gen += 1  # batches arriving during this write wait for the next one
             try:
-                await asyncio.to_thread(self.ckpt.append_wal, record)
-            except FencedError as exc:
-                self._fence(exc)
-                return
-            except StorageError as exc:
-                self.wal_queue[:0] = batch  # keep for the next attempt or the next checkpoint
-                self._count_wal_bytes()
-                self.health.wal_failures += 1
-                self.health.storage_failed(exc)
-                return
-            self.health.wal_writes += 1
-            self.telemetry.observe("wal_commit_seconds", time.monotonic() - started)
-            self._mark_durable([(p, s) for _, p, s in batch])
+                await self._write_wal_locked()
+            finally:
+                fut = self.wal_done.pop(gen, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _write_wal_locked(self) -> None:
+        if not self.wal_queue or self.fenced:
+            return
+        batch, self.wal_queue = self.wal_queue, []
+        self.wal_queue_bytes = 0
+        record = msgpack.packb([d for d, _, _ in batch], use_bin_type=True)
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.ckpt.append_wal, record)
+        except FencedError as exc:
+            self._fence(exc)
+            return
+        except StorageError as exc:
+            self.wal_queue[:0] = batch  # keep for the next attempt or the next checkpoint
+            self._count_wal_bytes()
+            self.health.wal_failures += 1
+            self.health.storage_failed(exc)
+            return
+        self.health.wal_writes += 1
+        self.telemetry.observe("wal_commit_seconds", time.monotonic() - started)
+        self._mark_durable([(p, s) for _, p, s in batch])
 
     def _count_wal_bytes(self) -> None:
         self.wal_queue_bytes = sum(len(d) for d, _, _ in self.wal_queue)
 
     async def _wal_loop(self) -> None:
+        """Write at once when woken by a durable ingest; else every ``wal_interval_s``."""
+        assert self.wal_wake is not None
         while True:
-            await asyncio.sleep(self.config.wal_interval_s)
+            try:
+                await asyncio.wait_for(self.wal_wake.wait(), self.config.wal_interval_s)
+            except TimeoutError:
+                pass
+            self.wal_wake.clear()
             self._publish_telemetry()
-            if self.wal_queue:
+            if self.wal_queue or self.wal_done:
                 await self._write_wal()
 
     async def _ckpt_loop(self) -> None:

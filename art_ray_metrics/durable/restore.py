@@ -44,8 +44,8 @@ def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
             try:
                 if not state.ingest_bytes(data).duplicate:
                     replayed += 1
-            except WireFormatError as exc:  # written by us; should never happen
-                log.error("art_ray_metrics: skipping unreadable WAL batch: %s", exc)
+            except WireFormatError as exc:  # a batch the aggregator refused (logged on purpose)
+                log.warning("art_ray_metrics: replayed a refused batch (counted): %s", exc)
     return state, replayed
 
 

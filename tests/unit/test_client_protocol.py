@@ -1,0 +1,151 @@
+"""The worker client's protocol edges without a Ray cluster: refusal at the call, encoding
+before a seq is consumed, retained-cap overflow reported in the next batch, exit without Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from art_ray_metrics import InvalidMetricError
+from art_ray_metrics.config import ClientConfig
+from art_ray_metrics.core.wire import decode_batch
+from art_ray_metrics.distributed import client as client_mod
+from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+
+
+class _Method:
+    def __init__(self, sent: list[Any]) -> None:
+        self.sent = sent
+
+    def remote(self, *args: Any) -> object:
+        self.sent.append(args)
+        return object()  # a ref that never completes
+
+
+class _FakeActor:
+    """Records what the client sends; never answers."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.ingest = _Method(self.sent)
+        self.confirm = _Method(self.sent)
+
+
+@pytest.fixture
+def client() -> Iterator[MetricsClient]:
+    c = MetricsClient(
+        ClientConfig(
+            flush_interval_s=1e6,
+            max_batch_leaves=10**9,
+            max_in_flight=1000,
+            max_retained_batches=2,
+        ),
+        actor=_FakeActor(),
+    )
+    c._stop.set()  # no background thread: it would ray.wait on the fake refs
+    c._thread.join()
+    yield c
+    c._stop.set()
+
+
+class TestRefusedAtTheCall:
+    @pytest.mark.parametrize(
+        ("call", "named"),
+        [
+            (lambda b: b.add_metric("reward/judge\udce9", 1.0), "reward/judge"),
+            (lambda b: b.add_metric("time/step_x_s", 10**400), "time/step_x_s"),
+            (lambda b: b.add_metric("time/step_x_s", -(10**400)), "time/step_x_s"),
+            (lambda b: b.add_cost("train/x", 10**400), "costs/train/x"),
+            (lambda b: b.add_data(scenario_ids=["\udce9"]), "scenario"),
+            (lambda b: b.for_step(-1), "-1"),
+            (lambda b: b.for_cost_context("ev\udce9l"), "cost_context"),
+        ],
+    )
+    def test_refused_and_nothing_pending_changes(
+        self, client: MetricsClient, call: Any, named: str
+    ) -> None:
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_metric("reward/ok", 1.0)
+        with pytest.raises(InvalidMetricError) as info:
+            call(b)
+        assert named in str(info.value)
+        assert client._pending[(0, "train")].sums() == {"reward/ok": 1}
+        assert client.ship() == 1
+        assert decode_batch(client._retained[1]).groups[0].sums == {"reward/ok": 1}
+
+    def test_a_sum_that_would_overflow_is_refused_at_the_second_leaf(
+        self, client: MetricsClient
+    ) -> None:
+        """Also across batches: the first 1e308 was shipped already."""
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_metric("time/step_big_s", 1e308)
+        with pytest.raises(InvalidMetricError, match="time/step_big_s"):
+            b.add_metric("time/step_big_s", 1e308)
+        client.ship()
+        with pytest.raises(InvalidMetricError, match="time/step_big_s"):
+            b.add_metric("time/step_big_s", 1e308)
+        b.add_metric("time/step_big_s", -1e308)  # brings the sum back: fine
+        b.add_metric("time/step_big_s", 1e308)
+
+
+class TestShipping:
+    def test_encoding_failure_consumes_no_seq(
+        self, client: MetricsClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_metric("reward/a", 1.0)
+        real = client_mod.encode_batch
+
+        def broken(batch: Any) -> bytes:
+            raise TypeError("boom")
+
+        monkeypatch.setattr(client_mod, "encode_batch", broken)
+        assert client.ship() is None
+        assert client._seq == 0
+        monkeypatch.setattr(client_mod, "encode_batch", real)
+        b.add_metric("reward/b", 1.0)
+        assert client.ship() == 1
+        result = client._result(True)
+        assert not result.ok
+        assert result.error is not None
+        assert "boom" in result.error
+        assert client._result(True).ok  # reported once
+
+    def test_retained_cap_overflow_is_reported_in_the_next_batch(
+        self, client: MetricsClient
+    ) -> None:
+        b = WorkerBuilder(client, 0, "train", "train")
+        for i in range(4):
+            b.add_metric("reward/a", float(i))
+            client.ship()
+        assert client.counters["dropped_retained"] == 2
+        last = decode_batch(client._retained[4])
+        assert last.dropped == 1
+        assert last.incarnation == client.incarnation
+        assert last.acked_upto == 1  # batch 1 was dropped: never resent
+
+    def test_each_flush_covers_its_own_rollout(self, client: MetricsClient) -> None:
+        """Builders track the batches their leaves went into."""
+        a = WorkerBuilder(client, 0, "train", "train")
+        a.add_metric("reward/a", 1.0)
+        client.ship()
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_metric("reward/b", 1.0)
+        view = b.for_cost_context("eval")
+        view.add_cost("eval/x", 0.5)
+        assert (a._rollout.lo, a._rollout.hi) == (1, 1)
+        assert (b._rollout.lo, b._rollout.hi) == (2, 2)
+        assert view._rollout is b._rollout
+
+
+class TestExit:
+    def test_close_without_ray_never_starts_ray(self) -> None:
+        import ray
+
+        assert not ray.is_initialized()
+        c = MetricsClient(ClientConfig(lookup_timeout_s=1.0))
+        WorkerBuilder(c, 0, "train", "train").add_metric("reward/a", 1.0)
+        c.close()
+        assert not ray.is_initialized()
