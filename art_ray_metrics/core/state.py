@@ -361,8 +361,7 @@ class AggregatorState:
             self.counters["rejected_batches"] += 1
             if isinstance(exc, LimitExceededError):
                 self.counters["limit_rejections"] += 1
-            if not window.watermark and not window.above:
-                del self.producers[(pid, inc)]
+            window.mark(batch.seq)  # refused for good: the producer's later batches still count
             raise
         self.counters["dropped_batches"] += batch.dropped
         late = 0
