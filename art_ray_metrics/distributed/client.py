@@ -145,6 +145,14 @@ class MetricsClient:
             slot.scenarios.update(digests)
             self._pending_leaves += len(digests)
 
+    def record_sample(self, step: int, scope: str, key: str, value: float) -> None:
+        """Add one per-rollout value (averaged by the aggregator); ship when the batch is full."""
+        with self._lock:
+            self._slot(step, scope).record_sample(key, value)
+            pending = self._pending_leaves = self._pending_leaves + 1
+        if pending >= self._max_batch_leaves:
+            self.ship()
+
     def record_keyed_cost(self, step: int, scope: str, key: str, value: Decimal, rid: str) -> None:
         """Add a cost applied at most once per response id (by the aggregator)."""
         with self._lock:
@@ -180,6 +188,7 @@ class MetricsClient:
                     p.sums(),
                     tuple(p.keyed),
                     b"".join(sorted(p.scenarios)),
+                    p.sample_stats(),
                 )
                 for (step, scope), p in sorted(self._pending.items())
             )
@@ -426,6 +435,9 @@ class WorkerBuilder(LeafRecorder):
 
     def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
         self.client.record_keyed_cost(self.step, self.scope, key, value, response_id)
+
+    def _record_sample(self, key: str, value: float) -> None:
+        self.client.record_sample(self.step, self.scope, key, value)
 
     def _pricing(self) -> PricingRegistry:
         return self.client.pricing
