@@ -216,3 +216,43 @@ class TestArtParity:
                 attach(again, handle)
         finally:
             handle.shutdown()
+
+
+class _Backend:
+    """What ART's Model.log asks a backend for its automatic step metrics."""
+
+    def __init__(self, usd_per_hour: float) -> None:
+        self.usd_per_hour = usd_per_hour
+
+    def supports_automatic_train_step_metrics(self) -> bool:
+        return True
+
+    def automatic_gpu_cost_per_hour_usd(self, model: Any) -> float:
+        return self.usd_per_hour
+
+
+class TestGpuChargedOnce:
+    @pytest.mark.parametrize("aggregator_charges", [False, True])
+    def test_backend_gpu_cost_unless_the_aggregator_charges(
+        self, run_config: dict[str, Any], tmp_path: Path, aggregator_charges: bool
+    ) -> None:
+        """The backend bills $1000/s, the aggregator $0.001/s: the row has exactly one of them."""
+        import art
+
+        from art_ray_metrics.art import attach
+
+        gpu = {"gpu_type": "H100", "gpu_count": 1, "gpu_hourly_usd": 3.6}
+        handle = arm.start_aggregator(**run_config, **(gpu if aggregator_charges else {}))
+        try:
+            model = art.Model(name="g", project="p", base_path=str(tmp_path), report_metrics=[])
+            object.__setattr__(model, "_backend", _Backend(usd_per_hour=3.6e6))
+            attach(model, handle)
+            asyncio.run(model.log(metrics={"loss": 1.0}, split="train", step=1))
+            row = _history(model)[-1]
+            assert row["time/step_wall_s"] > 0  # the backend's step time is kept either way
+            if aggregator_charges:
+                assert 0 < row["costs/gpu"] < 1.0
+            else:
+                assert row["costs/gpu"] == pytest.approx(1000 * row["time/step_wall_s"])
+        finally:
+            handle.shutdown()
