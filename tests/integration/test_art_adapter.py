@@ -60,6 +60,12 @@ def rollout_body(step: int, group: int, idx: int, split: str) -> Any:
     builder = MetricsBuilder.get_active()
     builder.add_cost(f"{builder.cost_context}/tool", 0.001 * (idx + 1))
     _judge()(1000 * (group + 1), 100 * (idx + 1))
+    # RULER's cost hook, as ruler() calls it after its judge completion (no network here)
+    from art.rewards.ruler import _record_ruler_cost
+    from litellm.types.utils import ModelResponse, Usage
+
+    usage_ = Usage(prompt_tokens=900 + 10 * idx, completion_tokens=150)
+    _record_ruler_cost("openai/gpt-4.1", ModelResponse(usage=usage_))
     builder.add_data(step_actor_tokens=120 + idx)
     # TrainableModel's completion-cost hook, with a cost calculator of its own
     trainable = art.TrainableModel(name="hook", project="p", base_model="m", report_metrics=[])
@@ -180,6 +186,7 @@ class TestArtParity:
             assert "loss/train" not in last_train
             assert last_train["data/cum/num_unique_scenarios"] == 3.0
             assert last_train["costs/train/inference"] > 0  # TrainableModel's hook, in tasks
+            assert last_train["costs/train/judge/ruler"] > 0  # RULER's hook
             # the aggregator holds the cumulative state; ART's state.json does not
             assert "_metrics_builder_state" in (plain.read_state() or {})
             assert "_metrics_builder_state" not in (attached.read_state() or {})
