@@ -37,6 +37,7 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DigestLedger, digest
 from art_ray_metrics.core.records import KeyedCost
 from art_ray_metrics.core.rollup import exact_sum, to_decimal
+from art_ray_metrics.core.samples import SampleStats, check_sample_key
 from art_ray_metrics.core.state import CumulativeState, StepBuffer, close_buffer
 from art_ray_metrics.errors import InvalidMetricError, MetricConflictError
 from art_ray_metrics.spend.pricing import PricingRegistry
@@ -74,10 +75,11 @@ class PendingLeaves:
     distinct value converted once, when the step is closed or shipped (:meth:`sums`).
     """
 
-    __slots__ = ("cost_ids", "keyed", "scenarios", "slots")
+    __slots__ = ("cost_ids", "keyed", "samples", "scenarios", "slots")
 
     def __init__(self) -> None:
         self.slots: dict[str, Any] = {}
+        self.samples: dict[str, list[float]] = {}  # add_sample values, averaged at the barrier
         self.scenarios: set[bytes] = set()
         self.keyed: list[KeyedCost] = []  # producer side: applied once per id by the actor
         self.cost_ids: set[bytes] = set()  # in-process: response ids already applied here
@@ -92,6 +94,10 @@ class PendingLeaves:
         slots = self.slots
         held = slots.get(key)
         if held is None:
+            if self.samples and key in self.samples:
+                raise MetricConflictError(
+                    f"Cannot log {key!r} with add_metric: it is recorded with add_sample"
+                )
             section_end = key.find("/")
             cut = key.rfind("/")
             if cut != section_end:
@@ -125,6 +131,26 @@ class PendingLeaves:
             else:
                 slots[key] = [held, value]
 
+    def record_sample(self, key: str, value: float) -> None:
+        """Add one validated per-rollout value of ``key`` (averaged at the barrier).
+
+        Raises:
+            MetricConflictError: ``key`` is a pending summed leaf; nothing is changed.
+        """
+        values = self.samples.get(key)
+        if values is None:
+            if key in self.slots:
+                raise MetricConflictError(
+                    f"Cannot record {key!r} with add_sample: it is logged with add_metric"
+                )
+            self.samples[key] = [value]
+        else:
+            values.append(value)
+
+    def sample_stats(self) -> dict[str, SampleStats]:
+        """The exact summaries of the sampled values so far (the raw values stay)."""
+        return {key: SampleStats.of(values) for key, values in self.samples.items()}
+
     def sums(self) -> dict[str, Decimal]:
         """The exact per-key sums so far (the raw values stay)."""
         sums = {}
@@ -140,9 +166,11 @@ class PendingLeaves:
         """The exact step buffer of these leaves (consumes this object)."""
         buf = StepBuffer()
         buf.sums = self.sums()
+        buf.samples = self.sample_stats()
         buf.scenarios = self.scenarios
         buf.cost_ids = self.cost_ids
         self.slots = {}
+        self.samples = {}
         return buf
 
 
@@ -151,8 +179,9 @@ _COST_KEYS: dict[str, str] = {}
 
 
 class LeafRecorder(ApiCostMixin):
-    """ART's recording methods over three hooks: ``_record``, ``_record_scenarios`` and
-    ``_record_keyed_cost`` (a cost that must be applied once per provider response id)."""
+    """ART's recording methods over four hooks: ``_record``, ``_record_scenarios``,
+    ``_record_keyed_cost`` (a cost that must be applied once per provider response id) and
+    ``_record_sample`` (a value averaged across rollouts)."""
 
     cost_context: str
 
@@ -165,6 +194,9 @@ class LeafRecorder(ApiCostMixin):
         raise NotImplementedError
 
     def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
+        raise NotImplementedError
+
+    def _record_sample(self, key: str, value: float) -> None:
         raise NotImplementedError
 
     # -- ApiCostMixin host hooks ----------------------------------------------------------
@@ -194,6 +226,22 @@ class LeafRecorder(ApiCostMixin):
         else:
             value = V.check_value(key, value)
         self._record(key, value)
+
+    def add_sample(self, key: str, value: float) -> None:
+        """Record one per-rollout value of ``key``; the row gets the step's average.
+
+        Where ``add_metric`` sums (four rollouts logging 0.5 give 2.0), the row of a sampled key
+        holds the mean over every value of the step from every worker, as ART averages rewards
+        and trajectory metrics, plus ``<key>_std_dev`` (population), ``<key>_count``,
+        ``<key>_min`` and ``<key>_max``. A key is either summed or sampled within a step.
+
+        Raises:
+            InvalidMetricError: invalid key or non-finite value, or a key the builder sums
+                (``costs/``, ``time/step_``, ``data/step_``, ``throughput/step_``).
+            MetricConflictError: ``key`` is pending as a summed leaf.
+        """
+        check_sample_key(V.validate_key(key))
+        self._record_sample(key, V.check_value(key, value, cost=False))
 
     def add_cost(self, path: str, usd: float) -> None:
         """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
@@ -323,6 +371,9 @@ class MetricsBuilder(LeafRecorder):
         pending = self._pending()
         pending.record(key, value)
         pending.cost_ids.add(d)
+
+    def _record_sample(self, key: str, value: float) -> None:
+        self._pending().record_sample(key, value)
 
     def _pricing(self) -> PricingRegistry:
         return self._shared.pricing

@@ -7,13 +7,17 @@ order batches are built) and one :class:`StepGroup` per
 ``(step, scope)`` it recorded leaves for. Within a group, repeated keys are already summed
 (sums commute, so pre-aggregating at the producer changes no row), except API costs that carry
 a provider response id: those travel one by one as :class:`KeyedCost` so the aggregator can
-apply each paid response at most once per run. Scenario ids travel as 16-byte digests.
+apply each paid response at most once per run. Scenario ids travel as 16-byte digests. Values
+recorded with ``add_sample`` (averaged, not summed) travel as
+:class:`~art_ray_metrics.core.samples.SampleStats`, which merge exactly too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+from art_ray_metrics.core.samples import SampleStats
 
 __all__ = ["IngestResult", "KeyedCost", "LeafBatch", "StepGroup"]
 
@@ -36,11 +40,12 @@ class StepGroup:
     sums: dict[str, Decimal] = field(default_factory=dict)
     keyed_costs: tuple[KeyedCost, ...] = ()
     scenario_digests: bytes = b""
+    samples: dict[str, SampleStats] = field(default_factory=dict)
 
     @property
     def leaf_count(self) -> int:
-        """Number of distinct leaves (sums plus keyed costs) in the group."""
-        return len(self.sums) + len(self.keyed_costs)
+        """Number of distinct leaves (sums, keyed costs and sampled keys) in the group."""
+        return len(self.sums) + len(self.keyed_costs) + len(self.samples)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,9 @@ Invariants of :class:`AggregatorState`:
   above it. A window the producer confirmed it will never resend into (:meth:`AggregatorState.
   confirm`) is dropped; if that incarnation sends again, its window restarts at the batch's
   ``acked_upto``. So state grows with live producers, not with every producer ever seen.
-- **Order independence.** Sums are exact decimals and scenario ids a set union, so any split of
-  the same leaves into batches, in any arrival order, yields the same rows.
+- **Order independence.** Sums are exact decimals, sample summaries exact counts and sums, and
+  scenario ids a set union, so any split of the same leaves into batches, in any arrival order,
+  yields the same rows.
 - **Paid responses once.** A cost leaf with a response id is applied once per run.
 - **Nothing dropped.** A leaf for a step whose scope was already closed is *late*: it goes
   into the next row of that scope (cumulative totals stay exact) and is counted. Closing step
@@ -47,6 +48,7 @@ from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
 from art_ray_metrics.core.meta import AggregatorMeta
 from art_ray_metrics.core.records import IngestResult, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import EXACT, ZERO, cost_rollups, to_decimal
+from art_ray_metrics.core.samples import SampleStats, sample_row
 from art_ray_metrics.core.wire import batch_identity, decode_batch, decode_state, encode_state
 from art_ray_metrics.errors import (
     InvalidMetricError,
@@ -82,6 +84,7 @@ class StepBuffer:
         "cost_ids",
         "late_leaves",
         "producers",
+        "samples",
         "scenarios",
         "sums",
     )
@@ -94,9 +97,17 @@ class StepBuffer:
         self.conflicts: list[tuple[str, str]] = []
         self.producers: set[str] = set()
         self.late_leaves = 0
+        self.samples: dict[str, SampleStats] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.sums or self.scenarios)
+        return bool(self.sums or self.scenarios or self.samples)
+
+    def add_samples(self, samples: Mapping[str, SampleStats]) -> None:
+        """Merge per-key sample summaries (exact, in any order)."""
+        own = self.samples
+        for key, stats in samples.items():
+            held = own.get(key)
+            own[key] = stats if held is None else held.merge(stats)
 
     def add(self, key: str, value: Decimal, *, strict: bool = True) -> None:
         """Add ``value`` to leaf ``key``.
@@ -145,6 +156,7 @@ class StepBuffer:
         """Fold another buffer into this one (conflicts resolved, never raised)."""
         for key, value in other.sums.items():
             self.add(key, value, strict=False)
+        self.add_samples(other.samples)
         self.scenarios |= other.scenarios
         self.cost_ids |= other.cost_ids
         self.producers |= other.producers
@@ -152,8 +164,9 @@ class StepBuffer:
         self.conflicts.extend(other.conflicts)
 
     def to_wire(self) -> list[Any]:
-        """Plain msgpack-able form (see :mod:`art_ray_metrics.core.wire`)."""
-        return [
+        """Plain msgpack-able form (see :mod:`art_ray_metrics.core.wire`); sample summaries are
+        appended as a seventh field only when there are any."""
+        out: list[Any] = [
             {k: str(v) for k, v in self.sums.items()},
             b"".join(sorted(self.scenarios)),
             b"".join(sorted(self.cost_ids)),
@@ -161,12 +174,17 @@ class StepBuffer:
             self.late_leaves,
             [list(c) for c in self.conflicts],
         ]
+        if self.samples:
+            out.append({k: v.to_wire() for k, v in sorted(self.samples.items())})
+        return out
 
     @classmethod
     def from_wire(cls, raw: list[Any]) -> StepBuffer:
         """Inverse of :meth:`to_wire`; re-adds leaves so ancestor bookkeeping is rebuilt."""
-        sums, scenarios, cost_ids, producers, late_leaves, conflicts = raw
+        sums, scenarios, cost_ids, producers, late_leaves, conflicts = raw[:6]
         buf = cls()
+        if len(raw) > 6:
+            buf.samples = {str(k): SampleStats.from_wire(str(k), v) for k, v in raw[6].items()}
         for key, value in sums.items():
             buf.add(key, Decimal(value), strict=False)
         buf.scenarios = set(split_digests(scenarios))
@@ -194,7 +212,9 @@ def close_buffer(buf: StepBuffer, cum: CumulativeState) -> dict[str, float]:
 
     The row holds the summed leaves, cost rollups and ``costs/all``, cumulative twins of every
     ``costs/``, ``time/`` and ``data/`` key, idle cumulatives, the unique-scenario count (when
-    scenarios arrived) and the throughput averages. An empty buffer gives ``{}``.
+    scenarios arrived), the throughput averages and, per sampled key, its mean, standard
+    deviation, count, min and max. A summed leaf keeps its key if a sampled key of the same name
+    arrived too (the clash is recorded in ``buf.conflicts``). An empty buffer gives ``{}``.
 
     Raises:
         InvalidMetricError: a row value would not be a finite float; ``cum`` is unchanged.
@@ -207,7 +227,8 @@ def close_buffer(buf: StepBuffer, cum: CumulativeState) -> dict[str, float]:
 def plan_close(
     buf: StepBuffer, cum: CumulativeState
 ) -> tuple[dict[str, float], dict[str, Decimal]]:
-    """The row of :func:`close_buffer` and the cumulative values it sets, changing nothing.
+    """The row of :func:`close_buffer` and the cumulative values it sets; changes nothing but
+    ``buf.conflicts``.
 
     Raises:
         InvalidMetricError: a row value would not be a finite float (naming the key).
@@ -241,6 +262,12 @@ def plan_close(
                 rate = float(tokens) / float(seconds)
                 if rate - rate == 0.0:  # a derived gauge: omitted, never a failed barrier
                     row[f"throughput/avg_{kind}_tok_per_s"] = rate
+    for key, stats in sorted(buf.samples.items()):
+        for out_key, number in sample_row(key, stats).items():
+            if out_key in row:
+                buf.conflicts.append((out_key, key))
+            else:
+                row[out_key] = V.finite_float(out_key, number)
     return row, updates
 
 
@@ -422,6 +449,10 @@ class AggregatorState:
                 keys.add(key)
                 if key not in self.run_keys:
                     new_keys.add(key)
+            for key in group.samples:  # averaged keys count towards the key limits too
+                keys.add(key)
+                if key not in self.run_keys:
+                    new_keys.add(key)
             cap = limits.max_keys_per_step
             if cap is not None and len(keys) > cap:
                 raise LimitExceededError(
@@ -473,6 +504,8 @@ class AggregatorState:
             buf.add(cost.key, cost.value, strict=False)
         if group.scenario_digests:
             buf.scenarios.update(split_digests(group.scenario_digests))
+        if group.samples:
+            buf.add_samples(group.samples)
 
     def ingest_bytes(self, data: bytes) -> IngestResult:
         """Decode and apply a wire batch; malformed bytes are counted and change nothing.
@@ -543,7 +576,7 @@ class AggregatorState:
         for skipped in older:  # a step the trainer skipped: its leaves are late
             stale = self.pending[skipped]
             buf.merge(stale)
-            buf.late_leaves += len(stale.sums)
+            buf.late_leaves += len(stale.sums) + len(stale.samples)
         for key, value in managed:
             buf.add(key, value, strict=False)
         computed, updates = plan_close(buf, self.cum)  # raises InvalidMetricError

@@ -5,7 +5,8 @@ Batch, format version 2 (a msgpack array)::
     ["arm-batch", 2, producer_id: str, seq: int >= 1, [group, ...],
      incarnation: str, acked_upto: int >= 0, dropped: int >= 0]
     group = [step: int >= 0, scope: str, sums: {key: decimal-str}, keyed: [[key, decimal-str, response_id], ...],
-             scenario_digests: bin (16-byte BLAKE2b digests, concatenated)]
+             scenario_digests: bin (16-byte BLAKE2b digests, concatenated),
+             samples: {key: [count, sum, sum_sq, min, max]}  (optional; sent only when non-empty)]
 
 Version 1 had only the first five fields (its batches read with incarnation ``""``), so write-ahead
 logs of older builds replay. Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across processes.
@@ -31,6 +32,7 @@ import msgpack
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.samples import SampleStats, check_sample_key
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 
 __all__ = [
@@ -53,16 +55,18 @@ STATE_MAGIC = "arm-state"
 
 def encode_batch(batch: LeafBatch) -> bytes:
     """Serialise a batch (format version 2)."""
-    groups = [
-        [
+    groups = []
+    for g in batch.groups:
+        group = [
             g.step,
             g.scope,
             {k: str(v) for k, v in g.sums.items()},
             [[c.key, str(c.value), c.response_id] for c in g.keyed_costs],
             g.scenario_digests,
         ]
-        for g in batch.groups
-    ]
+        if g.samples:
+            group.append({k: s.to_wire() for k, s in g.samples.items()})
+        groups.append(group)
     out: bytes = msgpack.packb(
         [
             BATCH_MAGIC,
@@ -125,6 +129,19 @@ def _leaf(key: object, value: object) -> tuple[str, Decimal]:
     return k, number
 
 
+def _samples(raw: object) -> dict[str, SampleStats]:
+    if not isinstance(raw, dict):
+        raise WireFormatError(f"Expected group samples as a map but got {str(raw)[:80]!r}")
+    out = {}
+    try:
+        for key, stats in raw.items():
+            k = check_sample_key(V.validate_key(key))
+            out[k] = SampleStats.from_wire(k, stats)
+    except InvalidMetricError as exc:
+        raise WireFormatError(f"Invalid sample summary in batch: {exc}") from exc
+    return out
+
+
 def decode_batch(data: bytes) -> LeafBatch:
     """Parse and validate a batch; raise :class:`WireFormatError` on anything unexpected."""
     obj = _unpack(data, BATCH_MAGIC)
@@ -145,8 +162,8 @@ def decode_batch(data: bytes) -> LeafBatch:
         raise WireFormatError(f"Expected a list of groups but got {raw_groups!r}")
     groups = []
     for raw in raw_groups:
-        if not isinstance(raw, list) or len(raw) != 5:
-            raise WireFormatError(f"Expected a 5-field group but got {str(raw)[:80]!r}")
+        if not isinstance(raw, list) or len(raw) not in (5, 6):
+            raise WireFormatError(f"Expected a 5- or 6-field group but got {str(raw)[:80]!r}")
         step = _int(raw[0], "step", 0)
         scope = _str(raw[1], "scope")
         try:
@@ -170,7 +187,8 @@ def decode_batch(data: bytes) -> LeafBatch:
                 f"Expected scenario digests as bytes in multiples of {DIGEST_SIZE} "
                 f"but got {type(digests).__name__} of length {len(digests)}"
             )
-        groups.append(StepGroup(step, scope, sums, tuple(keyed), digests))
+        samples = _samples(raw[5]) if len(raw) == 6 else {}
+        groups.append(StepGroup(step, scope, sums, tuple(keyed), digests, samples))
     return LeafBatch(producer_id, seq, tuple(groups), incarnation, acked_upto, dropped)
 
 

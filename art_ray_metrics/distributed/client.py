@@ -191,6 +191,17 @@ class MetricsClient:
             self._pending_leaves += len(digests)
             return self._seq + 1
 
+    def record_sample(self, step: int, scope: str, key: str, value: float) -> int:
+        """Add one per-rollout value (averaged by the aggregator); ship when the batch is full.
+        Returns the seq of the batch that will carry it."""
+        with self._lock:
+            self._slot(step, scope).record_sample(key, value)
+            pending = self._pending_leaves = self._pending_leaves + 1
+            seq = self._seq + 1
+        if pending >= self._max_batch_leaves:
+            self.ship()
+        return seq
+
     def record_keyed_cost(self, step: int, scope: str, key: str, value: Decimal, rid: str) -> int:
         """Add a cost applied at most once per response id (by the aggregator)."""
         V.check_text("response_id", rid)
@@ -228,7 +239,14 @@ class MetricsClient:
             self._last_ship = time.monotonic()
             return None
         groups = tuple(
-            StepGroup(step, scope, p.sums(), tuple(p.keyed), b"".join(sorted(p.scenarios)))
+            StepGroup(
+                step,
+                scope,
+                p.sums(),
+                tuple(p.keyed),
+                b"".join(sorted(p.scenarios)),
+                p.sample_stats(),
+            )
             for (step, scope), p in sorted(self._pending.items())
         )
         if self._big:  # keys that got huge values: remember what was shipped (rare)
@@ -664,6 +682,9 @@ class WorkerBuilder(LeafRecorder):
         self._rollout.hi = self.client.record_keyed_cost(
             self.step, self.scope, key, value, response_id
         )
+
+    def _record_sample(self, key: str, value: float) -> None:
+        self._rollout.hi = self.client.record_sample(self.step, self.scope, key, value)
 
     def _pricing(self) -> PricingRegistry:
         return self.client.pricing

@@ -180,7 +180,8 @@ def record_rollout(builder: LeafRecorder, plan: RolloutPlan, score: float) -> No
         step_num_scenarios=1, step_actor_tokens=plan.tokens, scenario_ids=[plan.scenario_id]
     )
     builder.add_user_timing(step_actor_s=plan.actor_s)
-    builder.add_metric("reward/judge_score_sum", score)
+    builder.add_metric("reward/judge_score_sum", score)  # summed, as add_metric always is
+    builder.add_sample("reward/judge_score", score)  # averaged over the step's rollouts
 
 
 def trainer_loss(seed: int, step: int) -> float:

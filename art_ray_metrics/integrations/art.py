@@ -1,0 +1,429 @@
+"""OpenPipe ART's own training loop on the aggregator: :func:`attach` and :func:`worker_context`.
+
+Install with ``pip install 'art-ray-metrics[art]'`` (openpipe-art 0.5.18 and what its
+``Model.log`` imports without declaring: pyarrow, numpy). ``openpipe-art`` is imported on first
+use, not when this module is imported.
+
+On the trainer::
+
+    handle = art_ray_metrics.start_aggregator(run_name="my-run", storage_uri="s3://bucket/run")
+    art_ray_metrics.art.attach(model, handle)       # model: art.Model / art.TrainableModel
+    ...
+    await model.log(trajectory_groups, split="train", step=step)   # one row, via the aggregator
+
+In a Ray task or actor method (sync ``with`` or ``async with``)::
+
+    with art_ray_metrics.art.worker_context(step) as builder:
+        ...   # ART's MetricsBuilder.get_active(), @track_api_cost, RULER, TrainableModel
+              # completion costs and our own builder all record into the aggregator
+    # leaving the block flushed the leaves durably
+
+How ``model.log`` runs once attached: ART's own ``Model.log`` computes the row's averages
+(reward, exception rate, trajectory and group metrics, ``reward_std_dev``), its default data
+metrics and the backend's automatic ``time/step_wall_s``/``costs/gpu``; the builder-managed
+leaves it records go to the aggregator with this process's other leaves of the step; the row is
+closed with ``handle.log(step, split, averages)``, so it also holds every worker's leaves, the
+rollups, cumulative values and exact unique counts. The row is appended to ART's
+``history.jsonl`` (ART reads it to pick checkpoints to keep) and written to W&B only by the
+aggregator. ART's ``state.json`` no longer carries the builder state: the aggregator's
+checkpoint does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
+from datetime import datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+from art_ray_metrics.builder import LeafRecorder, Number, PendingLeaves
+from art_ray_metrics.core import active as _active
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.records import KeyedCost
+from art_ray_metrics.distributed.actor import AggregatorHandle
+from art_ray_metrics.distributed.client import WorkerBuilder, connect
+from art_ray_metrics.spend.pricing import PricingRegistry
+
+__all__ = ["ART_VERSION", "attach", "worker_context"]
+
+log = logging.getLogger(__name__)
+
+ART_VERSION = "0.5.18"
+"""The openpipe-art release this adapter is written and tested against."""
+
+_INSTALL_HINT = (
+    "art_ray_metrics.art needs openpipe-art: pip install 'art-ray-metrics[art]' "
+    f"(openpipe-art=={ART_VERSION}, pyarrow, numpy)"
+)
+
+
+def _art() -> Any:
+    """Import openpipe-art (``art`` and ``art.metrics``) or raise a clear ImportError."""
+    try:
+        import art
+        import art.metrics
+    except ImportError as exc:
+        raise ImportError(f"{_INSTALL_HINT}; importing it failed: {exc}") from exc
+    if not hasattr(art.metrics, "_active_builder") or not hasattr(art, "Model"):
+        raise ImportError(f"The installed 'art' package is not openpipe-art. {_INSTALL_HINT}")
+    return art
+
+
+# -- ART's MetricsBuilder over one of our recorders -----------------------------------------
+
+_BRIDGE_TYPE: type | None = None
+
+
+def _bridge_type() -> type:
+    """A subclass of ART's ``MetricsBuilder`` whose leaves go to one of our recorders.
+
+    ART's pricing (``add_response_cost``, used by ``track_api_cost`` and RULER), ``add_cost``,
+    timings and ``measure`` all end in ``add_metric``/``add_data``, which forward; so costs are
+    priced exactly as ART prices them and validated as we validate them.
+    """
+    global _BRIDGE_TYPE
+    if _BRIDGE_TYPE is not None:
+        return _BRIDGE_TYPE
+    art_builder: type = _art().metrics.MetricsBuilder
+
+    class ArtBuilderBridge(art_builder):  # type: ignore[misc]
+        """ART's ``MetricsBuilder`` API recording into an art_ray_metrics recorder."""
+
+        def __init__(
+            self,
+            target: LeafRecorder,
+            on_flush: Callable[[LeafRecorder], dict[str, float]],
+            shared_state: Any = None,
+        ) -> None:
+            scope = getattr(target, "scope", None) or getattr(target, "_buffer_scope", None)
+            super().__init__(target.cost_context, _shared_state=shared_state, _buffer_scope=scope)
+            self.target = target
+            self._on_flush = on_flush
+
+        def add_metric(self, key: str, value: float) -> None:
+            self.target.add_metric(key, value)
+
+        def add_sample(self, key: str, value: float) -> None:
+            self.target.add_sample(key, value)
+
+        def add_data(
+            self,
+            step_num_scenarios: int | None = None,
+            step_actor_tokens: int | None = None,
+            scenario_ids: list[str] | None = None,
+        ) -> None:
+            self.target.add_data(step_num_scenarios, step_actor_tokens, scenario_ids)
+
+        async def flush(self) -> dict[str, float]:
+            return self._on_flush(self.target)
+
+        def for_cost_context(
+            self, cost_context: str, *, buffer_scope: str | None = None
+        ) -> ArtBuilderBridge:
+            view = self.target.for_cost_context(cost_context, buffer_scope=buffer_scope)  # type: ignore[attr-defined]
+            if view is self.target:
+                return self
+            return ArtBuilderBridge(view, self._on_flush, self._shared_state)
+
+        def state_dict(self) -> dict[str, Any]:
+            return {}  # the cumulative state lives in the aggregator's checkpoint
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            return None
+
+    _BRIDGE_TYPE = ArtBuilderBridge
+    return ArtBuilderBridge
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+
+def _worker_flush(target: LeafRecorder) -> dict[str, float]:
+    if isinstance(target, WorkerBuilder):
+        target.flush()
+    return {}  # a worker has no row: the trainer's barrier closes the step
+
+
+class worker_context:  # lower case: used like a function, ``with worker_context(step):``
+    """Inside the block our active builder and ART's are one worker builder for ``step``.
+
+    ``cost_context`` is the first segment under ``costs/`` of API costs (ART's cost context);
+    the buffer scope is the split's (``val``/``test`` share ``eval``) when ``split`` is given,
+    else the cost context, as in :func:`~art_ray_metrics.connect`. Works as ``with`` and
+    ``async with``; on exit the leaves are flushed durably (``flush``/``aflush``, which never
+    raise on telemetry failure). The block's value is the
+    :class:`~art_ray_metrics.WorkerBuilder`.
+    """
+
+    def __init__(
+        self,
+        step: int,
+        cost_context: str = "train",
+        *,
+        split: str | None = None,
+        name: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        art = _art()
+        self.builder = connect(step, cost_context, split=split, name=name, namespace=namespace)
+        self.art_builder = _bridge_type()(self.builder, _worker_flush)
+        self._art_var: ContextVar[Any] = art.metrics._active_builder
+        self._tokens: list[tuple[Token[Any], Token[Any]]] = []
+
+    def _enter(self) -> WorkerBuilder:
+        ours = _active.set_active_builder(self.builder)
+        theirs = self._art_var.set(self.art_builder)
+        self._tokens.append((ours, theirs))
+        return self.builder
+
+    def _exit(self) -> None:
+        ours, theirs = self._tokens.pop()
+        self._art_var.reset(theirs)
+        _active.reset_active_builder(ours)
+
+    def __enter__(self) -> WorkerBuilder:
+        return self._enter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit()
+        self.builder.flush()
+
+    async def __aenter__(self) -> WorkerBuilder:
+        return self._enter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit()
+        await self.builder.aflush()
+
+
+# -- trainer side ---------------------------------------------------------------------------
+
+
+class _TrainerLeaves(LeafRecorder):
+    """The trainer's own leaves between two ``model.log`` calls, per buffer scope, as ART's
+    private builder keeps them (shared by every cost-context view)."""
+
+    def __init__(
+        self,
+        cost_context: str,
+        scope: str,
+        pending: dict[str, PendingLeaves],
+        pricing: PricingRegistry,
+    ) -> None:
+        self.cost_context = V.check_cost_context(cost_context)
+        self.scope = scope
+        self.pending = pending
+        self.pricing = pricing
+
+    def _slot(self) -> PendingLeaves:
+        slot = self.pending.get(self.scope)
+        if slot is None:
+            slot = self.pending[self.scope] = PendingLeaves()
+        return slot
+
+    def _record(self, key: str, value: Number) -> None:
+        self._slot().record(key, value)
+
+    def _record_scenarios(self, digests: list[bytes]) -> None:
+        self._slot().scenarios.update(digests)
+
+    def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
+        self._slot().keyed.append(KeyedCost(key, value, response_id))
+
+    def _record_sample(self, key: str, value: float) -> None:
+        self._slot().record_sample(key, value)
+
+    def _pricing(self) -> PricingRegistry:
+        return self.pricing
+
+    def for_cost_context(
+        self, cost_context: str, *, buffer_scope: str | None = None
+    ) -> _TrainerLeaves:
+        context = V.check_cost_context(cost_context)
+        scope = buffer_scope.strip() if buffer_scope is not None else context
+        if context == self.cost_context and scope == self.scope:
+            return self
+        return _TrainerLeaves(context, scope, self.pending, self.pricing)
+
+
+_CAPTURE: ContextVar[dict[str, Any] | None] = ContextVar("art_ray_metrics_art_log", default=None)
+"""What ART's ``Model.log`` handed over during one attached call: its row and its leaves."""
+
+
+def _ship(builder: WorkerBuilder, pending: PendingLeaves) -> None:
+    """Replay the trainer's pending leaves of one scope into a worker builder (exact values)."""
+    for key, value in pending.sums().items():
+        builder._record(key, value)
+    if pending.scenarios:
+        builder._record_scenarios(sorted(pending.scenarios))
+    for cost in pending.keyed:
+        builder._record_keyed_cost(cost.key, cost.value, cost.response_id)
+    for key, values in pending.samples.items():
+        for v in values:
+            builder._record_sample(key, v)
+
+
+class _Attached:
+    """The state :func:`attach` adds to a model."""
+
+    def __init__(self, model: Any, handle: AggregatorHandle) -> None:
+        self.model = model
+        self.handle = handle
+        self.pending: dict[str, PendingLeaves] = {}
+        self.leaves = _TrainerLeaves("train", "train", self.pending, PricingRegistry())
+        self.original_log = type(model).log
+        self.original_auto = type(model)._collect_automatic_backend_metrics
+
+    def flush_hook(self, target: LeafRecorder) -> dict[str, float]:
+        """ART's ``builder.flush()`` inside ``Model.log``: hand the scope's leaves over."""
+        capture = _CAPTURE.get()
+        scope = getattr(target, "scope", "train")
+        pending = self.pending.pop(scope, None)
+        if capture is not None and pending is not None:
+            held = capture.setdefault("pending", PendingLeaves())
+            _merge_pending(held, pending)
+        elif pending is not None:  # flushed outside model.log (user code): keep for the next row
+            self.pending.setdefault(scope, pending)
+        return {}
+
+    def log_metrics(self, metrics: dict[str, float], split: str, step: int) -> None:
+        """ART's ``_log_metrics``: keep the row for the aggregator instead of writing it."""
+        capture = _CAPTURE.get()
+        if capture is None:
+            raise RuntimeError("art_ray_metrics: _log_metrics called outside an attached log")
+        capture["metrics"] = dict(metrics)
+
+    def automatic_metrics(self, **kwargs: Any) -> dict[str, float]:
+        metrics: dict[str, float] = self.original_auto(self.model, **kwargs)
+        if self.handle.config.gpu_type:  # the aggregator charges the GPUs: never twice
+            metrics.pop("costs/gpu", None)
+        return metrics
+
+    async def log(
+        self,
+        trajectories: Any = None,
+        split: str = "val",
+        *,
+        metrics: dict[str, float] | None = None,
+        step: int | None = None,
+    ) -> None:
+        model = self.model
+        if trajectories is None and metrics is None:
+            return  # ART logs nothing either
+        if step is None:
+            step = await model.get_step() if model.trainable else 0
+        capture: dict[str, Any] = {}
+        token = _CAPTURE.set(capture)
+        try:
+            await self.original_log(model, trajectories, split, metrics=metrics, step=step)
+        finally:
+            _CAPTURE.reset(token)
+        await self.close(step, split, capture.get("metrics", {}), capture.get("pending"))
+
+    async def close(
+        self,
+        step: int,
+        split: str,
+        metrics: Mapping[str, float],
+        pending: PendingLeaves | None,
+    ) -> dict[str, float]:
+        """Ship the trainer's leaves of the step, close it on the aggregator, append history."""
+        cfg = self.handle.config
+        if pending is not None:
+            builder = connect(step, split=split, name=cfg.name, namespace=cfg.namespace)
+            _ship(builder, pending)
+            result = await builder.aflush()
+            if not result.ok:
+                log.warning(
+                    "art_ray_metrics: the trainer's leaves of step %s are not confirmed; "
+                    "they count in a later row (%s)",
+                    step,
+                    result.error,
+                )
+        wall = time.time() - self.model._run_start_time
+        # ART's own key prefixing, applied here so backend names keep ART's keys
+        # (loss -> train/loss) instead of the aggregator's mapping (loss -> loss/train)
+        routed = (
+            {K.route_key(k, split): v for k, v in metrics.items()}
+            if split in K.SPLITS
+            else dict(metrics)
+        )
+        routed["time/wall_clock_sec"] = wall
+        row = await self.handle.alog(step, split, routed)
+        self.write_history(row, step)
+        return row
+
+    def write_history(self, row: Mapping[str, float], step: int) -> None:
+        """Append the row to ART's ``history.jsonl`` in ART's format."""
+        record: dict[str, Any] = {k: v for k, v in row.items() if v == v}
+        record["training_step"] = step
+        record |= {"step": step, "recorded_at": datetime.now().isoformat()}
+        out = self.model._get_output_dir()
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "history.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _merge_pending(into: PendingLeaves, other: PendingLeaves) -> None:
+    for key, value in other.sums().items():
+        into.record(key, value)
+    into.scenarios |= other.scenarios
+    into.keyed.extend(other.keyed)
+    for key, values in other.samples.items():
+        for v in values:
+            into.record_sample(key, v)
+
+
+def attach(model: Any, handle: AggregatorHandle) -> None:
+    """Route ``model.log`` rows through the aggregator behind ``handle``.
+
+    Afterwards ART's ``Model.log`` still computes its averages, default data metrics and
+    backend metrics, writes the trajectories' parquet files and appends the row to
+    ``history.jsonl``; the row itself is the aggregator's (``handle.log``), so it also holds
+    every worker's leaves, rollups, cumulative values and unique counts, and W&B is written
+    once, by the aggregator. The model's builder (``model.metrics_builder()``,
+    ``model.activate_metrics_context()``) records into the aggregator too; its cumulative state
+    is the aggregator's, not ``state.json``'s. When the aggregator charges GPUs itself
+    (``gpu_type``), the backend's automatic ``costs/gpu`` is dropped. Keys keep ART's names:
+    a backend ``loss`` is ``train/loss``, as ART logs it.
+
+    Raises:
+        ImportError: openpipe-art is not installed.
+        TypeError: ``model`` is not an ``art.Model`` or is already attached.
+    """
+    art = _art()
+    if not isinstance(model, art.Model):
+        raise TypeError(f"Expected an art.Model but got {type(model).__name__}")
+    if not isinstance(handle, AggregatorHandle):
+        raise TypeError(f"Expected an AggregatorHandle but got {type(handle).__name__}")
+    if "_arm_attached" in model.__dict__:
+        raise TypeError(f"Model {model.name!r} is already attached to an aggregator")
+    state = _Attached(model, handle)
+    bridge = _bridge_type()(state.leaves, state.flush_hook)
+    for attr, value in (
+        ("_arm_attached", state),
+        ("_metrics_builder", bridge),
+        ("_metrics_builder_state_loaded", True),
+        ("log", state.log),
+        ("_log_metrics", state.log_metrics),
+        ("_persist_metrics_builder_state", lambda: None),
+        ("_collect_automatic_backend_metrics", state.automatic_metrics),
+    ):
+        object.__setattr__(model, attr, value)
