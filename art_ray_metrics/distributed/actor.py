@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -46,6 +46,7 @@ from art_ray_metrics.durable.storage import (
 )
 from art_ray_metrics.errors import (
     BackPressureError,
+    BarrierTimeoutError,
     ConditionalWritesUnsupportedError,
     ConfigError,
     ConfigMismatchError,
@@ -438,8 +439,13 @@ class MetricsAggregator:
         metrics: Mapping[str, float] | None = None,
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
+        on_timeout: str = "close",
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
+        if on_timeout not in ("close", "raise"):
+            raise InvalidMetricError(
+                f"Expected on_timeout 'close' or 'raise' but got {on_timeout!r}"
+            )
         self._ensure_tasks()
         V.check_step(step)
         V.check_split(split)
@@ -453,7 +459,9 @@ class MetricsAggregator:
         future: asyncio.Future[dict[str, float]] = asyncio.get_running_loop().create_future()
         self.closing[(step, split)] = future
         try:
-            row = await self._close(step, split, metrics, expect_producers, timeout_s)
+            row = await self._close(
+                step, split, metrics, expect_producers, timeout_s, on_timeout == "raise"
+            )
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning without a waiter
@@ -470,6 +478,7 @@ class MetricsAggregator:
         metrics: Mapping[str, float] | None,
         expect_producers: int | list[str] | None,
         timeout_s: float | None,
+        strict: bool = False,
     ) -> dict[str, float]:
         started = time.monotonic()
         scope = K.scope_for_split(split)
@@ -482,7 +491,12 @@ class MetricsAggregator:
         ):
             await self._implicit_rewind(step, split)
         if expect_producers is not None:
-            await self._wait_for(step, split, expect_producers, timeout_s)
+            missing = await self._wait_for(step, split, expect_producers, timeout_s)
+            if missing is not None and strict:  # nothing closed: the step stays open
+                raise BarrierTimeoutError(
+                    f"Step {step} ({split}) is still open: expected producers {missing} did not "
+                    "report in time; call log() again to wait longer, or with on_timeout='close'"
+                )
         metrics = dict(metrics or {})
         if split == "train":
             now = _wall_clock()
@@ -618,25 +632,26 @@ class MetricsAggregator:
 
     async def _wait_for(
         self, step: int, split: str, expect: int | list[str], timeout_s: float | None
-    ) -> None:
+    ) -> str | None:
+        """Wait for the expected producers; return None, or a description of who is missing."""
         deadline = time.monotonic() + (timeout_s or self.config.barrier_timeout_s)
         while True:
             seen = self.state.producers_reported(step, split)
             ok = len(seen) >= expect if isinstance(expect, int) else set(expect) <= seen
             if ok:
-                return
+                return None
             if time.monotonic() >= deadline:
                 self.health.barrier_timeouts += 1
                 missing = (
                     expect - len(seen) if isinstance(expect, int) else sorted(set(expect) - seen)
                 )
                 log.warning(
-                    "art_ray_metrics: step %s/%s closed without %s expected producers",
+                    "art_ray_metrics: step %s/%s: %s expected producers did not report",
                     step,
                     split,
                     missing,
                 )
-                return
+                return f"{missing} of {expect}" if isinstance(expect, int) else str(missing)
             await asyncio.sleep(0.01)
 
     async def _persist(self) -> None:
@@ -872,11 +887,15 @@ class AggregatorHandle:
         *,
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
+        on_timeout: Literal["close", "raise"] = "close",
     ) -> dict[str, float]:
         """The step barrier: close ``(step, split)``, merge ``metrics``, return the logged row.
 
         ``expect_producers`` waits (up to ``timeout_s``) until that many producers, or that set
-        of producer ids, reported for the step. Retried on an actor restart; a retried call for
+        of producer ids, reported for the step. When they don't, the step is closed with what
+        arrived (``on_timeout="close"``, counted in ``stats()["health"]["barrier_timeouts"]``) or
+        left open and :class:`~art_ray_metrics.errors.BarrierTimeoutError` raised
+        (``on_timeout="raise"``). Retried on an actor restart; a retried call for
         the step just closed returns the same row. Invalid ``metrics`` raise
         :class:`~art_ray_metrics.errors.InvalidMetricError`.
         """
@@ -884,7 +903,7 @@ class AggregatorHandle:
         V.check_split(split)
         self._sync_credentials()
         row: dict[str, float] = self._call(
-            "log", step, split, dict(metrics or {}), expect_producers, timeout_s
+            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout
         )
         return row
 
@@ -919,10 +938,17 @@ class AggregatorHandle:
         *,
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
+        on_timeout: Literal["close", "raise"] = "close",
     ) -> dict[str, float]:
         """:meth:`log` for asyncio trainers."""
         return await asyncio.to_thread(
-            self.log, step, split, metrics, expect_producers=expect_producers, timeout_s=timeout_s
+            self.log,
+            step,
+            split,
+            metrics,
+            expect_producers=expect_producers,
+            timeout_s=timeout_s,
+            on_timeout=on_timeout,
         )
 
     def rewind(self, step: int) -> dict[str, Any]:

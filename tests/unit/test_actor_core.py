@@ -56,3 +56,35 @@ class TestRestarts:
         asyncio.run(first.log(0))  # a checkpoint holding restarts == 0
         for expected in (1, 2, 3):  # each instance replaced before it checkpoints
             assert MetricsAggregator(cfg).state.meta.restarts == expected
+
+
+class TestBarrierTimeout:
+    def test_raise_leaves_the_step_open_and_close_closes_it(self) -> None:
+        """on_timeout='raise': BarrierTimeoutError names who is missing, nothing is closed, and
+        the leaves are still there for the next call; the default closes with what arrived."""
+        from art_ray_metrics import BarrierTimeoutError
+        from art_ray_metrics.core.wire import encode_batch
+        from art_ray_metrics.testing import make_batch
+
+        agg = _actor()
+
+        async def run() -> dict[str, float]:
+            await agg.ingest(encode_batch(make_batch("judge-1", 1, 0, leaves={"costs/j": 0.5})))
+            with pytest.raises(BarrierTimeoutError, match="judge-2"):
+                await agg.log(
+                    0, expect_producers=["judge-1", "judge-2"], timeout_s=0.05, on_timeout="raise"
+                )
+            assert 0 not in agg.state.last_closed.values()
+            with pytest.raises(BarrierTimeoutError):
+                await agg.log(0, expect_producers=2, timeout_s=0.05, on_timeout="raise")
+            return await agg.log(0, expect_producers=2, timeout_s=0.05)
+
+        row = asyncio.run(run())
+        assert row["costs/all"] == 0.5
+        assert agg.health.barrier_timeouts == 3
+
+    def test_unknown_policy_is_refused(self) -> None:
+        from art_ray_metrics import InvalidMetricError
+
+        with pytest.raises(InvalidMetricError, match="on_timeout"):
+            asyncio.run(_actor().log(0, on_timeout="wait"))
