@@ -152,13 +152,14 @@ class TestNothingWedgesAProducer:
         name = run_config["name"]
         try:
             b = arm.connect(0, name=name)
-            b.add_metric("time/step_big_s", 1e308)
-            b.add_cost("train/huge", 1e308)
+            b.add_metric("time/step_big_s", 6e299)
+            b.add_cost("train/huge", 6e299)
             bad_calls = [
                 (lambda: b.add_metric("reward/judge\udce9", 1.0), "reward/judge"),
                 (lambda: b.add_metric("time/step_x_s", 10**400), "time/step_x_s"),
-                (lambda: b.add_metric("time/step_big_s", 1e308), "time/step_big_s"),
-                (lambda: b.add_cost("train/huge", 1e308), "costs/train/huge"),
+                (lambda: b.add_metric("time/step_big_s", 6e299), "time/step_big_s"),  # sum > 1e300
+                (lambda: b.add_cost("train/huge", 6e299), "costs/train/huge"),
+                (lambda: b.add_metric("time/step_y_s", 1e308), "time/step_y_s"),  # leaf > 1e300
                 (lambda: b.add_metric("reward/x", float("nan")), "reward/x"),
                 (lambda: b.add_data(scenario_ids=["s\udce9"]), "scenario"),
                 (lambda: arm.connect(-1, name=name), "-1"),
@@ -179,8 +180,8 @@ class TestNothingWedgesAProducer:
             assert b2.flush(timeout_s=60).ok
             row = handle.log(0)
             assert row["reward/ok"] == 1.0
-            assert row["time/step_big_s"] == 1e308
-            assert row["costs/train/huge"] == 1e308
+            assert row["time/step_big_s"] == 6e299
+            assert row["costs/train/huge"] == 6e299
             assert row["costs/train/judge"] == 0.75
             assert row["telemetry/rejected_batches"] == 0
         finally:

@@ -78,16 +78,19 @@ class TestRefusedAtTheCall:
     def test_a_sum_that_would_overflow_is_refused_at_the_second_leaf(
         self, client: MetricsClient
     ) -> None:
-        """Also across batches: the first 1e308 was shipped already."""
+        """Also across batches: the first large value was shipped already. The bound is the
+        aggregator's (+-1e300 for a leaf and for a pending sum), so 1e308 is refused at once."""
         b = WorkerBuilder(client, 0, "train", "train")
-        b.add_metric("time/step_big_s", 1e308)
         with pytest.raises(InvalidMetricError, match="time/step_big_s"):
             b.add_metric("time/step_big_s", 1e308)
+        b.add_metric("time/step_big_s", 6e299)
+        with pytest.raises(InvalidMetricError, match="time/step_big_s"):
+            b.add_metric("time/step_big_s", 6e299)
         client.ship()
         with pytest.raises(InvalidMetricError, match="time/step_big_s"):
-            b.add_metric("time/step_big_s", 1e308)
-        b.add_metric("time/step_big_s", -1e308)  # brings the sum back: fine
-        b.add_metric("time/step_big_s", 1e308)
+            b.add_metric("time/step_big_s", 6e299)
+        b.add_metric("time/step_big_s", -6e299)  # brings the sum back: fine
+        b.add_metric("time/step_big_s", 6e299)
 
 
 class TestShipping:
