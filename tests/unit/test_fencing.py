@@ -204,10 +204,19 @@ class TestStaleWritesAreFenced:
         assert history.last_step() is None
 
     def test_stale_history_write_racing_a_newer_aggregator(
-        self, test_backends: None, tmp_path: Path
+        self, test_backends: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The newer aggregator rewrites step 1 between the stale one's commit and its history
         write: the stored row stays the newer one's, the stale one is fenced and stops W&B."""
+        for var, value in {
+            "WANDB_MODE": "offline",  # W&B keeps process-wide settings: isolate them
+            "WANDB_SILENT": "true",
+            "WANDB_DIR": str(tmp_path),
+            "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+            "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+            "WANDB_DATA_DIR": str(tmp_path / "data"),
+        }.items():
+            monkeypatch.setenv(var, value)
         name = uuid.uuid4().hex
         inner = InMemoryStore.named(name)
         uri = f"hook://{name}"
@@ -241,6 +250,10 @@ class TestStaleWritesAreFenced:
         assert old.wandb is None  # stopped: one W&B run never gets two writers
         asyncio.run(old.log(2, metrics={"loss/x": 3.0}))
         assert sink.logged == 1  # step 0 only: not the fenced row 1, nothing after
+        sink.close()
+        import wandb
+
+        wandb.teardown()  # forget the process-wide W&B settings of this test
 
     def test_rewind_objects_of_two_epochs_never_share_a_key(self) -> None:
         """A stale close cannot overwrite the rewind object a newer aggregator names."""

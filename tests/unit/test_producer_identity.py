@@ -170,6 +170,7 @@ TestProducerProtocol.settings = settings(max_examples=150, stateful_step_count=4
 
 
 class TestForkedClient:
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
     def test_forked_child_gets_its_own_client(self) -> None:
         """After fork the child's client has a new incarnation and none of the parent's
         leaves (the parent ships those); the producer id stays."""
