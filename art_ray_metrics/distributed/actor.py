@@ -676,7 +676,7 @@ def _probe_remote_storage(cfg: AggregatorConfig) -> None:
     Without this, the actor's constructor fails after its storage retries and Ray reports a
     long actor-creation traceback.
     """
-    uri = cfg.storage_uri
+    uri = cfg.storage_uri or ""
     if "://" not in uri or uri.split("://", 1)[0].lower() in ("file", "memory"):
         return
     try:

@@ -395,8 +395,8 @@ RAY_INIT_TIMEOUT_S = 45.0
 STORAGE_PROBE_TIMEOUT_S = 10.0
 """How long the first request to a run's storage may take."""
 AUTH_HINT = (
-    "if the cluster uses token authentication (RAY_AUTH_MODE=token), set RAY_AUTH_MODE=token "
-    "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token in this shell"
+    "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the "
+    "cluster's token in this shell"
 )
 
 
@@ -433,13 +433,36 @@ def _check_reachable(address: str) -> str:
             f"Expected a Ray cluster at {where} but nothing accepted a connection within "
             f"{RAY_CONNECT_TIMEOUT_S:g}s ({exc.strerror or exc}){stale}"
         ) from exc
+    if not resolved.lower().startswith("ray://"):
+        _check_auth(address, host.strip("[]"), int(port))
     return resolved
 
 
-def _quiet_ray_env(verbose: bool) -> None:
-    """Keep Ray's own retry chatter out of a CLI run unless ``-v`` was given."""
-    if not verbose:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+def _check_auth(address: str, host: str, port: int) -> None:
+    """One line, at once, when the cluster needs a token this shell does not give.
+
+    Ray itself retries the refused handshake for about 30 s, logging a warning each second.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return  # the driver sends its token; Ray reports a wrong one itself
+    try:
+        import grpc  # type: ignore[import-untyped]
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray layout: leave it to ray.init (bounded by the watchdog)
+        return
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        stub: Any = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
+        request: Any = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
+        stub.GetClusterId(request, timeout=RAY_CONNECT_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise CliError(
+                f"Expected to join the Ray cluster at {address} but it requires token "
+                f"authentication; {AUTH_HINT}"
+            ) from exc
+    finally:
+        channel.close()
 
 
 def connect_ray(address: str, namespace: str, *, verbose: bool = False) -> str:
@@ -451,13 +474,13 @@ def connect_ray(address: str, namespace: str, *, verbose: bool = False) -> str:
             cause since Ray 2.60).
     """
     resolved = _check_reachable(address)
-    _quiet_ray_env(verbose)
     import ray
 
     def give_up() -> None:
         print(
             f"art-ray-metrics: error: Expected to join the Ray cluster at {address} within "
-            f"{RAY_INIT_TIMEOUT_S:g}s but it did not answer as Ray does; {AUTH_HINT}",
+            f"{RAY_INIT_TIMEOUT_S:g}s but it did not answer as Ray does (if it uses token "
+            f"authentication: {AUTH_HINT})",
             file=sys.stderr,
             flush=True,
         )
@@ -716,7 +739,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        _quiet_ray_env(args.verbose)
     mode = _wandb_mode(args)
     opts = demo.DemoOptions(
         run=run,
