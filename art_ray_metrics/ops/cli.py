@@ -410,6 +410,9 @@ def _check_reachable(address: str) -> str:
     if address == "auto":
         from ray._private.services import get_ray_address_from_environment
 
+        services_log = logging.getLogger("ray._private.services")
+        saved = services_log.level
+        services_log.setLevel(logging.ERROR)  # "found multiple instances": we say what we use
         try:
             resolved = str(get_ray_address_from_environment("auto", None))
         except ConnectionError as exc:
@@ -418,6 +421,8 @@ def _check_reachable(address: str) -> str:
                 "none (start one with `ray start --head`, pass host:port, or leave out "
                 "--address for a local Ray)"
             ) from exc
+        finally:
+            services_log.setLevel(saved)
     target = resolved[len("ray://") :] if resolved.lower().startswith("ray://") else resolved
     host, sep, port = target.rpartition(":")
     if "://" in target or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 OPENAI_JUDGE = "gpt-4.1-mini"
 ANTHROPIC_JUDGE = "claude-sonnet-4-6"
 PARAMS_KEY = "demo/params.json"
+STORE_LOCK = ".arm-store.lock"
+"""The lock file a local store keeps in its directory (removed with a failed run's stub)."""
 COMPARED_PREFIXES = ("costs/cum/", "data/cum/")
 
 
@@ -493,6 +495,8 @@ def _remove_stub(opts: DemoOptions) -> None:
             continue
         for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda w: -len(w[0])):
             try:
+                if os.listdir(dirpath) == [STORE_LOCK]:
+                    os.remove(os.path.join(dirpath, STORE_LOCK))  # the store's own lock file
                 os.rmdir(dirpath)  # only empty directories
             except OSError:
                 pass
