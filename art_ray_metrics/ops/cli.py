@@ -773,7 +773,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nart-ray-metrics demo: interrupted: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\nart-ray-metrics demo: interrupted before Ray started", file=sys.stderr)
+        print(
+            "\nart-ray-metrics demo: interrupted before the aggregator started; nothing was "
+            "recorded",
+            file=sys.stderr,
+        )
         return 130
     except demo.DemoError as exc:
         if "--chaos" in str(exc):
