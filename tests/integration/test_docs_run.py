@@ -6,7 +6,8 @@ The convention (what a block's fence and the line before it mean):
   current directory is an empty temporary directory. Where a real API key would be needed, the
   environment points the SDKs at the local fake server (:mod:`art_ray_metrics.ops.fakellm`):
   ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, ``ANTHROPIC_BASE_URL``, ``ANTHROPIC_API_KEY``.
-  A block that starts Ray starts its own local instance (on loopback, without token auth).
+  A block that starts Ray starts its own local instance (on loopback, without token auth,
+  with a private ``RAY_TMPDIR`` so ``ray.init()`` never joins another cluster on the machine).
 - ```` ```bash ```` blocks are commands: every ``art-ray-metrics`` command is parsed by the
   real argument parser (its full runs are the tests in ``test_cli.py``), every ``python
   script.py ...`` must exist and accept its arguments (``--help`` after them exits 0), every
@@ -22,8 +23,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -104,6 +107,10 @@ def test_python_block_runs_as_written(source: str, fake_api: Any, tmp_path: Path
         RAY_USAGE_STATS_ENABLED="0",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
     )
+    # a private Ray temp dir: ray.init() must start its own instance, never join a cluster
+    # another process left on this machine (short path: Ray's socket names must stay < 108 B)
+    ray_tmp = tempfile.mkdtemp(prefix="arm-doc-", dir="/tmp")
+    env["RAY_TMPDIR"] = ray_tmp
     script = tmp_path / "block.py"
     script.write_text(source)
     proc = subprocess.run(
@@ -114,6 +121,7 @@ def test_python_block_runs_as_written(source: str, fake_api: Any, tmp_path: Path
         text=True,
         timeout=280,
     )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
