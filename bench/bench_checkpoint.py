@@ -18,9 +18,11 @@ For 0, 1M and 10M unique scenario ids already stored, one step adds 10k new ids.
 
 Targets (issue 4): bytes per step at 10M <= 2x bytes at 0; at 1M ids our barrier incl. the
 checkpoint <= 0.05x ART's flush + state.json write. Prints a Markdown table and writes it to
-``bench/results/checkpoint.md``.
+``--results`` (default ``bench/results/local/checkpoint.md``, untracked; ``run_all.py
+--update-docs`` copies a complete full run to the tracked ``bench/results/checkpoint.md``).
 
-Run: ``python bench/bench_checkpoint.py [--sizes 0,1000000,10000000] [--repeats 3] [--no-s3]``.
+Run: ``python bench/bench_checkpoint.py [--quick] [--sizes 0,1000000,10000000] [--repeats 3]
+[--no-s3] [--results PATH]``; ``--quick`` is ``--sizes 0,1000000 --repeats 1``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from art_ray_metrics.durable.storage import ObjectStore, open_store
 from art_ray_metrics.testing import make_batch
 
 STEP_IDS = 10_000
-RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint.md"
+RESULTS = Path(__file__).resolve().parent / "results" / "local" / "checkpoint.md"
 
 
 def _ids(prefix: str, n: int) -> list[str]:
@@ -161,11 +163,15 @@ def _fmt_bytes(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="--sizes 0,1000000 --repeats 1")
     parser.add_argument("--sizes", default="0,1000000,10000000")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--art-10m", action="store_true", help="also run ART at 10M ids")
+    parser.add_argument("--results", default=str(RESULTS), help="where to write the table")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.repeats = "0,1000000", 1
     sizes = [int(s) for s in args.sizes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="arm-bench-ckpt-"))
     rows: list[tuple[str, int, dict[str, float]]] = []
@@ -241,8 +247,9 @@ def main() -> None:
     )
     print()
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text)
 
 
 if __name__ == "__main__":

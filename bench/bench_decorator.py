@@ -9,7 +9,8 @@ The mock returns a fresh response id per request, so no call is skipped as a dup
 Rounds alternate plain and decorated runs; the table shows the median per-call time over the
 rounds. Target: decorated/plain ≤ 1.2.
 
-Run: ``python bench/bench_decorator.py [--calls 300] [--rounds 7]``
+Run: ``python bench/bench_decorator.py [--quick] [--calls 300] [--rounds 7]``; ``--quick`` is
+``--calls 100 --rounds 3``.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="--calls 100 --rounds 3")
     args = parser.parse_args()
+    if args.quick:
+        args.calls, args.rounds = 100, 3
 
     oai = openai.OpenAI(
         api_key="k",

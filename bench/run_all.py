@@ -1,12 +1,17 @@
-"""Run every benchmark script and write their output to ``docs/benchmarks.md``.
+"""Run every benchmark script and write their output to an untracked report.
 
-Each script runs in its own subprocess (``bench_ingest.py`` starts its own local Ray instance),
-one after the other, so they never compete for the CPUs. Scripts that accept ``--quick`` get it
-when this runner is given ``--quick``. Markdown output is copied as is; plain-text output is
-fenced. A failing script is reported in the file (with the tail of its stderr) and makes this
-runner exit non-zero, after the others have run.
+Each script runs in its own subprocess (``bench_ingest.py`` starts its own local Ray instance,
+never one a previous ``ray start`` left behind: ``RAY_ADDRESS`` is removed from the scripts'
+environment), one after the other, so they never compete for the CPUs. Scripts that accept
+``--quick`` get it when this runner is given ``--quick``. Markdown output is copied as is;
+plain-text output is fenced. A failing or timed-out script is reported in the file (with the
+tail of its stderr) and makes this runner exit non-zero, after the others have run.
 
-Run: ``python bench/run_all.py [--quick] [--out docs/benchmarks.md] [--only bench_core ...]``
+The report goes to ``bench/results/local/benchmarks.md`` (gitignored). The tracked tables
+(``docs/benchmarks.md``, ``bench/results/checkpoint.md``) change only with ``--update-docs``,
+and only when every script of a full (not ``--quick``, not ``--only``) run succeeded.
+
+Run: ``python bench/run_all.py [--quick] [--out PATH] [--only bench_core ...] [--update-docs]``
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import datetime as dt
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +36,10 @@ SCRIPTS = (
     "bench_decorator.py",
     "bench_checkpoint.py",
 )
+LOCAL = BENCH / "results" / "local"
+DOCS_REPORT = ROOT / "docs" / "benchmarks.md"
+TRACKED_CHECKPOINT = BENCH / "results" / "checkpoint.md"
+SCRIPT_TIMEOUT_S = 1800
 
 
 def _version(module: str) -> str:
@@ -117,17 +127,45 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def run_script(name: str, quick: bool) -> tuple[str, bool]:
+def script_env() -> dict[str, str]:
+    """The scripts' environment: a fresh local Ray each time, never a stale cluster."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_script(name: str, quick: bool, results: Path) -> tuple[str, bool]:
     """Run one script; return its Markdown section and whether it succeeded."""
     path = BENCH / name
     cmd = [sys.executable, str(path.relative_to(ROOT))]
-    if quick and '"--quick"' in path.read_text():
+    source = path.read_text()
+    if quick and '"--quick"' in source:
         cmd.append("--quick")
     shown = "python " + " ".join(cmd[1:])
+    if '"--results"' in source:
+        cmd += ["--results", str(results / f"{path.stem.removeprefix('bench_')}.md")]
     print(f"[run_all] {shown}", file=sys.stderr, flush=True)
     load = _loadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=script_env(),
+            timeout=SCRIPT_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+
+        def _text(data: bytes | str | None) -> str:
+            return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+        proc = subprocess.CompletedProcess(
+            cmd, -1, _text(exc.stdout), _text(exc.stderr) + f"\ntimed out after {exc.timeout} s"
+        )
     elapsed = time.perf_counter() - t0
     load = f"{load} before, {_loadavg()} after"
     # Ray's log monitor prints raylet warnings on the driver's stdout: keep them out of tables
@@ -152,9 +190,22 @@ def main() -> None:
     """Run the scripts and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--out",
+        default=str(LOCAL / "benchmarks.md"),
+        help="the report (default bench/results/local/benchmarks.md, untracked)",
+    )
     parser.add_argument("--only", nargs="*", help="script names (with or without .py)")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="after a complete full run, also write docs/benchmarks.md and "
+        "bench/results/checkpoint.md (the tracked tables)",
+    )
     args = parser.parse_args()
+    if args.update_docs and (args.quick or args.only):
+        parser.error("--update-docs needs a full run: drop --quick and --only")
+    out = Path(args.out)
     wanted = {n if n.endswith(".py") else f"{n}.py" for n in args.only or ()}
     scripts = [s for s in SCRIPTS if (BENCH / s).exists() and (not wanted or s in wanted)]
     command = "python bench/run_all.py" + (" --quick" if args.quick else "")
@@ -164,7 +215,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sections, failed = [], []
     for name in scripts:
-        text, ok = run_script(name, args.quick)
+        text, ok = run_script(name, args.quick, out.parent)
         sections.append(text)
         if not ok:
             failed.append(name)
@@ -183,10 +234,22 @@ def main() -> None:
     if failed:
         header += ["", f"**Failed scripts: {', '.join(failed)}.**"]
     text = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n"
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"[run_all] wrote {out} in {total:.0f} s", file=sys.stderr)
+    if args.update_docs:
+        if failed:
+            print(
+                f"[run_all] --update-docs: not updating the tracked tables ({', '.join(failed)} "
+                "failed)",
+                file=sys.stderr,
+            )
+        else:
+            DOCS_REPORT.write_text(text)
+            local_ckpt = out.parent / "checkpoint.md"
+            if local_ckpt.exists():
+                shutil.copyfile(local_ckpt, TRACKED_CHECKPOINT)
+            print(f"[run_all] updated {DOCS_REPORT} and {TRACKED_CHECKPOINT}", file=sys.stderr)
     sys.exit(1 if failed else 0)
 
 

@@ -12,6 +12,8 @@
 #   background job whose PID we keep; on exit (success, failure, Ctrl-C) we TERM those PIDs
 #   and every process below them, then KILL whatever is left after a grace period.
 # - Checks the demo: exit code 0, one history row per step, and producers on every node.
+# - Keeps the run: its storage is ./runs/cluster-demo-<time> under the repository (override the
+#   parent with ARM_CLUSTER_RUNS), so the demo's "inspect it" hint works after the script ends.
 #
 # Ray 2.60 specifics handled here:
 # - Token authentication is on by default for new clusters: RAY_AUTH_MODE=disabled is exported
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     --steps) STEPS="$2"; shift 2 ;;
     --chaos) CHAOS="--chaos"; shift ;;
     --keep-logs) KEEP_LOGS=1; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "local-cluster.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -156,8 +158,10 @@ for n in $(seq 1 $((NODES - 1))); do
 done
 log "$NODES node(s) started: PIDs ${PIDS[*]}"
 
-RUN=cluster-demo
-STORAGE="$WORK/runs/$RUN"  # every node is on this machine, so a local directory is shared storage
+RUN="cluster-demo-$(date +%Y%m%d-%H%M%S)"
+# every node is on this machine, so a local directory is shared storage; it lives outside the
+# temporary work dir (removed on exit) so the demo's "inspect it" hints stay valid
+STORAGE="${ARM_CLUSTER_RUNS:-$ROOT/runs}/$RUN"
 SUMMARY="$WORK/summary.json"
 cd "$WORK"
 log "art-ray-metrics demo --address $ADDRESS --steps $STEPS ${CHAOS}"
@@ -176,4 +180,5 @@ if [ "$nodes_used" -ne "$NODES" ]; then
   exit 1
 fi
 log "OK: $rows rows, producers on $nodes_used of $NODES nodes"
+log "the run stays in $STORAGE: art-ray-metrics inspect $STORAGE"
 cd "$ROOT"

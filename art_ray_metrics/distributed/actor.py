@@ -1009,6 +1009,25 @@ def _runtime_env(cfg: AggregatorConfig) -> dict[str, Any]:
     return {"env_vars": env} if env else {}
 
 
+def _probe_remote_storage(cfg: AggregatorConfig) -> None:
+    """Fail fast, in the driver and in one line, on S3/GCS storage that cannot be read.
+
+    Without this, the actor's constructor fails after its storage retries and Ray reports a
+    long actor-creation traceback.
+    """
+    uri = cfg.storage_uri or ""
+    if "://" not in uri or uri.split("://", 1)[0].lower() in ("file", "memory"):
+        return
+    try:
+        open_store(uri, timeout_s=min(cfg.storage_timeout_s, 5.0)).list("CHECKPOINT")
+    except StorageError as exc:
+        detail = " ".join(str(exc).split())[:400]
+        raise StorageError(
+            f"Expected to read the aggregator's storage {uri} but got: {detail} (does the "
+            "bucket exist, and are the credentials and endpoint set in this environment?)"
+        ) from exc
+
+
 def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> AggregatorHandle:
     """Get or create the named aggregator actor (run by the trainer/driver).
 
@@ -1044,6 +1063,7 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
     handle = attach()
     if handle is not None:
         return handle
+    _probe_remote_storage(cfg)
     options: dict[str, Any] = {
         "name": cfg.name,
         "namespace": cfg.namespace,

@@ -52,6 +52,7 @@ __all__ = [
     "FILE_HEADER",
     "find_offline_run_files",
     "iter_records",
+    "offline_sync_command",
     "read_offline_history",
     "read_offline_metric_definitions",
     "read_offline_summary",
@@ -264,3 +265,15 @@ def wait_for_exit_record(
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
+
+
+def offline_sync_command(wandb_dir: str | Path, run_id: str | None = None) -> str:
+    """The ``wandb sync`` command that uploads the offline run written under ``wandb_dir``.
+
+    >>> offline_sync_command("/nonexistent/run")
+    'wandb sync /nonexistent/run/wandb/offline-run-*'
+    """
+    root = Path(wandb_dir)
+    files = find_offline_run_files(root, run_id) if root.is_dir() else []
+    target = files[-1].parent if files else root / "wandb" / "offline-run-*"
+    return f"wandb sync {target}"

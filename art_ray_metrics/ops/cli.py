@@ -8,32 +8,42 @@ Commands::
     art-ray-metrics history URI [--format table|jsonl|csv] [--split S] [--columns a,b]
     art-ray-metrics wandb-sync URI [--new-run] [--mode online|offline] [--project P]
     art-ray-metrics status [--address ADDR] [--name N] [--namespace NS] [--json]
+    art-ray-metrics stop [--address ADDR] [--name N] [--namespace NS]
 
 ``URI`` is what the aggregator was given as ``storage_uri``: a directory, ``file://``,
 ``s3://bucket/prefix``, ``gs://bucket/prefix``. ``inspect``, ``history`` and ``wandb-sync``
 read storage only (no Ray; they never take the writer epoch, so they are safe next to a running
-aggregator); ``status`` asks a running aggregator actor.
+aggregator); ``status`` and ``stop`` ask a running aggregator actor.
+
+Before any work, every command checks what it will talk to, with a short timeout: a Ray
+address must accept a TCP connection within 3 s (``auto`` must find a cluster on this
+machine), and a storage URI must be reachable.
 
 Exit codes: 0 success; 1 the command ran but its check failed (a W&B sync that did not log
 every row, a ``--chaos`` mismatch); 2 a problem with the input (wrong URI, no checkpoint, a
-checkpoint or state of another format version, no aggregator running), printed as one line
-``art-ray-metrics <command>: error: ...`` on stderr, without a traceback; 130 interrupted.
+checkpoint or state of another format version, no Ray cluster, no aggregator running), printed
+as one line ``art-ray-metrics <command>: error: ...`` on stderr, without a traceback (``-v``
+shows it); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import logging
+import math
 import os
 import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -50,12 +60,16 @@ from art_ray_metrics.errors import (
     CheckpointCorruptError,
     ConfigError,
     MetricsError,
+    ObjectNotFoundError,
     StorageError,
     WireFormatError,
 )
+from art_ray_metrics.export.wandb_offline import offline_sync_command
 from art_ray_metrics.export.wandb_sink import WandbSink, WandbSinkConfig
 
-__all__ = ["CliError", "build_parser", "main"]
+__all__ = ["CliError", "build_parser", "connect_ray", "main", "probe_storage", "read_history"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COLUMNS = (
     "costs/all",
@@ -90,12 +104,89 @@ def _open_existing(uri: str) -> Any:
     return open_store(uri)
 
 
-def _require_run(uri: str) -> tuple[Any, RunInfo]:
+class _Recoveries(logging.Handler):
+    """Collects the library's warnings while a run is read (what storage recovered from)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+@contextlib.contextmanager
+def _collect_recoveries(verbose: bool) -> Iterator[list[str]]:
+    """Record the library's warnings (e.g. a corrupt manifest skipped) while reading a run.
+
+    Without ``-v`` they are not printed by logging; the command reports them itself.
+    """
+    lib = logging.getLogger("art_ray_metrics")
+    handler = _Recoveries()
+    saved = (lib.level, lib.propagate)
+    lib.addHandler(handler)
+    if lib.getEffectiveLevel() > logging.WARNING:
+        lib.setLevel(logging.WARNING)
+    lib.propagate = verbose
+    try:
+        yield handler.messages
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(saved[0])
+        lib.propagate = saved[1]
+
+
+def _require_run(uri: str, verbose: bool = False) -> tuple[Any, RunInfo, list[str]]:
     store = _open_existing(uri)
-    info = read_run(uri, store)
+    probe_storage(uri)
+    with _collect_recoveries(verbose) as recovered:
+        info = read_run(uri, store)
     if info is None:
         raise CliError(f"Expected a checkpoint at {uri!r} but found none (not a run directory?)")
-    return store, info
+    return store, info, list(recovered)
+
+
+def _bad_value(record: Mapping[str, Any]) -> str | None:
+    for key, value in record.items():
+        if key in ("split", "recorded_at"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"value of {key!r} is {value!r}, not a number"
+        if not math.isfinite(value):
+            return f"value of {key!r} is {value!r}, not a finite number"
+    return None
+
+
+def read_history(
+    store: Any, split: str | None = None
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The readable history records in step order, and ``(key, reason)`` of each skipped one.
+
+    A corrupt row (not JSON, not a record, a non-numeric value) is skipped, so one damaged
+    object never hides the rest of the system of record.
+    """
+    history = HistoryStore(store)
+    records: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for _step, row_split, key in history._entries():
+        if split is not None and row_split != split:
+            continue
+        try:
+            record = HistoryStore._decode(key, store.get(key))
+        except (WireFormatError, StorageError) as exc:
+            skipped.append((key, _one_line(exc)))
+            continue
+        reason = _bad_value(record)
+        if reason is not None:
+            skipped.append((key, reason))
+            continue
+        records.append(record)
+    return records, skipped
+
+
+def _report_skipped(command: str, skipped: Sequence[tuple[str, str]]) -> None:
+    for key, reason in skipped:
+        print(f"art-ray-metrics {command}: skipped corrupt row {key}: {reason}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- commands
@@ -107,10 +198,13 @@ def _console() -> Console:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``inspect URI``: the checkpoint a restarted aggregator would load."""
-    _store, info = _require_run(args.uri)
+    _store, info, recovered = _require_run(args.uri, args.verbose)
+    for message in recovered:
+        print(f"art-ray-metrics inspect: recovered: {message}", file=sys.stderr)
     if args.json:
         data = asdict(info)
         data["last_train_step"] = info.last_train_step
+        data["recovered"] = recovered
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     console = _console()
@@ -132,6 +226,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("producers seen", str(info.producers)),
         ("counters", ", ".join(f"{k}={v}" for k, v in sorted(info.counters.items()))),
         ("history rows", f"{info.history_rows} (last: {info.history_last_step or 'none'})"),
+        ("recovered from", "; ".join(recovered) or "nothing (every object read cleanly)"),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -147,10 +242,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _history_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     store = _open_existing(args.uri)
-    records = list(HistoryStore(store).read(split=args.split))
-    if not records and CheckpointManager(store).load_latest() is None:
+    probe_storage(args.uri)
+    records, skipped = read_history(store, args.split)
+    _report_skipped("history", skipped)
+    if not records and not skipped and CheckpointManager(store).load_latest() is None:
         raise CliError(f"Expected a run at {args.uri!r} but found no history and no checkpoint")
     return records
+
+
+def _csv_cell(value: Any) -> Any:
+    """Floats with at most 15 significant digits: 0.45799999999999996 prints as 0.458."""
+    if isinstance(value, float):
+        text = f"{value:.15g}"
+        return text
+    return value
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -168,14 +273,20 @@ def cmd_history(args: argparse.Namespace) -> int:
         writer = csv.DictWriter(buf, fieldnames=fixed + metrics, lineterminator="\n")
         writer.writeheader()
         for rec in records:
-            writer.writerow(rec)
+            writer.writerow({k: _csv_cell(v) for k, v in rec.items()})
         sys.stdout.write(buf.getvalue())
         return 0
-    columns = (
-        [c.strip() for c in args.columns.split(",") if c.strip()]
-        if args.columns
-        else [c for c in DEFAULT_COLUMNS if any(c in r for r in records)]
-    )
+    available = sorted({k for r in records for k in r} - set(fixed))
+    if args.columns:
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+        unknown = [c for c in columns if c not in available]
+        if unknown and records:
+            raise CliError(
+                f"Expected --columns from the run's metrics but got {', '.join(unknown)} "
+                f"(available: {', '.join(available)})"
+            )
+    else:
+        columns = [c for c in DEFAULT_COLUMNS if c in available]
     table = Table(title=f"history of {args.uri} ({len(records)} rows)", title_justify="left")
     table.add_column("step", justify="right")
     table.add_column("split")
@@ -191,20 +302,57 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+WANDB_SYNC_KEY = "wandb-sync/run.json"
+"""Where ``wandb-sync`` keeps the W&B run id it logged to, in the run's storage."""
+
+
+def local_run_dir(uri: str) -> str:
+    """The run's local directory: the storage itself if local, else ``./runs/<name>``.
+
+    Offline W&B files of the demo and of ``wandb-sync`` go to ``<this>/wandb/``.
+    """
+    if _is_local(uri):
+        return os.path.abspath(_local_path(uri))
+    name = os.path.basename(urlsplit(uri).path.rstrip("/")) or urlsplit(uri).netloc
+    return os.path.abspath(os.path.join("runs", name))
+
+
+def _saved_sync_run(store: Any) -> dict[str, Any] | None:
+    try:
+        data = json.loads(store.get(WANDB_SYNC_KEY))
+    except ObjectNotFoundError:
+        return None
+    except (ValueError, StorageError) as exc:
+        log.warning("ignoring unreadable %s: %s", WANDB_SYNC_KEY, exc)
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("run_id"), str) else None
+
+
 def cmd_wandb_sync(args: argparse.Namespace) -> int:
     """``wandb-sync URI``: rebuild or repair the W&B run from the history."""
     store = _open_existing(args.uri)
-    info = read_run(args.uri, store)
-    run_id = None if args.new_run else (info.wandb_run_id if info is not None else None)
-    if run_id is None and not args.new_run:
+    probe_storage(args.uri)
+    with _collect_recoveries(args.verbose):
+        info = read_run(args.uri, store)
+    saved = _saved_sync_run(store)
+    if args.new_run:
+        run_id, source = None, "a new run"
+    elif saved is not None:
+        run_id, source = saved["run_id"], f"the run of the last wandb-sync ({WANDB_SYNC_KEY})"
+    elif info is not None and info.wandb_run_id:
+        run_id, source = info.wandb_run_id, "the run id in the checkpoint"
+    else:
         raise CliError(
             f"Expected a W&B run id in the checkpoint at {args.uri!r} but got none "
             "(W&B was off for this run); pass --new-run to create a run"
         )
-    records = list(HistoryStore(store).read())
+    records, skipped = read_history(store)
+    _report_skipped("wandb-sync", skipped)
     if not records:
         raise CliError(f"Expected history rows at {args.uri!r} but found none")
     run_name = args.run_name or os.path.basename(_local_path(args.uri).rstrip("/")) or None
+    wandb_dir = args.dir or local_run_dir(args.uri)
+    mode = args.mode or os.environ.get("WANDB_MODE") or "online"
     sink = WandbSink(
         WandbSinkConfig(
             project=args.project,
@@ -212,17 +360,25 @@ def cmd_wandb_sync(args: argparse.Namespace) -> int:
             run_name=run_name,
             run_id=run_id,
             mode=args.mode,
-            dir=args.dir,
+            dir=wandb_dir,
         )
     )
     sink.start()
     queued = sink.relog(records)
     sink.close()
+    if sink.run_id and sink.logged:
+        record = {"run_id": sink.run_id, "project": args.project, "entity": args.entity}
+        store.put(WANDB_SYNC_KEY, json.dumps(record).encode())
     print(
-        f"W&B run {sink.run_id} ({args.mode or os.environ.get('WANDB_MODE') or 'online'}): "
-        f"{sink.logged} of {queued} rows logged, {sink.failures} failures"
+        f"W&B run {sink.run_id} ({mode}; {source}): {sink.logged} of {queued} rows logged, "
+        f"{sink.failures} failures"
+        + (f", {len(skipped)} corrupt rows skipped" if skipped else "")
         + (f"; last error: {sink.last_error}" if sink.last_error else "")
     )
+    if mode == "offline":
+        print(
+            f"offline files in {wandb_dir}/wandb; upload them with: {offline_sync_command(wandb_dir, sink.run_id)}"
+        )
     if sink.logged < queued:
         print(
             f"art-ray-metrics wandb-sync: error: {queued - sink.logged} rows not logged",
@@ -232,44 +388,189 @@ def cmd_wandb_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast (instead of Ray's long retries) when nothing listens at ``host:port``."""
-    if address in ("auto", "local") or "://" in address:
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise CliError(f"Expected a Ray address 'host:port' or 'auto' but got {address!r}")
+RAY_CONNECT_TIMEOUT_S = 3.0
+"""How long a Ray address may take to accept a TCP connection."""
+RAY_INIT_TIMEOUT_S = 45.0
+"""How long joining a reachable Ray cluster may take before the command gives up."""
+STORAGE_PROBE_TIMEOUT_S = 10.0
+"""How long the first request to a run's storage may take."""
+AUTH_HINT = (
+    "export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) with the "
+    "cluster's token in this shell"
+)
+
+
+def _check_reachable(address: str) -> str:
+    """Fail fast (instead of Ray's long retries) unless a Ray cluster listens at ``address``.
+
+    ``address`` is ``host:port``, ``ray://host:port`` or ``auto`` (the cluster ``ray start``
+    left on this machine, or ``RAY_ADDRESS``). Returns the address to give ``ray.init``.
+    """
+    resolved = address
+    if address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        services_log = logging.getLogger("ray._private.services")
+        saved = services_log.level
+        services_log.setLevel(logging.ERROR)  # "found multiple instances": we say what we use
+        try:
+            resolved = str(get_ray_address_from_environment("auto", None))
+        except ConnectionError as exc:
+            raise CliError(
+                "Expected a running Ray cluster on this machine for --address auto but found "
+                "none (start one with `ray start --head`, pass host:port, or leave out "
+                "--address for a local Ray)"
+            ) from exc
+        finally:
+            services_log.setLevel(saved)
+    target = resolved[len("ray://") :] if resolved.lower().startswith("ray://") else resolved
+    host, sep, port = target.rpartition(":")
+    if "://" in target or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(
+            f"Expected a Ray address 'host:port', 'ray://host:port' or 'auto' but got {address!r}"
+        )
     try:
-        socket.create_connection((host, int(port)), timeout=3).close()
+        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise CliError(f"Expected a Ray cluster at {address!r} but got: {exc}") from exc
+        where = address if resolved == address else f"{address} ({resolved})"
+        stale = " (a stale cluster file? see `ray status`)" if address == "auto" else ""
+        raise CliError(
+            f"Expected a Ray cluster at {where} but nothing accepted a connection within "
+            f"{RAY_CONNECT_TIMEOUT_S:g}s ({exc.strerror or exc}){stale}"
+        ) from exc
+    if not resolved.lower().startswith("ray://"):
+        _check_auth(address, host.strip("[]"), int(port))
+    return resolved
+
+
+def _check_auth(address: str, host: str, port: int) -> None:
+    """One line, at once, when the cluster needs a token this shell does not give.
+
+    Ray itself retries the refused handshake for about 30 s, logging a warning each second.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return  # the driver sends its token; Ray reports a wrong one itself
+    try:
+        import grpc  # type: ignore[import-untyped]
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray layout: leave it to ray.init (bounded by the watchdog)
+        return
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        stub: Any = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
+        request: Any = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
+        stub.GetClusterId(request, timeout=RAY_CONNECT_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise CliError(
+                f"Expected to join the Ray cluster at {address} but it requires token "
+                f"authentication; {AUTH_HINT}"
+            ) from exc
+    finally:
+        channel.close()
+
+
+def connect_ray(address: str, namespace: str, *, verbose: bool = False) -> str:
+    """Join the Ray cluster at ``address`` after a reachability check; bounded in time.
+
+    Raises:
+        CliError: Nothing listens there, or Ray refused or did not finish joining within
+            :data:`RAY_INIT_TIMEOUT_S` (the message names token authentication, the usual
+            cause since Ray 2.60).
+    """
+    resolved = _check_reachable(address)
+    import ray
+
+    def give_up() -> None:
+        print(
+            f"art-ray-metrics: error: Expected to join the Ray cluster at {address} within "
+            f"{RAY_INIT_TIMEOUT_S:g}s but it did not answer as Ray does (if it uses token "
+            f"authentication: {AUTH_HINT})",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(2)
+
+    watchdog = threading.Timer(RAY_INIT_TIMEOUT_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        ray.init(
+            address=resolved,
+            namespace=namespace,
+            log_to_driver=False,
+            logging_level=logging.DEBUG if verbose else logging.ERROR,
+        )
+    except Exception as exc:
+        text = _one_line(exc)
+        hint = f"; {AUTH_HINT}" if "auth" in text.lower() or "token" in text.lower() else ""
+        raise CliError(
+            f"Expected to join the Ray cluster at {address} but got: {text}{hint}"
+        ) from exc
+    finally:
+        watchdog.cancel()
+    return resolved
+
+
+def probe_storage(uri: str) -> None:
+    """Fail fast when a remote storage URI cannot be read (no bucket, no credentials, no network).
+
+    Local paths are not probed (they are created on demand).
+    """
+    if _is_local(uri):
+        return
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            open_store(uri, timeout_s=3.0).list("CHECKPOINT")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True, name="arm-storage-probe")
+    worker.start()
+    worker.join(STORAGE_PROBE_TIMEOUT_S)
+    if not outcome:
+        raise CliError(
+            f"Expected to reach the storage {uri} but it did not answer within "
+            f"{STORAGE_PROBE_TIMEOUT_S:g}s (check the endpoint, e.g. AWS_ENDPOINT_URL_S3, and "
+            "the network)"
+        )
+    exc = outcome[0]
+    if exc is not None:
+        raise CliError(
+            f"Expected to read the storage {uri} but got: {_one_line(exc)} (does the bucket "
+            "exist, and are the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) set?)"
+        ) from exc
+
+
+def _get_aggregator(args: argparse.Namespace, address: str) -> Any:
+    import ray
+
+    try:
+        return ray.get_actor(args.name, namespace=args.namespace)
+    except ValueError as exc:
+        raise CliError(
+            f"Expected an aggregator named {args.name!r} in namespace {args.namespace!r} "
+            f"on the cluster at {address} but found none (is a run in progress?)"
+        ) from exc
+
+
+def _default_address(args: argparse.Namespace) -> str:
+    return str(args.address or os.environ.get("RAY_ADDRESS") or "auto")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``status``: a running aggregator's stats()."""
-    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
-    _check_reachable(address)
+    address = _default_address(args)
+    connect_ray(address, args.namespace, verbose=args.verbose)
     import ray
 
     try:
-        ray.init(
-            address=address,
-            namespace=args.namespace,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-        )
-    except Exception as exc:
-        raise CliError(f"Expected a running Ray cluster at {address!r} but got: {exc}") from exc
-    try:
+        actor = _get_aggregator(args, address)
         try:
-            actor = ray.get_actor(args.name, namespace=args.namespace)
-        except ValueError as exc:
-            raise CliError(
-                f"Expected an aggregator named {args.name!r} in namespace {args.namespace!r} "
-                f"on the cluster at {address!r} but found none (is a run in progress?)"
-            ) from exc
-        try:
-            stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=args.timeout)  # type: ignore[assignment]
+            stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=args.timeout)
         except Exception as exc:
             raise AggregatorUnavailableError(
                 f"Expected the aggregator {args.name!r} to answer within {args.timeout}s but "
@@ -283,17 +584,60 @@ def cmd_status(args: argparse.Namespace) -> int:
     table = Table(title=f"aggregator {args.name!r} ({args.namespace})", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    for key in ("run_name", "storage_uri", "epoch", "fenced", "producers", "unique_scenarios"):
+    for key in ("run_name", "storage_uri", "epoch", "producers", "unique_scenarios"):
         table.add_row(key, str(stats.get(key)))
+    fenced = stats.get("fenced")
+    table.add_row(
+        "writer",
+        "fenced: another aggregator took over this storage; this one no longer writes"
+        if fenced
+        else "active (holds the writer epoch)",
+    )
     table.add_row("last closed", json.dumps(stats.get("last_closed")))
     table.add_row("pending steps", json.dumps(stats.get("pending_steps")))
     table.add_row("costs/cum/all", f"${stats.get('cum', {}).get('costs/cum/all', 0.0):,.6f}")
-    table.add_row("W&B run id", str(stats.get("wandb_run_id")))
+    table.add_row("W&B run id", str(stats.get("wandb_run_id") or "none (W&B is off)"))
     for group in ("counters", "gauges", "health"):
         values = stats.get(group) or {}
         table.add_row(group, ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
     table.add_row("uptime", f"{float(stats.get('uptime_s', 0.0)):.1f}s (pid {stats.get('pid')})")
     _console().print(table)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """``stop``: final checkpoint and W&B finish of a kept aggregator, then kill it."""
+    address = _default_address(args)
+    connect_ray(address, args.namespace, verbose=args.verbose)
+    import ray
+
+    try:
+        actor = _get_aggregator(args, address)
+        graceful = True
+        detail = ""
+        try:
+            stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=args.timeout)
+            ray.get(actor.shutdown.remote(), timeout=args.timeout)
+        except Exception as exc:
+            graceful = False
+            detail = f"{type(exc).__name__}: {_one_line(exc)}"
+            stats = {}
+        ray.kill(actor, no_restart=True)
+    finally:
+        ray.shutdown()
+    if not graceful:
+        print(
+            f"art-ray-metrics stop: error: the aggregator {args.name!r} did not shut down "
+            f"within {args.timeout:g}s ({detail}); killed it without a final checkpoint (its "
+            "write-ahead log still holds every acknowledged flush)",
+            file=sys.stderr,
+        )
+        return 1
+    last = stats.get("last_closed") or {}
+    print(
+        f"stopped aggregator {args.name!r} ({args.namespace}) of run {stats.get('run_name')!r}: "
+        f"final checkpoint in {stats.get('storage_uri')} (last closed {json.dumps(last)})"
+    )
     return 0
 
 
@@ -319,12 +663,48 @@ def _wandb_mode(args: argparse.Namespace) -> Literal["online", "offline", "disab
     return "online" if has_key else "disabled"
 
 
+MAX_ROLLOUTS_PER_CPU = 8
+"""Rollout tasks of one step run at once, one Python worker each: at most this many per CPU."""
+MAX_JUDGES_PER_CPU = 2
+"""Judge actors (a process and a fake API server each): at most this many per CPU."""
+
+
+def demo_limits(cpus: float) -> tuple[int, int]:
+    """``(max rollouts, max judges)`` a Ray with ``cpus`` CPUs can run at once."""
+    whole = max(1, int(cpus))
+    return MAX_ROLLOUTS_PER_CPU * whole, MAX_JUDGES_PER_CPU * whole
+
+
+def check_demo_sizes(rollouts: int, judges: int, cpus: float, where: str) -> None:
+    """Raise :class:`CliError` for sizes that would swamp a Ray with ``cpus`` CPUs."""
+    max_rollouts, max_judges = demo_limits(cpus)
+    if rollouts > max_rollouts or judges > max_judges:
+        raise CliError(
+            f"Expected --rollouts <= {max_rollouts} and --judges <= {max_judges} on {where} "
+            f"with {cpus:g} CPUs (each runs at once in its own Python process) but got "
+            f"{rollouts} and {judges}; join a bigger cluster with --address"
+        )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """``demo``: the ART-style loop on Ray (see :mod:`art_ray_metrics.ops.demo`)."""
     if args.steps < 1 or args.rollouts < 1 or args.judges < 1:
         raise CliError(
             "Expected --steps, --rollouts and --judges >= 1 but got "
             f"{args.steps}, {args.rollouts}, {args.judges}"
+        )
+    max_cpus = 4 * (os.cpu_count() or 1)
+    if not args.address and not 1 <= args.num_cpus <= max_cpus:
+        raise CliError(
+            f"Expected --num-cpus between 1 and {max_cpus} (4x this machine's "
+            f"{os.cpu_count()} CPUs) but got {args.num_cpus}"
+        )
+    if not args.address:
+        check_demo_sizes(args.rollouts, args.judges, args.num_cpus, "a local Ray")
+    if args.keep and not args.address:
+        raise CliError(
+            "Expected --keep with --address (a local Ray stops with the demo, and the "
+            "aggregator with it)"
         )
     run = args.run
     if run is None and args.resume and args.storage is None:
@@ -336,14 +716,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     storage = args.storage or os.path.abspath(os.path.join("runs", run))
     if _is_local(storage):
         storage = os.path.abspath(_local_path(storage))
-        local_dir = storage
-    else:
-        local_dir = os.path.abspath(os.path.join("runs", run))
-    if not args.address:
-        # a local Ray instance: keep it on loopback and without token auth (Ray 2.60 turns it on)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    local_dir = (
+        local_run_dir(storage) if args.storage else os.path.abspath(os.path.join("runs", run))
+    )
+    if args.address:
+        _check_reachable(args.address)  # seconds, before the slow imports below
+    probe_storage(storage)
     try:
         from art_ray_metrics.ops import demo
     except ImportError as exc:
@@ -351,6 +729,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"Expected the demo extras but got {exc}; install them with "
             "pip install 'art-ray-metrics[demo]'"
         ) from exc
+    if args.address:
+        connect_ray(args.address, args.namespace, verbose=args.verbose)
+        import ray
+
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
+        try:
+            check_demo_sizes(args.rollouts, args.judges, cpus, f"the cluster at {args.address}")
+        except CliError:
+            ray.shutdown()
+            raise
+    else:
+        # a local Ray instance: keep it on loopback and without token auth (Ray 2.60 turns it on)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     mode = _wandb_mode(args)
     opts = demo.DemoOptions(
         run=run,
@@ -369,17 +762,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         name=args.name,
         namespace=args.namespace,
         wandb_mode=mode,
-        wandb_dir=os.path.join(local_dir, "wandb") if mode != "disabled" else None,
+        wandb_dir=local_dir if mode != "disabled" else None,
         charts=tuple(args.chart or ()),
         summary_json=args.summary_json,
+        storage_flag=args.storage is not None,
     )
     try:
         demo.run_demo(opts)
+    except demo.DemoInterrupted as exc:
+        print(f"\nart-ray-metrics demo: interrupted: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(
-            f"\nart-ray-metrics demo: interrupted; the aggregator checkpointed run {run!r}: "
-            f"continue it with art-ray-metrics demo --run {run} --resume"
-            + (f" --storage {storage}" if args.storage else ""),
+            "\nart-ray-metrics demo: interrupted before the aggregator started; nothing was "
+            "recorded",
             file=sys.stderr,
         )
         return 130
@@ -394,9 +790,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-parser per command)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="art-ray-metrics",
         description="Distributed, crash-safe ART metrics on Ray: demo and run operations.",
     )
@@ -429,7 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue a stopped run")
     d.add_argument("--chaos", action="store_true", help="kill a worker and the aggregator mid-run")
     d.add_argument(
-        "--keep", action="store_true", help="leave the aggregator running (with --address)"
+        "--keep",
+        action="store_true",
+        help="leave the aggregator running (with --address; `art-ray-metrics stop` ends it)",
     )
     d.add_argument("--summary-json", help="write the summary as JSON to this file")
     d.set_defaults(func=cmd_demo)
@@ -463,6 +868,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for stats()")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_status)
+
+    t = sub.add_parser(
+        "stop", help="stop an aggregator left running with demo --keep (final checkpoint)"
+    )
+    t.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS or 'auto')")
+    t.add_argument("--name", default=DEFAULT_NAME, help="aggregator actor name")
+    t.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="aggregator namespace")
+    t.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for the final checkpoint"
+    )
+    t.set_defaults(func=cmd_stop)
     return parser
 
 
@@ -478,7 +894,7 @@ def _describe(exc: BaseException) -> str:
             f"{_one_line(exc)}"
         )
     if isinstance(exc, WireFormatError):
-        return f"unreadable state (another format version?): {_one_line(exc)}"
+        return f"unreadable state (corrupt, or another format version): {_one_line(exc)}"
     if isinstance(exc, StorageError):
         return f"storage failed: {_one_line(exc)}"
     return _one_line(exc)
@@ -497,6 +913,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CliError, ConfigError, MetricsError) as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"art-ray-metrics {args.command}: error: {_describe(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -504,6 +922,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `history ... | head`
         return 0
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"art-ray-metrics {args.command}: error: {type(exc).__name__}: {_one_line(exc)}"
+            + ("" if args.verbose else " (-v shows the traceback)"),
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

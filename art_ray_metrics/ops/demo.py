@@ -62,6 +62,7 @@ from art_ray_metrics.distributed.actor import AggregatorHandle, start_aggregator
 from art_ray_metrics.distributed.client import connect
 from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.export.wandb_offline import offline_sync_command
 from art_ray_metrics.ops.fakellm import FakeLLMServer, score_from_text
 from art_ray_metrics.spend.track import track_api_cost
 
@@ -86,6 +87,8 @@ log = logging.getLogger(__name__)
 OPENAI_JUDGE = "gpt-4.1-mini"
 ANTHROPIC_JUDGE = "claude-sonnet-4-6"
 PARAMS_KEY = "demo/params.json"
+STORE_LOCK = ".arm-store.lock"
+"""The lock file a local store keeps in its directory (removed with a failed run's stub)."""
 COMPARED_PREFIXES = ("costs/cum/", "data/cum/")
 
 
@@ -348,6 +351,13 @@ class DemoOptions:
     wandb_dir: str | None = None
     charts: tuple[str, ...] = ()
     summary_json: str | None = None
+    storage_flag: bool = False
+    """Whether ``--storage`` was given (the "continue it" hint repeats it)."""
+
+    def resume_command(self) -> str:
+        """The command that continues this run."""
+        extra = f" --storage {self.storage_uri}" if self.storage_flag else ""
+        return f"art-ray-metrics demo --run {self.run} --resume{extra}"
 
 
 @dataclass
@@ -372,6 +382,10 @@ class DemoResult:
 
 class DemoError(Exception):
     """A problem the user can fix (printed as one line by the CLI)."""
+
+
+class DemoInterrupted(Exception):
+    """Ctrl-C during the demo; the message says what was saved and how to continue."""
 
 
 def _fmt_usd(value: float | None) -> str:
@@ -415,6 +429,8 @@ def _init_ray(opts: DemoOptions) -> None:
         "log_to_driver": False,
         "logging_level": logging.WARNING,
     }
+    if ray.is_initialized():
+        return  # the CLI joined the cluster already (after checking the address)
     if opts.address:
         ray.init(address=opts.address, **kwargs)
     else:
@@ -464,17 +480,64 @@ def _load_params(opts: DemoOptions) -> dict[str, Any]:
     return {**params, "start": 0 if last is None else last + 1}
 
 
+def _remove_stub(opts: DemoOptions) -> None:
+    """After a new run failed before its first checkpoint: remove what the demo wrote."""
+    from art_ray_metrics.durable.restore import read_run
+
+    try:
+        if read_run(opts.storage_uri) is not None:
+            return  # something was recorded: keep it (``--resume`` continues it)
+        open_store(opts.storage_uri).delete(PARAMS_KEY)
+    except Exception as exc:  # best effort: never hide the original failure
+        log.debug("could not remove the demo's stub in %s: %s", opts.storage_uri, exc)
+        return
+    for root in {opts.storage_uri, opts.local_dir}:
+        if "://" in root or not os.path.isdir(root):
+            continue
+        for dirpath, _dirs, _files in sorted(os.walk(root), key=lambda w: -len(w[0])):
+            try:
+                if os.listdir(dirpath) == [STORE_LOCK]:
+                    os.remove(os.path.join(dirpath, STORE_LOCK))  # the store's own lock file
+                os.rmdir(dirpath)  # only empty directories
+            except OSError:
+                pass
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
-    """Run the demo end to end; raises :class:`DemoError` for problems the user can fix."""
+    """Run the demo end to end; raises :class:`DemoError` for problems the user can fix.
+
+    Ctrl-C raises :class:`DemoInterrupted` saying whether the aggregator had started and
+    checkpointed. A new run that fails before anything was recorded leaves no directory behind.
+    """
     console = console or (Console() if sys.stdout.isatty() else Console(width=120))
     started = time.monotonic()
     params = _load_params(opts)
+    try:
+        return _run(opts, console, params, started)
+    except BaseException:
+        if not opts.resume:
+            _remove_stub(opts)
+        raise
+
+
+def _run(
+    opts: DemoOptions, console: Console, params: Mapping[str, Any], started: float
+) -> DemoResult:
     seed, rollouts, first = int(params["seed"]), int(params["rollouts"]), int(params["start"])
     if opts.resume:
         console.print(f"[bold]resuming[/] run {opts.run!r} at step {first} (seed {seed})")
     last = first + opts.steps - 1
+    progress: dict[str, Any] = {"step": None}
 
-    _init_ray(opts)
+    try:
+        _init_ray(opts)
+    except KeyboardInterrupt:
+        raise DemoInterrupted("while Ray was starting; nothing was recorded") from None
     try:
         if opts.expect_nodes:
             _wait_for_nodes(opts.expect_nodes)
@@ -483,24 +546,54 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
             f"Ray: {nodes} node(s); aggregator {opts.name!r} (namespace {opts.namespace!r}); "
             f"storage {opts.storage_uri}"
         )
-        handle = start_aggregator(
-            AggregatorConfig(
-                name=opts.name,
-                namespace=opts.namespace,
-                run_name=opts.run,
-                storage_uri=opts.storage_uri,
-                wandb_mode=opts.wandb_mode,
-                wandb_dir=opts.wandb_dir,
-            )
-        )
         try:
-            result = _loop(opts, console, handle, seed, rollouts, first, last)
-        except BaseException:
+            handle = start_aggregator(
+                AggregatorConfig(
+                    name=opts.name,
+                    namespace=opts.namespace,
+                    run_name=opts.run,
+                    storage_uri=opts.storage_uri,
+                    wandb_mode=opts.wandb_mode,
+                    wandb_dir=opts.wandb_dir,
+                )
+            )
+        except KeyboardInterrupt:
+            raise DemoInterrupted(
+                "while the aggregator was starting; no step was run (the aggregator may "
+                f"have written its first checkpoint to {opts.storage_uri})"
+            ) from None
+        except (DemoError, DemoInterrupted):
+            raise
+        except Exception as exc:
+            raise DemoError(
+                f"Expected the aggregator to start with storage {opts.storage_uri} but got "
+                f"{_first_line(exc)} (-v shows Ray's traceback)"
+            ) from exc
+        try:
+            result = _loop(opts, console, handle, seed, rollouts, first, last, progress)
+        except BaseException as exc:
+            saved = False
             if not opts.keep:
                 try:
                     handle.shutdown()  # final checkpoint: --resume continues from here
-                except Exception as exc:
-                    console.print(f"[red]aggregator shutdown failed:[/] {exc}")
+                    saved = True
+                except BaseException as shut_exc:
+                    console.print(f"[red]aggregator shutdown failed:[/] {shut_exc}")
+            if isinstance(exc, KeyboardInterrupt):
+                step = progress["step"]
+                where = f"during step {step}" if step is not None else "before the first step"
+                if saved:
+                    done = f"the aggregator checkpointed run {opts.run!r} and stopped"
+                elif opts.keep:
+                    done = f"the aggregator of run {opts.run!r} keeps running (--keep)"
+                else:
+                    done = (
+                        "the aggregator did not confirm its final checkpoint; what rollouts "
+                        "flushed is in its write-ahead log"
+                    )
+                raise DemoInterrupted(
+                    f"{where}; {done}: continue it with {opts.resume_command()}"
+                ) from None
             raise
         stats = handle.stats()
         if opts.keep:
@@ -554,6 +647,7 @@ def _loop(
     rollouts: int,
     first: int,
     last: int,
+    progress_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     judge_cls: Any = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Judge)
     judges = [
@@ -580,7 +674,18 @@ def _loop(
     live = Live(Group(_step_table(done), progress), console=console, refresh_per_second=8)
     with live:
         for step in range(first, last + 1):
+            if progress_state is not None:
+                progress_state["step"] = step
             t0 = time.monotonic()
+            if step == chaos_step:
+                # said before Ray's own "worker died ... (OOM killer?)" report of the kill
+                progress.console.print(
+                    f"[yellow]chaos:[/] step {step}: rollout 0 will end its worker process on "
+                    "purpose after its judge was paid (Ray will report a worker that died "
+                    "unexpectedly, possibly naming the OOM killer: that is this demo, not a "
+                    "memory problem) and Ray retries it; the aggregator actor is killed "
+                    "mid-step and restarts from its checkpoint and write-ahead log"
+                )
             progress.reset(step_task, total=rollouts, description=f"step {step} rollouts")
             refs = [
                 rollout_fn.options(scheduling_strategy="SPREAD").remote(
@@ -597,11 +702,7 @@ def _loop(
             ]
             if step == chaos_step:
                 time.sleep(0.3)
-                progress.console.print(
-                    f"[yellow]chaos:[/] killing the aggregator actor mid-step {step} "
-                    "(Ray restarts it from its checkpoint and write-ahead log); rollout 0 will "
-                    "crash after its judge was paid"
-                )
+                progress.console.print("[yellow]chaos:[/] killing the aggregator actor now")
                 ray.kill(handle.actor, no_restart=False)
             results = []
             pending = list(refs)
@@ -685,7 +786,7 @@ def _print_summary(
         ("unique scenario ids", f"{out.unique_scenarios:,}"),
         ("nodes used", str(out.nodes_used)),
         ("storage", out.storage_uri),
-        ("W&B", f"{opts.wandb_mode} (run id {out.wandb_run_id})" if out.wandb_run_id else "off"),
+        ("W&B", _wandb_summary(opts, out.wandb_run_id)),
         (
             "aggregator counters",
             ", ".join(f"{k}={v}" for k, v in sorted(out.counters.items())),
@@ -699,8 +800,25 @@ def _print_summary(
     console.print(table)
     console.print(
         f"inspect it: [bold]art-ray-metrics inspect {out.storage_uri}[/]  ·  "
-        f"continue it: [bold]art-ray-metrics demo --run {out.run} --resume[/]"
+        f"continue it: [bold]{opts.resume_command()}[/]"
     )
+    if opts.wandb_mode == "offline" and opts.wandb_dir is not None:
+        console.print(
+            f"upload W&B: [bold]{offline_sync_command(opts.wandb_dir, out.wandb_run_id)}[/]"
+        )
+    if opts.keep:
+        console.print(
+            f"the aggregator keeps running: [bold]art-ray-metrics stop --address "
+            f"{opts.address} --name {opts.name} --namespace {opts.namespace}[/] ends it"
+        )
+
+
+def _wandb_summary(opts: DemoOptions, run_id: str | None) -> str:
+    if run_id is None:
+        return "off"
+    if opts.wandb_mode == "offline" and opts.wandb_dir is not None:
+        return f"offline run {run_id}, files in {os.path.join(opts.wandb_dir, 'wandb')}"
+    return f"{opts.wandb_mode} run {run_id}"
 
 
 def default_options(**fields: Any) -> DemoOptions:
