@@ -521,6 +521,7 @@ class MetricsAggregator:
             row.update(self._gauges())
             row[f"{K.TELEMETRY_PREFIX}late_leaves_in_row"] = float(report.late_leaves)
             row[f"{K.TELEMETRY_PREFIX}conflicts_in_row"] = float(len(report.conflicts))
+            row[f"{K.TELEMETRY_PREFIX}producers_in_row"] = float(len(report.producers))
         recorded_at = datetime.now(UTC).isoformat()
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)

@@ -68,7 +68,7 @@ class TestRowsMatchInProcess:
                 expected = {K.route_key(k, "train"): v for k, v in expected.items()}
                 expected |= {"loss/train": 0.25, "training_step": float(step)}
                 assert _no_telemetry(row) == expected
-                assert row["telemetry/producers"] >= 3
+                assert row["telemetry/producers_in_row"] >= 3
                 eval_row = handle.log(step, "val")
                 eval_ref = asyncio.run(reference.for_cost_context("eval").flush())
                 assert _no_telemetry(eval_row) == {**eval_ref, "training_step": float(step)}
@@ -168,7 +168,10 @@ class TestRetriesAndResends:
             for data in bad:
                 with pytest.raises(arm.WireFormatError):
                     ray.get(handle.actor.ingest.remote(data))
-            assert ray.get(handle.actor.ingest.remote(good))["duplicate"] is False
+            # a refused batch moves its producer's window past its seq: a new seq is applied
+            good2 = encode_batch(make_batch("raw", 2, 0, "train", {"costs/train/x": 1.0}))
+            assert ray.get(handle.actor.ingest.remote(good))["duplicate"] is True
+            assert ray.get(handle.actor.ingest.remote(good2))["duplicate"] is False
             row = handle.log(0)
             assert row["costs/all"] == 1.0
             assert row["telemetry/rejected_batches"] == 4.0
