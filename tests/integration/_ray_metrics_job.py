@@ -61,14 +61,22 @@ def main() -> None:
 
     storage, timeout_s = sys.argv[1], float(sys.argv[2])
     port = free_port()
-    ray.init(
-        address="local",
-        num_cpus=1,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=port,
-        _node_ip_address="127.0.0.1",
-    )
+    for attempt in range(3):  # on an overloaded machine the node's metrics agent can start late
+        try:
+            ray.init(
+                address="local",
+                num_cpus=1,
+                include_dashboard=False,
+                log_to_driver=False,
+                _metrics_export_port=port,
+                _node_ip_address="127.0.0.1",
+            )
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            port = free_port()
     handle = arm.start_aggregator(
         name="metrics-job", namespace="metrics-job", storage_uri=storage, wandb_mode="disabled"
     )
