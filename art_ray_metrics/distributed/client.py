@@ -620,6 +620,9 @@ class _Rollout:
         self.lo = self.hi = seq
 
 
+_FAST = V.MAX_MAGNITUDE  # the fast paths' bound; larger values have their sums checked
+
+
 class WorkerBuilder(LeafRecorder):
     """ART's ``MetricsBuilder`` methods bound to one step and cost context, recording into
     the process-wide client. ``flush()`` blocks until this builder's leaves are durable;
@@ -654,7 +657,7 @@ class WorkerBuilder(LeafRecorder):
             (kind is float or kind is int)
             and type(key) is str
             and key in _VALID_KEYS
-            and -1e300 < value < 1e300  # finite, and no sum of a batch can overflow
+            and -_FAST < value < _FAST  # finite, and no realistic sum can pass the bound
             and (value >= 0 or not key.startswith("costs/"))
         ):
             self._rollout.hi = self.client.record_into(self._slot_key, key, value)
@@ -664,7 +667,7 @@ class WorkerBuilder(LeafRecorder):
     def add_cost(self, path: str, usd: float) -> None:
         """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
         key = _COST_KEYS.get(path) if type(path) is str else None
-        if key is not None and type(usd) is float and 0 <= usd < 1e300:
+        if key is not None and type(usd) is float and 0 <= usd < _FAST:
             self._rollout.hi = self.client.record_into(self._slot_key, key, usd)
         else:
             super().add_cost(path, usd)
