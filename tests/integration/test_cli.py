@@ -231,8 +231,10 @@ class TestWandbSync:
     ) -> None:
         """wandb-sync --new-run relogs every history row into a W&B offline run."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+        copy = tmp_path / "copy"  # --new-run records its run id in the storage: keep ours clean
+        shutil.copytree(resumed_run["dir"], copy)
         proc = cli(
-            "wandb-sync", str(resumed_run["dir"]), "--new-run", "--mode", "offline",
+            "wandb-sync", str(copy), "--new-run", "--mode", "offline",
             "--dir", str(tmp_path), cwd=tmp_path, env=env,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
