@@ -25,6 +25,14 @@ def _raw_batch(producer: str, seq: int, step: int, scope: str, sums: dict[str, s
     return msgpack.packb(["arm-batch", 1, producer, seq, [group]], use_bin_type=True)
 
 
+def _past_refused(state: AggregatorState, producer: str, seq: int) -> bool:
+    """A refused batch moves its producer's window past it (so the producer's later batches
+    count and a resend is a duplicate); drop that window so the rest of the state can be
+    compared with the state before."""
+    window = state.producers.pop((producer, ""), None)
+    return window is not None and window.seen(seq)
+
+
 class TestCloseIsATransaction:
     def test_zero_seconds_as_float_does_not_half_close(self) -> None:
         """time/step_actor_s = 1E-400 is 0.0 as a float: the row has no throughput, no raise."""
@@ -66,6 +74,7 @@ class TestPoisonRefusedAtIngest:
             s.ingest_bytes(_raw_batch("b", 1, 0, "train", {"reward/x": "1e300"}))
         assert s.counters["rejected_batches"] == 1
         s.counters["rejected_batches"] = 0
+        assert _past_refused(s, "b", 1)  # the producer moved past it; nothing else changed
         assert s.snapshot() == before
         assert s.close_step(0).row["reward/x"] == 1e300
         assert s.close_step(1).row == {"training_step": 1.0}
@@ -115,8 +124,9 @@ class TestLimits:
             s.ingest(make_batch("q", 1, 0, leaves={"reward/d": 1}))
         assert (s.counters["limit_rejections"], s.counters["rejected_batches"]) == (1, 1)
         s.counters["limit_rejections"] = s.counters["rejected_batches"] = 0
+        assert _past_refused(s, "q", 1)
         assert s.snapshot() == before
-        s.ingest(make_batch("q", 1, 1, leaves={"reward/d": 1}))  # another step has room
+        s.ingest(make_batch("q", 2, 1, leaves={"reward/d": 1}))  # another step has room
 
     def test_keys_per_run_survive_a_restore(self) -> None:
         """The run's distinct keys are part of the state."""
