@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import msgpack
 
@@ -40,7 +40,6 @@ from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
 from art_ray_metrics.durable.restore import rebuild_state
 from art_ray_metrics.durable.storage import (
     ObstoreStore,
-    backend_for,
     check_conditional_writes,
     open_store,
 )
@@ -49,7 +48,6 @@ from art_ray_metrics.errors import (
     BarrierTimeoutError,
     ConditionalWritesUnsupportedError,
     ConfigError,
-    ConfigMismatchError,
     CredentialsRequiredError,
     FencedError,
     InvalidMetricError,
@@ -57,13 +55,11 @@ from art_ray_metrics.errors import (
     WireFormatError,
 )
 from art_ray_metrics.export.wandb_sink import (
-    WANDB_SECRETS,
-    WANDB_SETTINGS,
     WandbSink,
     WandbSinkConfig,
 )
 
-__all__ = ["AggregatorHandle", "MetricsAggregator", "credentials_from_env", "start_aggregator"]
+__all__ = ["MetricsAggregator"]
 
 log = logging.getLogger(__name__)
 
@@ -851,250 +847,3 @@ def _node_id() -> str | None:
         return str(ray.get_runtime_context().get_node_id())
     except Exception:
         return None
-
-
-class AggregatorHandle:
-    """The trainer's handle on the aggregator actor."""
-
-    def __init__(self, actor: Any, config: AggregatorConfig) -> None:
-        self.actor = actor
-        self.config = config
-        self._sent: str | None = None  # digest of the credentials last sent (never the values)
-
-    def set_credentials(self, env: Mapping[str, str] | None = None) -> None:
-        """Send credentials to the aggregator, in memory (default: read from this process's env).
-
-        Call it after refreshing short-lived credentials; :meth:`log` also re-sends them when
-        this process's environment changed, and every call re-sends them when a restarted
-        aggregator asks. Only the variables the storage back end and W&B declare as secrets
-        are read.
-        """
-        import ray
-
-        creds = dict(env) if env is not None else credentials_from_env(self.config)
-        ray.get(self.actor.set_credentials.remote(creds))
-        self._sent = _digest(creds)
-
-    def _sync_credentials(self) -> None:
-        creds = credentials_from_env(self.config)
-        if creds and _digest(creds) != self._sent:
-            self.set_credentials(creds)
-
-    def log(
-        self,
-        step: int,
-        split: str = "train",
-        metrics: Mapping[str, float] | None = None,
-        *,
-        expect_producers: int | list[str] | None = None,
-        timeout_s: float | None = None,
-        on_timeout: Literal["close", "raise"] = "close",
-    ) -> dict[str, float]:
-        """The step barrier: close ``(step, split)``, merge ``metrics``, return the logged row.
-
-        ``expect_producers`` waits (up to ``timeout_s``) until that many producers, or that set
-        of producer ids, reported for the step. When they don't, the step is closed with what
-        arrived (``on_timeout="close"``, counted in ``stats()["health"]["barrier_timeouts"]``) or
-        left open and :class:`~art_ray_metrics.errors.BarrierTimeoutError` raised
-        (``on_timeout="raise"``). Retried on an actor restart; a retried call for
-        the step just closed returns the same row. Invalid ``metrics`` raise
-        :class:`~art_ray_metrics.errors.InvalidMetricError`.
-        """
-        V.check_step(step)
-        V.check_split(split)
-        self._sync_credentials()
-        row: dict[str, float] = self._call(
-            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout
-        )
-        return row
-
-    def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        """Call a remote method; retry while the actor restarts (about 50 s at most).
-
-        A restarted actor that cannot open its storage with its node's credentials asks for
-        them (CredentialsRequiredError): they are sent from this process, then the call retried.
-        """
-        import ray
-
-        attempts = 0
-        while True:
-            try:
-                return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                attempts += 1
-                if attempts > 30:
-                    raise
-                time.sleep(min(0.2 * attempts, 2.0))
-            except CredentialsRequiredError:
-                attempts += 1
-                if attempts > 30:
-                    raise
-                self.set_credentials()
-
-    async def alog(
-        self,
-        step: int,
-        split: str = "train",
-        metrics: Mapping[str, float] | None = None,
-        *,
-        expect_producers: int | list[str] | None = None,
-        timeout_s: float | None = None,
-        on_timeout: Literal["close", "raise"] = "close",
-    ) -> dict[str, float]:
-        """:meth:`log` for asyncio trainers."""
-        return await asyncio.to_thread(
-            self.log,
-            step,
-            split,
-            metrics,
-            expect_producers=expect_producers,
-            timeout_s=timeout_s,
-            on_timeout=on_timeout,
-        )
-
-    def rewind(self, step: int) -> dict[str, Any]:
-        """The trainer restored its checkpoint of ``step``: discard every step closed after it.
-
-        Call it after restoring the trainer's checkpoint and before rollouts of the next step
-        start. Cumulative values, unique ids and the history go back to right after ``step``
-        (``-1``: before the first step), so the rows that follow equal those of a run without
-        the failure. Returns ``{"discarded_steps", "discarded_buffers", "costs_usd"}``.
-
-        Raises:
-            InvalidMetricError: ``step`` is older than the ``rewind_window`` closes kept.
-        """
-        out: dict[str, Any] = self._call("rewind", step)
-        return out
-
-    def stats(self) -> dict[str, Any]:
-        """The actor's :meth:`MetricsAggregator.stats` (retried while the actor restarts)."""
-        out: dict[str, Any] = self._call("stats")
-        return out
-
-    def checkpoint(self) -> dict[str, Any]:
-        """Commit a checkpoint now (retried while the actor restarts)."""
-        out: dict[str, Any] = self._call("checkpoint")
-        return out
-
-    def shutdown(self, exit_code: int = 0, *, kill: bool = True) -> None:
-        """Final checkpoint, finish W&B, then kill the detached actor (frees the name)."""
-        import ray
-
-        try:
-            self._call("shutdown", exit_code, timeout_s=120)
-        finally:
-            if kill:
-                ray.kill(self.actor, no_restart=True)
-
-
-def _secret_names(cfg: AggregatorConfig) -> tuple[str, ...]:
-    return backend_for(cfg.storage_uri or "").secrets + WANDB_SECRETS
-
-
-def credentials_from_env(cfg: AggregatorConfig) -> dict[str, str]:
-    """The secret variables the aggregator of ``cfg`` needs, as set in this process's env."""
-    return {k: os.environ[k] for k in _secret_names(cfg) if os.environ.get(k)}
-
-
-def _digest(creds: Mapping[str, str]) -> str:
-    import hashlib
-
-    blob = "\x00".join(f"{k}={v}" for k, v in sorted(creds.items()))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _runtime_env(cfg: AggregatorConfig) -> dict[str, Any]:
-    """Ray runtime env of the actor: non-secret settings only (Ray logs runtime envs)."""
-    names = backend_for(cfg.storage_uri or "").settings + WANDB_SETTINGS
-    env = {k: os.environ[k] for k in names if k in os.environ}
-    return {"env_vars": env} if env else {}
-
-
-def _probe_remote_storage(cfg: AggregatorConfig) -> None:
-    """Fail fast, in the driver and in one line, on S3/GCS storage that cannot be read.
-
-    Without this, the actor's constructor fails after its storage retries and Ray reports a
-    long actor-creation traceback.
-    """
-    uri = cfg.storage_uri or ""
-    if "://" not in uri or uri.split("://", 1)[0].lower() in ("file", "memory"):
-        return
-    try:
-        open_store(uri, timeout_s=min(cfg.storage_timeout_s, 5.0)).list("CHECKPOINT")
-    except StorageError as exc:
-        detail = " ".join(str(exc).split())[:400]
-        raise StorageError(
-            f"Expected to read the aggregator's storage {uri} but got: {detail} (does the "
-            "bucket exist, and are the credentials and endpoint set in this environment?)"
-        ) from exc
-
-
-def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> AggregatorHandle:
-    """Get or create the named aggregator actor (run by the trainer/driver).
-
-    ``fields`` override ``config`` fields. Initialises Ray locally if needed. An actor of that
-    name already running with a different configuration raises
-    :class:`~art_ray_metrics.errors.ConfigMismatchError` instead of being reused silently.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    base = config or AggregatorConfig()
-    cfg = AggregatorConfig.model_validate({**base.model_dump(), **fields}).resolved()
-    if not ray.is_initialized():
-        ray.init(namespace=cfg.namespace)
-    fingerprint = cfg.fingerprint()
-
-    def attach() -> AggregatorHandle | None:
-        try:
-            actor = ray.get_actor(cfg.name, namespace=cfg.namespace)
-        except ValueError:
-            return None
-        running: str = ray.get(actor.config_fingerprint.remote())  # type: ignore[assignment]
-        if running != fingerprint:
-            raise ConfigMismatchError(
-                f"An aggregator named {cfg.name!r} (namespace {cfg.namespace!r}) already runs with "
-                f"a different configuration (fingerprint {running} != {fingerprint}); shut it "
-                "down first (AggregatorHandle.shutdown or ray.kill) or use another name"
-            )
-        attached = AggregatorHandle(actor, cfg)
-        attached.set_credentials()
-        return attached
-
-    handle = attach()
-    if handle is not None:
-        return handle
-    _probe_remote_storage(cfg)
-    options: dict[str, Any] = {
-        "name": cfg.name,
-        "namespace": cfg.namespace,
-        "lifetime": "detached",
-        "max_restarts": cfg.max_restarts,
-        "max_task_retries": 0,
-        "num_cpus": 0,
-        "max_concurrency": 1000,
-        "runtime_env": _runtime_env(cfg),
-    }
-    if cfg.actor_resources:
-        options["resources"] = dict(cfg.actor_resources)
-    if cfg.on_driver_node and not cfg.actor_resources:
-        node = ray.get_runtime_context().get_node_id()
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
-    try:
-        actor: Any = (
-            ray.remote(MetricsAggregator)
-            .options(**options)
-            .remote(cfg.model_dump_json(), await_credentials=True)
-        )
-    except ValueError:  # created concurrently by another driver
-        handle = attach()
-        if handle is None:
-            raise
-        return handle
-    handle = AggregatorHandle(actor, cfg)
-    try:
-        handle.set_credentials()  # opens, checks and restores the storage: ready afterwards
-    except BaseException:
-        ray.kill(actor, no_restart=True)  # frees the name; the error says why it cannot run
-        raise
-    return handle

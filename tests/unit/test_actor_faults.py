@@ -13,7 +13,8 @@ import pytest
 
 from art_ray_metrics import AggregatorConfig
 from art_ray_metrics.core.wire import encode_batch
-from art_ray_metrics.distributed.actor import AggregatorHandle, MetricsAggregator
+from art_ray_metrics.distributed.actor import MetricsAggregator
+from art_ray_metrics.distributed.handle import AggregatorHandle
 from art_ray_metrics.durable.restore import read_run
 from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.errors import (
