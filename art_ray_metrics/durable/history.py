@@ -27,6 +27,7 @@ from art_ray_metrics.errors import (
     InvalidMetricError,
     ObjectNotFoundError,
     PreconditionFailedError,
+    StorageError,
     WireFormatError,
 )
 
@@ -250,6 +251,31 @@ class HistoryStore:
             if not record.get(_DISCARDED):
                 record.pop(WRITER_EPOCH, None)  # fencing bookkeeping, not part of the row
                 yield record
+
+    def scan(self, split: str | None = None) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """Like :meth:`read`, but a row that cannot be decoded is skipped and reported, so one
+        damaged object never hides the rest of the system of record.
+
+        Returns:
+            The readable records in ``(step, split)`` order, and ``(key, reason)`` per skipped
+            object.
+        """
+        records: list[dict[str, Any]] = []
+        skipped: list[tuple[str, str]] = []
+        for _step, row_split, key in self._entries():
+            if split is not None and row_split != split:
+                continue
+            try:
+                record = self._decode(key, self._store.get(key))
+            except ObjectNotFoundError:
+                continue  # deleted after the listing
+            except (WireFormatError, StorageError) as exc:
+                skipped.append((key, str(exc).splitlines()[0] if str(exc) else repr(exc)))
+                continue
+            if not record.get(_DISCARDED):
+                record.pop(WRITER_EPOCH, None)
+                records.append(record)
+        return records, skipped
 
     @staticmethod
     def _decode(key: str, data: bytes) -> dict[str, Any]:

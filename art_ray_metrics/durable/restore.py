@@ -106,7 +106,8 @@ def read_run(uri: str, store: Any = None) -> RunInfo | None:
     history = HistoryStore(store)
     rows = 0
     last: dict[str, int] = {}
-    for record in history.read():
+    records, _skipped = history.scan()  # a damaged row is reported by the commands reading rows
+    for record in records:
         step, split = int(record["step"]), str(record["split"])
         rows += 1
         last[split] = max(step, last.get(split, step))

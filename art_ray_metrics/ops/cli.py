@@ -165,20 +165,12 @@ def read_history(
     A corrupt row (not JSON, not a record, a non-numeric value) is skipped, so one damaged
     object never hides the rest of the system of record.
     """
-    history = HistoryStore(store)
+    readable, skipped = HistoryStore(store).scan(split)
     records: list[dict[str, Any]] = []
-    skipped: list[tuple[str, str]] = []
-    for _step, row_split, key in history._entries():
-        if split is not None and row_split != split:
-            continue
-        try:
-            record = HistoryStore._decode(key, store.get(key))
-        except (WireFormatError, StorageError) as exc:
-            skipped.append((key, _one_line(exc)))
-            continue
+    for record in readable:
         reason = _bad_value(record)
         if reason is not None:
-            skipped.append((key, reason))
+            skipped.append((HistoryStore(store).key_for(record["step"], record["split"]), reason))
             continue
         records.append(record)
     return records, skipped

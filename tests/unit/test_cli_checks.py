@@ -82,15 +82,23 @@ class TestAddressChecks:
         proc = cli(command, "--address", f"127.0.0.1:{free_port()}", cwd=tmp_path)
         assert_one_line_error(proc, command, "nothing accepted a connection")
 
-    def test_auto_with_a_stale_cluster_file(self, tmp_path: Path) -> None:
-        """--address auto with a cluster file naming a dead head fails at once, saying so."""
-        ray_tmp = tmp_path / "raytmp"
-        (ray_tmp / "ray").mkdir(parents=True)
-        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_TMPDIR"] = str(ray_tmp)
-        proc = cli("status", "--address", "auto", cwd=tmp_path, env=env)
-        assert_one_line_error(proc, "status", "stale cluster file")
+    def test_auto_with_a_stale_cluster_file(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--address auto resolving to a dead head (a stale cluster file) fails at once, saying so.
+
+        Ray resolves ``auto`` from running GCS processes before the cluster file, so with any
+        other Ray alive on this machine (the test session's own cluster) a real stale file
+        cannot be set up: Ray's resolver is replaced by one that returns a dead address.
+        """
+        from ray._private import services
+
+        dead = f"127.0.0.1:{free_port()}"
+        monkeypatch.setattr(services, "get_ray_address_from_environment", lambda *_: dead)
+        assert cli_mod.main(["status", "--address", "auto"]) == 2
+        err = capsys.readouterr().err
+        proc = subprocess.CompletedProcess([], 2, "", err)
+        assert_one_line_error(proc, "status", "stale cluster file", dead)
 
     @pytest.mark.slow
     def test_a_port_that_is_not_ray_does_not_hang(self, tmp_path: Path) -> None:

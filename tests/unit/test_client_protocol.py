@@ -3,6 +3,9 @@ before a seq is consumed, retained-cap overflow reported in the next batch, exit
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -145,10 +148,22 @@ class TestShipping:
 
 class TestExit:
     def test_close_without_ray_never_starts_ray(self) -> None:
-        import ray
-
-        assert not ray.is_initialized()
-        c = MetricsClient(ClientConfig(lookup_timeout_s=1.0))
-        WorkerBuilder(c, 0, "train", "train").add_metric("reward/a", 1.0)
-        c.close()
-        assert not ray.is_initialized()
+        """In a fresh process (this one may have joined the session's cluster): closing a client
+        with pending leaves, and interpreter exit, leave Ray uninitialised."""
+        code = (
+            "import atexit, ray\n"
+            "# registered first, so it runs last: after the client's own exit handler\n"
+            "atexit.register(lambda: print('ray_initialized_at_exit', ray.is_initialized()))\n"
+            "from art_ray_metrics.config import ClientConfig\n"
+            "from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder\n"
+            "c = MetricsClient(ClientConfig(lookup_timeout_s=1.0))\n"
+            "WorkerBuilder(c, 0, 'train', 'train').add_metric('reward/a', 1.0)\n"
+            "c.close()\n"
+            "assert not ray.is_initialized()\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "ray_initialized_at_exit False" in proc.stdout

@@ -251,9 +251,12 @@ class TestStaleWritesAreFenced:
         asyncio.run(old.log(2, metrics={"loss/x": 3.0}))
         assert sink.logged == 1  # step 0 only: not the fenced row 1, nothing after
         sink.close()
-        import wandb
+        # forget the process-wide W&B settings of this test without waiting for W&B's service
+        # (wandb.teardown() waits for every run of the process, which can hang a long session)
+        from wandb.sdk import wandb_setup
 
-        wandb.teardown()  # forget the process-wide W&B settings of this test
+        with wandb_setup._singleton_lock:
+            wandb_setup._singleton = None
 
     def test_rewind_objects_of_two_epochs_never_share_a_key(self) -> None:
         """A stale close cannot overwrite the rewind object a newer aggregator names."""
