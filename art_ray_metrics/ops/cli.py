@@ -165,12 +165,13 @@ def read_history(
     A corrupt row (not JSON, not a record, a non-numeric value) is skipped, so one damaged
     object never hides the rest of the system of record.
     """
-    readable, skipped = HistoryStore(store).scan(split)
+    history = HistoryStore(store)
+    readable, skipped = history.scan(split)
     records: list[dict[str, Any]] = []
     for record in readable:
         reason = _bad_value(record)
         if reason is not None:
-            skipped.append((HistoryStore(store).key_for(record["step"], record["split"]), reason))
+            skipped.append((history.key_for(record["step"], record["split"]), reason))
             continue
         records.append(record)
     return records, skipped
