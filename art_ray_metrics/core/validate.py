@@ -110,6 +110,10 @@ def check_value(
     0.25
     """
     kind = type(value)
+    if kind is float and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:  # type: ignore[operator]
+        if value < 0 and (key.startswith("costs/") if cost is None else cost):  # type: ignore[operator]
+            raise InvalidMetricError(f"Expected a non-negative cost for {key=!r} but got {value!r}")
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
         raise InvalidMetricError(f"Expected a finite number for {key=!r} but got {value!r}")
     if kind is float:

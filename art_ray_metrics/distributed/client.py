@@ -38,11 +38,18 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from art_ray_metrics.builder import _COST_KEYS, LeafRecorder, Number, PendingLeaves
+from art_ray_metrics.builder import (
+    _COST_KEYS,
+    LeafRecorder,
+    Number,
+    PendingLeaves,
+    _scenario_digests,
+)
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
@@ -164,6 +171,31 @@ class MetricsClient:
             else:
                 slot.record(key, value)  # new key, second value, or a conflict (raises)
             pending = self._pending_leaves = self._pending_leaves + 1
+            seq = self._seq + 1
+        if pending >= self._max_batch_leaves:
+            self.ship()
+        return seq
+
+    def record_many(
+        self, slot_key: tuple[int, str], items: list[tuple[str, Number]], digests: list[bytes]
+    ) -> int:
+        """:meth:`record_into` for several validated leaves and scenario digests under one
+        lock (``add_data``, ``add_user_timing``). A conflict raises at its leaf; the leaves
+        before it stay recorded, as separate calls would have left them."""
+        with self._lock:
+            slot = self._pending.get(slot_key)
+            if slot is None:
+                slot = self._slot(*slot_key)
+            slots = slot.slots
+            for key, value in items:
+                held = slots.get(key)
+                if held.__class__ is list:
+                    held.append(value)
+                else:
+                    slot.record(key, value)
+            if digests:
+                slot.scenarios.update(digests)
+            pending = self._pending_leaves = self._pending_leaves + len(items) + len(digests)
             seq = self._seq + 1
         if pending >= self._max_batch_leaves:
             self.ship()
@@ -538,12 +570,12 @@ class MetricsClient:
         self._stop.set()
         if self._pid != os.getpid():
             return
-        ray = sys.modules.get("ray")
-        if ray is None or not ray.is_initialized():
-            if self._pending or self._retained:
-                log.warning("art_ray_metrics: closing without Ray; unsent leaves are lost")
-            return
         try:
+            ray = sys.modules.get("ray")  # at exit it may be half imported by another thread
+            if ray is None or not getattr(ray, "is_initialized", lambda: False)():
+                if self._pending or self._retained:
+                    log.warning("art_ray_metrics: closing without Ray; unsent leaves are lost")
+                return
             if self._pending or self._retained:
                 self.flush(timeout_s)
             self._confirm()
@@ -622,6 +654,28 @@ class _Rollout:
 
 _FAST = V.MAX_MAGNITUDE  # the fast paths' bound; larger values have their sums checked
 
+# the fixed keys of add_data, add_user_timing and add_idle_times (none is a cost)
+_NUM_SCENARIOS = V.validate_key("data/step_num_scenarios")
+_ACTOR_TOKENS = V.validate_key("data/step_actor_tokens")
+_WALL_S = V.validate_key("time/step_wall_s")
+_ACTOR_S = V.validate_key("time/step_actor_s")
+_EVAL_S = V.validate_key("time/step_eval_s")
+_TRAINER_IDLE = V.validate_key("throughput/step_trainer_idle_s")
+_ACTOR_IDLE = V.validate_key("throughput/step_actor_idle_s")
+
+
+def _plain_leaves(pairs: tuple[tuple[str, object], ...]) -> list[tuple[str, Number]] | None:
+    """The pairs whose value is given, if each is a plain ``int``/``float`` inside the fast
+    bound; ``None`` if any needs the general checks (which raise, naming key and value)."""
+    items: list[tuple[str, Number]] = []
+    for key, value in pairs:
+        if value is not None:
+            kind = type(value)
+            if not ((kind is float or kind is int) and -_FAST < value < _FAST):  # type: ignore[operator]
+                return None
+            items.append((key, value))  # type: ignore[arg-type]
+    return items
+
 
 class WorkerBuilder(LeafRecorder):
     """ART's ``MetricsBuilder`` methods bound to one step and cost context, recording into
@@ -636,17 +690,42 @@ class WorkerBuilder(LeafRecorder):
         scope: str,
         _rollout: _Rollout | None = None,
     ) -> None:
+        self._bind(
+            client,
+            V.check_step(step),
+            V.check_cost_context(cost_context),
+            V.check_text("scope", scope),
+            _rollout,
+        )
+
+    def _bind(
+        self,
+        client: MetricsClient,
+        step: int,
+        cost_context: str,
+        scope: str,
+        rollout: _Rollout | None,
+    ) -> None:
+        """Set up from arguments already checked (``connect`` caches what it checked)."""
         self.client = client
-        self.step = V.check_step(step)
-        self.cost_context = V.check_cost_context(cost_context)
-        self.scope = V.check_text("scope", scope)
+        self.step = step
+        self.cost_context = cost_context
+        self.scope = scope
         self._slot_key = (step, scope)
         seq = client.touch(step, scope)
-        if _rollout is None:
-            _rollout = _Rollout(seq)
-        elif seq > _rollout.hi:
-            _rollout.hi = seq
-        self._rollout = _rollout
+        if rollout is None:
+            rollout = _Rollout(seq)
+        elif seq > rollout.hi:
+            rollout.hi = seq
+        self._rollout = rollout
+
+    @classmethod
+    def _checked(
+        cls, client: MetricsClient, step: int, cost_context: str, scope: str
+    ) -> WorkerBuilder:
+        builder = cls.__new__(cls)
+        builder._bind(client, step, cost_context, scope, None)
+        return builder
 
     # -- the hot path: validation inlined, then MetricsClient.record_into ------------------
 
@@ -671,6 +750,52 @@ class WorkerBuilder(LeafRecorder):
             self._rollout.hi = self.client.record_into(self._slot_key, key, usd)
         else:
             super().add_cost(path, usd)
+
+    def add_data(
+        self,
+        step_num_scenarios: int | None = None,
+        step_actor_tokens: int | None = None,
+        scenario_ids: Iterable[Any] | None = None,
+    ) -> None:
+        """Record scenario and token counts and the step's scenario ids (deduplicated run-wide)."""
+        items = _plain_leaves(
+            ((_NUM_SCENARIOS, step_num_scenarios), (_ACTOR_TOKENS, step_actor_tokens))
+        )
+        if items is None:  # a value to check (and maybe refuse): the general path
+            super().add_data(step_num_scenarios, step_actor_tokens, scenario_ids)
+            return
+        digests = _scenario_digests(scenario_ids) if scenario_ids is not None else []
+        if items or digests:
+            self._rollout.hi = self.client.record_many(self._slot_key, items, digests)
+
+    def add_user_timing(
+        self,
+        step_wall_s: float | None = None,
+        step_actor_s: float | None = None,
+        step_eval_s: float | None = None,
+    ) -> None:
+        """Record step timings in seconds under ``time/step_*``."""
+        items = _plain_leaves(
+            ((_WALL_S, step_wall_s), (_ACTOR_S, step_actor_s), (_EVAL_S, step_eval_s))
+        )
+        if items is None:
+            super().add_user_timing(step_wall_s, step_actor_s, step_eval_s)
+        elif items:
+            self._rollout.hi = self.client.record_many(self._slot_key, items, [])
+
+    def add_idle_times(
+        self,
+        step_trainer_idle_s: float | None = None,
+        step_actor_idle_s: float | None = None,
+    ) -> None:
+        """Record idle seconds under ``throughput/step_*_idle_s``."""
+        items = _plain_leaves(
+            ((_TRAINER_IDLE, step_trainer_idle_s), (_ACTOR_IDLE, step_actor_idle_s))
+        )
+        if items is None:
+            super().add_idle_times(step_trainer_idle_s, step_actor_idle_s)
+        elif items:
+            self._rollout.hi = self.client.record_many(self._slot_key, items, [])
 
     def _record(self, key: str, value: Number) -> None:
         if -V.MAX_MAGNITUDE < value < V.MAX_MAGNITUDE:
@@ -738,7 +863,20 @@ def connect(
     ``scope_for_split(split)`` when a split is given, else the cost context (as ART's
     ``for_cost_context``). The actor is looked up lazily, on the first send.
     """
+    cache_key = (cost_context, split, name, namespace, producer_id)
+    cacheable = config is None
     if config is None:
+        try:
+            bound = _CONNECTED.get(cache_key)
+        except TypeError:  # an unhashable argument: the checks below name it
+            bound = None
+        if (
+            bound is not None
+            and not bound[0]._stop.is_set()
+            and type(step) is int
+            and 0 <= step <= V.MAX_STEP
+        ):
+            return WorkerBuilder._checked(bound[0], step, bound[1], bound[2])
         config = _named_config(name, namespace)
     elif name is not None or namespace is not None:
         updates = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
@@ -746,7 +884,15 @@ def connect(
     scope = K.scope_for_split(V.check_split(split)) if split is not None else None
     if scope is None:
         scope = V.check_cost_context(cost_context)
-    return WorkerBuilder(get_client(config, producer_id=producer_id), step, cost_context, scope)
+    builder = WorkerBuilder(get_client(config, producer_id=producer_id), step, cost_context, scope)
+    if cacheable and len(_CONNECTED) < 4096:
+        _CONNECTED[cache_key] = (builder.client, builder.cost_context, builder.scope)
+    return builder
+
+
+_CONNECTED: dict[tuple[Any, ...], tuple[MetricsClient, str, str]] = {}
+"""What ``connect`` checked, by its arguments: the client, cost context and scope. An entry
+is used while its client runs (a closed client is replaced through :func:`get_client`)."""
 
 
 _NAMED_CONFIGS: dict[tuple[str | None, str | None], ClientConfig] = {}

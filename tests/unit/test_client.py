@@ -123,3 +123,89 @@ class TestWorkerBuilder:
         b.add_cost("train/x", 1.0)
         with pytest.raises(MetricConflictError, match="costs/train/x"):
             b.add_cost("train", 1.0)
+
+
+class TestFastPathsAgreeWithTheGeneralOnes:
+    """The worker's one-lock paths for ``add_data``, ``add_user_timing`` and ``add_idle_times``
+    record what ART's general methods record, and refuse the same values."""
+
+    @staticmethod
+    def _record(b: WorkerBuilder) -> None:
+        b.add_data(step_num_scenarios=2, step_actor_tokens=812, scenario_ids=["a", "b", "a"])
+        b.add_data(step_actor_tokens=1.5)
+        b.add_data(scenario_ids=[7, "\N{SNOWMAN}"])
+        b.add_user_timing(step_wall_s=3, step_actor_s=0.25, step_eval_s=-0.0)
+        b.add_idle_times(step_trainer_idle_s=0.5, step_actor_idle_s=-1e280)
+
+    def test_same_sums_and_scenarios(self, client: MetricsClient) -> None:
+        from art_ray_metrics.builder import LeafRecorder
+
+        fast = WorkerBuilder(client, 0, "train", "train")
+        self._record(fast)
+
+        class General(WorkerBuilder):  # ART's methods over the same client, step 1
+            add_data = LeafRecorder.add_data
+            add_user_timing = LeafRecorder.add_user_timing
+            add_idle_times = LeafRecorder.add_idle_times
+
+        self._record(General(client, 1, "train", "train"))
+        a, b = client._pending[(0, "train")], client._pending[(1, "train")]
+        assert a.sums() == b.sums()
+        assert a.sums()["data/step_actor_tokens"] == Decimal("813.5")
+        assert a.scenarios == b.scenarios == {digest(s) for s in ("a", "b", "7", "\N{SNOWMAN}")}
+        assert client._pending_leaves == 2 * (5 + 1 + 2 + 3 + 2)  # leaves and digests given
+
+    @pytest.mark.parametrize(
+        ("call", "match"),
+        [
+            (lambda b: b.add_data(step_num_scenarios=float("nan")), "data/step_num_scenarios"),
+            (lambda b: b.add_data(step_actor_tokens=True), "data/step_actor_tokens"),
+            (lambda b: b.add_data(step_actor_tokens=10**400), "data/step_actor_tokens"),
+            (lambda b: b.add_data(1, 2, scenario_ids="abc"), "single string"),
+            (lambda b: b.add_data(1, 2, scenario_ids=["ok", "bad\udce9"]), "UTF-8"),
+            (lambda b: b.add_user_timing(step_actor_s=float("inf")), "time/step_actor_s"),
+            (lambda b: b.add_user_timing(step_actor_s="2"), "time/step_actor_s"),
+            (lambda b: b.add_idle_times(step_actor_idle_s=-1e301), "throughput/step_actor_idle"),
+        ],
+        ids=["nan", "bool", "huge-int", "str-ids", "surrogate-id", "inf", "str", "beyond-bound"],
+    )
+    def test_bad_values_refused_naming_the_key(
+        self, client: MetricsClient, call: object, match: str
+    ) -> None:
+        """A value the fast path cannot take goes through the general checks, which raise
+        before anything of that call is recorded."""
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_data(step_num_scenarios=1)
+        with pytest.raises(InvalidMetricError, match=match):
+            call(b)  # type: ignore[operator]
+        slot = client._pending[(0, "train")]
+        assert slot.sums() == {"data/step_num_scenarios": Decimal(1)}
+        assert slot.scenarios == set()
+
+
+class TestConnectCache:
+    def test_cached_arguments_still_check_the_step(self) -> None:
+        """The second connect with the same arguments skips their checks, not the step's."""
+        from art_ray_metrics.distributed.client import _CONNECTED, connect
+
+        name = "cache-test"
+        first = connect(1, " train ", name=name, namespace="ns")
+        try:
+            assert (first.cost_context, first.scope) == ("train", "train")
+            again = connect(2, " train ", name=name, namespace="ns")
+            assert (again.client, again.step, again.cost_context) == (first.client, 2, "train")
+            assert again._rollout is not first._rollout  # each rollout flushes its own batches
+            for bad in (-1, True, 1.0, 2**64):
+                with pytest.raises(InvalidMetricError, match="step"):
+                    connect(bad, " train ", name=name, namespace="ns")  # type: ignore[arg-type]
+            with pytest.raises(InvalidMetricError, match="cost_context"):
+                connect(1, ["train"], name=name, namespace="ns")  # type: ignore[arg-type]
+        finally:
+            first.client._stop.set()
+        # a closed client is not handed out again: connect goes through get_client
+        fresh = connect(3, " train ", name=name, namespace="ns")
+        try:
+            assert fresh.client is not first.client
+            assert _CONNECTED[(" train ", None, name, "ns", None)][0] is fresh.client
+        finally:
+            fresh.client._stop.set()
