@@ -183,6 +183,7 @@ class LeafRecorder(ApiCostMixin):
     ``_record_keyed_cost`` (a cost that must be applied once per provider response id) and
     ``_record_sample`` (a value averaged across rollouts)."""
 
+    __slots__ = ()
     cost_context: str
 
     # -- hooks ----------------------------------------------------------------------------

@@ -682,6 +682,9 @@ class WorkerBuilder(LeafRecorder):
     the process-wide client. ``flush()`` blocks until this builder's leaves are durable;
     ``aflush()`` awaits it on the event loop."""
 
+    # one per rollout: no instance dict; __weakref__ keeps the builder weak-referenceable
+    __slots__ = ("__weakref__", "_rollout", "_slot_key", "client", "cost_context", "scope", "step")
+
     def __init__(
         self,
         client: MetricsClient,

@@ -116,6 +116,8 @@ class ApiCostMixin:
     * ``_add_unpriced_call(path)``: count one unpriced call for ``costs/<path>``.
     """
 
+    __slots__ = ()
+
     if TYPE_CHECKING:
         cost_context: str
 
