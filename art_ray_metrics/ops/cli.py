@@ -383,6 +383,8 @@ def cmd_wandb_sync(args: argparse.Namespace) -> int:
 
 RAY_CONNECT_TIMEOUT_S = 3.0
 """How long a Ray address may take to accept a TCP connection."""
+RAY_HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a reachable address may take to answer Ray's first request (the cluster id)."""
 RAY_INIT_TIMEOUT_S = 45.0
 """How long joining a reachable Ray cluster may take before the command gives up."""
 STORAGE_PROBE_TIMEOUT_S = 10.0
@@ -437,12 +439,16 @@ def _check_reachable(address: str) -> str:
 
 
 def _check_auth(address: str, host: str, port: int) -> None:
-    """One line, at once, when the cluster needs a token this shell does not give.
+    """One line, at once, when the address does not answer Ray's first request (something
+    else listens there), or when the cluster needs a token this shell does not give.
 
-    Ray itself retries the refused handshake for about 30 s, logging a warning each second.
+    Otherwise ``ray.init`` would retry for :data:`RAY_INIT_TIMEOUT_S` (a silent listener) or
+    about 30 s (a refused token), logging a warning each second.
     """
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
         return  # the driver sends its token; Ray reports a wrong one itself
+    if os.environ.get("RAY_USE_TLS", "").lower() in ("1", "true"):
+        return  # this plain-text probe cannot speak to a TLS cluster: ray.init checks it
     try:
         import grpc  # type: ignore[import-untyped]
         from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
@@ -452,12 +458,18 @@ def _check_auth(address: str, host: str, port: int) -> None:
     try:
         stub: Any = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)  # type: ignore[no-untyped-call]
         request: Any = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
-        stub.GetClusterId(request, timeout=RAY_CONNECT_TIMEOUT_S)
+        stub.GetClusterId(request, timeout=RAY_HANDSHAKE_TIMEOUT_S)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             raise CliError(
                 f"Expected to join the Ray cluster at {address} but it requires token "
                 f"authentication; {AUTH_HINT}"
+            ) from exc
+        if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            raise CliError(
+                f"Expected a Ray cluster at {address} ({host}:{port}) but it accepted the "
+                f"connection without answering as Ray does within "
+                f"{RAY_HANDSHAKE_TIMEOUT_S:g}s ({exc.code().name}): another service listens there"
             ) from exc
     finally:
         channel.close()
