@@ -431,33 +431,36 @@ class AggregatorState:
             if buf is None:
                 scopes.add(group.scope)
             leaves = [*group.sums.items(), *((c.key, c.value) for c in group.keyed_costs)]
-            keys = step_keys.get(where)
+            held = buf.sums if buf is not None else {}
+            keys = step_keys.get(where)  # keys this batch adds to the step (not a copy of it)
             if keys is None:
-                keys = step_keys[where] = set(buf.sums) if buf is not None else set()
+                keys = step_keys[where] = set()
             for key, value in leaves:
                 slot = (*where, key)
                 current = sums.get(slot)
                 if current is None:
                     current = buf.sums.get(key, ZERO) if buf is not None else ZERO
                 total = sums[slot] = _add(current, value)
-                if not -V.MAX_ABS_VALUE <= total <= V.MAX_ABS_VALUE:
+                if total.copy_abs() > V.MAX_ABS_SUM:  # exact: copy_abs never rounds
                     raise WireFormatError(
                         f"Invalid batch {batch.producer_id}/{batch.seq}: the sum of {key!r} for "
                         f"step {group.step} ({group.scope}) would be {total:.3e}, beyond "
                         f"+-{V.MAX_ABS_VALUE:g}"
                     )
-                keys.add(key)
+                if key not in held:
+                    keys.add(key)
                 if key not in self.run_keys:
                     new_keys.add(key)
             for key in group.samples:  # averaged keys count towards the key limits too
-                keys.add(key)
+                if key not in held:
+                    keys.add(key)
                 if key not in self.run_keys:
                     new_keys.add(key)
             cap = limits.max_keys_per_step
-            if cap is not None and len(keys) > cap:
+            if cap is not None and len(held) + len(keys) > cap:
                 raise LimitExceededError(
                     f"Batch {batch.producer_id}/{batch.seq} refused: step {group.step} "
-                    f"({group.scope}) would hold {len(keys)} distinct keys, above "
+                    f"({group.scope}) would hold {len(held) + len(keys)} distinct keys, above "
                     f"max_keys_per_step={cap}"
                 )
         cap = limits.max_keys_per_run

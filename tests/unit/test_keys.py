@@ -126,3 +126,49 @@ class TestValidation:
         with pytest.raises(ValueError):
             V.validate_key("bad")
         assert issubclass(InvalidMetricError, MetricsError)
+
+
+class TestSumBound:
+    """The worker's ``check_sum`` and the aggregator's admission compare a running sum with the
+    same exact bound, so they agree on sums that round to it as floats."""
+
+    def test_exact_at_the_bound(self) -> None:
+        from decimal import Decimal
+
+        bound = Decimal(V.MAX_ABS_VALUE)  # the float's exact value
+        assert bound == V.MAX_ABS_SUM
+        for total in (bound, -bound, V.MAX_ABS_VALUE, Decimal("1e300"), 0):
+            V.check_sum("time/step_x", total)
+        just_above = bound.next_plus()
+        assert just_above > bound
+        assert float(just_above) == V.MAX_ABS_VALUE  # a float check would let it through
+        refused: tuple[object, ...] = (just_above, -just_above, Decimal("inf"), Decimal("nan"))
+        for total in (*refused, 10**301, "x"):
+            with pytest.raises(InvalidMetricError, match="time/step_x"):
+                V.check_sum("time/step_x", total)
+
+    def test_the_aggregator_refuses_the_same_sums(self) -> None:
+        """A pending 1e300 plus 6e283 is past the exact bound but rounds to 1e300 as a float:
+        both sides refuse it; plus 1e283 both accept."""
+        from decimal import Decimal
+
+        from art_ray_metrics.core.records import LeafBatch
+        from art_ray_metrics.core.state import AggregatorState
+        from art_ray_metrics.errors import WireFormatError
+        from art_ray_metrics.testing import make_group
+
+        def batch(seq: int, value: float) -> LeafBatch:
+            group = make_group(0, "train", {"time/step_x": value})
+            return LeafBatch("p", seq, (group,), "i" * 16, seq - 1, 0)
+
+        over, under = Decimal("1e300") + Decimal("6e283"), Decimal("1e300") + Decimal("1e283")
+        assert float(over) == V.MAX_ABS_VALUE
+        for sign in (1, -1):
+            state = AggregatorState()
+            state.ingest(batch(1, sign * 1e300))
+            with pytest.raises(WireFormatError, match="time/step_x"):
+                state.ingest(batch(2, sign * 6e283))
+            with pytest.raises(InvalidMetricError, match="time/step_x"):
+                V.check_sum("time/step_x", sign * over)
+            state.ingest(batch(2, sign * 1e283))
+            V.check_sum("time/step_x", sign * under)
