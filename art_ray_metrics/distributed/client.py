@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import logging
 import os
 import random
@@ -55,7 +56,6 @@ from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import exact_sum
-from art_ray_metrics.core.validate import _VALID_KEYS
 from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.errors import AggregatorUnavailableError, WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
@@ -103,6 +103,7 @@ class MetricsClient:
         self.config = config or ClientConfig()
         self.producer_id = V.check_text("producer_id", producer_id or _default_producer_id())
         self._actor = actor
+        self._tape: list[Any] = []  # one list for the process's life; entries of _ENTRY items
         self._start()
         self.pricing = PricingRegistry()
         _ALL_CLIENTS.add(self)
@@ -113,6 +114,13 @@ class MetricsClient:
         self.incarnation = _new_incarnation()
         self._pid = os.getpid()
         self._lock = threading.RLock()
+        self._tape.clear()  # in a forked child: the parent ships what it recorded
+        self._gen = getattr(self, "_gen", 0) + 1  # rollouts begun before a fork are older
+        self._his: dict[int, int] = {}  # rollout id -> seq of the batch with its last leaves
+        self._prune_his_at = _PRUNE_HIS_AT
+        # (step, scope) -> (that key, its registry): see _register. Builders put that one key
+        # object on the tape, so _drain tells a change of slot by identity.
+        self._keys: dict[tuple[int, str], tuple[tuple[int, str], PendingLeaves]] = {}
         self._pending: dict[tuple[int, str], PendingLeaves] = {}
         self._pending_leaves = 0
         self._max_batch_leaves = self.config.max_batch_leaves
@@ -146,108 +154,181 @@ class MetricsClient:
         self._start()
 
     # -- recording (called by WorkerBuilder) ------------------------------------------------
+    #
+    # The tape: builders add ``(step, scope), rollout id, key, value`` to ``self._tape`` as
+    # four flat items, without the lock: ``list.extend`` with a tuple is one atomic step, so
+    # entries from concurrent threads never interleave. ``key`` None marks a scenario digest
+    # (``value``) or, with ``value`` None, a builder's creation (its step is reported even if
+    # it records nothing). The tuple passed to ``extend`` dies at once, so recording a leaf
+    # leaves no object for the cyclic GC to track (a tuple per leaf cost a collection every
+    # ~60 rollouts).
+    # ``_drain`` moves the tape into ``_pending`` under the lock and notes in ``_his`` which
+    # batch carries each rollout's last leaves. Only keys already registered for the
+    # (step, scope) take the tape directly: a new key is checked for leaf/ancestor conflicts
+    # under the lock first (``_register``), so every conflict still raises at the call that
+    # made it.
 
-    def _slot(self, step: int, scope: str) -> PendingLeaves:
-        slot = self._pending.get((step, scope))
+    def _slot(self, slot_key: tuple[int, str]) -> PendingLeaves:
+        slot = self._pending.get(slot_key)
         if slot is None:
-            slot = self._pending[(step, scope)] = PendingLeaves()
+            slot = self._pending[slot_key] = PendingLeaves()
         return slot
 
-    def record(self, step: int, scope: str, key: str, value: Number) -> int:
-        """Add a validated leaf (conflicts with unshipped leaves of the step raise)."""
-        return self.record_into((step, scope), key, value)
+    def _slot_entry(self, slot_key: tuple[int, str]) -> tuple[tuple[int, str], PendingLeaves]:
+        """``(step, scope)``'s shared key object and registry (key -> ``True`` for a leaf, or a
+        leaf under it for an ancestor). Kept across ships, for the latest steps."""
+        entry = self._keys.get(slot_key)
+        if entry is None:
+            with self._lock:
+                entry = self._keys.get(slot_key)
+                if entry is None:
+                    entry = self._keys[slot_key] = (slot_key, PendingLeaves())
+                    if len(self._keys) > _MAX_REGISTRIES:  # forget the oldest steps' first
+                        for old in sorted(self._keys)[: _MAX_REGISTRIES // 2]:
+                            del self._keys[old]
+        return entry
 
-    def record_into(self, slot_key: tuple[int, str], key: str, value: Number) -> int:
-        """:meth:`record` for a ``(step, scope)`` the caller keeps; ship when the batch is full.
-        The worker's hot path: a repeated key is one list append. Returns the seq of the batch
-        that will carry the leaf (or a later one)."""
-        with self._lock:
-            slot = self._pending.get(slot_key)
-            if slot is None:
-                slot = self._slot(*slot_key)
-            held = slot.slots.get(key)
-            if held.__class__ is list:
-                held.append(value)
-            else:
-                slot.record(key, value)  # new key, second value, or a conflict (raises)
-            pending = self._pending_leaves = self._pending_leaves + 1
-            seq = self._seq + 1
-        if pending >= self._max_batch_leaves:
-            self.ship()
-        return seq
+    def _registry(self, slot_key: tuple[int, str]) -> PendingLeaves:
+        return self._slot_entry(slot_key)[1]
 
-    def record_many(
-        self, slot_key: tuple[int, str], items: list[tuple[str, Number]], digests: list[bytes]
-    ) -> int:
-        """:meth:`record_into` for several validated leaves and scenario digests under one
-        lock (``add_data``, ``add_user_timing``). A conflict raises at its leaf; the leaves
-        before it stay recorded, as separate calls would have left them."""
-        with self._lock:
-            slot = self._pending.get(slot_key)
-            if slot is None:
-                slot = self._slot(*slot_key)
-            slots = slot.slots
-            for key, value in items:
-                held = slots.get(key)
-                if held.__class__ is list:
-                    held.append(value)
+    def _register(self, slot_key: tuple[int, str], key: str) -> None:
+        """Make ``key`` a known leaf of ``(step, scope)`` (under the lock).
+
+        Raises:
+            MetricConflictError: ``key`` is an ancestor or a descendant of a leaf recorded for
+                the step (in this process), or a sampled key; nothing is changed.
+        """
+        reg = self._registry(slot_key)
+        if reg.slots.get(key) is not True:
+            reg.record(key, True)
+
+    def _drain(self) -> None:
+        """Move the tape into ``_pending`` (under the lock). Each drained rollout learns the
+        seq of the batch that will carry its leaves: the next one."""
+        tape = self._tape
+        n = len(tape)
+        if not n:
+            return
+        items = tape[:n]
+        del tape[:n]  # entries added meanwhile stay for the next drain
+        seq = self._seq + 1
+        pending = self._pending
+        his = self._his
+        if len(his) > self._prune_his_at:  # forget rollouts whose batches are all durable
+            upto = self._acked_upto()
+            his = self._his = {r: h for r, h in his.items() if h > upto}
+            self._prune_his_at = max(_PRUNE_HIS_AT, 2 * len(his))
+        last_sk: Any = None
+        last_rid = 0
+        slots: dict[str, Any] = {}
+        slot: PendingLeaves | None = None
+        markers = 0
+        it = iter(items)
+        for sk, rid, key, value in zip(it, it, it, it, strict=True):
+            if rid != last_rid:
+                last_rid = rid
+                his[rid] = seq
+            if sk is not last_sk:
+                last_sk = sk
+                slot = pending.get(sk)
+                if slot is None:
+                    slot = pending[sk] = PendingLeaves()
+                slots = slot.slots
+            if key is None:
+                if value is None:
+                    markers += 1
                 else:
-                    slot.record(key, value)
-            if digests:
-                slot.scenarios.update(digests)
-            pending = self._pending_leaves = self._pending_leaves + len(items) + len(digests)
-            seq = self._seq + 1
-        if pending >= self._max_batch_leaves:
-            self.ship()
-        return seq
+                    slot.scenarios.add(value)  # type: ignore[union-attr]
+                continue
+            held = slots.get(key)
+            if held is None:
+                slots[key] = value
+            elif held.__class__ is list:
+                held.append(value)
+            elif held.__class__ is str:  # only if its registry was forgotten meanwhile:
+                slots[key] = value  # the aggregator keeps both (as ``unattributed``), counted
+            else:
+                slots[key] = [held, value]
+        self._pending_leaves += n // _ENTRY - markers
 
-    def record_big(self, step: int, scope: str, key: str, value: Number) -> int:
-        """:meth:`record` for a value of magnitude >= ``MAX_MAGNITUDE``: refuses it when the
-        key's pending sum would leave float range (the aggregator could not hold it)."""
+    def _pending_now(self) -> dict[tuple[int, str], PendingLeaves]:
+        """What the next batch would carry, by ``(step, scope)`` (tests and diagnostics)."""
         with self._lock:
-            slot = self._slot(step, scope)
-            held = slot.slots.get(key)
+            self._drain()
+            return self._pending
+
+    def record(self, step: int, scope: str, key: str, value: Number) -> int:
+        """Add a validated leaf for ``(step, scope)``; return the seq of the batch that will
+        carry it (or a later one).
+
+        Raises:
+            MetricConflictError: ``key`` conflicts with a leaf recorded for the step.
+        """
+        self.record_into(self._new_ctx((step, scope)), key, value)
+        return self._seq + 1
+
+    def _new_ctx(self, slot_key: tuple[int, str]) -> _Ctx:
+        """A new rollout's context: no batch built before now can hold its leaves."""
+        return (slot_key, next(_ROLLOUT_IDS), self._seq + 1, self._gen)
+
+    def record_into(self, ctx: _Ctx, key: str, value: Number) -> None:
+        """The slow path of a validated leaf (its key is new for the step): register the key,
+        then put the leaf on the tape; ship when a batch is full."""
+        with self._lock:
+            self._register(ctx[0], key)
+            self._tape.extend((ctx[0], ctx[1], key, value))
+        if len(self._tape) >= self._max_batch_leaves * _ENTRY:
+            self.ship()
+
+    def record_big(self, ctx: _Ctx, key: str, value: Number) -> None:
+        """:meth:`record_into` for a value of magnitude >= ``MAX_MAGNITUDE``: refuses it when
+        the key's pending sum would leave float range (the aggregator could not hold it)."""
+        step, scope = slot_key = ctx[0]
+        with self._lock:
+            self._register(slot_key, key)
+            self._drain()
+            slot = self._pending.get(slot_key)
+            held = slot.slots.get(key) if slot is not None else None
             values = held if held.__class__ is list else [] if held is None else [held]
-            if held.__class__ is not str:
-                shipped = self._big.get((step, scope, key), Decimal(0))
-                V.check_sum(key, exact_sum([*values, value, shipped]))
-            seq = self.record_into((step, scope), key, value)
+            shipped = self._big.get((step, scope, key), Decimal(0))
+            V.check_sum(key, exact_sum([*values, value, shipped]))
+            self._tape.extend((ctx[0], ctx[1], key, value))
             self._big.setdefault((step, scope, key), Decimal(0))
-            return seq
 
-    def record_scenarios(self, step: int, scope: str, digests: list[bytes]) -> int:
+    def record_scenarios(self, ctx: _Ctx, digests: list[bytes]) -> None:
         """Add scenario digests."""
-        with self._lock:
-            slot = self._slot(step, scope)
-            slot.scenarios.update(digests)
-            self._pending_leaves += len(digests)
-            return self._seq + 1
+        sk, rid = ctx[0], ctx[1]
+        self._tape.extend([x for d in digests for x in (sk, rid, None, d)])
 
-    def record_sample(self, step: int, scope: str, key: str, value: float) -> int:
+    def record_sample(self, ctx: _Ctx, key: str, value: float) -> None:
         """Add one per-rollout value (averaged by the aggregator); ship when the batch is full.
-        Returns the seq of the batch that will carry it."""
+
+        Raises:
+            MetricConflictError: ``key`` is a leaf recorded for the step.
+        """
         with self._lock:
-            self._slot(step, scope).record_sample(key, value)
+            reg = self._registry(ctx[0])
+            if key not in reg.samples:
+                reg.record_sample(key, 0.0)
+            self._slot(ctx[0]).samples.setdefault(key, []).append(value)
+            self._his[ctx[1]] = self._seq + 1
             pending = self._pending_leaves = self._pending_leaves + 1
-            seq = self._seq + 1
         if pending >= self._max_batch_leaves:
             self.ship()
-        return seq
 
-    def record_keyed_cost(self, step: int, scope: str, key: str, value: Decimal, rid: str) -> int:
+    def record_keyed_cost(self, ctx: _Ctx, key: str, value: Decimal, rid: str) -> None:
         """Add a cost applied at most once per response id (by the aggregator)."""
         V.check_text("response_id", rid)
         with self._lock:
-            slot = self._slot(step, scope)
-            slot.keyed.append(KeyedCost(key, value, rid))
+            self._slot(ctx[0]).keyed.append(KeyedCost(key, value, rid))
+            self._his[ctx[1]] = self._seq + 1
             self._pending_leaves += 1
-            return self._seq + 1
 
     def touch(self, step: int, scope: str) -> int:
         """Make sure the next batch reports this producer for ``(step, scope)``; return the
         seq of that batch."""
         with self._lock:
-            self._slot(step, scope)
+            self._slot((step, scope))
             return self._seq + 1
 
     # -- shipping --------------------------------------------------------------------------
@@ -267,6 +348,7 @@ class MetricsClient:
     def _build(self) -> tuple[int, bytes] | None:
         """Encode everything pending as the next batch (under the lock). The seq is consumed
         only once the bytes exist: nothing accepted can wedge the sequence."""
+        self._drain()
         if not self._pending:
             self._last_ship = time.monotonic()
             return None
@@ -436,7 +518,7 @@ class MetricsClient:
     def _confirm(self) -> None:
         """Tell the actor every batch up to here is acknowledged, so it can drop our window."""
         with self._lock:
-            if self._pending or self._inflight:
+            if self._pending or self._tape or self._inflight:
                 return
             upto = self._acked_upto()
         if upto > self._confirmed and self._actor is not None:
@@ -449,7 +531,8 @@ class MetricsClient:
                 if self._inflight:
                     self.reap()
                 now = time.monotonic()
-                if self._pending and now - self._last_ship >= self.config.flush_interval_s:
+                waiting = self._pending or self._tape
+                if waiting and now - self._last_ship >= self.config.flush_interval_s:
                     self.ship()
                 # unacknowledged or not yet durable: ask again (duplicates are free)
                 if (
@@ -486,14 +569,24 @@ class MetricsClient:
             return FlushResult(False, self._seq, left, "; ".join(rejected.values())[:4000])
         return FlushResult(done, self._seq, left, None if done else self.last_error)
 
-    def _ship_for(self, hi: int) -> None:
+    def _ship_for(self, hi: int) -> int:
         """Build batch ``hi`` if nobody did yet and send it durable. Not held back by
-        ``max_in_flight``: each such call has a caller waiting on it, which bounds them."""
+        ``max_in_flight``: each such call has a caller waiting on it, which bounds them.
+
+        Returns ``hi``, or the last batch built when nothing is left to build batch ``hi``
+        from: the caller's leaves are then in earlier batches (or were never this process's
+        to ship: recorded before a fork, or dropped by an encoding failure, which the flush
+        reports)."""
+        built = None
         if self._seq < hi:
             with self._lock:
-                built = self._build() if self._seq < hi else None
+                if self._seq < hi:
+                    built = self._build()
+                    if built is None:
+                        hi = self._seq
             if built is not None:
                 self._send(built[0], built[1], durable=True)
+        return hi
 
     def flush_range(self, lo: int, hi: int, timeout_s: float | None = None) -> FlushResult:
         """Ship what is pending if batch ``hi`` is not built yet, then wait until every batch
@@ -501,7 +594,7 @@ class MetricsClient:
         import ray
 
         deadline = time.monotonic() + (timeout_s or self.config.flush_timeout_s)
-        self._ship_for(hi)
+        hi = self._ship_for(hi)
         while True:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
@@ -526,7 +619,7 @@ class MetricsClient:
                 self._failed(exc)
         if self._seq < hi:
             await asyncio.sleep(0)  # let coroutines about to flush record first: one batch
-            self._ship_for(hi)
+            hi = self._ship_for(hi)
         while True:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
@@ -546,8 +639,18 @@ class MetricsClient:
     def flush(self, timeout_s: float | None = None) -> FlushResult:
         """Ship everything and wait until the actor acknowledged all of it as durable."""
         with self._lock:
+            self._drain()
             hi = self._seq + 1 if self._pending else self._seq
         return self.flush_range(1, hi, timeout_s)
+
+    def rollout_range(self, ctx: _Ctx) -> tuple[int, int]:
+        """The batches ``[lo, hi]`` holding a rollout's leaves, once the tape is drained
+        (empty when they are all durable and forgotten; a rollout begun before a fork, in the
+        forked child: from the child's first batch)."""
+        with self._lock:
+            self._drain()
+            lo = ctx[2] if ctx[3] == self._gen else 1
+            return lo, self._his.get(ctx[1], lo - 1)
 
     def stats(self) -> dict[str, Any]:
         """Client counters (batches, resends, failures, retained, in flight)."""
@@ -558,7 +661,7 @@ class MetricsClient:
                 **self.counters,
                 "retained": len(self._retained),
                 "in_flight": len(self._inflight),
-                "pending_leaves": self._pending_leaves,
+                "pending_leaves": self._pending_leaves + len(self._tape) // _ENTRY,
                 "last_error": self.last_error,
             }
 
@@ -573,10 +676,10 @@ class MetricsClient:
         try:
             ray = sys.modules.get("ray")  # at exit it may be half imported by another thread
             if ray is None or not getattr(ray, "is_initialized", lambda: False)():
-                if self._pending or self._retained:
+                if self._pending or self._tape or self._retained:
                     log.warning("art_ray_metrics: closing without Ray; unsent leaves are lost")
                 return
-            if self._pending or self._retained:
+            if self._pending or self._tape or self._retained:
                 self.flush(timeout_s)
             self._confirm()
         except Exception as exc:  # interpreter shutdown: never raise from atexit
@@ -643,14 +746,21 @@ def _reset_clients() -> None:
         _CLIENTS.clear()
 
 
-class _Rollout:
-    """The batches one rollout's leaves went into: ``[lo, hi]`` (shared by its views)."""
+_Ctx = tuple[tuple[int, str], int, int, int]
+"""A builder's context: ``((step, scope), rollout id, lo, generation)``; its tape entries
+carry the first two. Views of one rollout (``for_step``, ``for_cost_context``) share its id and ``lo``, the first
+batch that can hold its leaves; ``generation`` tells a rollout begun before a fork."""
 
-    __slots__ = ("hi", "lo")
+_ROLLOUT_IDS = itertools.count(1)
 
-    def __init__(self, seq: int) -> None:
-        self.lo = self.hi = seq
+_ENTRY = 4
+"""Items per tape entry: ``(step, scope), rollout id, key, value``."""
 
+_PRUNE_HIS_AT = 4096
+"""Rollouts remembered before those whose batches are all durable are forgotten."""
+
+_MAX_REGISTRIES = 64
+"""``(step, scope)`` key registries a client keeps (the oldest steps' are forgotten first)."""
 
 _FAST = V.MAX_MAGNITUDE  # the fast paths' bound; larger values have their sums checked
 
@@ -664,26 +774,33 @@ _TRAINER_IDLE = V.validate_key("throughput/step_trainer_idle_s")
 _ACTOR_IDLE = V.validate_key("throughput/step_actor_idle_s")
 
 
-def _plain_leaves(pairs: tuple[tuple[str, object], ...]) -> list[tuple[str, Number]] | None:
-    """The pairs whose value is given, if each is a plain ``int``/``float`` inside the fast
-    bound; ``None`` if any needs the general checks (which raise, naming key and value)."""
-    items: list[tuple[str, Number]] = []
-    for key, value in pairs:
-        if value is not None:
-            kind = type(value)
-            if not ((kind is float or kind is int) and -_FAST < value < _FAST):  # type: ignore[operator]
-                return None
-            items.append((key, value))  # type: ignore[arg-type]
-    return items
+_DATA_KEYS = (_NUM_SCENARIOS, _ACTOR_TOKENS)
+_TIMING_KEYS = (_WALL_S, _ACTOR_S, _EVAL_S)
+_IDLE_KEYS = (_TRAINER_IDLE, _ACTOR_IDLE)
 
 
 class WorkerBuilder(LeafRecorder):
     """ART's ``MetricsBuilder`` methods bound to one step and cost context, recording into
     the process-wide client. ``flush()`` blocks until this builder's leaves are durable;
-    ``aflush()`` awaits it on the event loop."""
+    ``aflush()`` awaits it on the event loop.
+
+    The hot path takes no lock: a valid leaf whose key is already registered for the step
+    is one ``extend`` of the client's tape (see :class:`MetricsClient`)."""
 
     # one per rollout: no instance dict; __weakref__ keeps the builder weak-referenceable
-    __slots__ = ("__weakref__", "_rollout", "_slot_key", "client", "cost_context", "scope", "step")
+    __slots__ = (
+        "__weakref__",
+        "_cap",
+        "_ctx",
+        "_known",
+        "_rid",
+        "_sk",
+        "_tape",
+        "client",
+        "cost_context",
+        "scope",
+        "step",
+    )
 
     def __init__(
         self,
@@ -691,7 +808,7 @@ class WorkerBuilder(LeafRecorder):
         step: int,
         cost_context: str,
         scope: str,
-        _rollout: _Rollout | None = None,
+        _rollout: tuple[int, int, int] | None = None,
     ) -> None:
         self._bind(
             client,
@@ -707,30 +824,33 @@ class WorkerBuilder(LeafRecorder):
         step: int,
         cost_context: str,
         scope: str,
-        rollout: _Rollout | None,
+        rollout: tuple[int, int, int] | None,
     ) -> None:
         """Set up from arguments already checked (``connect`` caches what it checked)."""
         self.client = client
         self.step = step
         self.cost_context = cost_context
         self.scope = scope
-        self._slot_key = (step, scope)
-        seq = client.touch(step, scope)
+        slot_key = (step, scope)
+        sk, reg = client._keys.get(slot_key) or client._slot_entry(slot_key)
         if rollout is None:
-            rollout = _Rollout(seq)
-        elif seq > rollout.hi:
-            rollout.hi = seq
-        self._rollout = rollout
+            rollout = (next(_ROLLOUT_IDS), client._seq + 1, client._gen)
+        self._ctx = (sk, *rollout)
+        self._sk = sk
+        self._rid = rid = rollout[0]
+        self._known = reg.slots
+        self._cap = client._max_batch_leaves * _ENTRY
+        self._tape = tape = client._tape
+        tape.extend((sk, rid, None, None))  # the next batch reports this producer for the step
+        if len(tape) >= self._cap:
+            client.ship()
 
-    @classmethod
-    def _checked(
-        cls, client: MetricsClient, step: int, cost_context: str, scope: str
-    ) -> WorkerBuilder:
-        builder = cls.__new__(cls)
-        builder._bind(client, step, cost_context, scope, None)
-        return builder
+    @property
+    def _rollout(self) -> tuple[int, int, int]:
+        """This builder's rollout (id, lo, generation), shared with its views."""
+        return self._ctx[1:]
 
-    # -- the hot path: validation inlined, then MetricsClient.record_into ------------------
+    # -- the hot path: validation inlined, then one atomic extend of the tape --------------
 
     def add_metric(self, key: str, value: float) -> None:
         """Add ``value`` to leaf ``key`` of this step (repeated writes are summed)."""
@@ -738,21 +858,56 @@ class WorkerBuilder(LeafRecorder):
         if (
             (kind is float or kind is int)
             and type(key) is str
-            and key in _VALID_KEYS
+            and self._known.get(key) is True  # registered for the step, so valid
             and -_FAST < value < _FAST  # finite, and no realistic sum can pass the bound
             and (value >= 0 or not key.startswith("costs/"))
         ):
-            self._rollout.hi = self.client.record_into(self._slot_key, key, value)
+            tape = self._tape
+            tape.extend((self._sk, self._rid, key, value))
+            if len(tape) >= self._cap:
+                self.client.ship()
         else:
             super().add_metric(key, value)  # validates, raising with the key and value
 
     def add_cost(self, path: str, usd: float) -> None:
         """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
         key = _COST_KEYS.get(path) if type(path) is str else None
-        if key is not None and type(usd) is float and 0 <= usd < _FAST:
-            self._rollout.hi = self.client.record_into(self._slot_key, key, usd)
+        if (
+            key is not None
+            and type(usd) is float
+            and 0 <= usd < _FAST
+            and self._known.get(key) is True
+        ):
+            tape = self._tape
+            tape.extend((self._sk, self._rid, key, usd))
+            if len(tape) >= self._cap:
+                self.client.ship()
         else:
             super().add_cost(path, usd)
+
+    def _put_fixed(self, keys: tuple[str, ...], values: tuple[object, ...]) -> bool:
+        """Record each given value under its fixed key if all are plain ``int``/``float``
+        inside the fast bound (known keys onto the tape, a new one registered first). Returns
+        False, having recorded nothing, if one needs the general checks."""
+        for value in values:
+            if value is not None:
+                kind = type(value)
+                if not ((kind is float or kind is int) and -_FAST < value < _FAST):  # type: ignore[operator]
+                    return False
+        known = self._known
+        tape = self._tape
+        sk = self._sk
+        rid = self._rid
+        for i, value in enumerate(values):  # not zip(strict=True): that doubles the cost
+            if value is not None:
+                key = keys[i]
+                if known.get(key) is True:
+                    tape.extend((sk, rid, key, value))
+                else:
+                    self.client.record_into(self._ctx, key, value)  # type: ignore[arg-type]
+        if len(tape) >= self._cap:
+            self.client.ship()
+        return True
 
     def add_data(
         self,
@@ -761,15 +916,15 @@ class WorkerBuilder(LeafRecorder):
         scenario_ids: Iterable[Any] | None = None,
     ) -> None:
         """Record scenario and token counts and the step's scenario ids (deduplicated run-wide)."""
-        items = _plain_leaves(
-            ((_NUM_SCENARIOS, step_num_scenarios), (_ACTOR_TOKENS, step_actor_tokens))
-        )
-        if items is None:  # a value to check (and maybe refuse): the general path
+        # ids are digested before anything is recorded (a bad one raises); they are added
+        # after the counts, as on the general path
+        digests = _scenario_digests(scenario_ids) if scenario_ids is not None else None
+        if not self._put_fixed(_DATA_KEYS, (step_num_scenarios, step_actor_tokens)):
             super().add_data(step_num_scenarios, step_actor_tokens, scenario_ids)
-            return
-        digests = _scenario_digests(scenario_ids) if scenario_ids is not None else []
-        if items or digests:
-            self._rollout.hi = self.client.record_many(self._slot_key, items, digests)
+        elif digests:
+            sk = self._sk
+            rid = self._rid
+            self._tape.extend([x for d in digests for x in (sk, rid, None, d)])
 
     def add_user_timing(
         self,
@@ -778,13 +933,8 @@ class WorkerBuilder(LeafRecorder):
         step_eval_s: float | None = None,
     ) -> None:
         """Record step timings in seconds under ``time/step_*``."""
-        items = _plain_leaves(
-            ((_WALL_S, step_wall_s), (_ACTOR_S, step_actor_s), (_EVAL_S, step_eval_s))
-        )
-        if items is None:
+        if not self._put_fixed(_TIMING_KEYS, (step_wall_s, step_actor_s, step_eval_s)):
             super().add_user_timing(step_wall_s, step_actor_s, step_eval_s)
-        elif items:
-            self._rollout.hi = self.client.record_many(self._slot_key, items, [])
 
     def add_idle_times(
         self,
@@ -792,30 +942,23 @@ class WorkerBuilder(LeafRecorder):
         step_actor_idle_s: float | None = None,
     ) -> None:
         """Record idle seconds under ``throughput/step_*_idle_s``."""
-        items = _plain_leaves(
-            ((_TRAINER_IDLE, step_trainer_idle_s), (_ACTOR_IDLE, step_actor_idle_s))
-        )
-        if items is None:
+        if not self._put_fixed(_IDLE_KEYS, (step_trainer_idle_s, step_actor_idle_s)):
             super().add_idle_times(step_trainer_idle_s, step_actor_idle_s)
-        elif items:
-            self._rollout.hi = self.client.record_many(self._slot_key, items, [])
 
     def _record(self, key: str, value: Number) -> None:
         if -V.MAX_MAGNITUDE < value < V.MAX_MAGNITUDE:
-            self._rollout.hi = self.client.record_into(self._slot_key, key, value)
+            self.client.record_into(self._ctx, key, value)
         else:  # refuse a value whose pending sum would overflow, before it is accepted
-            self._rollout.hi = self.client.record_big(self.step, self.scope, key, value)
+            self.client.record_big(self._ctx, key, value)
 
     def _record_scenarios(self, digests: list[bytes]) -> None:
-        self._rollout.hi = self.client.record_scenarios(self.step, self.scope, digests)
+        self.client.record_scenarios(self._ctx, digests)
 
     def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
-        self._rollout.hi = self.client.record_keyed_cost(
-            self.step, self.scope, key, value, response_id
-        )
+        self.client.record_keyed_cost(self._ctx, key, value, response_id)
 
     def _record_sample(self, key: str, value: float) -> None:
-        self._rollout.hi = self.client.record_sample(self.step, self.scope, key, value)
+        self.client.record_sample(self._ctx, key, value)
 
     def _pricing(self) -> PricingRegistry:
         return self.client.pricing
@@ -835,16 +978,15 @@ class WorkerBuilder(LeafRecorder):
     def flush(self, timeout_s: float | None = None) -> FlushResult:
         """Ship this builder's leaves and wait until the aggregator holds them durably (other
         rollouts' batches are not waited for). Never raises on telemetry failure."""
-        r = self._rollout
-        result = self.client.flush_range(r.lo, r.hi, timeout_s)
+        result = self.client.flush_range(*self.client.rollout_range(self._ctx), timeout_s)
         if not result.ok:
             log.warning("art_ray_metrics: flush not confirmed durable: %s", result)
         return result
 
     async def aflush(self, timeout_s: float | None = None) -> FlushResult:
         """``flush`` for asyncio code: awaits the acknowledgements on the event loop."""
-        r = self._rollout
-        result = await self.client.aflush_range(r.lo, r.hi, timeout_s)
+        lo, hi = self.client.rollout_range(self._ctx)
+        result = await self.client.aflush_range(lo, hi, timeout_s)
         if not result.ok:
             log.warning("art_ray_metrics: flush not confirmed durable: %s", result)
         return result
@@ -879,7 +1021,9 @@ def connect(
             and type(step) is int
             and 0 <= step <= V.MAX_STEP
         ):
-            return WorkerBuilder._checked(bound[0], step, bound[1], bound[2])
+            builder = _new_builder(WorkerBuilder)
+            builder._bind(bound[0], step, bound[1], bound[2], None)
+            return builder
         config = _named_config(name, namespace)
     elif name is not None or namespace is not None:
         updates = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
@@ -892,6 +1036,8 @@ def connect(
         _CONNECTED[cache_key] = (builder.client, builder.cost_context, builder.scope)
     return builder
 
+
+_new_builder = object.__new__  # WorkerBuilder defines no __new__: skip the class lookup
 
 _CONNECTED: dict[tuple[Any, ...], tuple[MetricsClient, str, str]] = {}
 """What ``connect`` checked, by its arguments: the client, cost context and scope. An entry

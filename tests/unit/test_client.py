@@ -36,14 +36,14 @@ class TestWorkerBuilder:
         usage = {"id": "r-1", "usage": {"prompt_tokens": 100, "completion_tokens": 50}}
         assert b.add_response_cost("judge", usage, provider="openai", model_name="m") == 0.0002
         b.for_cost_context("eval", buffer_scope="eval").add_cost("eval/judge", 0.5)
-        slot = client._pending[(3, "train")]
+        slot = client._pending_now()[(3, "train")]
         assert slot.sums()["costs/train/judge"] == Decimal("0.3")
         assert slot.sums()["data/step_actor_tokens"] == Decimal(10)
         assert [(k.key, k.value, k.response_id) for k in slot.keyed] == [
             ("costs/train/judge", Decimal("0.0002"), "openai:r-1")
         ]
         assert slot.scenarios == {digest("a"), digest("b")}
-        assert client._pending[(3, "eval")].sums() == {"costs/eval/judge": Decimal("0.5")}
+        assert client._pending_now()[(3, "eval")].sums() == {"costs/eval/judge": Decimal("0.5")}
 
     def test_batch_round_trips_through_the_wire(self, client: MetricsClient) -> None:
         """What ship() would send decodes to the same exact sums."""
@@ -51,7 +51,7 @@ class TestWorkerBuilder:
         for _ in range(3):
             b.add_cost("train/x", 0.1)
         b.add_data(scenario_ids=["s"])
-        slot = client._pending[(0, "train")]
+        slot = client._pending_now()[(0, "train")]
         from art_ray_metrics.core.records import LeafBatch, StepGroup
 
         group = StepGroup(0, "train", slot.sums(), tuple(slot.keyed), digest("s"))
@@ -76,7 +76,7 @@ class TestWorkerBuilder:
         b = WorkerBuilder(client, 0, "train", "train")
         with pytest.raises(InvalidMetricError, match=match):
             call(b)  # type: ignore[operator]
-        assert client._pending[(0, "train")].sums() == {}
+        assert client._pending_now()[(0, "train")].sums() == {}
 
     @pytest.mark.parametrize(
         ("call", "match"),
@@ -112,7 +112,7 @@ class TestWorkerBuilder:
         b.add_metric("reward/hot", -2.0)  # negative is fine outside costs/
         with pytest.raises(InvalidMetricError, match=match):
             call(b)  # type: ignore[operator]
-        assert client._pending[(0, "train")].sums() == {
+        assert client._pending_now()[(0, "train")].sums() == {
             "costs/train/hot": Decimal("0.25"),
             "reward/hot": Decimal("-2"),
         }
@@ -149,7 +149,7 @@ class TestFastPathsAgreeWithTheGeneralOnes:
             add_idle_times = LeafRecorder.add_idle_times
 
         self._record(General(client, 1, "train", "train"))
-        a, b = client._pending[(0, "train")], client._pending[(1, "train")]
+        a, b = client._pending_now()[(0, "train")], client._pending_now()[(1, "train")]
         assert a.sums() == b.sums()
         assert a.sums()["data/step_actor_tokens"] == Decimal("813.5")
         assert a.scenarios == b.scenarios == {digest(s) for s in ("a", "b", "7", "\N{SNOWMAN}")}
@@ -178,7 +178,7 @@ class TestFastPathsAgreeWithTheGeneralOnes:
         b.add_data(step_num_scenarios=1)
         with pytest.raises(InvalidMetricError, match=match):
             call(b)  # type: ignore[operator]
-        slot = client._pending[(0, "train")]
+        slot = client._pending_now()[(0, "train")]
         assert slot.sums() == {"data/step_num_scenarios": Decimal(1)}
         assert slot.scenarios == set()
 

@@ -74,7 +74,7 @@ class TestRefusedAtTheCall:
         with pytest.raises(InvalidMetricError) as info:
             call(b)
         assert named in str(info.value)
-        assert client._pending[(0, "train")].sums() == {"reward/ok": 1}
+        assert client._pending_now()[(0, "train")].sums() == {"reward/ok": 1}
         assert client.ship() == 1
         assert decode_batch(client._retained[1]).groups[0].sums == {"reward/ok": 1}
 
@@ -141,9 +141,14 @@ class TestShipping:
         b.add_metric("reward/b", 1.0)
         view = b.for_cost_context("eval")
         view.add_cost("eval/x", 0.5)
-        assert (a._rollout.lo, a._rollout.hi) == (1, 1)
-        assert (b._rollout.lo, b._rollout.hi) == (2, 2)
-        assert view._rollout is b._rollout
+        assert client.rollout_range(a._ctx) == (1, 1)
+        assert client.rollout_range(b._ctx) == (2, 2)
+        assert view._rollout == b._rollout
+        client.ship()
+        c = WorkerBuilder(client, 0, "train", "train")  # records nothing: still reported
+        c.add_metric("reward/a", 1.0)
+        assert client.rollout_range(c._ctx) == (3, 3)
+        assert client.rollout_range(a._ctx) == (1, 1)  # later batches are not a's
 
 
 class TestExit:

@@ -180,7 +180,7 @@ class TestForkedClient:
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:  # child
-                out = f"{c.incarnation}|{c.producer_id}|{len(c._pending)}|{c._seq}"
+                out = f"{c.incarnation}|{c.producer_id}|{len(c._pending_now())}|{c._seq}"
                 os.write(w, out.encode())
                 os._exit(0)
             os.close(w)
@@ -189,6 +189,6 @@ class TestForkedClient:
             assert child[0] != c.incarnation
             assert child[1] == c.producer_id
             assert child[2:4] == ["0", "0"]
-            assert c._pending  # the parent still has its leaves
+            assert c._pending_now()  # the parent still has its leaves
         finally:
             c._stop.set()
