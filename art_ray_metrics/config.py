@@ -141,7 +141,7 @@ class ClientConfig(BaseModel):
 
     name: str = DEFAULT_NAME
     namespace: str = DEFAULT_NAMESPACE
-    max_batch_leaves: int = Field(10_000, ge=1, description="Ship when this many leaves wait.")
+    max_batch_leaves: int = Field(25_000, ge=1, description="Ship when this many leaves wait.")
     flush_interval_s: float = Field(1.0, gt=0, description="Ship at least this often.")
     max_in_flight: int = Field(8, ge=1, description="Unacknowledged calls before ship() blocks.")
     max_retained_batches: int = Field(

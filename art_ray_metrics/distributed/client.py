@@ -124,6 +124,7 @@ class MetricsClient:
         self._pending: dict[tuple[int, str], PendingLeaves] = {}
         self._pending_leaves = 0
         self._max_batch_leaves = self.config.max_batch_leaves
+        self._tape_cap = self._max_batch_leaves * _ENTRY  # tape items that make a full batch
         self._seq = 0
         self._retained: dict[int, bytes] = {}
         self._inflight: dict[Any, tuple[int, bool]] = {}  # ObjectRef -> (seq, durable)
@@ -277,7 +278,7 @@ class MetricsClient:
         with self._lock:
             self._register(ctx[0], key)
             self._tape.extend((ctx[0], ctx[1], key, value))
-        if len(self._tape) >= self._max_batch_leaves * _ENTRY:
+        if len(self._tape) >= self._tape_cap:
             self.ship()
 
     def record_big(self, ctx: _Ctx, key: str, value: Number) -> None:
@@ -834,12 +835,15 @@ class WorkerBuilder(LeafRecorder):
         slot_key = (step, scope)
         sk, reg = client._keys.get(slot_key) or client._slot_entry(slot_key)
         if rollout is None:
-            rollout = (next(_ROLLOUT_IDS), client._seq + 1, client._gen)
-        self._ctx = (sk, *rollout)
+            rid = next(_ROLLOUT_IDS)
+            self._ctx = (sk, rid, client._seq + 1, client._gen)
+        else:
+            rid = rollout[0]
+            self._ctx = (sk, rid, rollout[1], rollout[2])
         self._sk = sk
-        self._rid = rid = rollout[0]
+        self._rid = rid
         self._known = reg.slots
-        self._cap = client._max_batch_leaves * _ENTRY
+        self._cap = client._tape_cap
         self._tape = tape = client._tape
         tape.extend((sk, rid, None, None))  # the next batch reports this producer for the step
         if len(tape) >= self._cap:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,160 @@ class TestConnectCache:
             assert _CONNECTED[(" train ", None, name, "ns", None)][0] is fresh.client
         finally:
             fresh.client._stop.set()
+
+
+class TestTape:
+    """The lock-free hot path: builders extend the client's tape, ships drain it."""
+
+    @staticmethod
+    def _shipping_client(max_batch_leaves: int) -> MetricsClient:
+        c = MetricsClient(ClientConfig(flush_interval_s=1e6, max_batch_leaves=max_batch_leaves))
+        c._send = lambda seq, data, durable: None  # type: ignore[assignment,method-assign]
+        return c
+
+    def test_concurrent_rollouts_lose_nothing_and_know_their_batches(self) -> None:
+        """8 threads record rollouts through the fast paths while a ninth ships at random
+        moments, with the interpreter switching threads every microsecond: every cent and
+        every scenario id arrives exactly once, and each rollout's range holds its batch."""
+        import random
+        import sys
+        import threading
+
+        client = self._shipping_client(max_batch_leaves=300)
+        threads, rollouts = 8, 400
+        contexts: dict[bytes, Any] = {}
+        stop = threading.Event()
+
+        def producer(t: int) -> None:
+            rng = random.Random(t)
+            for i in range(rollouts):
+                b = WorkerBuilder(client, 1, "train", "train")
+                b.add_cost("train/judge", 0.01 * rng.randint(0, 9))
+                b.add_cost(f"train/thread_{t}", 0.1)
+                b.add_metric("reward/score", 1.0)
+                b.add_data(step_num_scenarios=1, scenario_ids=[f"s-{t}-{i}"])
+                b.add_user_timing(step_actor_s=0.25)
+                contexts[digest(f"s-{t}-{i}")] = b._ctx
+
+        def shipper() -> None:
+            rng = random.Random(99)
+            while not stop.is_set():
+                client.ship()
+                stop.wait(rng.random() / 1000)
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            ship_thread = threading.Thread(target=shipper)
+            ship_thread.start()
+            workers = [threading.Thread(target=producer, args=(t,)) for t in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            stop.set()
+            ship_thread.join()
+        finally:
+            sys.setswitchinterval(old)
+        client.ship()
+        try:
+            sums: dict[str, Decimal] = {}
+            seen: dict[bytes, int] = {}
+            for seq, data in client._retained.items():
+                for group in decode_batch(data).groups:
+                    for key, value in group.sums.items():
+                        sums[key] = sums.get(key, Decimal(0)) + value
+                    raw = group.scenario_digests
+                    for j in range(0, len(raw), 16):
+                        assert raw[j : j + 16] not in seen
+                        seen[raw[j : j + 16]] = seq
+            expected_judge = Decimal(0)
+            for t in range(threads):  # replay each thread's draws
+                rng = random.Random(t)
+                for _ in range(rollouts):
+                    expected_judge += Decimal(repr(0.01 * rng.randint(0, 9)))
+            total = threads * rollouts
+            assert sums["costs/train/judge"] == expected_judge
+            for t in range(threads):
+                assert sums[f"costs/train/thread_{t}"] == Decimal("0.1") * rollouts
+            assert sums["reward/score"] == total
+            assert sums["data/step_num_scenarios"] == total
+            assert sums["time/step_actor_s"] == Decimal("0.25") * total
+            assert len(seen) == total
+            for d, seq in seen.items():
+                lo, hi = client.rollout_range(contexts[d])
+                assert lo <= seq <= hi, (lo, seq, hi)
+            assert len(client._retained) > 10, client.counters  # shipped from both kinds of thread
+        finally:
+            client._stop.set()
+
+    def test_recording_leaves_nothing_for_the_cyclic_gc(self, client: MetricsClient) -> None:
+        """A tuple per leaf on the tape made the GC collect every ~60 rollouts."""
+        import gc
+
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_cost("train/judge", 0.001)
+        b.add_metric("reward/r", 1.0)
+        gc.collect()
+        gc.disable()
+        try:
+            before = len(gc.get_objects())
+            for _ in range(5_000):
+                b.add_cost("train/judge", 0.001)
+                b.add_metric("reward/r", 1.0)
+                b.add_user_timing(step_actor_s=0.5)
+            grown = len(gc.get_objects()) - before
+        finally:
+            gc.enable()
+        assert grown < 50, grown
+        assert client._pending_now()[(0, "train")].sums()["costs/train/judge"] == Decimal("5.001")
+
+    def test_a_conflict_with_a_shipped_leaf_still_raises(self) -> None:
+        """Keys stay registered for the step after a ship: one producer cannot send both a
+        leaf and its ancestor, whatever the batches."""
+        client = self._shipping_client(max_batch_leaves=10**9)
+        try:
+            b = WorkerBuilder(client, 0, "train", "train")
+            b.add_cost("train/judge", 0.5)
+            client.ship()
+            with pytest.raises(MetricConflictError, match="train/judge"):
+                WorkerBuilder(client, 0, "train", "train").add_cost("train/judge/x", 0.1)
+            with pytest.raises(MetricConflictError, match="train/judge"):
+                b.add_cost("train", 0.1)
+            b.add_cost("train/judge", 0.25)  # the leaf itself is still fine
+            client.ship()
+            sums = [g.sums for d in client._retained.values() for g in decode_batch(d).groups]
+            assert sums == [
+                {"costs/train/judge": Decimal("0.5")},
+                {"costs/train/judge": Decimal("0.25")},
+            ]
+        finally:
+            client._stop.set()
+
+    def test_registries_and_rollouts_stay_bounded(self) -> None:
+        """A long run: key registries are kept for the latest steps only, and rollouts whose
+        batches are all durable are forgotten (their flush has nothing to wait for)."""
+        from art_ray_metrics.distributed import client as C
+
+        client = self._shipping_client(max_batch_leaves=10**9)
+        try:
+            first = WorkerBuilder(client, 0, "train", "train")
+            first.add_cost("train/judge", 0.5)
+            for step in range(1, 3 * C._MAX_REGISTRIES):
+                for _ in range(40):
+                    WorkerBuilder(client, step, "train", "train").add_cost("train/judge", 0.5)
+                seq = client.ship()
+                assert seq is not None
+                client._acked(seq, {"durable": True, "durable_upto": seq})
+            assert len(client._keys) <= C._MAX_REGISTRIES
+            assert len(client._his) <= 2 * C._PRUNE_HIS_AT
+            lo, hi = client.rollout_range(first._ctx)
+            assert hi < lo  # forgotten: all durable
+            first.add_cost("train/judge", 0.25)  # an old step's builder still records
+            lo, hi = client.rollout_range(first._ctx)
+            assert lo <= hi == client._seq + 1
+            assert client._pending_now()[(0, "train")].sums() == {
+                "costs/train/judge": Decimal("0.25")
+            }
+        finally:
+            client._stop.set()
