@@ -452,7 +452,7 @@ def hot_spots(bench: Bench, n: int) -> list[list[str]]:
             _per_call(lambda i: b.add_data(1, 812, [f"s-{i}"]), n // 4),
         ],
         [
-            "`MetricsClient.record` (lock, slot, `PendingLeaves.record`, ship check)",
+            "`MetricsClient.record` (the slow path of a new key: lock, key registry, tape)",
             _per_call(lambda i: client.record(step, "train", keys[i & 1], _D001), n),
         ],
         [
