@@ -3,7 +3,8 @@
 Life of a leaf::
 
     builder.add_cost("train/judge", 0.002)       # validated here; raises before anything is sent
-      -> PendingLeaves of (step, scope)           # raw values; summed exactly at ship time
+      -> the client's tape                        # one atomic list.extend: no lock, no GC object
+      -> PendingLeaves of (step, scope)           # drained at ship; summed exactly there
       -> ship(): LeafBatch(producer_id, incarnation, seq)   # on size, on time, on flush()
       -> actor.ingest.remote(bytes, durable)      # a flush's call waits for the log write
       -> retained until the actor says durable    # resent after a failed call or actor restart
@@ -14,12 +15,18 @@ Guarantees:
   chosen when the client starts (a restarted, retried or forked producer gets a new one), and
   the actor applies each batch once, so the client can resend freely.
 - **Bounded memory.** Raw values wait at most until the next ship (``max_batch_leaves`` of
-  them); batches carry one exact sum per distinct key. Background calls in flight are capped,
-  retained batches are capped (beyond the cap the oldest is dropped *and counted* on the next
-  row: only when the actor has been unreachable for that long).
+  them); batches carry one exact sum per distinct key. Key registries are kept for the latest
+  64 ``(step, scope)`` pairs, and a rollout is forgotten once all its batches are durable.
+  Background calls in flight are capped, retained batches are capped (beyond the cap the
+  oldest is dropped *and counted* on the next row: only when the actor has been unreachable
+  for that long).
 - **No lost errors, no wedge.** Every call's result is reaped; failures are counted, logged once
   per kind, and resent under the same seq with jittered backoff. A batch the actor refuses is
   dropped, reported by the next flush and counted on the row; later batches are unaffected.
+- **Conflicts raise at the call.** A key is registered for its step the first time it is
+  recorded (under the lock); a leaf that is an ancestor or a descendant of one already recorded
+  for the step by this process raises :class:`MetricConflictError`, even across batches
+  (while the step's registry is kept).
 - **Flush means durable, for its own leaves.** A builder's ``flush()`` returns once the batches
   holding its leaves are durable (write-ahead log or checkpoint); it does not wait for other
   rollouts' batches. It never raises on telemetry failure: it returns a :class:`FlushResult`.
