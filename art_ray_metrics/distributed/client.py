@@ -222,10 +222,6 @@ class MetricsClient:
         seq = self._seq + 1
         pending = self._pending
         his = self._his
-        if len(his) > self._prune_his_at:  # forget rollouts whose batches are all durable
-            upto = self._acked_upto()
-            his = self._his = {r: h for r, h in his.items() if h > upto}
-            self._prune_his_at = max(_PRUNE_HIS_AT, 2 * len(his))
         last_sk: Any = None
         last_rid = 0
         slots: dict[str, Any] = {}
@@ -258,6 +254,13 @@ class MetricsClient:
             else:
                 slots[key] = [held, value]
         self._pending_leaves += n // _ENTRY - markers
+        if len(his) > self._prune_his_at:  # forget rollouts whose batches are all durable
+            upto = self._acked_upto()
+            his = {r: h for r, h in his.items() if h > upto}
+            if len(his) > _MAX_HIS:  # nothing durable for long (actor unreachable): the oldest
+                his = {r: his[r] for r in sorted(his)[-(_MAX_HIS // 2) :]}
+            self._his = his
+            self._prune_his_at = min(_MAX_HIS, max(_PRUNE_HIS_AT, 2 * len(his)))
 
     def _pending_now(self) -> dict[tuple[int, str], PendingLeaves]:
         """What the next batch would carry, by ``(step, scope)`` (tests and diagnostics)."""
@@ -652,13 +655,17 @@ class MetricsClient:
         return self.flush_range(1, hi, timeout_s)
 
     def rollout_range(self, ctx: _Ctx) -> tuple[int, int]:
-        """The batches ``[lo, hi]`` holding a rollout's leaves, once the tape is drained
-        (empty when they are all durable and forgotten; a rollout begun before a fork, in the
-        forked child: from the child's first batch)."""
+        """The batches ``[lo, hi]`` holding a rollout's leaves, once the tape is drained. A
+        rollout no longer in the table (all durable, or dropped from a full one) gets every
+        batch since it began; one begun before a fork, in the forked child: from the child's
+        first batch."""
         with self._lock:
             self._drain()
             lo = ctx[2] if ctx[3] == self._gen else 1
-            return lo, self._his.get(ctx[1], lo - 1)
+            hi = self._his.get(ctx[1])
+            if hi is None:
+                hi = self._seq + 1 if self._pending else self._seq
+            return lo, hi
 
     def stats(self) -> dict[str, Any]:
         """Client counters (batches, resends, failures, retained, in flight)."""
@@ -766,6 +773,10 @@ _ENTRY = 4
 
 _PRUNE_HIS_AT = 4096
 """Rollouts remembered before those whose batches are all durable are forgotten."""
+
+_MAX_HIS = 65_536
+"""Rollouts remembered at most: beyond, the oldest are forgotten (their flush then waits for
+every batch since they began, which is safe, only slower)."""
 
 _MAX_REGISTRIES = 64
 """``(step, scope)`` key registries a client keeps (the oldest steps' are forgotten first)."""

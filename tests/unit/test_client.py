@@ -357,13 +357,37 @@ class TestTape:
                 client._acked(seq, {"durable": True, "durable_upto": seq})
             assert len(client._keys) <= C._MAX_REGISTRIES
             assert len(client._his) <= 2 * C._PRUNE_HIS_AT
+            assert first._rollout[0] not in client._his  # forgotten: all durable
             lo, hi = client.rollout_range(first._ctx)
-            assert hi < lo  # forgotten: all durable
+            assert (lo, hi) == (1, client._seq)  # so its flush covers every batch since
+            assert client.flush_range(lo, hi, timeout_s=1).ok  # all durable: returns at once
             first.add_cost("train/judge", 0.25)  # an old step's builder still records
             lo, hi = client.rollout_range(first._ctx)
             assert lo <= hi == client._seq + 1
             assert client._pending_now()[(0, "train")].sums() == {
                 "costs/train/judge": Decimal("0.25")
             }
+        finally:
+            client._stop.set()
+
+    def test_rollout_table_is_capped_while_nothing_becomes_durable(self) -> None:
+        """An unreachable actor: nothing is acknowledged, rollouts keep coming. The table stays
+        bounded; a forgotten rollout's flush covers every batch since it began."""
+        from art_ray_metrics.distributed import client as C
+
+        client = self._shipping_client(max_batch_leaves=10**9)
+        try:
+            first = WorkerBuilder(client, 0, "train", "train")
+            first.add_cost("train/judge", 0.5)
+            for _ in range(3):
+                for _ in range(C._MAX_HIS // 2):
+                    WorkerBuilder(client, 0, "train", "train").add_cost("train/judge", 0.5)
+                client.ship()
+            assert len(client._his) <= C._MAX_HIS
+            assert first._rollout[0] not in client._his
+            last = WorkerBuilder(client, 0, "train", "train")
+            last.add_cost("train/judge", 0.5)
+            assert client.rollout_range(first._ctx) == (1, client._seq + 1)
+            assert client.rollout_range(last._ctx) == (client._seq + 1, client._seq + 1)
         finally:
             client._stop.set()
