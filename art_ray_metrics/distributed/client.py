@@ -244,13 +244,14 @@ class MetricsClient:
                 else:
                     slot.scenarios.add(value)  # type: ignore[union-attr]
                 continue
+            # no conflict check here: the registry made it (a builder still holding a
+            # forgotten step's registry could pass one; the aggregator then keeps both
+            # values, the ancestor's as ``unattributed``, and counts the clash)
             held = slots.get(key)
             if held is None:
                 slots[key] = value
             elif held.__class__ is list:
                 held.append(value)
-            elif held.__class__ is str:  # only if its registry was forgotten meanwhile:
-                slots[key] = value  # the aggregator keeps both (as ``unattributed``), counted
             else:
                 slots[key] = [held, value]
         self._pending_leaves += n // _ENTRY - markers
@@ -307,9 +308,11 @@ class MetricsClient:
             self._big.setdefault((step, scope, key), Decimal(0))
 
     def record_scenarios(self, ctx: _Ctx, digests: list[bytes]) -> None:
-        """Add scenario digests."""
+        """Add scenario digests; ship when the batch is full."""
         sk, rid = ctx[0], ctx[1]
         self._tape.extend([x for d in digests for x in (sk, rid, None, d)])
+        if len(self._tape) >= self._tape_cap:
+            self.ship()
 
     def record_sample(self, ctx: _Ctx, key: str, value: float) -> None:
         """Add one per-rollout value (averaged by the aggregator); ship when the batch is full.
@@ -763,8 +766,9 @@ def _reset_clients() -> None:
 
 _Ctx = tuple[tuple[int, str], int, int, int]
 """A builder's context: ``((step, scope), rollout id, lo, generation)``; its tape entries
-carry the first two. Views of one rollout (``for_step``, ``for_cost_context``) share its id and ``lo``, the first
-batch that can hold its leaves; ``generation`` tells a rollout begun before a fork."""
+carry the first two. Views of one rollout (``for_step``, ``for_cost_context``) share its id
+and ``lo``, the first batch that can hold its leaves; ``generation`` tells a rollout begun
+before a fork."""
 
 _ROLLOUT_IDS = itertools.count(1)
 
@@ -940,13 +944,14 @@ class WorkerBuilder(LeafRecorder):
         """Record scenario and token counts and the step's scenario ids (deduplicated run-wide)."""
         # ids are digested before anything is recorded (a bad one raises); they are added
         # after the counts, as on the general path
+        # (once: scenario_ids may be an iterator)
         digests = _scenario_digests(scenario_ids) if scenario_ids is not None else None
         if not self._put_fixed(_DATA_KEYS, (step_num_scenarios, step_actor_tokens)):
-            super().add_data(step_num_scenarios, step_actor_tokens, scenario_ids)
+            super().add_data(step_num_scenarios, step_actor_tokens)  # checks; may raise
+            if digests:
+                self._record_scenarios(digests)
         elif digests:
-            sk = self._sk
-            rid = self._rid
-            self._tape.extend([x for d in digests for x in (sk, rid, None, d)])
+            self.client.record_scenarios(self._ctx, digests)
 
     def add_user_timing(
         self,

@@ -391,3 +391,15 @@ class TestTape:
             assert client.rollout_range(last._ctx) == (client._seq + 1, client._seq + 1)
         finally:
             client._stop.set()
+
+    def test_ids_from_an_iterator_survive_the_general_path(self, client: MetricsClient) -> None:
+        """A count that needs the general checks (a Decimal) with ids from a generator: the
+        ids are read once and all recorded."""
+        b = WorkerBuilder(client, 0, "train", "train")
+        b.add_data(step_num_scenarios=Decimal(2), scenario_ids=(f"s-{i}" for i in range(2)))
+        slot = client._pending_now()[(0, "train")]
+        assert slot.scenarios == {digest("s-0"), digest("s-1")}
+        assert slot.sums()["data/step_num_scenarios"] == 2
+        with pytest.raises(InvalidMetricError, match="step_num_scenarios"):
+            b.add_data(step_num_scenarios=Decimal("NaN"), scenario_ids=iter(["s-2"]))
+        assert digest("s-2") not in client._pending_now()[(0, "train")].scenarios
