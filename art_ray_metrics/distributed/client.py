@@ -862,6 +862,7 @@ class WorkerBuilder(LeafRecorder):
         else:
             rid = rollout[0]
             self._ctx = (sk, rid, rollout[1], rollout[2])
+        # copies of what _ctx and the client hold, so the hot path reads one attribute each
         self._sk = sk
         self._rid = rid
         self._known = reg.slots
