@@ -79,6 +79,8 @@ class RewindPlan:
         keys: the objects of the discarded closes, oldest first.
         discarded: ``(step, split)`` of the discarded closes.
         pending_later: pending buffers of steps after the target (dropped).
+        late_later: late buffers of steps after the target (dropped; empty for an implicit
+            rewind, which keeps them for the re-executed step).
     """
 
     step: int
@@ -87,6 +89,7 @@ class RewindPlan:
     keys: tuple[str, ...]
     discarded: frozenset[tuple[int, str]]
     pending_later: tuple[tuple[int, str], ...]
+    late_later: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +281,8 @@ def plan_rewind(
     entries = meta.rewind
     first = next((i for i, r in enumerate(entries) if r.step > step), None)
     pending_later = tuple(k for k in state.pending if k[0] > step)
-    if first is None and not pending_later and (keep_late or not state.late):
+    late_later = () if keep_late else tuple(k for k in state.late if k[0] > step)
+    if first is None and not pending_later and not late_later:
         return None
     first = len(entries) if first is None else first
     if window <= 0 or (first == 0 and meta.rewind_floor >= 0):
@@ -295,6 +299,7 @@ def plan_rewind(
         keys=tuple(r.key for r in discarded),
         discarded=frozenset((r.step, r.split) for r in discarded),
         pending_later=pending_later,
+        late_later=late_later,
     )
 
 
@@ -311,7 +316,8 @@ def apply_rewind(
     ``records`` are the decoded objects of ``plan.keys``. Restores cumulative values and last
     closed steps, removes the ids the discarded closes added, drops pending buffers of later
     steps (and late buffers unless ``keep_late``: an implicit rewind keeps them for the
-    re-executed step), recomputes the pending paid-response ids and updates the meta fields.
+    re-executed step; an explicit one keeps those recorded for the steps it keeps),
+    recomputes the pending paid-response ids and updates the meta fields.
     """
     lost = state.cum.values.get(_CUM_ALL, ZERO) - (base.cum.get(_CUM_ALL, ZERO) if base else ZERO)
     state.cum.values = dict(base.cum) if base else {}
@@ -325,13 +331,12 @@ def apply_rewind(
     if removed:
         state.cum.cost_ids = state.cum.cost_ids.without(removed)
         tombstones[TOMBSTONES["cost_ids"]] = removed
-    # a barrier may have closed one of them while the records were being read
     dropped: list[StepBuffer] = [
         buf for k in plan.pending_later if (buf := state.pending.pop(k, None)) is not None
     ]
-    if not keep_late:
-        dropped.extend(state.late.values())
-        state.late = {}
+    # late leaves of the steps kept stay (a run that never failed counts them); those of the
+    # discarded steps go with their steps
+    dropped.extend(buf for k in plan.late_later if (buf := state.late.pop(k, None)) is not None)
     for buf in dropped:
         lost += sum((v for k, v in buf.sums.items() if k.startswith("costs/")), ZERO)
     state.pending_cost_ids = set()
@@ -343,6 +348,12 @@ def apply_rewind(
     meta.outbox = [e for e in meta.outbox if (e.step, e.split) not in gone]
     meta.history_drop.extend(sorted(gone))
     meta.rewind = meta.rewind[: plan.first]
+    # a split's last closed step: its own if kept, else its last close still in the window
+    closed_split = {sp: st for sp, st in state.last_closed_split.items() if st <= plan.step}
+    for entry in meta.rewind:
+        if state.last_closed_split.get(entry.split, -1) > plan.step:
+            closed_split[entry.split] = max(closed_split.get(entry.split, -1), entry.step)
+    state.last_closed_split = closed_split
     meta.rewound.rewinds += 1
     meta.rewound.steps += len(gone)
     meta.rewound.costs_usd += lost

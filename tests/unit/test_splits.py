@@ -1,0 +1,306 @@
+"""Splits, scopes and cost contexts, decisions that replay as made, and rewinds serialised with
+barriers (issue 19, defects 1, 7, 8, 9 and 10), without Ray: the pure core and the actor class
+on in-memory storage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from art_ray_metrics import AggregatorConfig
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.core.wire import encode_batch
+from art_ray_metrics.distributed.actor import MetricsAggregator
+from art_ray_metrics.durable.restore import read_run
+from art_ray_metrics.durable.storage import InMemoryStore
+from art_ray_metrics.errors import LimitExceededError
+from art_ray_metrics.testing import make_batch
+from tests.unit.test_rewind import Shell
+
+
+def _config(**fields: Any) -> AggregatorConfig:
+    return AggregatorConfig(
+        storage_uri=f"memory://{uuid.uuid4().hex}", wandb_mode="disabled", **fields
+    )
+
+
+def _actor(cfg: AggregatorConfig) -> MetricsAggregator:
+    return MetricsAggregator(cfg.model_dump_json())
+
+
+def _batch(producer: str, seq: int, step: int, scope: str = "train", **kw: Any) -> bytes:
+    return encode_batch(make_batch(producer, seq, step, scope, **kw))
+
+
+async def _stop(agg: MetricsAggregator) -> None:
+    for task in agg.tasks:
+        task.cancel()
+    await asyncio.gather(*agg.tasks, return_exceptions=True)
+
+
+def _history(agg: MetricsAggregator) -> list[tuple[int, str, float]]:
+    rows = agg.history.read()
+    return sorted((int(r["step"]), str(r["split"]), r.get("costs/cum/all", 0.0)) for r in rows)
+
+
+# -- defect 7: val and test at the same step -------------------------------------------------
+
+
+class TestValThenTest:
+    def test_val_then_test_at_one_step_rewinds_nothing(self) -> None:
+        """log(s, "val") then log(s, "test"): two rows, nothing discarded, totals kept."""
+        cfg = _config()
+        agg = _actor(cfg)
+
+        async def run() -> dict[str, dict[str, float]]:
+            rows = {}
+            for step in range(2):
+                await agg.ingest(_batch("w", 3 * step + 1, step, leaves={"costs/train/x": 1.0}))
+                await agg.ingest(
+                    _batch("w", 3 * step + 2, step, "eval", leaves={"costs/eval/j": 2.0})
+                )
+                rows[f"train{step}"] = await agg.log(step)
+                rows[f"val{step}"] = await agg.log(step, "val")
+                await agg.ingest(
+                    _batch("w", 3 * step + 3, step, "eval", leaves={"costs/eval/t": 4.0})
+                )
+                rows[f"test{step}"] = await agg.log(step, "test")
+            await _stop(agg)
+            return rows
+
+        rows = asyncio.run(run())
+        assert agg.state.meta.rewound.rewinds == 0
+        assert agg.state.cum.values["costs/cum/all"] == Decimal(14)
+        # a test leaf recorded before the val barrier is in the val row (ART's shared eval
+        # buffer); one recorded after it is in the test row of the same step
+        assert rows["val0"]["costs/eval"] == 2.0
+        assert rows["test0"]["costs/eval"] == 4.0
+        assert rows["test1"]["costs/cum/all"] == 14.0
+        assert _history(agg) == [
+            (0, "test", 7.0),
+            (0, "train", 1.0),
+            (0, "val", 3.0),
+            (1, "test", 14.0),
+            (1, "train", 8.0),
+            (1, "val", 10.0),
+        ]
+
+    def test_a_resumed_split_still_rewinds(self) -> None:
+        """A split re-closing an older step of its own is a resume: the implicit rewind holds."""
+        agg = _actor(_config())
+
+        async def run() -> None:
+            for step in range(3):
+                await agg.ingest(_batch("w", step + 1, step, leaves={"costs/train/x": 1.0}))
+                await agg.log(step)
+                await agg.log(step, "val")
+            await agg.log(1, "test")  # an older step of another split: not a resume
+            assert agg.state.meta.rewound.rewinds == 0
+            await agg.log(1, "val")  # val re-closes step 1: resumed from step 0
+            await _stop(agg)
+
+        asyncio.run(run())
+        assert agg.state.meta.rewound.rewinds == 1
+        assert agg.state.cum.values["costs/cum/all"] == Decimal(1)
+
+
+# -- defect 8: every cost context is closed by some barrier ----------------------------------
+
+
+class TestCostContextScopes:
+    def test_scope_of_every_cost_context_is_one_a_split_closes(self) -> None:
+        """val and test name the eval scope; any other context its own split's scope."""
+        for context, scope in (
+            ("train", "train"),
+            ("val", "eval"),
+            ("test", "eval"),
+            ("eval", "eval"),
+            ("judge", "judge"),
+        ):
+            assert K.scope_for_cost_context(context) == scope
+            closers = [
+                s for s in ("train", "val", "test", context) if K.scope_for_split(s) == scope
+            ]
+            assert closers, context
+
+    def test_connect_val_leaves_land_in_the_val_row(self) -> None:
+        from art_ray_metrics.distributed.client import connect
+
+        builder = connect(0, "val", name="splits-test", namespace="ns")
+        try:
+            assert (builder.cost_context, builder.scope) == ("val", "eval")
+            view = builder.for_cost_context("test")
+            assert (view.cost_context, view.scope) == ("test", "eval")
+            assert builder.for_cost_context("x", buffer_scope="val").scope == "eval"
+        finally:
+            builder.client._stop.set()
+
+    def test_a_batch_for_scope_val_is_closed_by_the_val_barrier(self) -> None:
+        """An older client's batch with scope "val" lands in the eval scope, not nowhere."""
+        state = AggregatorState()
+        state.ingest_bytes(
+            _batch("w", 1, 0, "val", leaves={"costs/val/judge": 2.0}, scenario_ids=["a", "b"])
+        )
+        row = state.close_step(0, "val").row
+        assert row["costs/val/judge"] == 2.0
+        assert row["data/cum/num_unique_scenarios"] == 2.0
+        assert not state.pending
+
+
+# -- defect 1: decisions replay as they were made --------------------------------------------
+
+
+class TestRefusalsReplay:
+    def test_refused_batch_stays_refused_after_a_crash(self) -> None:
+        """Refused by max_keys_per_step, logged, crash before a checkpoint: the restarted
+        actor and read_run (inspect/history) refuse it again, whatever their limits."""
+        cfg = _config(max_keys_per_step=2)
+        agg = _actor(cfg)
+
+        async def run() -> None:
+            await agg.ingest(_batch("w", 1, 0, leaves={"costs/train/a": 1.0}), True)
+            big = {"costs/train/b": 100.0, "costs/train/c": 100.0, "costs/train/d": 100.0}
+            with pytest.raises(LimitExceededError):
+                await agg.ingest(_batch("w", 2, 0, leaves=big), True)
+            await _stop(agg)  # crash: no checkpoint after the two WAL writes
+
+        asyncio.run(run())
+        assert agg.health.checkpoints == 0
+        name = (cfg.storage_uri or "").split("://", 1)[1]
+        info = read_run(cfg.storage_uri or "", InMemoryStore.named(name))
+        assert info is not None
+        assert info.counters["rejected_batches"] == 1
+        assert info.counters["limit_rejections"] == 1
+        assert info.counters["batches"] == 1
+        for limits in ({}, {"max_keys_per_step": 2}):  # default or same limits at restart
+            restarted = _actor(AggregatorConfig(**{**cfg.model_dump(), **limits}))
+            assert restarted.state.counters["rejected_batches"] == 1
+            assert restarted.state.pending[(0, "train")].sums == {"costs/train/a": Decimal(1)}
+
+    def test_applied_batch_stays_applied_under_stricter_limits(self) -> None:
+        """A batch applied live replays as applied even if the restart has a smaller limit."""
+        cfg = _config()
+        agg = _actor(cfg)
+
+        async def run() -> None:
+            three = {"costs/train/b": 1.0, "costs/train/c": 1.0, "costs/train/d": 1.0}
+            await agg.ingest(_batch("w", 1, 0, leaves=three), True)
+            await _stop(agg)
+
+        asyncio.run(run())
+        restarted = _actor(AggregatorConfig(**{**cfg.model_dump(), "max_keys_per_step": 2}))
+        assert restarted.state.counters["rejected_batches"] == 0
+        assert sum(restarted.state.pending[(0, "train")].sums.values()) == Decimal(3)
+
+
+# -- defect 9: rewinds are serialised with barriers -------------------------------------------
+
+
+def _slow_reads(agg: MetricsAggregator, seconds: float = 0.3) -> None:
+    read = agg._read_rewind
+
+    def slow(key: str) -> Any:
+        record = read(key)
+        time.sleep(seconds)  # the answer is on its way back
+        return record
+
+    agg._read_rewind = slow  # type: ignore[method-assign]
+
+
+class TestRewindWithBarriers:
+    @pytest.mark.parametrize("val_first", [False, True])
+    def test_rewind_and_val_barrier_in_flight_together(self, val_first: bool) -> None:
+        """rewind(0) and log(0, "val") at once, storage reads slow: 11.0 either way, and the
+        history agrees with the totals."""
+        agg = _actor(_config())
+
+        async def run() -> None:
+            for step in range(2):
+                await agg.ingest(_batch("w", step + 1, step, leaves={"costs/train/x": 1.0}))
+                await agg.log(step)
+            await agg.ingest(_batch("w", 3, 0, "eval", leaves={"costs/eval/j": 10.0}))
+            _slow_reads(agg)
+            if val_first:
+                val = asyncio.ensure_future(agg.log(0, "val"))
+                await asyncio.sleep(0)
+                rewind = asyncio.ensure_future(agg.rewind(0))
+            else:
+                rewind = asyncio.ensure_future(agg.rewind(0))
+                await asyncio.sleep(0.05)
+                val = asyncio.ensure_future(agg.log(0, "val"))
+            await asyncio.gather(val, rewind)
+            await agg.checkpoint()
+            await _stop(agg)
+
+        asyncio.run(run())
+        assert agg.state.cum.values["costs/cum/all"] == Decimal(11)
+        assert _history(agg) == [(0, "train", 1.0), (0, "val", 11.0 if not val_first else 12.0)]
+
+    def test_implicit_rewinds_of_two_splits_in_flight(self) -> None:
+        """A trainer resumed from step 0 closes step 1 of train and val at once: one rewind,
+        both new rows kept."""
+        agg = _actor(_config())
+
+        async def run() -> None:
+            for step in range(3):
+                await agg.ingest(_batch("w", step + 1, step, leaves={"costs/train/x": 1.0}))
+                await agg.log(step)
+                await agg.log(step, "val")
+            _slow_reads(agg, 0.2)  # resumed from step 0: steps 1 and 2 are re-executed
+            await agg.ingest(_batch("r", 1, 1, leaves={"costs/train/x": 1.0}))
+            train = asyncio.ensure_future(agg.log(1, "train"))
+            await asyncio.sleep(0.1)  # val's barrier arrives while train's rewind reads
+            await asyncio.gather(train, agg.log(1, "val"))
+            await agg.checkpoint()
+            await _stop(agg)
+
+        asyncio.run(run())
+        assert agg.state.cum.values["costs/cum/all"] == Decimal(2)
+        steps = {(s, sp) for s, sp, _ in _history(agg)}
+        assert steps == {(0, "train"), (0, "val"), (1, "train"), (1, "val")}
+
+
+# -- defect 10: an explicit rewind keeps the late leaves of the steps it keeps -----------------
+
+
+class TestRewindKeepsLateLeavesOfKeptSteps:
+    @staticmethod
+    def _run(fail: bool) -> Decimal:
+        shell = Shell()
+        for s in range(7):
+            shell.state.ingest(make_batch("p", s + 1, s, leaves={"costs/train/x": 1.0}))
+            shell.close(s)
+        shell.state.ingest(make_batch("late", 1, 2, leaves={"costs/train/x": 5.0}))
+        if fail:
+            shell.rewind(5)
+            start = 6
+        else:
+            start = 7
+        for s in range(start, 8):
+            shell.state.ingest(make_batch("q", s + 1, s, leaves={"costs/train/x": 1.0}))
+            shell.close(s)
+        return shell.state.cum.values["costs/cum/all"]
+
+    def test_rows_after_the_rewind_equal_a_run_that_never_failed(self) -> None:
+        assert self._run(fail=False) == Decimal(13)
+        assert self._run(fail=True) == Decimal(13)
+
+    def test_late_leaves_of_discarded_steps_are_dropped_and_counted(self) -> None:
+        shell = Shell()
+        for s in range(4):
+            shell.state.ingest(make_batch("p", s + 1, s, leaves={"costs/train/x": 1.0}))
+            shell.close(s)
+        shell.state.ingest(make_batch("late", 1, 1, leaves={"costs/train/x": 5.0}))
+        shell.state.ingest(make_batch("late", 2, 3, leaves={"costs/train/x": 7.0}))
+        result = shell.rewind(2)
+        assert result is not None
+        assert result.costs_usd == Decimal(8)  # step 3's close and its late leaves
+        row = shell.close(3)
+        assert row["costs/train/x"] == 5.0  # step 1's late leaves, kept
+        assert row["costs/cum/all"] == 8.0
