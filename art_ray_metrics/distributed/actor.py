@@ -595,6 +595,7 @@ class MetricsAggregator:
         for family, removed in result.tombstones.items():
             self.tombstones[family] += removed
         self._forget_rewind_objects(result.dropped_keys)
+        self.rewind_queue.update(result.rewritten)  # kept closes, recorded on the new base
         log.warning(
             "art_ray_metrics: rewound to step %s: discarded %d closed steps and %d pending "
             "buffers (%s USD of their spend leaves the totals)",

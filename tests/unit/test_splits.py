@@ -304,3 +304,30 @@ class TestRewindKeepsLateLeavesOfKeptSteps:
         row = shell.close(3)
         assert row["costs/train/x"] == 5.0  # step 1's late leaves, kept
         assert row["costs/cum/all"] == 8.0
+
+
+class TestRewindKeepsClosesOfKeptSteps:
+    def test_a_kept_close_made_after_a_discarded_one_is_applied_again(self) -> None:
+        """val 0 closed after train 1: rewinding to 0 keeps val 0 (its spend and ids), and
+        the rewritten record chains correctly into a second rewind."""
+        shell = Shell()
+        for s in range(2):
+            shell.state.ingest(make_batch("p", s + 1, s, leaves={"costs/train/x": 1.0}))
+            shell.close(s)
+        shell.state.ingest(
+            make_batch("e", 1, 0, "eval", leaves={"costs/eval/j": 10.0}, scenario_ids=["v"])
+        )
+        shell.close(0, "val")
+        result = shell.rewind(0)
+        assert result is not None
+        assert (result.discarded_steps, result.costs_usd) == (1, Decimal(1))
+        assert shell.state.cum.values["costs/cum/all"] == Decimal(11)
+        assert shell.state.cum.values["costs/cum/eval"] == Decimal(10)
+        assert len(shell.state.cum.scenarios) == 1
+        assert shell.state.last_closed == {"train": 0, "eval": 0}
+        assert [(e.step, e.split) for e in shell.state.meta.rewind] == [(0, "train"), (0, "val")]
+        shell.state.ingest(make_batch("p", 3, 1, leaves={"costs/train/x": 2.0}))
+        assert shell.close(1)["costs/cum/all"] == 13.0
+        shell.rewind(0)
+        assert shell.state.cum.values["costs/cum/all"] == Decimal(11)
+        assert set(shell.objects) == {e.key for e in shell.state.meta.rewind}
