@@ -5,12 +5,17 @@ on in-memory storage."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from art_ray_metrics import AggregatorConfig
 from art_ray_metrics.core import keys as K
@@ -331,3 +336,129 @@ class TestRewindKeepsClosesOfKeptSteps:
         shell.rewind(0)
         assert shell.state.cum.values["costs/cum/all"] == Decimal(11)
         assert set(shell.objects) == {e.key for e in shell.state.meta.rewind}
+
+
+# -- the model: every split in any order, cost contexts, rewinds, late leaves, restarts -------
+
+
+@dataclass
+class _Part:
+    step: int
+    scope: str
+    cost: Decimal
+    late: bool
+
+
+@dataclass
+class _Close:
+    step: int
+    split: str
+    cost: Decimal
+
+
+class SplitsModel(RuleBasedStateMachine):
+    """The actor class (no Ray) against a reference of the model in docs/design.md: each
+    barrier takes its scope's leaves of its step and earlier plus the late ones; a split that
+    re-closes a step at or below its own last one rewinds to the step before; an explicit
+    rewind to k discards exactly the closes of steps > k, the pending leaves of steps > k and
+    the late leaves recorded for them. Restarts replay the write-ahead log."""
+
+    @initialize()
+    def start(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.cfg = _config(checkpoint_interval_s=3600, wal_interval_s=3600)
+        self.agg = _actor(self.cfg)
+        self.seq = 0
+        self.parts: list[_Part] = []
+        self.closes: list[_Close] = []
+        self.last_rows: dict[str, int] = {}
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(_stop(self.agg))
+        self.loop.close()
+        InMemoryStore.forget((self.cfg.storage_uri or "").split("://", 1)[1])
+
+    # -- the reference ----------------------------------------------------------------------
+
+    def _last_closed(self, scope: str) -> int | None:
+        steps = [c.step for c in self.closes if K.scope_for_split(c.split) == scope]
+        return max(steps) if steps else None
+
+    def _rewind(self, k: int, *, keep_late: bool) -> None:
+        self.closes = [c for c in self.closes if c.step <= k]
+        self.parts = [p for p in self.parts if p.step <= k or (p.late and keep_late)]
+        kept = {(c.step, c.split) for c in self.closes}
+        self.last_rows = {sp: s for sp, s in self.last_rows.items() if (s, sp) in kept}
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @rule(
+        step=st.integers(0, 4),
+        context=st.sampled_from(["train", "val", "test", "eval"]),
+        cost=st.sampled_from([1, 2, 5]),
+    )
+    def record(self, step: int, context: str, cost: int) -> None:
+        """A worker records under a cost context (connect(step, context)) and flushes."""
+        scope = K.scope_for_cost_context(context)
+        self.seq += 1
+        data = _batch("w", self.seq, step, scope, leaves={f"costs/{context}/x": cost})
+        self.loop.run_until_complete(self.agg.ingest(data, True))
+        last = self._last_closed(scope)
+        self.parts.append(_Part(step, scope, Decimal(cost), last is not None and step <= last))
+
+    @rule(step=st.integers(0, 4), split=st.sampled_from(["train", "val", "test"]))
+    def log(self, step: int, split: str) -> None:
+        self.loop.run_until_complete(self.agg.log(step, split))
+        if self.last_rows.get(split) == step:
+            return  # a retried barrier: the same row, nothing closed
+        own = [c.step for c in self.closes if c.split == split]
+        if own and step <= max(own):
+            self._rewind(step - 1, keep_late=True)
+        scope = K.scope_for_split(split)
+        taken = [p for p in self.parts if p.scope == scope and (p.late or p.step <= step)]
+        self.parts = [p for p in self.parts if p not in taken]
+        self.closes.append(_Close(step, split, sum((p.cost for p in taken), Decimal(0))))
+        self.last_rows[split] = step
+
+    @rule(k=st.integers(-1, 4))
+    def rewind(self, k: int) -> None:
+        self.loop.run_until_complete(self.agg.rewind(k))
+        self._rewind(k, keep_late=False)
+
+    @rule()
+    def restart(self) -> None:
+        """The actor dies (no checkpoint after its last WAL write) and is started again."""
+        self.loop.run_until_complete(_stop(self.agg))
+        self.agg = _actor(self.cfg)
+
+    # -- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def totals_equal_the_reference(self) -> None:
+        state = self.agg.state
+        assert state.cum.values.get("costs/cum/all", Decimal(0)) == sum(
+            (c.cost for c in self.closes), Decimal(0)
+        )
+        waiting = sum(
+            (
+                sum(b.sums.values(), Decimal(0))
+                for b in (*state.pending.values(), *state.late.values())
+            ),
+            Decimal(0),
+        )
+        assert waiting == sum((p.cost for p in self.parts), Decimal(0))
+
+    @invariant()
+    def each_row_once_in_the_history(self) -> None:
+        self.loop.run_until_complete(self.agg.checkpoint())
+        rows = [(int(r["step"]), str(r["split"])) for r in self.agg.history.read()]
+        assert sorted(rows) == sorted({(c.step, c.split) for c in self.closes})
+
+
+SplitsModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("ARM_SPLITS_EXAMPLES", "40")),
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestSplitsModel = SplitsModel.TestCase
