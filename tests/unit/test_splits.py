@@ -462,3 +462,41 @@ SplitsModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSplitsModel = SplitsModel.TestCase
+
+
+# -- formats: older snapshots and write-ahead-log records still read ------------------------
+
+
+class TestOlderFormats:
+    def test_snapshot_without_late_steps_or_split_closes(self) -> None:
+        """A state blob of the previous layout: late leaves per scope, no per-split closes."""
+        state = AggregatorState()
+        state.ingest(make_batch("p", 1, 3, leaves={"costs/train/x": 1.0}))
+        state.close_step(3)
+        state.ingest(make_batch("p", 2, 1, leaves={"costs/train/x": 2.0}))  # late
+        from art_ray_metrics.core.meta import LastRow
+
+        state.meta.last_rows["val"] = LastRow(2, {})
+        raw = state.to_wire()
+        raw["late"] = [[sc, b] for _, sc, b in raw.pop("late_steps")]
+        del raw["last_closed_split"]
+        old = AggregatorState.from_wire(raw)
+        assert list(old.late) == [(3, "train")]  # held for the scope's last closed step
+        assert old.last_closed_split == {"train": 3, "val": 2}
+        assert old.close_step(4).row["costs/train/x"] == 2.0
+
+    def test_wal_record_of_plain_batches_is_decided_again(self) -> None:
+        """An older WAL record (batch bytes only) replays as before: decided again, unbounded."""
+        import msgpack
+
+        from art_ray_metrics.durable.checkpoint import LoadedCheckpoint
+        from art_ray_metrics.durable.restore import encode_wal_record, rebuild_state
+
+        three = {"costs/train/a": 1.0, "costs/train/b": 1.0, "costs/train/c": 1.0}
+        old = msgpack.packb([_batch("w", 1, 0, leaves=three)], use_bin_type=True)
+        new = encode_wal_record([(_batch("w", 2, 0, leaves={"costs/train/d": 9.0}), "limit")])
+        loaded = LoadedCheckpoint(b"", {}, 0, 0, [old, new])
+        state, replayed = rebuild_state(loaded)
+        assert replayed == 1
+        assert state.counters["limit_rejections"] == 1
+        assert sum(state.pending[(0, "train")].sums.values()) == Decimal(3)
