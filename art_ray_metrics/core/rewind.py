@@ -9,8 +9,9 @@ described in ``docs/design.md`` ("Rewinds"). The actor's protocol, per barrier a
     result = apply_rewind(state, plan, base, records, keep_late=...)
 
 The shell stores ``data`` at ``key`` before the checkpoint, reads ``plan.base_key`` and
-``plan.keys``, appends ``result.tombstones`` to its tombstone shards and forgets the evicted
-and dropped objects.
+``plan.keys``, appends ``result.tombstones`` to its tombstone shards, stores
+``result.rewritten`` (the kept closes applied again) and forgets the evicted and dropped
+objects. The shell serialises rewinds with closes: none may run between a plan and its apply.
 """
 
 from __future__ import annotations
