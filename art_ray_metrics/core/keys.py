@@ -32,6 +32,7 @@ __all__ = [
     "is_builder_managed",
     "is_cumulative",
     "route_key",
+    "scope_for_cost_context",
     "scope_for_split",
     "to_cumulative",
 ]
@@ -76,6 +77,18 @@ def scope_for_split(split: str) -> str:
     if split in ("val", "test"):
         return "eval"
     return split
+
+
+def scope_for_cost_context(context: str) -> str:
+    """Return the scope of the leaves a worker records under a cost context (or an explicit
+    buffer scope): the scope of the split of that name, so some barrier always closes it.
+    ``val`` and ``test`` are never scopes themselves: their leaves wait in ``eval``, which the
+    ``val`` and ``test`` barriers close. Any other name is closed by the split of that name.
+
+    >>> [scope_for_cost_context(c) for c in ("train", "val", "test", "eval", "judge")]
+    ['train', 'eval', 'eval', 'eval', 'judge']
+    """
+    return scope_for_split(context)
 
 
 def canonical_backend_key(key: str) -> str:

@@ -9,8 +9,9 @@ described in ``docs/design.md`` ("Rewinds"). The actor's protocol, per barrier a
     result = apply_rewind(state, plan, base, records, keep_late=...)
 
 The shell stores ``data`` at ``key`` before the checkpoint, reads ``plan.base_key`` and
-``plan.keys``, appends ``result.tombstones`` to its tombstone shards and forgets the evicted
-and dropped objects.
+``plan.keys``, appends ``result.tombstones`` to its tombstone shards, stores
+``result.rewritten`` (the kept closes applied again) and forgets the evicted and dropped
+objects. The shell serialises rewinds with closes: none may run between a plan and its apply.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import msgpack
 import numpy as np
 
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
+from art_ray_metrics.core.keys import scope_for_split
 from art_ray_metrics.core.meta import RewindEntry
 from art_ray_metrics.core.rollup import ZERO
 from art_ray_metrics.core.state import AggregatorState, StepBuffer
@@ -76,9 +78,13 @@ class RewindPlan:
         step: the target step.
         first: index in ``meta.rewind`` of the first discarded close.
         base_key: the object of the close to restore (``None``: back to the empty state).
-        keys: the objects of the discarded closes, oldest first.
+        keys: the objects of every close from ``first`` on, oldest first: the discarded ones
+            (steps after the target) and the kept ones closed after them (a val barrier of
+            a kept step that closed after a later train step), which are applied again.
         discarded: ``(step, split)`` of the discarded closes.
         pending_later: pending buffers of steps after the target (dropped).
+        late_later: late buffers of steps after the target (dropped; empty for an implicit
+            rewind, which keeps them for the re-executed step).
     """
 
     step: int
@@ -87,6 +93,7 @@ class RewindPlan:
     keys: tuple[str, ...]
     discarded: frozenset[tuple[int, str]]
     pending_later: tuple[tuple[int, str], ...]
+    late_later: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +105,9 @@ class RewindResult:
         discarded_buffers: pending and late buffers dropped.
         costs_usd: spend that left the totals.
         tombstones: removed ids (concatenated digests) per tombstone shard family.
-        dropped_keys: rewind objects of the discarded closes (unqueue or delete them).
+        dropped_keys: rewind objects of the closes from ``first`` on (unqueue or delete them).
+        rewritten: ``(key, object bytes)`` of the kept closes applied again, now after the
+            target (store them before the commit that names them).
     """
 
     discarded_steps: int
@@ -106,6 +115,7 @@ class RewindResult:
     costs_usd: Decimal
     tombstones: dict[str, bytes] = field(default_factory=dict)
     dropped_keys: tuple[str, ...] = ()
+    rewritten: tuple[tuple[str, bytes], ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """The plain dict returned by the actor's ``rewind``."""
@@ -278,7 +288,8 @@ def plan_rewind(
     entries = meta.rewind
     first = next((i for i, r in enumerate(entries) if r.step > step), None)
     pending_later = tuple(k for k in state.pending if k[0] > step)
-    if first is None and not pending_later and (keep_late or not state.late):
+    late_later = () if keep_late else tuple(k for k in state.late if k[0] > step)
+    if first is None and not pending_later and not late_later:
         return None
     first = len(entries) if first is None else first
     if window <= 0 or (first == 0 and meta.rewind_floor >= 0):
@@ -287,14 +298,15 @@ def plan_rewind(
             f"Expected a step to rewind to >= {oldest} (the oldest step still restorable "
             f"with rewind_window={window}) but got {step!r}"
         )
-    discarded = entries[first:]
+    after = entries[first:]
     return RewindPlan(
         step=step,
         first=first,
         base_key=entries[first - 1].key if first > 0 else None,
-        keys=tuple(r.key for r in discarded),
-        discarded=frozenset((r.step, r.split) for r in discarded),
+        keys=tuple(r.key for r in after),
+        discarded=frozenset((r.step, r.split) for r in after if r.step > step),
         pending_later=pending_later,
+        late_later=late_later,
     )
 
 
@@ -306,44 +318,82 @@ def apply_rewind(
     *,
     keep_late: bool,
 ) -> RewindResult:
-    """Go back to the state right after ``base`` (the empty state without one).
+    """Go back to the state right after ``base`` (the empty state without one), then apply
+    again the kept closes made after it (their steps are at or below the target).
 
     ``records`` are the decoded objects of ``plan.keys``. Restores cumulative values and last
-    closed steps, removes the ids the discarded closes added, drops pending buffers of later
+    closed steps, adds back what each kept close added to the cumulative values (its record
+    minus the one before it), removes the ids the discarded closes added, drops pending buffers of later
     steps (and late buffers unless ``keep_late``: an implicit rewind keeps them for the
-    re-executed step), recomputes the pending paid-response ids and updates the meta fields.
+    re-executed step; an explicit one keeps those recorded for the steps it keeps),
+    recomputes the pending paid-response ids and updates the meta fields.
     """
-    lost = state.cum.values.get(_CUM_ALL, ZERO) - (base.cum.get(_CUM_ALL, ZERO) if base else ZERO)
-    state.cum.values = dict(base.cum) if base else {}
-    state.last_closed = dict(base.last_closed) if base else {}
+    meta = state.meta
+    before = state.cum.values.get(_CUM_ALL, ZERO)
+    cum = dict(base.cum) if base else {}
+    last_closed = dict(base.last_closed) if base else {}
+    gone_records: list[RewindRecord] = []
+    kept: list[RewindEntry] = []
+    rewritten: list[tuple[str, bytes]] = []
+    prev = base.cum if base else {}
+    for record in records:
+        if record.step > plan.step:
+            gone_records.append(record)
+        else:  # a kept close made after a discarded one: what it added, on the new base
+            for key, value in record.cum.items():
+                delta = value - prev.get(key, ZERO)
+                if delta:
+                    cum[key] = cum.get(key, ZERO) + delta
+            scope = scope_for_split(record.split)
+            last_closed[scope] = max(last_closed.get(scope, record.step), record.step)
+            meta.close_seq += 1
+            key = record_key(record.step, record.split, meta.close_seq)
+            again = RewindRecord(
+                record.step,
+                record.split,
+                dict(cum),
+                dict(last_closed),
+                record.scenarios,
+                record.cost_ids,
+            )
+            kept.append(RewindEntry(record.step, record.split, key))
+            rewritten.append((key, encode_record(again)))
+        prev = record.cum
+    state.cum.values = cum
+    state.last_closed = last_closed
+    lost = before - cum.get(_CUM_ALL, ZERO)
     tombstones: dict[str, bytes] = {}
-    removed = b"".join(r.scenarios for r in records)
+    removed = b"".join(r.scenarios for r in gone_records)
     if removed:
         state.cum.scenarios = state.cum.scenarios.without(removed)
         tombstones[TOMBSTONES["scenarios"]] = removed
-    removed = b"".join(r.cost_ids for r in records)
+    removed = b"".join(r.cost_ids for r in gone_records)
     if removed:
         state.cum.cost_ids = state.cum.cost_ids.without(removed)
         tombstones[TOMBSTONES["cost_ids"]] = removed
-    # a barrier may have closed one of them while the records were being read
     dropped: list[StepBuffer] = [
         buf for k in plan.pending_later if (buf := state.pending.pop(k, None)) is not None
     ]
-    if not keep_late:
-        dropped.extend(state.late.values())
-        state.late = {}
+    # late leaves of the steps kept stay (a run that never failed counts them); those of the
+    # discarded steps go with their steps
+    dropped.extend(buf for k in plan.late_later if (buf := state.late.pop(k, None)) is not None)
     for buf in dropped:
         lost += sum((v for k, v in buf.sums.items() if k.startswith("costs/")), ZERO)
     state.pending_cost_ids = set()
     for buf in (*state.pending.values(), *state.late.values()):
         state.pending_cost_ids |= buf.cost_ids
-    meta = state.meta
     gone = plan.discarded
     meta.last_rows = {sp: r for sp, r in meta.last_rows.items() if (r.step, sp) not in gone}
     meta.outbox = [e for e in meta.outbox if (e.step, e.split) not in gone]
     meta.history_drop.extend(sorted(gone))
-    meta.rewind = meta.rewind[: plan.first]
+    meta.rewind = meta.rewind[: plan.first] + kept
+    # a split's last closed step: its own if kept, else its last close still in the window
+    closed_split = {sp: st for sp, st in state.last_closed_split.items() if st <= plan.step}
+    for entry in meta.rewind:
+        if state.last_closed_split.get(entry.split, -1) > plan.step:
+            closed_split[entry.split] = max(closed_split.get(entry.split, -1), entry.step)
+    state.last_closed_split = closed_split
     meta.rewound.rewinds += 1
     meta.rewound.steps += len(gone)
     meta.rewound.costs_usd += lost
-    return RewindResult(len(gone), len(dropped), lost, tombstones, plan.keys)
+    return RewindResult(len(gone), len(dropped), lost, tombstones, plan.keys, tuple(rewritten))

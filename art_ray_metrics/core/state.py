@@ -28,7 +28,14 @@ Invariants of :class:`AggregatorState`:
 - **Nothing dropped.** A leaf for a step whose scope was already closed is *late*: it goes
   into the next row of that scope (cumulative totals stay exact) and is counted. Closing step
   ``s`` also folds in, as late, any pending leaves of that scope for steps below ``s`` that
-  were never closed (a skipped step, or leaves replayed after a restart).
+  were never closed (a skipped step, or leaves replayed after a restart). Late leaves are held
+  per ``(step they were recorded for, scope)``, so a rewind keeps those of the steps it keeps.
+- **Splits, scopes, barriers.** A barrier closes ``(step, split)``: it folds the pending leaves
+  of the split's scope (:func:`~art_ray_metrics.core.keys.scope_for_split`) into the row of
+  ``(step, split)``. ``val`` and ``test`` share the scope ``eval``: the first of them at a step
+  takes the leaves, the second the ones that arrived since. ``last_closed`` is per scope (what
+  is late); ``last_closed_split`` per split (what is a resume: a split closing a step at or
+  below its own last one).
 - **Conflicts keep every dollar.** When one producer sends ``costs/train`` and another
   ``costs/train/x`` for the same step, the ancestor's value moves to
   ``costs/train/unattributed`` (so ``costs/train`` = x + unattributed), and the clash is
@@ -361,8 +368,13 @@ class AggregatorState:
         """Every leaf key producers sent in the run (bounded by ``limits.max_keys_per_run``)."""
         self.cum = CumulativeState()
         self.pending: dict[tuple[int, str], StepBuffer] = {}
-        self.late: dict[str, StepBuffer] = {}
+        self.late: dict[tuple[int, str], StepBuffer] = {}
+        """Late leaves by ``(step they were recorded for, scope)``: the next close of the scope
+        takes them all."""
         self.last_closed: dict[str, int] = {}
+        """The last closed step per scope: a leaf for a step at or below it is late."""
+        self.last_closed_split: dict[str, int] = {}
+        """The last closed step per split: a barrier at or below it is a resume."""
         self.producers: dict[ProducerKey, _Window] = {}
         self.pending_cost_ids: set[bytes] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
@@ -422,12 +434,12 @@ class AggregatorState:
         sums: dict[tuple[int, str, str], Decimal] = {}
         step_keys: dict[tuple[int, str], set[str]] = {}
         new_keys: set[str] = set()
-        scopes = {sc for _, sc in self.pending} | set(self.late)
+        scopes = {sc for _, sc in self.pending} | {sc for _, sc in self.late}
         for group in batch.groups:
             last = self.last_closed.get(group.scope)
             late = last is not None and group.step <= last
-            where = (-1 if late else group.step, group.scope)
-            buf = self.late.get(group.scope) if late else self.pending.get(where)
+            where = (group.step, group.scope)  # late or pending: lateness is per (step, scope)
+            buf = self.late.get(where) if late else self.pending.get(where)
             if buf is None:
                 scopes.add(group.scope)
             leaves = [*group.sums.items(), *((c.key, c.value) for c in group.keyed_costs)]
@@ -480,13 +492,13 @@ class AggregatorState:
         self.run_keys |= new_keys
 
     def _buffer_for(self, group: StepGroup) -> tuple[StepBuffer, bool]:
+        key = (group.step, group.scope)
         last = self.last_closed.get(group.scope)
         if last is not None and group.step <= last:
-            buf = self.late.get(group.scope)
+            buf = self.late.get(key)
             if buf is None:
-                buf = self.late[group.scope] = StepBuffer()
+                buf = self.late[key] = StepBuffer()
             return buf, True
-        key = (group.step, group.scope)
         buf = self.pending.get(key)
         if buf is None:
             buf = self.pending[key] = StepBuffer()
@@ -530,6 +542,24 @@ class AggregatorState:
             raise
         return self.ingest(batch)
 
+    def refuse_bytes(self, data: bytes, *, limit: bool) -> None:
+        """Repeat a refusal decided earlier (a replayed write-ahead log): count it and move
+        the producer's window past the batch; apply nothing and check nothing. A batch the
+        window already holds is skipped, uncounted, as the live aggregator would have."""
+        ident = batch_identity(data)
+        if ident is None:
+            return
+        pid, inc, seq, acked_upto = ident
+        window = self.producers.get((pid, inc))
+        if window is None:
+            window = self.producers[(pid, inc)] = _Window(acked_upto)
+        elif window.seen(seq):
+            return
+        window.mark(seq)
+        self.counters["rejected_batches"] += 1
+        if limit:
+            self.counters["limit_rejections"] += 1
+
     def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
         """The producer holds durable acknowledgements up to ``acked_upto`` and will never
         resend those batches: drop its window when nothing above is applied. Returns whether
@@ -569,13 +599,13 @@ class AggregatorState:
         scope = K.scope_for_split(split)
         # a transaction: build the row on a fresh buffer, commit only once nothing can fail
         current = self.pending.get((step, scope))
-        late = self.late.get(scope)
+        late = sorted(k for k in self.late if k[1] == scope)
         older = [k for k in self.pending if k[1] == scope and k[0] < step]
         buf = StepBuffer()
         if current is not None:
             buf.merge(current)
-        if late is not None:
-            buf.merge(late)
+        for held in late:
+            buf.merge(self.late[held])
         for skipped in older:  # a step the trainer skipped: its leaves are late
             stale = self.pending[skipped]
             buf.merge(stale)
@@ -590,13 +620,16 @@ class AggregatorState:
         routed["training_step"] = float(step)
         # -- commit
         self.pending.pop((step, scope), None)
-        self.late.pop(scope, None)
+        for held in late:
+            self.late.pop(held)
         for skipped in older:
             self.pending.pop(skipped)
         commit_close(buf, self.cum, updates)
         self.pending_cost_ids -= buf.cost_ids
         prev = self.last_closed.get(scope)
         self.last_closed[scope] = step if prev is None else max(prev, step)
+        prev = self.last_closed_split.get(split)
+        self.last_closed_split[split] = step if prev is None else max(prev, step)
         self.counters["rows"] += 1
         return StepReport(
             step,
@@ -621,8 +654,9 @@ class AggregatorState:
         out: dict[str, Any] = {
             "cum": {k: str(v) for k, v in self.cum.values.items()},
             "pending": [[s, sc, b.to_wire()] for (s, sc), b in sorted(self.pending.items())],
-            "late": [[sc, b.to_wire()] for sc, b in sorted(self.late.items())],
+            "late_steps": [[s, sc, b.to_wire()] for (s, sc), b in sorted(self.late.items())],
             "last_closed": dict(self.last_closed),
+            "last_closed_split": dict(self.last_closed_split),
             "windows": [
                 [p, i, w.watermark, sorted(w.above or ())] for (p, i), w in self.producers.items()
             ],
@@ -646,8 +680,16 @@ class AggregatorState:
         state.cum.scenarios = DigestLedger.from_bytes(raw.get("scenarios", scenarios))
         state.cum.cost_ids = DigestLedger.from_bytes(raw.get("cost_ids", cost_ids))
         state.pending = {(int(s), str(sc)): StepBuffer.from_wire(b) for s, sc, b in raw["pending"]}
-        state.late = {str(sc): StepBuffer.from_wire(b) for sc, b in raw["late"]}
         state.last_closed = {str(k): int(v) for k, v in raw["last_closed"].items()}
+        if "late_steps" in raw:
+            state.late = {
+                (int(s), str(sc)): StepBuffer.from_wire(b) for s, sc, b in raw["late_steps"]
+            }
+        else:  # before late leaves were kept per step: held for the scope's last closed step
+            state.late = {
+                (state.last_closed.get(str(sc), 0), str(sc)): StepBuffer.from_wire(b)
+                for sc, b in raw["late"]
+            }
         if "windows" in raw:
             state.producers = {
                 (str(p), str(i)): _Window(int(w), a) for p, i, w, a in raw["windows"]
@@ -659,6 +701,14 @@ class AggregatorState:
         state.counters.update({str(k): int(v) for k, v in raw["counters"].items()})
         state.conflict_names = {str(k): int(v) for k, v in raw["conflict_names"].items()}
         state.meta = AggregatorMeta.from_dict(raw["meta"])
+        if "last_closed_split" in raw:
+            state.last_closed_split = {str(k): int(v) for k, v in raw["last_closed_split"].items()}
+        else:  # older snapshots: the splits' last rows, and splits that are their own scope
+            state.last_closed_split = {sp: row.step for sp, row in state.meta.last_rows.items()}
+            for scope, step in state.last_closed.items():
+                if scope != K.scope_for_split("val"):
+                    held = state.last_closed_split.get(scope, step)
+                    state.last_closed_split[scope] = max(held, step)
         state.run_keys = {str(k) for k in raw.get("keys", ())}
         for buf in (*state.pending.values(), *state.late.values()):
             state.pending_cost_ids |= buf.cost_ids

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
@@ -170,6 +171,8 @@ def decode_batch(data: bytes) -> LeafBatch:
             V.check_split(scope)  # a scope the trainer could never close would stay pending
         except InvalidMetricError as exc:
             raise WireFormatError(f"Invalid scope in batch: {exc}") from exc
+        # "val"/"test" from an older client: the scope the val and test barriers close
+        scope = K.scope_for_cost_context(scope)
         if not isinstance(raw[2], dict) or not isinstance(raw[3], list):
             raise WireFormatError("Expected group sums as a map and keyed costs as a list")
         sums = dict(_leaf(k, v) for k, v in raw[2].items())

@@ -18,8 +18,6 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import msgpack
-
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
@@ -37,7 +35,7 @@ from art_ray_metrics.core.wire import batch_identity
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
-from art_ray_metrics.durable.restore import rebuild_state
+from art_ray_metrics.durable.restore import encode_wal_record, rebuild_state, refusal_kind
 from art_ray_metrics.durable.storage import (
     ObstoreStore,
     check_conditional_writes,
@@ -139,7 +137,8 @@ class MetricsAggregator:
         self.durable: dict[ProducerKey, _Window] = {
             p: _Window(w.watermark, w.above or ()) for p, w in self.state.producers.items()
         }
-        self.wal_queue: list[tuple[bytes, ProducerKey, int]] = []
+        # (batch bytes, producer, seq, refusal: None when applied, else how it was refused)
+        self.wal_queue: list[tuple[bytes, ProducerKey, int, str | None]] = []
         self.wal_queue_bytes = 0
         self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
         self.since_ckpt: list[tuple[ProducerKey, int]] = []
@@ -155,6 +154,7 @@ class MetricsAggregator:
         self.tasks: list[asyncio.Task[None]] = []
         self.wal_lock: asyncio.Lock | None = None
         self.persist_lock: asyncio.Lock | None = None
+        self.barrier_lock: asyncio.Lock | None = None  # rewinds and closes, one at a time
         # GPU time is charged from the last train barrier, on the wall clock and persisted, so
         # the time between a barrier and a restart is charged once, at the next barrier
         if meta.gpu_since is None:
@@ -249,6 +249,7 @@ class MetricsAggregator:
             return
         self.wal_lock = asyncio.Lock()
         self.persist_lock = asyncio.Lock()
+        self.barrier_lock = asyncio.Lock()
         self.wal_wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.tasks = [
@@ -290,13 +291,13 @@ class MetricsAggregator:
             )
         try:
             result = self.state.ingest_bytes(data)  # raises WireFormatError: counted
-        except WireFormatError:
+        except WireFormatError as exc:
             ident = batch_identity(data)
-            if ident is not None:
-                key = (ident[0], ident[1])
+            if ident is not None:  # logged as refused: a replay refuses it again, whatever
+                key = (ident[0], ident[1])  # the limits of the restarted aggregator
                 if key not in self.durable:
                     self.durable[key] = _Window(ident[3])
-                self.wal_queue.append((data, key, ident[2]))
+                self.wal_queue.append((data, key, ident[2], refusal_kind(exc)))
                 self.wal_queue_bytes += len(data)
                 self.since_ckpt.append((key, ident[2]))
                 await self._await_wal(key, ident[2])
@@ -305,7 +306,7 @@ class MetricsAggregator:
         if key not in self.durable:  # new, or back after confirm dropped its window
             self.durable[key] = _Window(result.acked_upto)
         if not result.duplicate:
-            self.wal_queue.append((data, key, result.seq))
+            self.wal_queue.append((data, key, result.seq, None))
             self.wal_queue_bytes += len(data)
             self.since_ckpt.append((key, result.seq))
         if durable:
@@ -376,7 +377,7 @@ class MetricsAggregator:
             return
         batch, self.wal_queue = self.wal_queue, []
         self.wal_queue_bytes = 0
-        record = msgpack.packb([d for d, _, _ in batch], use_bin_type=True)
+        record = encode_wal_record([(d, refused) for d, _, _, refused in batch])
         started = time.monotonic()
         try:
             await asyncio.to_thread(self.ckpt.append_wal, record)
@@ -391,10 +392,10 @@ class MetricsAggregator:
             return
         self.health.wal_writes += 1
         self.telemetry.observe("wal_commit_seconds", time.monotonic() - started)
-        self._mark_durable([(p, s) for _, p, s in batch])
+        self._mark_durable([(p, s) for _, p, s, _ in batch])
 
     def _count_wal_bytes(self) -> None:
-        self.wal_queue_bytes = sum(len(d) for d, _, _ in self.wal_queue)
+        self.wal_queue_bytes = sum(len(item[0]) for item in self.wal_queue)
 
     async def _wal_loop(self) -> None:
         """Write at once when woken by a durable ingest; else every ``wal_interval_s``."""
@@ -477,15 +478,13 @@ class MetricsAggregator:
         strict: bool = False,
     ) -> dict[str, float]:
         started = time.monotonic()
-        scope = K.scope_for_split(split)
-        closed = self.state.last_closed.get(scope)
-        if (
-            isinstance(step, int)
-            and closed is not None
-            and 0 <= step <= closed
-            and self.config.rewind_window > 0
-        ):
-            await self._implicit_rewind(step, split)
+        assert self.barrier_lock is not None
+        async with self.barrier_lock:  # decided after any rewind in flight has applied
+            # a resume: this split closes a step at or below its own last one (another split
+            # of the same scope at the same step, e.g. test after val, is not one)
+            closed = self.state.last_closed_split.get(split)
+            if closed is not None and 0 <= step <= closed and self.config.rewind_window > 0:
+                await self._implicit_rewind(step, split)
         if expect_producers is not None:
             missing = await self._wait_for(step, split, expect_producers, timeout_s)
             if missing is not None and strict:  # nothing closed: the step stays open
@@ -494,11 +493,23 @@ class MetricsAggregator:
                     "report in time; call log() again to wait longer, or with on_timeout='close'"
                 )
         metrics = dict(metrics or {})
+        now = _wall_clock()
         if split == "train":
-            now = _wall_clock()
             gpu = self._gpu_cost(max(0.0, now - self.last_train_barrier))
             if gpu is not None and "costs/gpu" not in metrics:
                 metrics["costs/gpu"] = gpu
+        async with self.barrier_lock:  # never while a rewind reads its records
+            return await self._close_now(step, split, metrics, started, now)
+
+    async def _close_now(
+        self,
+        step: int,
+        split: str,
+        metrics: dict[str, float],
+        started: float,
+        now: float,
+    ) -> dict[str, float]:
+        """Close, record and commit; the state changes in one synchronous stretch."""
         ledgers = (self.state.cum.scenarios, self.state.cum.cost_ids)
         before = [len(ledger.journal_bytes()) for ledger in ledgers]
         report = self.state.close_step(step, split, metrics)  # raises InvalidMetricError
@@ -562,7 +573,9 @@ class MetricsAggregator:
         self._ensure_tasks()
         if isinstance(step, bool) or not isinstance(step, int) or step < -1:
             raise InvalidMetricError(f"Expected a step >= -1 to rewind to but got {step!r}")
-        result = await self._rewind(step, keep_late=False)
+        assert self.barrier_lock is not None
+        async with self.barrier_lock:  # a barrier closes before or after, never in between
+            result = await self._rewind(step, keep_late=False)
         await self._persist()
         return result
 
@@ -582,6 +595,7 @@ class MetricsAggregator:
         for family, removed in result.tombstones.items():
             self.tombstones[family] += removed
         self._forget_rewind_objects(result.dropped_keys)
+        self.rewind_queue.update(result.rewritten)  # kept closes, recorded on the new base
         log.warning(
             "art_ray_metrics: rewound to step %s: discarded %d closed steps and %d pending "
             "buffers (%s USD of their spend leaves the totals)",

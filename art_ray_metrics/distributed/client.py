@@ -994,9 +994,10 @@ class WorkerBuilder(LeafRecorder):
     def for_cost_context(
         self, cost_context: str, *, buffer_scope: str | None = None
     ) -> WorkerBuilder:
-        """The same step under another cost context (and scope); flushed with this builder."""
+        """The same step under another cost context (and scope); flushed with this builder.
+        The scope is the one a barrier closes (``val``/``test`` are ``eval``)."""
         context = V.check_cost_context(cost_context)
-        scope = buffer_scope or context
+        scope = K.scope_for_cost_context(buffer_scope or context)
         return WorkerBuilder(self.client, self.step, context, scope, self._rollout)
 
     def for_step(self, step: int) -> WorkerBuilder:
@@ -1033,8 +1034,9 @@ def connect(
     """A builder for one step in a worker, recording into the named aggregator.
 
     ``cost_context`` is the first segment under ``costs/`` for API costs; the buffer scope is
-    ``scope_for_split(split)`` when a split is given, else the cost context (as ART's
-    ``for_cost_context``). The actor is looked up lazily, on the first send.
+    ``scope_for_split(split)`` when a split is given, else ``scope_for_cost_context`` of the
+    cost context (the context's own name, but ``val`` and ``test`` are ``eval``: a barrier
+    always closes it). The actor is looked up lazily, on the first send.
     """
     cache_key = (cost_context, split, name, namespace, producer_id)
     cacheable = config is None
@@ -1058,7 +1060,7 @@ def connect(
         config = config.model_copy(update=updates)
     scope = K.scope_for_split(V.check_split(split)) if split is not None else None
     if scope is None:
-        scope = V.check_cost_context(cost_context)
+        scope = K.scope_for_cost_context(V.check_cost_context(cost_context))
     builder = WorkerBuilder(get_client(config, producer_id=producer_id), step, cost_context, scope)
     if cacheable and len(_CONNECTED) < 4096:
         _CONNECTED[cache_key] = (builder.client, builder.cost_context, builder.scope)

@@ -3,6 +3,13 @@
 The aggregator calls :func:`rebuild_state` when it starts; the CLI (``inspect``, ``history``)
 and the demo's ``--resume`` call :func:`read_run`, which uses the same function without claiming
 the store, so both see the same totals, including after a rewind.
+
+A write-ahead-log record is a msgpack list with one entry per batch, in the order the
+aggregator decided them: the batch bytes for a batch it applied, ``[bytes, kind]`` for one it
+refused (``kind`` is :data:`REFUSED_LIMIT` or :data:`REFUSED_INVALID`). Replay repeats each
+decision: an applied batch is applied (no limit is checked again) and a refused one is
+counted and skipped, whatever the limits of the process replaying. Records written before
+refusals were marked hold bytes only; their batches are decided again, with no limits.
 """
 
 from __future__ import annotations
@@ -20,16 +27,45 @@ from art_ray_metrics.durable import checkpoint as ckpt_mod
 from art_ray_metrics.durable.checkpoint import CheckpointManager, LoadedCheckpoint
 from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.storage import open_store
-from art_ray_metrics.errors import WireFormatError
+from art_ray_metrics.errors import LimitExceededError, WireFormatError
 
-__all__ = ["RunInfo", "read_run", "rebuild_state"]
+__all__ = [
+    "REFUSED_INVALID",
+    "REFUSED_LIMIT",
+    "RunInfo",
+    "encode_wal_record",
+    "read_run",
+    "rebuild_state",
+    "refusal_kind",
+]
+
+REFUSED_LIMIT = "limit"
+"""WAL mark of a batch refused by a configured limit (:class:`LimitExceededError`)."""
+REFUSED_INVALID = "invalid"
+"""WAL mark of any other refused batch (a sum that would overflow, a bad field)."""
 
 log = logging.getLogger(__name__)
+
+
+def refusal_kind(exc: WireFormatError) -> str:
+    """How a refused batch is marked in the write-ahead log."""
+    return REFUSED_LIMIT if isinstance(exc, LimitExceededError) else REFUSED_INVALID
+
+
+def encode_wal_record(entries: list[tuple[bytes, str | None]]) -> bytes:
+    """One WAL record: ``(batch bytes, refusal kind or None when applied)`` in decision order."""
+    out: bytes = msgpack.packb(
+        [data if refused is None else [data, refused] for data, refused in entries],
+        use_bin_type=True,
+    )
+    return out
 
 
 def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
     """Return the state a checkpoint describes, with its write-ahead log replayed.
 
+    Each logged decision is replayed as it was made (see the module docstring); the state
+    replays with no limits, so the limits configured now never change a past decision.
     Rewind tombstones are netted out of the id shards, so an id removed by a rewind stays
     removed. Returns the state and the number of batches replayed (duplicates not counted).
     """
@@ -40,11 +76,15 @@ def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
     )
     replayed = 0
     for record in loaded.wal:
-        for data in msgpack.unpackb(record, raw=False):
+        for entry in msgpack.unpackb(record, raw=False):
+            if isinstance(entry, list):  # refused when it arrived: refused again
+                data, kind = entry
+                state.refuse_bytes(data, limit=kind == REFUSED_LIMIT)
+                continue
             try:
-                if not state.ingest_bytes(data).duplicate:
+                if not state.ingest_bytes(entry).duplicate:
                     replayed += 1
-            except WireFormatError as exc:  # a batch the aggregator refused (logged on purpose)
+            except WireFormatError as exc:  # an unmarked (older) record's refused batch
                 log.warning("art_ray_metrics: replayed a refused batch (counted): %s", exc)
     return state, replayed
 

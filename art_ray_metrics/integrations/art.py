@@ -257,7 +257,11 @@ class _TrainerLeaves(LeafRecorder):
         self, cost_context: str, *, buffer_scope: str | None = None
     ) -> _TrainerLeaves:
         context = V.check_cost_context(cost_context)
-        scope = buffer_scope.strip() if buffer_scope is not None else context
+        # a scope some barrier closes: model.metrics_builder("val") records into eval, which
+        # the next val or test log ships (in ART its leaves would wait in "val" forever)
+        scope = K.scope_for_cost_context(
+            buffer_scope.strip() if buffer_scope is not None else context
+        )
         if context == self.cost_context and scope == self.scope:
             return self
         return _TrainerLeaves(context, scope, self.pending, self.pricing)

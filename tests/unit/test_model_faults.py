@@ -91,7 +91,7 @@ class Reference:
 
     applied: set[tuple[str, int]] = field(default_factory=set)
     pending: dict[int, list[Part]] = field(default_factory=dict)
-    late: list[Part] = field(default_factory=list)
+    late: list[tuple[int, Part]] = field(default_factory=list)  # (step recorded for, part)
     closed: list[Closed] = field(default_factory=list)
 
     @property
@@ -109,7 +109,7 @@ class Reference:
         return {r for c in self.closed for p in c.parts for r in p.rids}
 
     def pending_parts(self) -> list[Part]:
-        return [p for parts in self.pending.values() for p in parts] + self.late
+        return [p for parts in self.pending.values() for p in parts] + [p for _, p in self.late]
 
     def apply(self, key: tuple[str, int], leaves: Leaves) -> None:
         self.applied.add(key)
@@ -120,13 +120,13 @@ class Reference:
         part = Part(cost, leaves.ids, rids)
         last = self.last_closed
         if last is not None and leaves.step <= last:
-            self.late.append(part)
+            self.late.append((leaves.step, part))
         else:
             self.pending.setdefault(leaves.step, []).append(part)
 
     def close(self, step: int) -> Closed:
         parts = [p for s in sorted(self.pending) if s <= step for p in self.pending.pop(s)]
-        parts += self.late
+        parts += [p for _, p in self.late]
         self.late = []
         ids = frozenset(i for p in parts for i in p.ids)
         row = Closed(
@@ -138,8 +138,8 @@ class Reference:
     def rewind(self, step: int, *, keep_late: bool = False) -> None:
         self.closed = [c for c in self.closed if c.step <= step]
         self.pending = {s: p for s, p in self.pending.items() if s <= step}
-        if not keep_late:
-            self.late = []
+        if not keep_late:  # an explicit rewind keeps the late leaves of the steps it keeps
+            self.late = [(s, p) for s, p in self.late if s <= step]
 
 
 def _ledger(values: set[str]) -> bytes:

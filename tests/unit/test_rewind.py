@@ -68,6 +68,7 @@ class Shell:
             self.tombstones[family] += removed
         for key in result.dropped_keys:
             del self.objects[key]
+        self.objects.update(result.rewritten)
         return result
 
 

@@ -56,7 +56,7 @@ class TestCloseIsATransaction:
             s.close_step(1, metrics={"data/step_actor_tokens": 1})
         assert s.snapshot() == before
         assert (1, "train") in s.pending
-        assert "train" in s.late
+        assert (0, "train") in s.late  # late leaves are held per (step, scope)
         del s.cum.values["data/cum/actor_tokens"]
         row = s.close_step(1).row
         assert row["costs/cum/all"] == 0.875
