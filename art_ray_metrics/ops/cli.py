@@ -732,7 +732,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CliError(
             f"Expected the demo extras but got {exc}; install them with "
-            "pip install 'art-ray-metrics[demo]'"
+            "pip install -e '.[demo]' in your clone of art-ray-metrics"
         ) from exc
     if args.address:
         connect_ray(args.address, args.namespace, verbose=args.verbose)
