@@ -7,6 +7,7 @@ Commands::
     art-ray-metrics inspect URI [--json]          checkpoint: steps, totals, unique ids, W&B run id
     art-ray-metrics history URI [--format table|jsonl|csv] [--split S] [--columns a,b]
     art-ray-metrics wandb-sync URI [--new-run] [--mode online|offline] [--project P]
+    art-ray-metrics fake-llm [--port 0]           the demo's fake OpenAI/Anthropic API, for your code
     art-ray-metrics status [--address ADDR] [--name N] [--namespace NS] [--json]
     art-ray-metrics stop [--address ADDR] [--name N] [--namespace NS]
 
@@ -646,6 +647,51 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fake_llm(args: argparse.Namespace) -> int:
+    """``fake-llm``: serve the local fake OpenAI/Anthropic API until Ctrl-C (or SIGTERM).
+
+    Prints the two ``export`` lines that point the SDKs at it on stdout (nothing else goes
+    there, so ``art-ray-metrics fake-llm > fake-llm.env`` keeps them), the rest on stderr.
+    """
+    import signal
+
+    from art_ray_metrics.ops.fakellm import FakeLLMServer
+
+    if not 0 <= args.port < 65536:
+        raise CliError(f"Expected --port between 0 (a free port) and 65535 but got {args.port}")
+    try:
+        server = FakeLLMServer(args.port).start()
+    except OSError as exc:
+        raise CliError(
+            f"Expected to serve on 127.0.0.1:{args.port} but got: {exc.strerror or exc} "
+            "(pass another --port, or 0 for a free one)"
+        ) from exc
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        for line in server.export_lines():
+            print(line)
+        sys.stdout.flush()
+        print(
+            f"art-ray-metrics fake-llm: serving fake OpenAI and Anthropic APIs on "
+            f"127.0.0.1:{server.port} (no network; any key is accepted); run the export lines "
+            "above in the shell that runs your code; Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        served = server.requests
+        server.stop()
+    print(f"art-ray-metrics fake-llm: stopped after {served} requests", file=sys.stderr)
+    return 0
+
+
 def _latest_local_run(root: str = "runs") -> str | None:
     if not os.path.isdir(root):
         return None
@@ -865,6 +911,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--run-name", help="W&B display name (default: the run directory name)")
     w.add_argument("--dir", help="parent directory of W&B's local files")
     w.set_defaults(func=cmd_wandb_sync)
+
+    f = sub.add_parser(
+        "fake-llm",
+        help="serve a local fake OpenAI/Anthropic API and print the export lines that use it",
+    )
+    f.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: a free port)")
+    f.set_defaults(func=cmd_fake_llm)
 
     s = sub.add_parser("status", help="show a running aggregator's stats")
     s.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS or 'auto')")

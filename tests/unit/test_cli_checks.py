@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -358,3 +359,61 @@ class TestDemoMessages:
         assert offline_sync_command(tmp_path, "abc123") == (
             f"wandb sync {tmp_path}/wandb/offline-run-*"
         )
+
+
+class TestFakeLLM:
+    """``art-ray-metrics fake-llm``: the demo's fake API for the quickstarts, from one command."""
+
+    def test_prints_exports_that_real_sdks_use_then_stops_on_ctrl_c(self, tmp_path: Path) -> None:
+        """Its two export lines, run in a shell with no keys, point the real OpenAI and
+        Anthropic clients at it; Ctrl-C stops it with exit 0 and the request count."""
+        import signal
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "art_ray_metrics", "fake-llm"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            exports = [server.stdout.readline().rstrip("\n") for _ in range(2)]
+            assert [line.split("=")[0] for line in exports] == [
+                "export OPENAI_BASE_URL",
+                "export ANTHROPIC_BASE_URL",
+            ]
+            client_code = (
+                "import anthropic, openai\n"
+                "c = openai.OpenAI().chat.completions.create(model='gpt-4.1',"
+                " messages=[{'role': 'user', 'content': 'hi'}])\n"
+                "m = anthropic.Anthropic().messages.create(model='claude-sonnet-4-6',"
+                " max_tokens=8, messages=[{'role': 'user', 'content': 'hi'}])\n"
+                "print(c.usage.prompt_tokens > 0, m.usage.input_tokens > 0)\n"
+            )
+            script = tmp_path / "client.py"
+            script.write_text(client_code)
+            shell = "\n".join([*exports, f"{shlex.quote(sys.executable)} {script}"])
+            used = subprocess.run(
+                ["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert used.returncode == 0, used.stderr[-2000:]
+            assert used.stdout.split() == ["True", "True"]
+        finally:
+            server.send_signal(signal.SIGINT)
+            out, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err
+        assert out == ""  # only the export lines go to stdout
+        assert "stopped after 2 requests" in err
+
+    def test_a_taken_port_is_one_line(self, tmp_path: Path) -> None:
+        """A port something else holds: exit 2, one line naming it."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            proc = cli("fake-llm", "--port", str(port), cwd=tmp_path)
+        assert_one_line_error(proc, "fake-llm", f"127.0.0.1:{port}", "--port")
