@@ -265,7 +265,8 @@ def _history_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     every = records if args.split is None or records else read_history(store)[0]
     if not every and not skipped and CheckpointManager(store).load_latest() is None:
         raise CliError(f"Expected a run at {args.uri!r} but found no history and no checkpoint")
-    if args.split is not None and not records:
+    if args.split is not None and not records and args.format == "table":
+        # (jsonl and csv print nothing, or the header: what a script expects of no rows)
         splits = sorted({str(r["split"]) for r in every})
         raise CliError(
             f"Expected rows of split {args.split!r} in {args.uri} but found none (the run has "
@@ -314,7 +315,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     if not records:
         print(f"history of {args.uri}: no rows yet")
         return 0
-    table = Table(title=f"history of {args.uri} ({len(records)} rows)", title_justify="left")
+    # the title as a line of its own: a rich title wraps to the width of a narrow table
+    print(f"history of {args.uri} ({len(records)} row{'' if len(records) == 1 else 's'})")
+    table = Table()
     table.add_column("step", justify="right")
     table.add_column("split")
     for col in columns:

@@ -337,6 +337,7 @@ class TestHistoryDamage:
         assert proc.returncode == 0, proc.stderr
         for column in ("train/reward", "train/loss", "costs/all"):
             assert column in proc.stdout, proc.stdout
+        assert f"history of {run} (1 row)\n" in proc.stdout  # was: wrapped to the table's width
 
     def test_a_split_the_run_does_not_have_is_one_line(self, tmp_path: Path) -> None:
         """Was: an empty table under a wrapped title. Now: exit 2 naming the splits it has."""
