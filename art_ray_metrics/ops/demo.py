@@ -615,7 +615,7 @@ def _run(
 
     if not ray.is_initialized():
         console.print(
-            f"starting a local Ray instance ({opts.num_cpus} CPUs; this takes 10-20 s) ..."
+            f"starting a local Ray instance ({opts.num_cpus} CPUs; usually 10-20 s, longer on a busy machine) ..."
         )
     try:
         _init_ray(opts)
