@@ -615,7 +615,8 @@ def _run(
 
     if not ray.is_initialized():
         console.print(
-            f"starting a local Ray instance ({opts.num_cpus} CPUs; usually 10-20 s, longer on a busy machine) ..."
+            f"starting a local Ray instance ({opts.num_cpus} CPUs; usually 10-20 s, longer on a "
+            "busy machine) ..."
         )
     try:
         _init_ray(opts)
