@@ -17,8 +17,10 @@ read storage only (no Ray; they never take the writer epoch, so they are safe ne
 aggregator); ``status`` and ``stop`` ask a running aggregator actor.
 
 Before any work, every command checks what it will talk to, with a short timeout: a Ray
-address must accept a TCP connection within 3 s (``auto`` must find a cluster on this
-machine), and a storage URI must be reachable.
+address must accept a TCP connection within 3 s (``auto`` must resolve to exactly one cluster:
+``RAY_ADDRESS``, or this machine's ``ray start`` cluster file with no other cluster running),
+and a storage URI must be reachable. ``status``, ``stop`` and ``demo`` print the address they
+acted on.
 
 Exit codes: 0 success; 1 the command ran but its check failed (a W&B sync that did not log
 every row, a ``--chaos`` mismatch); 2 a problem with the input (wrong URI, no checkpoint, a
