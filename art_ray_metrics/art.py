@@ -1,4 +1,4 @@
-"""OpenPipe ART's training loop on the aggregator (``pip install 'art-ray-metrics[art]'``).
+"""OpenPipe ART's training loop on the aggregator (from a clone: ``pip install -e '.[art]'``).
 
 Re-exports :mod:`art_ray_metrics.integrations.art`: :func:`attach` on the trainer and
 :func:`worker_context` in Ray tasks. openpipe-art is imported on first use.

@@ -1,8 +1,8 @@
 """OpenPipe ART's own training loop on the aggregator: :func:`attach` and :func:`worker_context`.
 
-Install with ``pip install 'art-ray-metrics[art]'`` (openpipe-art 0.5.18 and what its
-``Model.log`` imports without declaring: pyarrow, numpy). ``openpipe-art`` is imported on first
-use, not when this module is imported.
+Install from a clone of this repository with ``pip install -e '.[art]'`` (openpipe-art 0.5.18
+and what its ``Model.log`` imports without declaring: pyarrow, numpy). ``openpipe-art`` is
+imported on first use, not when this module is imported.
 
 On the trainer::
 
@@ -59,7 +59,8 @@ ART_VERSION = "0.5.18"
 """The openpipe-art release this adapter is written and tested against."""
 
 _INSTALL_HINT = (
-    "art_ray_metrics.art needs openpipe-art: pip install 'art-ray-metrics[art]' "
+    "art_ray_metrics.art needs openpipe-art: in your clone of art-ray-metrics, "
+    "pip install -e '.[art]' "
     f"(openpipe-art=={ART_VERSION}, pyarrow, numpy)"
 )
 

@@ -7,6 +7,7 @@ Commands::
     art-ray-metrics inspect URI [--json]          checkpoint: steps, totals, unique ids, W&B run id
     art-ray-metrics history URI [--format table|jsonl|csv] [--split S] [--columns a,b]
     art-ray-metrics wandb-sync URI [--new-run] [--mode online|offline] [--project P]
+    art-ray-metrics fake-llm [--port 0]           the demo's fake OpenAI/Anthropic API, for your code
     art-ray-metrics status [--address ADDR] [--name N] [--namespace NS] [--json]
     art-ray-metrics stop [--address ADDR] [--name N] [--namespace NS]
 
@@ -16,8 +17,10 @@ read storage only (no Ray; they never take the writer epoch, so they are safe ne
 aggregator); ``status`` and ``stop`` ask a running aggregator actor.
 
 Before any work, every command checks what it will talk to, with a short timeout: a Ray
-address must accept a TCP connection within 3 s (``auto`` must find a cluster on this
-machine), and a storage URI must be reachable.
+address must accept a TCP connection within 3 s (``auto`` must resolve to exactly one cluster:
+``RAY_ADDRESS``, or this machine's ``ray start`` cluster file with no other cluster running),
+and a storage URI must be reachable. ``status``, ``stop`` and ``demo`` print the address they
+acted on.
 
 Exit codes: 0 success; 1 the command ran but its check failed (a W&B sync that did not log
 every row, a ``--chaos`` mismatch); 2 a problem with the input (wrong URI, no checkpoint, a
@@ -36,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -75,10 +79,14 @@ DEFAULT_COLUMNS = (
     "costs/all",
     "costs/cum/all",
     "reward/mean",
+    "train/reward",  # ART's names, in rows closed through art_ray_metrics.art.attach
+    "val/reward",
     "loss/train",
+    "train/loss",
     "data/cum/num_unique_scenarios",
     "throughput/avg_actor_tok_per_s",
 )
+"""The ``history`` table's columns without ``--columns``: those of these the run has."""
 
 
 class CliError(Exception):
@@ -215,7 +223,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("writer epoch / commit", f"{info.epoch} / {info.seq} ({info.manifest or 'WAL only'})"),
         ("WAL records to replay", f"{info.wal_records} ({info.replayed_batches} new batches)"),
         ("format versions", f"checkpoint {info.checkpoint_format}, wire {info.wire_format}"),
-        ("aggregator restarts", str(info.restarts)),
+        (
+            "aggregator starts after the first",
+            f"{info.restarts} (clean resumes and restarts after a crash alike)",
+        ),
         ("producers seen", str(info.producers)),
         ("counters", ", ".join(f"{k}={v}" for k, v in sorted(info.counters.items()))),
         ("history rows", f"{info.history_rows} (last: {info.history_last_step or 'none'})"),
@@ -228,9 +239,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     totals.add_column("key")
     totals.add_column("value", justify="right")
     for key, total in info.totals.items():
-        totals.add_row(key, f"{total:,.6f}")
+        totals.add_row(key, format_total(key, total))
     console.print(totals)
     return 0
+
+
+def format_total(key: str, value: float) -> str:
+    """A cumulative total as ``inspect`` prints it: money to the micro-dollar, counts whole.
+
+    >>> format_total("costs/cum/all", 0.0123), format_total("data/cum/actor_tokens", 120512.0)
+    ('$0.012300', '120,512')
+    >>> format_total("time/cum/wall_s", 12.3456789)
+    '12.3457'
+    """
+    if key.startswith("costs/"):
+        return f"${value:,.6f}"
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.6g}"
 
 
 def _history_records(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -238,8 +264,16 @@ def _history_records(args: argparse.Namespace) -> list[dict[str, Any]]:
     probe_storage(args.uri)
     records, skipped = read_history(store, args.split)
     _report_skipped("history", skipped)
-    if not records and not skipped and CheckpointManager(store).load_latest() is None:
+    every = records if args.split is None or records else read_history(store)[0]
+    if not every and not skipped and CheckpointManager(store).load_latest() is None:
         raise CliError(f"Expected a run at {args.uri!r} but found no history and no checkpoint")
+    if args.split is not None and not records and args.format == "table":
+        # (jsonl and csv print nothing, or the header: what a script expects of no rows)
+        splits = sorted({str(r["split"]) for r in every})
+        raise CliError(
+            f"Expected rows of split {args.split!r} in {args.uri} but found none (the run has "
+            + (f"rows of: {', '.join(splits)})" if splits else "no rows yet)")
+        )
     return records
 
 
@@ -280,7 +314,12 @@ def cmd_history(args: argparse.Namespace) -> int:
             )
     else:
         columns = [c for c in DEFAULT_COLUMNS if c in available]
-    table = Table(title=f"history of {args.uri} ({len(records)} rows)", title_justify="left")
+    if not records:
+        print(f"history of {args.uri}: no rows yet")
+        return 0
+    # the title as a line of its own: a rich title wraps to the width of a narrow table
+    print(f"history of {args.uri} ({len(records)} row{'' if len(records) == 1 else 's'})")
+    table = Table()
     table.add_column("step", justify="right")
     table.add_column("split")
     for col in columns:
@@ -395,29 +434,67 @@ AUTH_HINT = (
 )
 
 
-def _check_reachable(address: str) -> str:
+def resolve_auto(
+    env_address: str | None, cluster_file: str | None, running: Sequence[str]
+) -> tuple[str, str]:
+    """``(address, where it came from)`` for ``--address auto``, only when it is unambiguous.
+
+    ``RAY_ADDRESS`` (an explicit choice) wins. Otherwise the cluster file ``ray start --head``
+    wrote is used when no other Ray cluster runs on this machine (``running`` are the GCS
+    addresses of running clusters). A running cluster alone is never taken: on a shared
+    machine it may be someone else's (Ray's own ``auto`` takes any of them).
+
+    >>> resolve_auto(None, "10.0.0.5:6379", ["10.0.0.5:6379"])
+    ('10.0.0.5:6379', 'the cluster file of `ray start`')
+
+    Raises:
+        CliError: Nothing or more than one cluster was found; one line lists what was found
+            and asks for ``--address``.
+    """
+    if env_address and env_address != "auto":
+        return env_address, "RAY_ADDRESS"
+    others = sorted(set(running) - {cluster_file})
+    if cluster_file and not others:
+        return cluster_file, "the cluster file of `ray start`"
+    found = ([f"cluster file: {cluster_file}"] if cluster_file else []) + [
+        f"running: {a}" for a in others
+    ]
+    if not found:
+        raise CliError(
+            "Expected a Ray cluster on this machine for --address auto (a `ray start` cluster "
+            "file or RAY_ADDRESS) but found none; start one with `ray start --head`, pass "
+            "--address host:port, or leave out --address for a local Ray"
+        )
+    raise CliError(
+        f"Expected exactly one Ray cluster for --address auto but found {len(found)} "
+        f"({'; '.join(found)}); pass --address host:port (or set RAY_ADDRESS) to choose"
+        + ("" if cluster_file else ": with no `ray start` cluster file it may be another user's")
+    )
+
+
+def find_auto_address() -> tuple[str, str]:
+    """Resolve ``--address auto`` on this machine with :func:`resolve_auto`."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    running = sorted(str(a) for a in find_gcs_addresses())  # type: ignore[no-untyped-call]
+    cluster_file = find_bootstrap_address(None)
+    return resolve_auto(
+        os.environ.get("RAY_ADDRESS"), str(cluster_file) if cluster_file else None, running
+    )
+
+
+def _check_reachable(address: str) -> tuple[str, str]:
     """Fail fast (instead of Ray's long retries) unless a Ray cluster listens at ``address``.
 
-    ``address`` is ``host:port``, ``ray://host:port`` or ``auto`` (the cluster ``ray start``
-    left on this machine, or ``RAY_ADDRESS``). Returns the address to give ``ray.init``.
+    ``address`` is ``host:port``, ``ray://host:port`` or ``auto`` (``RAY_ADDRESS``, or the
+    cluster ``ray start`` left on this machine when it is the only one: see
+    :func:`resolve_auto`). Returns the address to give ``ray.init`` and how to name it to the
+    user (with where ``auto`` found it).
     """
-    resolved = address
+    resolved, label = address, address
     if address == "auto":
-        from ray._private.services import get_ray_address_from_environment
-
-        services_log = logging.getLogger("ray._private.services")
-        saved = services_log.level
-        services_log.setLevel(logging.ERROR)  # "found multiple instances": we say what we use
-        try:
-            resolved = str(get_ray_address_from_environment("auto", None))
-        except ConnectionError as exc:
-            raise CliError(
-                "Expected a running Ray cluster on this machine for --address auto but found "
-                "none (start one with `ray start --head`, pass host:port, or leave out "
-                "--address for a local Ray)"
-            ) from exc
-        finally:
-            services_log.setLevel(saved)
+        resolved, source = find_auto_address()
+        label = f"{resolved} (--address auto: {source})"
     target = resolved[len("ray://") :] if resolved.lower().startswith("ray://") else resolved
     host, sep, port = target.rpartition(":")
     if "://" in target or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -435,7 +512,7 @@ def _check_reachable(address: str) -> str:
         ) from exc
     if not resolved.lower().startswith("ray://"):
         _check_auth(address, host.strip("[]"), int(port))
-    return resolved
+    return resolved, label
 
 
 def _check_auth(address: str, host: str, port: int) -> None:
@@ -478,12 +555,15 @@ def _check_auth(address: str, host: str, port: int) -> None:
 def connect_ray(address: str, namespace: str, *, verbose: bool = False) -> str:
     """Join the Ray cluster at ``address`` after a reachability check; bounded in time.
 
+    Returns the address joined as the commands print it (for ``auto``: with where it was
+    found).
+
     Raises:
         CliError: Nothing listens there, or Ray refused or did not finish joining within
             :data:`RAY_INIT_TIMEOUT_S` (the message names token authentication, the usual
             cause since Ray 2.60).
     """
-    resolved = _check_reachable(address)
+    resolved, label = _check_reachable(address)
     import ray
 
     def give_up() -> None:
@@ -514,7 +594,7 @@ def connect_ray(address: str, namespace: str, *, verbose: bool = False) -> str:
         ) from exc
     finally:
         watchdog.cancel()
-    return resolved
+    return label
 
 
 def probe_storage(uri: str) -> None:
@@ -545,9 +625,37 @@ def probe_storage(uri: str) -> None:
     exc = outcome[0]
     if exc is not None:
         raise CliError(
-            f"Expected to read the storage {uri} but got: {_one_line(exc)} (does the bucket "
-            "exist, and are the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) set?)"
+            f"Expected to read the storage {uri} but got: {storage_reason(exc)} (does the "
+            "bucket exist, and are the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) set?)"
         ) from exc
+
+
+_METADATA_SERVICE = re.compile(
+    r"169\.254\.169\.254|fd00:ec2::254|metadata\.google\.internal|/latest/api/token", re.I
+)
+
+
+def storage_reason(exc: BaseException) -> str:
+    """One line on why storage failed, without the object store's internals.
+
+    With no credentials in the environment the S3/GCS client falls back to the cloud's instance
+    metadata service, and its error names that service's internal URL: said plainly instead.
+
+    >>> reason = storage_reason(OSError("list of 'CHECKPOINT' in s3://b/r failed: Generic S3 "
+    ...     "error: Error performing PUT http://169.254.169.254/latest/api/token in 7ms - 403"))
+    >>> reason.startswith("list of 'CHECKPOINT' in s3://b/r failed: no credentials (none in")
+    True
+    >>> "169.254" in reason
+    False
+    """
+    text = _one_line(exc)
+    if not _METADATA_SERVICE.search(text):
+        return text
+    head = text.split(" failed: ", 1)[0] + " failed: " if " failed: " in text else ""
+    return (
+        f"{head}no credentials (none in the environment, and no instance metadata service on "
+        "this machine gave any)"
+    )
 
 
 def _get_aggregator(args: argparse.Namespace, address: str) -> Any:
@@ -563,13 +671,13 @@ def _get_aggregator(args: argparse.Namespace, address: str) -> Any:
 
 
 def _default_address(args: argparse.Namespace) -> str:
-    return str(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+    """``--address``, else ``auto`` (which takes ``RAY_ADDRESS`` first, and says so)."""
+    return str(args.address or "auto")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``status``: a running aggregator's stats()."""
-    address = _default_address(args)
-    connect_ray(address, args.namespace, verbose=args.verbose)
+    address = connect_ray(_default_address(args), args.namespace, verbose=args.verbose)
     import ray
 
     try:
@@ -584,11 +692,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+        print(json.dumps({**stats, "ray_address": address}, indent=2, sort_keys=True, default=str))
         return 0
     table = Table(title=f"aggregator {args.name!r} ({args.namespace})", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
+    table.add_row("Ray cluster", address)
     for key in ("run_name", "storage_uri", "epoch", "producers", "unique_scenarios"):
         table.add_row(key, str(stats.get(key)))
     fenced = stats.get("fenced")
@@ -612,8 +721,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """``stop``: final checkpoint and W&B finish of a kept aggregator, then kill it."""
-    address = _default_address(args)
-    connect_ray(address, args.namespace, verbose=args.verbose)
+    address = connect_ray(_default_address(args), args.namespace, verbose=args.verbose)
     import ray
 
     try:
@@ -632,7 +740,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         ray.shutdown()
     if not graceful:
         print(
-            f"art-ray-metrics stop: error: the aggregator {args.name!r} did not shut down "
+            f"art-ray-metrics stop: error: the aggregator {args.name!r} on the Ray cluster at "
+            f"{address} did not shut down "
             f"within {args.timeout:g}s ({detail}); killed it without a final checkpoint (its "
             "write-ahead log still holds every acknowledged flush)",
             file=sys.stderr,
@@ -640,19 +749,71 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 1
     last = stats.get("last_closed") or {}
     print(
-        f"stopped aggregator {args.name!r} ({args.namespace}) of run {stats.get('run_name')!r}: "
+        f"stopped aggregator {args.name!r} ({args.namespace}) on the Ray cluster at {address}, "
+        f"run {stats.get('run_name')!r}: "
         f"final checkpoint in {stats.get('storage_uri')} (last closed {json.dumps(last)})"
     )
     return 0
 
 
-def _latest_local_run(root: str = "runs") -> str | None:
+def cmd_fake_llm(args: argparse.Namespace) -> int:
+    """``fake-llm``: serve the local fake OpenAI/Anthropic API until Ctrl-C (or SIGTERM).
+
+    Prints the two ``export`` lines that point the SDKs at it on stdout (nothing else goes
+    there, so ``art-ray-metrics fake-llm > fake-llm.env`` keeps them), the rest on stderr.
+    """
+    import signal
+
+    from art_ray_metrics.ops.fakellm import FakeLLMServer
+
+    if not 0 <= args.port < 65536:
+        raise CliError(f"Expected --port between 0 (a free port) and 65535 but got {args.port}")
+    try:
+        server = FakeLLMServer(args.port).start()
+    except OSError as exc:
+        raise CliError(
+            f"Expected to serve on 127.0.0.1:{args.port} but got: {exc.strerror or exc} "
+            "(pass another --port, or 0 for a free one)"
+        ) from exc
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        for line in server.export_lines():
+            print(line)
+        sys.stdout.flush()
+        print(
+            f"art-ray-metrics fake-llm: serving fake OpenAI and Anthropic APIs on "
+            f"127.0.0.1:{server.port} (no network; any key is accepted); run the export lines "
+            "above in the shell that runs your code; Ctrl-C stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        served = server.requests
+        server.stop()
+    print(f"art-ray-metrics fake-llm: stopped after {served} requests", file=sys.stderr)
+    return 0
+
+
+def _local_runs(root: str = "runs") -> list[str]:
+    """The runs under ``root`` with a checkpoint, oldest first."""
     if not os.path.isdir(root):
-        return None
+        return []
     runs = [
         d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, ckpt_mod.POINTER_KEY))
     ]
-    return max(runs, key=lambda d: os.path.getmtime(os.path.join(root, d))) if runs else None
+    return sorted(runs, key=lambda d: os.path.getmtime(os.path.join(root, d)))
+
+
+def _latest_local_run(root: str = "runs") -> str | None:
+    runs = _local_runs(root)
+    return runs[-1] if runs else None
 
 
 def _wandb_mode(args: argparse.Namespace) -> Literal["online", "offline", "disabled"]:
@@ -724,23 +885,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     local_dir = (
         local_run_dir(storage) if args.storage else os.path.abspath(os.path.join("runs", run))
     )
+    if args.resume and _is_local(storage) and not os.path.isdir(storage):
+        # said before anything is created: opening the store would make the directory
+        runs = _local_runs()
+        raise CliError(
+            f"Expected a run to resume at {storage} but found no such directory"
+            + (f" (runs under ./runs: {', '.join(runs)})" if runs else "")
+        )
     if args.address:
-        _check_reachable(args.address)  # seconds, before the slow imports below
+        _check_reachable(args.address)  # seconds, before the slow imports below (and Ray's)
     probe_storage(storage)
     try:
         from art_ray_metrics.ops import demo
     except ImportError as exc:
         raise CliError(
             f"Expected the demo extras but got {exc}; install them with "
-            "pip install 'art-ray-metrics[demo]'"
+            "pip install -e '.[demo]' in your clone of art-ray-metrics"
         ) from exc
+    address, ray_label = args.address, None
     if args.address:
-        connect_ray(args.address, args.namespace, verbose=args.verbose)
+        ray_label = connect_ray(args.address, args.namespace, verbose=args.verbose)
         import ray
 
+        address = str(ray.get_runtime_context().gcs_address)  # "auto" resolved, for the hints
         cpus = float(ray.cluster_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
         try:
-            check_demo_sizes(args.rollouts, args.judges, cpus, f"the cluster at {args.address}")
+            check_demo_sizes(args.rollouts, args.judges, cpus, f"the cluster at {ray_label}")
         except CliError:
             ray.shutdown()
             raise
@@ -761,7 +931,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         resume=args.resume,
         chaos=args.chaos,
         keep=args.keep,
-        address=args.address,
+        address=address,
+        ray_label=ray_label,
         num_cpus=args.num_cpus,
         expect_nodes=args.expect_nodes,
         name=args.name,
@@ -866,6 +1037,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dir", help="parent directory of W&B's local files")
     w.set_defaults(func=cmd_wandb_sync)
 
+    f = sub.add_parser(
+        "fake-llm",
+        help="serve a local fake OpenAI/Anthropic API and print the export lines that use it",
+    )
+    f.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: a free port)")
+    f.set_defaults(func=cmd_fake_llm)
+
     s = sub.add_parser("status", help="show a running aggregator's stats")
     s.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS or 'auto')")
     s.add_argument("--name", default=DEFAULT_NAME, help="aggregator actor name")
@@ -884,12 +1062,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=120.0, help="seconds to wait for the final checkpoint"
     )
     t.set_defaults(func=cmd_stop)
+    for command in sub.choices.values():  # `-v` after the command name works too
+        command.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the library's warnings and info logs",
+        )
+    parser.set_defaults(commands=dict(sub.choices))
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, limit: int | None = 500) -> str:
     text = " ".join(str(exc).split())
-    return text if len(text) <= 500 else text[:497] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(exc: BaseException) -> str:
@@ -901,13 +1088,17 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, WireFormatError):
         return f"unreadable state (corrupt, or another format version): {_one_line(exc)}"
     if isinstance(exc, StorageError):
-        return f"storage failed: {_one_line(exc)}"
+        return f"storage failed: {storage_reason(exc)}"
+    if isinstance(exc, CliError):
+        return _one_line(exc, limit=None)  # ours: whole (e.g. every valid --columns name)
     return _one_line(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``art-ray-metrics``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's own parser: names the command and its --help
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     # storage fallbacks (e.g. skipping an unreadable manifest) log warnings; the command's own
     # one-line error says what matters, -v shows the detail
     quiet = args.command != "demo" and not args.verbose

@@ -57,7 +57,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from art_ray_metrics.builder import LeafRecorder, MetricsBuilder
-from art_ray_metrics.config import AggregatorConfig, ClientConfig
+from art_ray_metrics.config import (
+    DEFAULT_NAME,
+    DEFAULT_NAMESPACE,
+    AggregatorConfig,
+    ClientConfig,
+)
 from art_ray_metrics.distributed.client import connect
 from art_ray_metrics.distributed.handle import AggregatorHandle, start_aggregator
 from art_ray_metrics.durable.history import HistoryStore
@@ -87,6 +92,9 @@ log = logging.getLogger(__name__)
 OPENAI_JUDGE = "gpt-4.1-mini"
 ANTHROPIC_JUDGE = "claude-sonnet-4-6"
 PARAMS_KEY = "demo/params.json"
+EVENTS_KEY = "demo/events.json"
+"""Where the demo lists the steps at which a session resumed the run or ``--chaos`` killed
+things (``[{"step": 4, "what": "resumed"}, ...]``), for the chart."""
 STORE_LOCK = ".arm-store.lock"
 """The lock file a local store keeps in its directory (removed with a failed run's stub)."""
 COMPARED_PREFIXES = ("costs/cum/", "data/cum/")
@@ -255,6 +263,11 @@ def _rollout(
     return {"score": score, "node_id": ray.get_runtime_context().get_node_id(), "ok": result.ok}
 
 
+def _warm_up() -> str:
+    """A no-op task: makes Ray start a worker process before the first step."""
+    return str(ray.get_runtime_context().get_node_id())
+
+
 # --------------------------------------------------------------------------- reference
 
 
@@ -290,8 +303,33 @@ def compare_totals(
 # --------------------------------------------------------------------------- chart
 
 
-def write_chart(rows: Sequence[Mapping[str, Any]], paths: Iterable[str], title: str) -> list[str]:
-    """Plot ``costs/cum/all`` and ``reward/mean`` against ``training_step``; return the paths."""
+def write_chart(
+    rows: Sequence[Mapping[str, Any]],
+    paths: Iterable[str],
+    title: str,
+    events: Sequence[Mapping[str, Any]] = (),
+) -> list[str]:
+    """Plot ``costs/cum/all`` and ``reward/mean`` against ``training_step``; return the paths.
+
+    ``events`` (``{"step": s, "what": "resumed"}``, see :data:`EVENTS_KEY`) are marked with a
+    dashed vertical line at their step, labelled.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = chart_figure(rows, title, events)
+    written = []
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path)
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def chart_figure(
+    rows: Sequence[Mapping[str, Any]], title: str, events: Sequence[Mapping[str, Any]] = ()
+) -> Any:
+    """The chart's matplotlib figure (see :func:`write_chart`); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,14 +353,22 @@ def write_chart(rows: Sequence[Mapping[str, Any]], paths: Iterable[str], title: 
     handles2 = ax2.get_legend_handles_labels()
     ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper left", fontsize=8)
     ax.set_title(title, fontsize=10)
+    for event in events:
+        # a resume starts at its step: mark just before it; a kill happens during its step
+        x = float(event["step"]) - (0.5 if event["what"] == "resumed" else 0.0)
+        color = "#2ca02c" if event["what"] == "resumed" else "#d62728"
+        ax.axvline(x, linestyle="--", linewidth=1, color=color)
+        ax.annotate(
+            str(event["what"]),
+            xy=(x, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -12),
+            textcoords="offset points",
+            fontsize=7,
+            color=color,
+        )
     fig.tight_layout()
-    written = []
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path)
-        written.append(path)
-    plt.close(fig)
-    return written
+    return fig
 
 
 # --------------------------------------------------------------------------- the driver
@@ -345,18 +391,26 @@ class DemoOptions:
     address: str | None = None
     num_cpus: int = 2
     expect_nodes: int | None = None
-    name: str = "art_ray_metrics"
-    namespace: str = "art_ray_metrics"
+    name: str = DEFAULT_NAME
+    namespace: str = DEFAULT_NAMESPACE
     wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
     wandb_dir: str | None = None
     charts: tuple[str, ...] = ()
     summary_json: str | None = None
     storage_flag: bool = False
     """Whether ``--storage`` was given (the "continue it" hint repeats it)."""
+    ray_label: str | None = None
+    """The joined cluster's address as printed (for ``auto``: with where it was found)."""
 
     def resume_command(self) -> str:
-        """The command that continues this run."""
+        """The command that continues this run: on the same cluster, storage and aggregator."""
         extra = f" --storage {self.storage_uri}" if self.storage_flag else ""
+        if self.address:
+            extra += f" --address {self.address}"
+        if self.name != DEFAULT_NAME:
+            extra += f" --name {self.name}"
+        if self.namespace != DEFAULT_NAMESPACE:
+            extra += f" --namespace {self.namespace}"
         return f"art-ray-metrics demo --run {self.run} --resume{extra}"
 
 
@@ -377,6 +431,8 @@ class DemoResult:
     charts: list[str]
     chaos: dict[str, Any] | None = None
     seconds: float = 0.0
+    startup_seconds: float = 0.0
+    """Of ``seconds``: starting Ray (when local), the aggregator, judges and worker processes."""
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -466,7 +522,7 @@ def _load_params(opts: DemoOptions) -> dict[str, Any]:
         if opts.resume:
             raise DemoError(f"Expected a run to resume at {opts.storage_uri!r} but found none")
         store.put(PARAMS_KEY, json.dumps(params).encode())
-        return {**params, "start": 0}
+        return {**params, "start": 0, "starts_before": 0}
     if not opts.resume:
         raise DemoError(
             f"Expected a new run but {opts.storage_uri!r} already holds run {opts.run!r}; "
@@ -477,7 +533,30 @@ def _load_params(opts: DemoOptions) -> dict[str, Any]:
     except Exception:  # an older or foreign run: keep the flags
         log.warning("no %s in %s; using the command-line workload", PARAMS_KEY, opts.storage_uri)
     last = info.last_train_step
-    return {**params, "start": 0 if last is None else last + 1}
+    # starts of the aggregator after the first, before this session (a resume is one more)
+    return {**params, "start": 0 if last is None else last + 1, "starts_before": info.restarts}
+
+
+def record_events(opts: DemoOptions, first: int, chaos_step: int | None) -> list[dict[str, Any]]:
+    """Add this session's resume point and ``--chaos`` step to :data:`EVENTS_KEY`; return all.
+
+    Best effort: the chart is drawn without marks if the storage cannot be read or written.
+    """
+    store = open_store(opts.storage_uri)
+    try:
+        events = list(json.loads(store.get(EVENTS_KEY)))
+    except Exception:
+        events = []
+    new = [{"step": first, "what": "resumed"}] if opts.resume else []
+    if chaos_step is not None:
+        new.append({"step": chaos_step, "what": "--chaos: worker and aggregator killed"})
+    if new:
+        events = [e for e in events if e not in new] + new
+        try:
+            store.put(EVENTS_KEY, json.dumps(events).encode())
+        except Exception as exc:
+            log.warning("could not record the demo's events in %s: %s", opts.storage_uri, exc)
+    return [e for e in events if isinstance(e, dict) and {"step", "what"} <= e.keys()]
 
 
 def _remove_stub(opts: DemoOptions) -> None:
@@ -534,6 +613,11 @@ def _run(
     last = first + opts.steps - 1
     progress: dict[str, Any] = {"step": None}
 
+    if not ray.is_initialized():
+        console.print(
+            f"starting a local Ray instance ({opts.num_cpus} CPUs; usually 10-20 s, longer on a "
+            "busy machine) ..."
+        )
     try:
         _init_ray(opts)
     except KeyboardInterrupt:
@@ -542,9 +626,12 @@ def _run(
         if opts.expect_nodes:
             _wait_for_nodes(opts.expect_nodes)
         nodes = _alive_nodes()
+        where = opts.ray_label or (
+            f"{ray.get_runtime_context().gcs_address} (a local Ray for this demo; it stops with it)"
+        )
         console.print(
-            f"Ray: {nodes} node(s); aggregator {opts.name!r} (namespace {opts.namespace!r}); "
-            f"storage {opts.storage_uri}"
+            f"Ray: {nodes} node(s) at {where}; aggregator {opts.name!r} (namespace "
+            f"{opts.namespace!r}); storage {opts.storage_uri}"
         )
         try:
             handle = start_aggregator(
@@ -604,10 +691,12 @@ def _run(
         ray.shutdown()
 
     history = list(HistoryStore(open_store(opts.storage_uri)).read(split="train"))
+    events = record_events(opts, first, result.get("chaos_step"))
     charts = write_chart(
         history,
         [os.path.join(opts.local_dir, "chart.png"), *opts.charts],
         f"art-ray-metrics demo: run {opts.run!r}, {rollouts} rollouts/step, {opts.judges} judges",
+        events,
     )
     final = history[-1] if history else {}
     totals = {k: float(v) for k, v in final.items() if isinstance(k, str) and "/cum/" in k}
@@ -628,7 +717,13 @@ def _run(
         charts=charts,
         chaos=chaos,
         seconds=time.monotonic() - started,
-        params={"seed": seed, "rollouts": rollouts, "judges": opts.judges},
+        startup_seconds=float(progress.get("ready_at", started)) - started,
+        params={
+            "seed": seed,
+            "rollouts": rollouts,
+            "judges": opts.judges,
+            "starts_before": int(params.get("starts_before", 0)),
+        },
     )
     _print_summary(console, out, stats, opts)
     if opts.summary_json:
@@ -660,6 +755,13 @@ def _loop(
     if chaos_step is not None:
         latch = ray.remote(num_cpus=0)(ChaosLatch).remote(chaos_step, 0)
     nodes_used: set[str] = set(ray.get([j.node_id.remote() for j in judges]))
+    # start the rollouts' worker processes now, so step timings do not include Ray starting
+    # them (seconds each on a busy machine); idle workers are reused by the first step
+    console.print(f"starting {rollouts} rollout worker processes ...")
+    warm = ray.remote(num_cpus=0)(_warm_up)
+    ray.get([warm.options(scheduling_strategy="SPREAD").remote() for _ in range(rollouts)])
+    if progress_state is not None:
+        progress_state["ready_at"] = time.monotonic()
 
     progress = Progress(
         TextColumn("{task.description}"),
@@ -741,7 +843,7 @@ def _loop(
     console.print()
     for judge in judges:
         ray.kill(judge)
-    return {"nodes_used": len(nodes_used), "rows": done}
+    return {"nodes_used": len(nodes_used), "rows": done, "chaos_step": chaos_step}
 
 
 def _check_chaos(
@@ -791,9 +893,13 @@ def _print_summary(
             "aggregator counters",
             ", ".join(f"{k}={v}" for k, v in sorted(out.counters.items())),
         ),
-        ("aggregator restarts", str(int(stats.get("gauges", {}).get("telemetry/restarts", 0)))),
+        ("aggregator", aggregator_starts(stats, opts.resume, out.params["starts_before"])),
         ("chart", ", ".join(out.charts)),
-        ("time", f"{out.seconds:.1f}s"),
+        (
+            "time",
+            f"{out.seconds:.1f}s (of which {out.startup_seconds:.1f}s starting Ray, the "
+            "aggregator and worker processes, before the first step)",
+        ),
     ]
     for what, value in lines:
         table.add_row(what, value)
@@ -811,6 +917,29 @@ def _print_summary(
             f"the aggregator keeps running: [bold]art-ray-metrics stop --address "
             f"{opts.address} --name {opts.name} --namespace {opts.namespace}[/] ends it"
         )
+
+
+def aggregator_starts(stats: Mapping[str, Any], resumed: bool, starts_before: int) -> str:
+    """The summary's line on the aggregator: resumed or new, and its restarts after a crash.
+
+    ``telemetry/restarts`` counts every start after the run's first, a clean ``--resume``
+    included; only what is left after this session's resume were crashes Ray recovered from.
+
+    >>> aggregator_starts({"gauges": {"telemetry/restarts": 1.0}}, True, 0)
+    'resumed from its checkpoint; no crash restarts this session'
+    >>> aggregator_starts({"gauges": {"telemetry/restarts": 2.0}}, False, 0)
+    'new run; 2 crash restarts this session (Ray restarted it from its checkpoint and log)'
+    """
+    total = int(stats.get("gauges", {}).get("telemetry/restarts", 0))
+    crashes = max(0, total - starts_before - (1 if resumed else 0))
+    how = "resumed from its checkpoint" if resumed else "new run"
+    if crashes == 0:
+        return f"{how}; no crash restarts this session"
+    plural = "restart" if crashes == 1 else "restarts"
+    return (
+        f"{how}; {crashes} crash {plural} this session (Ray restarted it from its checkpoint "
+        "and log)"
+    )
 
 
 def _wandb_summary(opts: DemoOptions, run_id: str | None) -> str:

@@ -155,23 +155,28 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.lock = threading.Lock()
         self.requests = 0
 
 
 class FakeLLMServer:
-    """The fake API server; use as a context manager or call :meth:`start`/:meth:`stop`."""
+    """The fake API server; use as a context manager or call :meth:`start`/:meth:`stop`.
 
-    def __init__(self) -> None:
+    ``port`` 0 (the default) takes a free port; ``art-ray-metrics fake-llm`` serves one from
+    the command line.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self._port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> FakeLLMServer:
-        """Bind 127.0.0.1 on a free port and serve in a daemon thread."""
+        """Bind 127.0.0.1 on the port (a free one for 0) and serve in a daemon thread."""
         if self._server is None:
-            self._server = _Server()
+            self._server = _Server(self._port)
             self._thread = threading.Thread(
                 target=self._server.serve_forever, name="fake-llm-api", daemon=True
             )
@@ -206,6 +211,19 @@ class FakeLLMServer:
     def requests(self) -> int:
         """Requests served so far."""
         return self._server.requests if self._server is not None else 0
+
+    def export_lines(self) -> list[str]:
+        """The shell lines that point the OpenAI and Anthropic SDKs at this server.
+
+        A key already in the environment is kept (the server ignores it; it never leaves this
+        machine); otherwise a placeholder satisfies the SDKs, which refuse to start without one.
+        """
+        return [
+            f"export OPENAI_BASE_URL={self.openai_base_url}"
+            " OPENAI_API_KEY=${OPENAI_API_KEY:-fake-llm}",
+            f"export ANTHROPIC_BASE_URL={self.anthropic_base_url}"
+            " ANTHROPIC_API_KEY=${ANTHROPIC_API_KEY:-fake-llm}",
+        ]
 
     def __enter__(self) -> FakeLLMServer:
         return self.start()

@@ -35,7 +35,7 @@ pytestmark = [
     pytest.mark.ray,
     pytest.mark.skipif(
         not ART_INSTALLED,
-        reason="openpipe-art is not installed (pip install 'art-ray-metrics[art]')",
+        reason="openpipe-art is not installed (in the clone: pip install -e '.[art]')",
     ),
 ]
 

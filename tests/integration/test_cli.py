@@ -108,6 +108,11 @@ class TestDemo:
         assert summary["totals"]["data/cum/num_scenarios"] == 9  # 3 steps x 3 rollouts
         assert summary["counters"]["rejected_batches"] == 0
         assert "costs/cum/all" in first_run["proc"].stdout
+        out = " ".join(first_run["proc"].stdout.split())
+        assert "starting a local Ray instance" in out
+        assert "(a local Ray for this demo; it stops with it)" in out
+        assert "new run; no crash restarts this session" in out
+        assert summary["startup_seconds"] > 0
 
     def test_resume_with_chaos_continues_and_keeps_totals(
         self, resumed_run: dict[str, Any]
@@ -119,6 +124,14 @@ class TestDemo:
         assert summary["chaos"]["equal"] is True
         assert summary["chaos"]["keys"] >= 6
         assert "resuming run" in resumed_run["proc"].stdout
+        out = " ".join(resumed_run["proc"].stdout.split())
+        # the resume is not a crash; the --chaos kill is
+        assert "resumed from its checkpoint; 1 crash restart this session" in out
+        events = json.loads((resumed_run["dir"] / "demo" / "events.json").read_text())
+        assert [(e["step"], e["what"].split(":")[0]) for e in events] == [
+            (3, "resumed"),
+            (4, "--chaos"),
+        ]
         # the demo explains its kill itself (Ray's own report may suggest the OOM killer)
         assert "not a memory problem" in " ".join(resumed_run["proc"].stdout.split())
 
@@ -328,6 +341,8 @@ class TestStatus:
             assert table.returncode == 0, table.stderr
             assert "fenced None" not in table.stdout
             assert "active (holds the writer epoch)" in table.stdout
+            assert stats["ray_address"] == address  # every command says where it acted
+            assert address in table.stdout
             missing = cli("status", "--address", address, "--name", "nope", "--namespace",
                           "arm-cli", cwd=tmp_path, timeout=120)  # fmt: skip
             assert_one_line_error(missing, "status", "'nope'")
@@ -350,6 +365,7 @@ class TestStatus:
                        cwd=tmp_path, timeout=180)  # fmt: skip
             assert proc.returncode == 0, proc.stderr
             assert f"stopped aggregator {name!r}" in proc.stdout
+            assert f"on the Ray cluster at {address}" in " ".join(proc.stdout.split())
             with pytest.raises(ValueError):
                 ray.get_actor(name, namespace="arm-cli")
             info = json.loads(cli("inspect", str(tmp_path / "run"), "--json", cwd=tmp_path).stdout)

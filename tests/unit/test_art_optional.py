@@ -26,7 +26,7 @@ def test_the_module_imports_without_openpipe_art() -> None:
 
 @pytest.mark.usefixtures("no_art")
 def test_attach_says_what_to_install() -> None:
-    with pytest.raises(ImportError, match=r"pip install 'art-ray-metrics\[art\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[art\]'"):
         arm_art.attach(object(), object())  # type: ignore[arg-type]
 
 

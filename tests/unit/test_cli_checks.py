@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -87,18 +88,91 @@ class TestAddressChecks:
     ) -> None:
         """--address auto resolving to a dead head (a stale cluster file) fails at once, saying so.
 
-        Ray resolves ``auto`` from running GCS processes before the cluster file, so with any
-        other Ray alive on this machine (the test session's own cluster) a real stale file
-        cannot be set up: Ray's resolver is replaced by one that returns a dead address.
+        The machine's real cluster file and processes are replaced (other Rays may run here):
+        a cluster file naming a dead address, and no Ray process running.
         """
         from ray._private import services
 
         dead = f"127.0.0.1:{free_port()}"
-        monkeypatch.setattr(services, "get_ray_address_from_environment", lambda *_: dead)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(services, "find_bootstrap_address", lambda *_: dead)
+        monkeypatch.setattr(services, "find_gcs_addresses", frozenset)
         assert cli_mod.main(["status", "--address", "auto"]) == 2
         err = capsys.readouterr().err
         proc = subprocess.CompletedProcess([], 2, "", err)
         assert_one_line_error(proc, "status", "stale cluster file", dead)
+
+
+class TestAutoAddress:
+    """``--address auto`` takes a cluster only when it is unambiguous (issue 21, item 5)."""
+
+    def test_ray_address_wins(self) -> None:
+        assert cli_mod.resolve_auto("10.0.0.9:6379", "10.0.0.5:6379", ["10.0.0.7:6379"]) == (
+            "10.0.0.9:6379",
+            "RAY_ADDRESS",
+        )
+
+    @pytest.mark.parametrize("running", [[], ["10.0.0.5:6379"]], ids=["stale?", "running"])
+    def test_the_cluster_file_when_no_other_cluster_runs(self, running: list[str]) -> None:
+        address, source = cli_mod.resolve_auto(None, "10.0.0.5:6379", running)
+        assert address == "10.0.0.5:6379"
+        assert "cluster file" in source
+
+    @pytest.mark.parametrize(
+        ("cluster_file", "running", "needles"),
+        [
+            (None, ["127.0.0.1:7001"], ["found 1", "running: 127.0.0.1:7001", "another user's"]),
+            (
+                "127.0.0.1:7001",
+                ["127.0.0.1:7001", "127.0.0.1:7002"],
+                ["found 2", "cluster file: 127.0.0.1:7001", "running: 127.0.0.1:7002"],
+            ),
+            (None, [], ["found none", "ray start --head"]),
+        ],
+        ids=["only-a-process", "file-and-another", "nothing"],
+    )
+    def test_anything_else_lists_what_it_found_and_asks_for_address(
+        self, cluster_file: str | None, running: list[str], needles: list[str]
+    ) -> None:
+        with pytest.raises(cli_mod.CliError) as info:
+            cli_mod.resolve_auto(None, cluster_file, running)
+        message = str(info.value)
+        assert "--address" in message
+        for needle in needles:
+            assert needle in message, message
+
+    @pytest.mark.parametrize("command", ["status", "stop"])
+    def test_status_and_stop_never_take_a_cluster_they_cannot_tell_apart(
+        self,
+        command: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Was: with no cluster file, Ray's "auto" took any running GCS process (someone
+        else's on a shared machine), and ``stop`` killed the aggregator it found there.
+
+        Here a real listener stands in for that other cluster: the command must refuse
+        without ever connecting to it.
+        """
+        from ray._private import services
+
+        other = socket.socket()
+        other.bind(("127.0.0.1", 0))
+        other.listen(4)
+        other.settimeout(0.2)
+        address = f"127.0.0.1:{other.getsockname()[1]}"
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(services, "find_bootstrap_address", lambda *_: None)
+        monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset({address}))
+        try:
+            assert cli_mod.main([command]) == 2
+            with pytest.raises(TimeoutError):
+                other.accept()[0].close()  # nobody knocked
+        finally:
+            other.close()
+        err = capsys.readouterr().err
+        proc = subprocess.CompletedProcess([], 2, "", err)
+        assert_one_line_error(proc, command, f"running: {address}", "pass --address")
 
     @pytest.mark.slow
     def test_a_port_that_is_not_ray_does_not_hang(self, tmp_path: Path) -> None:
@@ -162,6 +236,41 @@ class TestInputLimits:
         proc = cli("demo", "--steps", "x", cwd=tmp_path)
         assert_one_line_error(proc, "demo", "--steps", "invalid int value")
 
+    def test_unknown_flag_names_the_command_and_its_help(self, tmp_path: Path) -> None:
+        """Was: "art-ray-metrics: error: unrecognized arguments: --bogus (see art-ray-metrics
+        --help)", naming neither the command nor its help."""
+        proc = cli("demo", "--bogus", cwd=tmp_path)
+        assert_one_line_error(proc, "demo", "--bogus", "(see art-ray-metrics demo --help)")
+        assert not (tmp_path / "runs").exists()
+
+    @pytest.mark.parametrize(
+        "argv",
+        [["-v", "inspect", "x"], ["inspect", "x", "-v"], ["inspect", "-v", "x"], ["stop", "-v"]],
+    )
+    def test_verbose_before_or_after_the_command(self, argv: list[str]) -> None:
+        """Was: -v after the command name refused as an unrecognized argument."""
+        args, unknown = cli_mod.build_parser().parse_known_args(argv)
+        assert unknown == []
+        assert args.verbose is True
+        assert cli_mod.build_parser().parse_args(["inspect", "x"]).verbose is False
+
+    def test_resuming_a_run_that_never_existed_creates_nothing(self, tmp_path: Path) -> None:
+        """Was: exit 2, but an empty runs/never-existed/ left behind."""
+        (tmp_path / "runs").mkdir()
+        proc = cli("demo", "--run", "never-existed", "--resume", cwd=tmp_path)
+        assert_one_line_error(proc, "demo", "never-existed", "no such directory")
+        assert list((tmp_path / "runs").iterdir()) == []
+
+    def test_missing_credentials_do_not_show_the_metadata_service_url(self, tmp_path: Path) -> None:
+        """Was: "... Error performing PUT http://169.254.169.254/latest/api/token ...", the
+        object store's fallback to the instance metadata service, in the one line."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}", AWS_REGION="us-east-1")
+        proc = cli("inspect", "s3://my-bucket/runs/x", cwd=tmp_path, env=env)
+        line = assert_one_line_error(proc, "inspect", "s3://my-bucket/runs/x")
+        assert "169.254" not in line
+        assert "credentials" in line
+
     def test_unreachable_bucket_fails_fast(self, tmp_path: Path) -> None:
         """A bucket that cannot be read is one line before Ray starts (was: a 22 s actor death)."""
         env = os.environ.copy()
@@ -219,6 +328,32 @@ class TestHistoryDamage:
         row = next(csv.DictReader(io.StringIO(proc.stdout)))
         assert row["reward/mean"] == "0.458"
         assert float(row["costs/all"]) == 1e-9
+
+    def test_default_columns_include_arts_names(self, tmp_path: Path) -> None:
+        """Rows closed through ``attach`` keep ART's train/reward and train/loss: shown."""
+        run = tmp_path / "run"
+        write_rows(run, {0: {"train/reward": 0.5, "train/loss": 1.25, "costs/all": 0.1}})
+        proc = cli("history", str(run), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        for column in ("train/reward", "train/loss", "costs/all"):
+            assert column in proc.stdout, proc.stdout
+        assert f"history of {run} (1 row)\n" in proc.stdout  # was: wrapped to the table's width
+
+    def test_a_split_the_run_does_not_have_is_one_line(self, tmp_path: Path) -> None:
+        """Was: an empty table under a wrapped title. Now: exit 2 naming the splits it has."""
+        run = tmp_path / "run"
+        write_rows(run, {0: {"costs/all": 0.1}})
+        proc = cli("history", str(run), "--split", "val", cwd=tmp_path)
+        assert_one_line_error(proc, "history", "'val'", "rows of: train")
+
+    def test_unknown_column_lists_every_available_one(self, tmp_path: Path) -> None:
+        """Was: the list of valid columns cut at 500 characters."""
+        run = tmp_path / "run"
+        keys = {f"reward/a_fairly_long_metric_name_{i:03d}": 0.5 for i in range(40)}
+        write_rows(run, {0: keys})
+        proc = cli("history", str(run), "--columns", "nope", cwd=tmp_path)
+        line = assert_one_line_error(proc, "history", "nope")
+        assert all(key in line for key in keys), line[-200:]
 
     def test_unknown_column_names_it_and_the_available_ones(self, tmp_path: Path) -> None:
         """--columns nosuch exits 2 naming the column and listing what exists."""
@@ -340,6 +475,86 @@ class TestDemoMessages:
         ]
         assert not (in_tmp / "runs" / "r2").exists()
 
+    def test_resume_and_keep_hints_name_the_cluster_and_the_aggregator(self) -> None:
+        """Was: the kept aggregator's "continue it" hint omitted --address and --name."""
+        from art_ray_metrics.ops.demo import default_options
+
+        opts = default_options(
+            run="r", address="10.0.0.5:6379", name="agg-2", namespace="team", keep=True
+        )
+        assert opts.resume_command() == (
+            "art-ray-metrics demo --run r --resume --address 10.0.0.5:6379 --name agg-2 "
+            "--namespace team"
+        )
+        parsed = cli_mod.build_parser().parse_args(opts.resume_command().split()[1:])
+        assert (parsed.address, parsed.name, parsed.namespace) == ("10.0.0.5:6379", "agg-2", "team")
+
+    def test_says_it_starts_ray_before_the_wait(
+        self, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Was: nothing printed for the 12+ s a local Ray takes to start."""
+        from art_ray_metrics.ops import demo
+
+        def interrupted(opts: Any) -> None:
+            assert "starting a local Ray" in capsys.readouterr().out  # said before, not after
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(demo, "_init_ray", interrupted)
+        assert cli_mod.main(["demo", "--run", "r3", "--steps", "1"]) == 130
+
+    def test_the_summary_does_not_call_a_clean_resume_a_restart(self) -> None:
+        """Was: "aggregator restarts 1" after a clean --resume, which reads like a crash."""
+        from art_ray_metrics.ops.demo import aggregator_starts
+
+        def gauges(n: int) -> dict[str, Any]:
+            return {"gauges": {"telemetry/restarts": float(n)}}
+
+        assert "no crash restarts" in aggregator_starts(gauges(1), True, 0)
+        assert "no crash restarts" in aggregator_starts(gauges(3), True, 2)
+        assert "1 crash restart " in aggregator_starts(gauges(2), True, 0)  # --resume --chaos
+        assert "1 crash restart " in aggregator_starts(gauges(1), False, 0)  # --chaos
+
+    def test_the_chart_marks_the_resume_point_and_the_chaos_step(self) -> None:
+        """Was: a resumed or --chaos run's chart looked like any other."""
+        import matplotlib.pyplot as plt
+
+        from art_ray_metrics.ops.demo import chart_figure
+
+        rows = [{"training_step": s, "costs/all": 0.1, "costs/cum/all": 0.1 * (s + 1),
+                 "reward/mean": 0.5} for s in range(6)]  # fmt: skip
+        events = [{"step": 3, "what": "resumed"}, {"step": 4, "what": "--chaos: killed"}]
+        fig = chart_figure(rows, "t", events)
+        try:
+            ax = fig.axes[0]
+            vertical = sorted(
+                line.get_xdata()[0]
+                for line in ax.get_lines()
+                if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2
+            )
+            assert vertical == [2.5, 4.0]
+            assert {"resumed", "--chaos: killed"} <= {text.get_text() for text in ax.texts}
+        finally:
+            plt.close(fig)
+
+    def test_chart_events_are_kept_across_sessions(self, tmp_path: Path) -> None:
+        """The resume of each session and the --chaos step stay marked in later charts."""
+        from art_ray_metrics.ops.demo import default_options, record_events
+
+        opts = default_options(run="r", storage_uri=str(tmp_path / "r"), resume=True)
+        assert record_events(default_options(run="r", storage_uri=opts.storage_uri), 0, 2) == [
+            {"step": 2, "what": "--chaos: worker and aggregator killed"}
+        ]
+        events = record_events(opts, 4, None)
+        assert [e["step"] for e in events] == [2, 4]
+        assert record_events(opts, 4, None) == events  # the same session again: once
+
+    def test_inspect_prints_counts_whole_and_money_to_the_micro_dollar(self) -> None:
+        """Was: every total with six decimals (120,512.000000 tokens)."""
+        assert cli_mod.format_total("data/cum/actor_tokens", 120512.0) == "120,512"
+        assert cli_mod.format_total("data/cum/num_unique_scenarios", 12.0) == "12"
+        assert cli_mod.format_total("costs/cum/all", 1.5) == "$1.500000"
+        assert cli_mod.format_total("time/cum/wall_s", 0.125) == "0.125"
+
     def test_resume_hint_repeats_the_storage(self) -> None:
         """Was: the S3 demo's "continue it" hint omitted --storage."""
         from art_ray_metrics.ops.demo import default_options
@@ -358,3 +573,61 @@ class TestDemoMessages:
         assert offline_sync_command(tmp_path, "abc123") == (
             f"wandb sync {tmp_path}/wandb/offline-run-*"
         )
+
+
+class TestFakeLLM:
+    """``art-ray-metrics fake-llm``: the demo's fake API for the quickstarts, from one command."""
+
+    def test_prints_exports_that_real_sdks_use_then_stops_on_ctrl_c(self, tmp_path: Path) -> None:
+        """Its two export lines, run in a shell with no keys, point the real OpenAI and
+        Anthropic clients at it; Ctrl-C stops it with exit 0 and the request count."""
+        import signal
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "art_ray_metrics", "fake-llm"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            exports = [server.stdout.readline().rstrip("\n") for _ in range(2)]
+            assert [line.split("=")[0] for line in exports] == [
+                "export OPENAI_BASE_URL",
+                "export ANTHROPIC_BASE_URL",
+            ]
+            client_code = (
+                "import anthropic, openai\n"
+                "c = openai.OpenAI().chat.completions.create(model='gpt-4.1',"
+                " messages=[{'role': 'user', 'content': 'hi'}])\n"
+                "m = anthropic.Anthropic().messages.create(model='claude-sonnet-4-6',"
+                " max_tokens=8, messages=[{'role': 'user', 'content': 'hi'}])\n"
+                "print(c.usage.prompt_tokens > 0, m.usage.input_tokens > 0)\n"
+            )
+            script = tmp_path / "client.py"
+            script.write_text(client_code)
+            shell = "\n".join([*exports, f"{shlex.quote(sys.executable)} {script}"])
+            used = subprocess.run(
+                ["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert used.returncode == 0, used.stderr[-2000:]
+            assert used.stdout.split() == ["True", "True"]
+        finally:
+            server.send_signal(signal.SIGINT)
+            out, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err
+        assert out == ""  # only the export lines go to stdout
+        assert "stopped after 2 requests" in err
+
+    def test_a_taken_port_is_one_line(self, tmp_path: Path) -> None:
+        """A port something else holds: exit 2, one line naming it."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            proc = cli("fake-llm", "--port", str(port), cwd=tmp_path)
+        assert_one_line_error(proc, "fake-llm", f"127.0.0.1:{port}", "--port")

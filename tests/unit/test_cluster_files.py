@@ -50,6 +50,7 @@ class TestAllFiles:
             "kuberay-raycluster.yaml",
             "kuberay-rayjob.yaml",
             "local-cluster.sh",
+            "Dockerfile",
             "README.md",
         } <= names
 
@@ -90,7 +91,12 @@ class TestLauncherConfig:
         assert cfg["provider"]["type"] == "aws"
         assert cfg["head_node_type"] in cfg["available_node_types"]
         assert cfg["max_workers"] >= 1
-        assert any("art-ray-metrics" in c for c in cfg["setup_commands"])
+        mounted = [remote for remote, local in cfg["file_mounts"].items() if local == "./dist"]
+        assert mounted, cfg["file_mounts"]  # the wheel built from the clone goes to every node
+        assert any(
+            f"{mounted[0]}/art_ray_metrics-" in c and ".whl" in c and "[demo]" in c
+            for c in cfg["setup_commands"]
+        )
         assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
         assert any("ray start --address" in c for c in cfg["worker_start_ray_commands"])
 
@@ -119,7 +125,29 @@ class TestKubeRay:
         assert "--address auto" in entry
         assert re.search(r"--storage s3://\S+", entry)
         assert doc["spec"]["shutdownAfterJobFinishes"] is True
-        assert "art-ray-metrics" in doc["spec"]["runtimeEnvYAML"]
+
+    @pytest.mark.parametrize(
+        ("name", "spec_path"),
+        [
+            ("kuberay-raycluster.yaml", ("spec",)),
+            ("kuberay-rayjob.yaml", ("spec", "rayClusterSpec")),
+        ],
+        ids=["raycluster", "rayjob"],
+    )
+    def test_pods_run_the_image_built_from_the_clone(
+        self, name: str, spec_path: tuple[str, ...]
+    ) -> None:
+        """Every Ray container runs the image cluster/Dockerfile builds from the wheel (the
+        package is on no index, so a stock Ray image or a runtime-env `pip:` cannot get it)."""
+        spec: Any = load(name)
+        for key in spec_path:
+            spec = spec[key]
+        images = {c["image"] for group in ray_pods(spec) for c in containers(group)}
+        assert images == {"YOUR-REGISTRY/art-ray-metrics:0.1.0"}
+        dockerfile = (CLUSTER / "Dockerfile").read_text()
+        assert "FROM rayproject/ray:2.60.0-py311" in dockerfile
+        assert re.search(r"pip install .*art_ray_metrics-\*\.whl.*\[demo\]", dockerfile)
+        assert "runtimeEnvYAML" not in load(name).get("spec", {})
 
     @pytest.mark.parametrize(
         ("name", "spec_path"),

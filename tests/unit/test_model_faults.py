@@ -15,7 +15,7 @@ and a crash goes back to the last commit plus what the write-ahead log made dura
 resend what the aggregator never called durable, as the real client does.
 
 ``ARM_MODEL_EXAMPLES`` sets the number of runs (default 40, a few seconds each);
-``ARM_MODEL_STEPS`` the rules per run (default 40). The long run is in the README.
+``ARM_MODEL_STEPS`` the rules per run (default 40). The long run is in docs/protocol.md.
 """
 
 from __future__ import annotations
