@@ -306,15 +306,18 @@ def apply_rewind(
     *,
     keep_late: bool,
 ) -> RewindResult:
-    """Go back to the state right after ``base`` (the empty state without one).
+    """Go back to the state right after ``base`` (without one: the state before the first
+    close, empty unless a cumulative state was adopted, ``meta.baseline_cum``).
 
     ``records`` are the decoded objects of ``plan.keys``. Restores cumulative values and last
     closed steps, removes the ids the discarded closes added, drops pending buffers of later
     steps (and late buffers unless ``keep_late``: an implicit rewind keeps them for the
     re-executed step), recomputes the pending paid-response ids and updates the meta fields.
     """
-    lost = state.cum.values.get(_CUM_ALL, ZERO) - (base.cum.get(_CUM_ALL, ZERO) if base else ZERO)
-    state.cum.values = dict(base.cum) if base else {}
+    # before every close kept: the values adopted before the first close (usually none)
+    base_cum = base.cum if base else state.meta.baseline_cum
+    lost = state.cum.values.get(_CUM_ALL, ZERO) - base_cum.get(_CUM_ALL, ZERO)
+    state.cum.values = dict(base_cum)
     state.last_closed = dict(base.last_closed) if base else {}
     tombstones: dict[str, bytes] = {}
     removed = b"".join(r.scenarios for r in records)
