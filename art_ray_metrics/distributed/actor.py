@@ -310,10 +310,11 @@ class MetricsAggregator:
         if wanted and self.config.wandb_run_id is not None:
             note = f"the configured wandb_run_id {self.config.wandb_run_id!r} is kept"
         elif wanted and (meta.last_rows or meta.rewind or (self.wandb and self.wandb.logged)):
-            note = (
-                f"rows were already logged to W&B run {meta.wandb_run_id!r}; it is kept (the "
-                f"model's run is {project}/{run_id})"
-            )
+            if self.wandb is not None:  # with W&B off there is no run to speak of
+                note = (
+                    f"rows were already logged to W&B run {meta.wandb_run_id!r}; it is kept (the "
+                    f"model's run is {project}/{run_id})"
+                )
         elif wanted:
             held.update(project=project, name=name, entity=entity)
             meta.wandb_run_id = run_id
