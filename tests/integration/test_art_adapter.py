@@ -330,9 +330,6 @@ class TestMoveAnExistingArtRun:
         try:
             moved = new_model()
             attach(moved, handle)
-            assert (moved.read_state() or {})["art_ray_metrics"] == {
-                "adopted_by": handle.config.storage_uri
-            }
             ray.kill(handle.actor, no_restart=False)  # the adopted totals are checkpointed
             asyncio.run(_issue_step(moved, 2))
             rows = _history(moved)
@@ -345,6 +342,9 @@ class TestMoveAnExistingArtRun:
             assert rows[2]["costs/cum/all"] == 0.12
             assert rows[2]["costs/cum/train/judge"] == 0.12
             assert rows[2]["data/cum/num_unique_scenarios"] == 12.0
+            assert (moved.read_state() or {})["art_ray_metrics"] == {
+                "adopted_by": handle.config.storage_uri
+            }
 
             # a restarted trainer: the aggregator's state is the run's, nothing is reported
             caplog.clear()
