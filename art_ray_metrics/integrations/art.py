@@ -505,13 +505,12 @@ def _adopt_art_state(model: Any, handle: AggregatorHandle) -> dict[str, Any] | N
     values, ids = found
     where = os.path.join(model._get_output_dir(), "state.json")
     target = handle.config.storage_uri
-    note = (model.read_state() or {}).get(ADOPTED_KEY)
-    if isinstance(note, dict) and note.get("adopted_by") == target:
-        return None  # moved over before: this aggregator's state is the run's
     digests = b"".join(digest(i) for i in sorted(set(ids)))
     out: dict[str, Any] = handle._call(
         "adopt_cumulative", {k: str(v) for k, v in values.items()}, digests, where
     )
+    note = (model.read_state() or {}).get(ADOPTED_KEY)
+    moved = isinstance(note, dict) and note.get("adopted_by") == target
     if out["adopted"]:
         model.merge_state({ADOPTED_KEY: {"adopted_by": target}})
         if not out["durable"]:
@@ -520,7 +519,7 @@ def _adopt_art_state(model: Any, handle: AggregatorHandle) -> dict[str, Any] | N
                 "are with the next checkpoint",
                 where,
             )
-    elif out["mismatch"]:
+    elif out["mismatch"] and not moved:  # moved: the aggregator's totals went on from these
         log.warning(
             "art_ray_metrics: %s differs from the aggregator's state, which is kept: %s",
             where,
@@ -538,7 +537,8 @@ def _use_art_wandb_run(model: Any, handle: AggregatorHandle, adopt: bool) -> Non
             if adopt
             else (None, None, None, None)
         )
-        out = handle._call("use_wandb_run", *identity, dict(model._wandb_config))
+        config = dict(getattr(model, "_wandb_config", None) or {})
+        out = handle._call("use_wandb_run", *identity, config)
         if out["note"]:
             log.warning("art_ray_metrics: W&B: %s", out["note"])
     except Exception as exc:  # telemetry: training goes on without it
@@ -561,7 +561,8 @@ def attach(model: Any, handle: AggregatorHandle, *, wandb_run: bool = True) -> N
     cumulative values and unique scenario ids of the model's ``state.json`` (ART's
     ``_metrics_builder_state``) become the aggregator's, once, before the first row
     (``state.json`` then notes it under ``"art_ray_metrics"``); an aggregator with a state of
-    its own keeps it and a difference is logged in one line.
+    its own keeps it and a difference is logged in one line (not when ``state.json`` notes that
+    this aggregator took it over: its totals went on from there).
 
     ``wandb_run`` (default): the aggregator logs to the model's W&B run, as ART does
     (project ``model.project``, name and id ``model.name``, ``resume="allow"``, entity from
