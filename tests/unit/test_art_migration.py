@@ -209,3 +209,100 @@ class TestSinkAxesAndConfig:
         run = read_offline_run(file)
         assert (run["run_id"], run["project"]) == ("axes1", "p")
         assert run["config"] == {"a": 1, "b": 2, "c": {"d": 3}}
+
+
+class TestActorKeepsWhatItAdopted:
+    """The actor class without Ray, on in-memory storage, W&B offline: what ``attach`` hands it
+    survives a restart (a new instance on the same storage)."""
+
+    @staticmethod
+    def _config(tmp_path: Path, **fields: object) -> str:
+        import uuid
+
+        from art_ray_metrics import AggregatorConfig
+
+        return AggregatorConfig(
+            storage_uri=f"memory://{uuid.uuid4().hex}",
+            wandb_mode="offline",
+            wandb_dir=str(tmp_path),
+            **fields,  # type: ignore[arg-type]
+        ).model_dump_json()
+
+    def test_adopted_totals_and_arts_wandb_run_survive_a_restart(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        from art_ray_metrics.distributed.actor import MetricsAggregator
+
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        cfg = self._config(tmp_path)
+        first = MetricsAggregator(cfg)
+        values = {k: repr(v) for k, v in ART_CUM.items()}
+        digests = b"".join(digest(i) for i in _ids(0) + _ids(1))
+
+        async def attach() -> tuple[dict[str, object], dict[str, object]]:
+            adopted = await first.adopt_cumulative(values, digests, "state.json")
+            run = await first.use_wandb_run("art-proj", "m", "m", "team", {"lr": 1e-5})
+            return adopted, run
+
+        adopted, run = asyncio.run(attach())
+        assert adopted == {"adopted": True, "durable": True, "mismatch": None}
+        assert run == {"run_id": "m", "project": "art-proj", "switched": True, "note": None}
+        assert first.wandb is not None
+        first.wandb.close()
+        again = MetricsAggregator(cfg)  # a restarted actor
+        try:
+            assert again.state.cum.values["costs/cum/all"] == Decimal("0.08")
+            assert len(again.state.cum.scenarios) == 8
+            assert again.wandb is not None
+            sink = again.wandb.config
+            assert (sink.project, sink.run_name, sink.run_id, sink.entity) == (
+                "art-proj",
+                "m",
+                "m",
+                "team",
+            )
+            assert sink.config == {"lr": 1e-5}  # ART's run: the model's config only
+            # a second attach: nothing adopted twice, the same run, no note
+            again_adopted = asyncio.run(again.adopt_cumulative(values, digests, "state.json"))
+            assert again_adopted == {"adopted": False, "durable": True, "mismatch": None}
+            rerun = asyncio.run(again.use_wandb_run("art-proj", "m", "m", "team", {}))
+            assert (rerun["switched"], rerun["note"]) == (False, None)
+        finally:
+            if again.wandb is not None:
+                again.wandb.close()
+
+    def test_a_run_with_rows_or_a_configured_id_keeps_its_wandb_run(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        from art_ray_metrics.distributed.actor import MetricsAggregator
+
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        logged = MetricsAggregator(self._config(tmp_path / "a"))
+        configured = MetricsAggregator(
+            self._config(tmp_path / "b", wandb_run_id="mine", wandb_name="My run")
+        )
+        try:
+
+            async def calls() -> tuple[dict[str, object], dict[str, object]]:
+                await logged.log(0, "train", {"costs/train/judge": 1.0})
+                first = await logged.use_wandb_run("p", "m", "m", None, {"lr": 1})
+                second = await configured.use_wandb_run("p", "m", "m", None, {"lr": 1})
+                return first, second
+
+            kept, explicit = asyncio.run(calls())
+            assert kept["switched"] is False
+            assert "rows were already logged to W&B run" in str(kept["note"])
+            assert explicit["switched"] is False
+            assert "configured wandb_run_id 'mine' is kept" in str(explicit["note"])
+            assert configured.wandb is not None
+            sink = configured.wandb.config
+            assert (sink.project, sink.run_id, sink.run_name) == (
+                "art-ray-metrics",
+                "mine",
+                "My run",
+            )
+            assert configured.wandb.failures == 0
+        finally:
+            for agg in (logged, configured):
+                if agg.wandb is not None:
+                    agg.wandb.close()
