@@ -26,7 +26,8 @@ closed with ``handle.log(step, split, averages)``, so it also holds every worker
 rollups, cumulative values and exact unique counts. The row is appended to ART's
 ``history.jsonl`` (ART reads it to pick checkpoints to keep) and written to W&B only by the
 aggregator. ART's ``state.json`` no longer carries the builder state: the aggregator's
-checkpoint does.
+checkpoint does. An existing ART run moves over: a fresh aggregator adopts the totals of the
+model's ``state.json`` at ``attach`` and logs to the model's W&B run (see :func:`attach`).
 """
 
 from __future__ import annotations
