@@ -217,7 +217,7 @@ class MetricsAggregator:
         sink = WandbSink(
             WandbSinkConfig(
                 project=adopted["project"] if adopted else cfg.wandb_project,
-                entity=(adopted.get("entity") if adopted else None) or cfg.wandb_entity,
+                entity=cfg.wandb_entity or (adopted.get("entity") if adopted else None),
                 run_name=adopted["name"] if adopted else (cfg.wandb_name or cfg.run_name),
                 run_id=cfg.wandb_run_id or meta.wandb_run_id,
                 mode=mode,
