@@ -64,6 +64,22 @@ def _scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
         ) from None
 
 
+def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+    """One of ``name`` (ours, ART 0.5.18's) and ``alias`` (ART's newer keyword for it).
+
+    Raises:
+        InvalidMetricError: both were given.
+    """
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise InvalidMetricError(
+            f"Expected one of {name} and {alias} (the newer name of the same leaf) but got "
+            f"both: {name}={value!r}, {alias}={alias_value!r}"
+        )
+    return alias_value
+
+
 class PendingLeaves:
     """The unclosed leaves of one ``(step, scope)`` of one producer.
 
@@ -260,8 +276,16 @@ class LeafRecorder(ApiCostMixin):
         step_num_scenarios: int | None = None,
         step_actor_tokens: int | None = None,
         scenario_ids: Iterable[Any] | None = None,
+        *,
+        step_rollout_tokens: int | None = None,
     ) -> None:
-        """Record scenario and token counts and the step's scenario ids (deduplicated run-wide)."""
+        """Record scenario and token counts and the step's scenario ids (deduplicated run-wide).
+
+        ``step_rollout_tokens`` (ART's name after 0.5.18) records ``data/step_actor_tokens``.
+        """
+        step_actor_tokens = _alias(
+            "step_actor_tokens", step_actor_tokens, "step_rollout_tokens", step_rollout_tokens
+        )
         digests = _scenario_digests(scenario_ids) if scenario_ids is not None else None
         if step_num_scenarios is not None:
             self.add_metric("data/step_num_scenarios", step_num_scenarios)
@@ -275,8 +299,14 @@ class LeafRecorder(ApiCostMixin):
         step_wall_s: float | None = None,
         step_actor_s: float | None = None,
         step_eval_s: float | None = None,
+        *,
+        step_rollout_s: float | None = None,
     ) -> None:
-        """Record step timings in seconds under ``time/step_*``."""
+        """Record step timings in seconds under ``time/step_*``.
+
+        ``step_rollout_s`` (ART's name after 0.5.18) records ``time/step_actor_s``.
+        """
+        step_actor_s = _alias("step_actor_s", step_actor_s, "step_rollout_s", step_rollout_s)
         for key, value in (
             ("time/step_wall_s", step_wall_s),
             ("time/step_actor_s", step_actor_s),
@@ -289,8 +319,17 @@ class LeafRecorder(ApiCostMixin):
         self,
         step_trainer_idle_s: float | None = None,
         step_actor_idle_s: float | None = None,
+        *,
+        step_rollout_idle_s: float | None = None,
     ) -> None:
-        """Record idle seconds under ``throughput/step_*_idle_s``."""
+        """Record idle seconds under ``throughput/step_*_idle_s``.
+
+        ``step_rollout_idle_s`` (ART's name after 0.5.18) records
+        ``throughput/step_actor_idle_s``.
+        """
+        step_actor_idle_s = _alias(
+            "step_actor_idle_s", step_actor_idle_s, "step_rollout_idle_s", step_rollout_idle_s
+        )
         if step_trainer_idle_s is not None:
             self.add_metric("throughput/step_trainer_idle_s", step_trainer_idle_s)
         if step_actor_idle_s is not None:

@@ -41,6 +41,12 @@ class AggregatorConfig(BaseModel):
     )
     wandb_project: str = "art-ray-metrics"
     wandb_entity: str | None = None
+    wandb_name: str | None = Field(None, description="W&B run display name; None: run_name.")
+    wandb_run_id: str | None = Field(
+        None,
+        description="W&B run id to create or continue (resume='allow'); None: a new random id, "
+        "kept across restarts, or the attached ART model's run (art_ray_metrics.art.attach).",
+    )
     wandb_dir: str | None = None
     checkpoint_interval_s: float = Field(
         30.0, gt=0, description="Checkpoint on this timer too (always at every barrier)."
@@ -108,6 +114,13 @@ class AggregatorConfig(BaseModel):
     def _non_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must be non-empty")
+        return value
+
+    @field_validator("wandb_name", "wandb_run_id")
+    @classmethod
+    def _non_empty_if_set(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be non-empty when set (None: the default)")
         return value
 
     def resolved(self) -> AggregatorConfig:

@@ -1,8 +1,8 @@
 """The metric taxonomy: sections, splits, routing, cumulative twins and key validation.
 
 Keys are lowercase ``/``-separated paths whose first segment is a *section* (``reward``,
-``loss``, ``offpolicy``, ``pipeline``, ``throughput``, ``costs``, ``time``, ``data``) or a
-*split* (``train``, ``val``, ``test``). Values are per step. Run totals exist only as
+``loss``, ``offpolicy``, ``pipeline``, ``throughput``, ``costs``, ``time``, ``data``,
+``discarded``) or a *split* (``train``, ``val``, ``test``). Values are per step. Run totals exist only as
 *cumulative twins* whose second segment is the reserved ``cum``::
 
     costs/train/llm_judge   -> costs/cum/train/llm_judge
@@ -23,6 +23,7 @@ from typing import Final
 
 __all__ = [
     "BACKEND_KEY_MAP",
+    "COMPUTED_CUMULATIVE_SECTIONS",
     "CUMULATIVE_SECTIONS",
     "IDLE_CUMULATIVE_KEYS",
     "SECTIONS",
@@ -38,10 +39,14 @@ __all__ = [
 ]
 
 SECTIONS: Final = frozenset(
-    {"reward", "loss", "offpolicy", "pipeline", "throughput", "costs", "time", "data"}
+    {"reward", "loss", "offpolicy", "pipeline", "throughput", "costs", "time", "data", "discarded"}
 )
 SPLITS: Final = frozenset({"train", "val", "test"})
 CUMULATIVE_SECTIONS: Final = frozenset({"costs", "time", "data"})
+COMPUTED_CUMULATIVE_SECTIONS: Final = CUMULATIVE_SECTIONS | {"throughput"}
+"""Sections whose ``<section>/cum/...`` keys the aggregator computes: a trainer may not pass
+them (``throughput/cum/*_idle_s`` are the idle cumulatives). A trainer's ``cum`` key in another
+section (ART's pipeline trainer logs ``discarded/cum/stale_groups``) passes through unchanged."""
 TELEMETRY_PREFIX: Final = "telemetry/"
 """Aggregator health counters are added to every row under this prefix (documented in README)."""
 

@@ -83,6 +83,11 @@ class AggregatorMeta:
         close_seq: Number of the last close (makes rewind object keys unique).
         rewound: What rewinds discarded.
         gpu_since: Wall-clock time GPU cost is next charged from (``None``: not started).
+        baseline_cum: Cumulative values adopted before the first close (an existing ART run
+            moved over, :func:`~art_ray_metrics.core.adopt.adopt`); a rewind to before every
+            close kept returns to them.
+        wandb_run: The W&B run adopted from an ART model (``project``, ``name``, ``entity``)
+            and the model's W&B ``config``; ``None``: the configuration's run.
         extra: Keys this version does not know, kept as they were.
     """
 
@@ -98,6 +103,8 @@ class AggregatorMeta:
     close_seq: int = 0
     rewound: RewoundTotals = field(default_factory=RewoundTotals)
     gpu_since: float | None = None
+    baseline_cum: dict[str, Decimal] = field(default_factory=dict)
+    wandb_run: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +129,10 @@ class AggregatorMeta:
             out["wandb_finished_upto"] = self.wandb_finished_upto
         if self.gpu_since is not None:
             out["gpu_since"] = self.gpu_since
+        if self.baseline_cum:
+            out["baseline_cum"] = {k: str(v) for k, v in self.baseline_cum.items()}
+        if self.wandb_run is not None:
+            out["wandb_run"] = dict(self.wandb_run)
         return out
 
     @classmethod
@@ -154,6 +165,10 @@ class AggregatorMeta:
                 Decimal(str(rewound.get("costs_usd", "0"))),
             ),
             gpu_since=float(since) if since is not None else None,
+            baseline_cum={
+                str(k): Decimal(str(v)) for k, v in (raw.get("baseline_cum") or {}).items()
+            },
+            wandb_run=dict(raw["wandb_run"]) if raw.get("wandb_run") is not None else None,
             extra={k: v for k, v in raw.items() if k not in known},
         )
 

@@ -318,7 +318,8 @@ def apply_rewind(
     *,
     keep_late: bool,
 ) -> RewindResult:
-    """Go back to the state right after ``base`` (the empty state without one), then apply
+    """Go back to the state right after ``base`` (without one: the state before the first
+    close, empty unless a cumulative state was adopted, ``meta.baseline_cum``), then apply
     again the kept closes made after it (their steps are at or below the target).
 
     ``records`` are the decoded objects of ``plan.keys``. Restores cumulative values and last
@@ -330,12 +331,14 @@ def apply_rewind(
     """
     meta = state.meta
     before = state.cum.values.get(_CUM_ALL, ZERO)
-    cum = dict(base.cum) if base else {}
+    # before every close kept: the values adopted before the first close (usually none)
+    base_cum = base.cum if base else meta.baseline_cum
+    cum = dict(base_cum)
     last_closed = dict(base.last_closed) if base else {}
     gone_records: list[RewindRecord] = []
     kept: list[RewindEntry] = []
     rewritten: list[tuple[str, bytes]] = []
-    prev = base.cum if base else {}
+    prev = base_cum
     for record in records:
         if record.step > plan.step:
             gone_records.append(record)

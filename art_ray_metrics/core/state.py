@@ -782,8 +782,8 @@ def split_trainer_metrics(
             V.validate_key(key)
             managed.append((key, to_decimal(value if isinstance(value, Decimal) else number)))
         else:
-            if K.is_cumulative(key):
-                V.validate_key(key)
+            if K.is_cumulative(key) and key.partition("/")[0] in K.COMPUTED_CUMULATIVE_SECTIONS:
+                V.validate_key(key)  # raises: the aggregator computes these
             passthrough[key] = number
     # a leaf/ancestor clash among the trainer's own managed keys is the trainer's error
     probe = StepBuffer()

@@ -19,9 +19,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from art_ray_metrics.config import AggregatorConfig
+from art_ray_metrics.core import adopt as A
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.rewind import TOMBSTONES
 from art_ray_metrics.core.state import (
@@ -189,20 +191,38 @@ class MetricsAggregator:
             log.warning("art_ray_metrics: replayed %d batches from the write-ahead log", replayed)
         return state, replayed
 
+    def _adopted_wandb_run(self) -> dict[str, Any] | None:
+        """The ART model's W&B run (project, name, entity) this aggregator logs to, if any: an
+        explicit ``wandb_run_id`` in the configuration wins over it."""
+        held = self.state.meta.wandb_run
+        if held is None or "project" not in held or self.config.wandb_run_id is not None:
+            return None
+        return held
+
+    def _wandb_run_config(self) -> dict[str, Any]:
+        """The run's config: an adopted ART run gets the model's config only, as under ART;
+        otherwise the aggregator's configuration plus any model config sent by ``attach``."""
+        model_config = dict((self.state.meta.wandb_run or {}).get("config") or {})
+        if self._adopted_wandb_run() is not None:
+            return model_config
+        return {"art_ray_metrics": self.config.model_dump(mode="json"), **model_config}
+
     def _make_wandb(self) -> WandbSink | None:
         mode = self.config.wandb_enabled_mode()
         if mode == "disabled":
             return None
         meta = self.state.meta
+        cfg = self.config
+        adopted = self._adopted_wandb_run()
         sink = WandbSink(
             WandbSinkConfig(
-                project=self.config.wandb_project,
-                entity=self.config.wandb_entity,
-                run_name=self.config.run_name,
-                run_id=meta.wandb_run_id,
+                project=adopted["project"] if adopted else cfg.wandb_project,
+                entity=cfg.wandb_entity or (adopted.get("entity") if adopted else None),
+                run_name=adopted["name"] if adopted else (cfg.wandb_name or cfg.run_name),
+                run_id=cfg.wandb_run_id or meta.wandb_run_id,
                 mode=mode,
-                dir=self.config.wandb_dir,
-                config={"art_ray_metrics": self.config.model_dump(mode="json")},
+                dir=cfg.wandb_dir,
+                config=self._wandb_run_config(),
             ),
             api_key=self.credentials.get("WANDB_API_KEY"),
         )
@@ -225,6 +245,96 @@ class MetricsAggregator:
                     }
             sink.relog(rows[k] for k in sorted(rows))
         return sink
+
+    # -- an existing ART run moved over (art_ray_metrics.art.attach) ------------------------
+
+    async def adopt_cumulative(
+        self, values: dict[str, str], scenarios: bytes, source: str
+    ) -> dict[str, Any]:
+        """Start a fresh aggregator from another run's totals (an ART model's ``state.json``).
+
+        ``values``: cumulative keys to decimal strings; ``scenarios``: concatenated 16-byte
+        digests of the unique scenario ids. A fresh aggregator (nothing closed, no totals)
+        adopts them and checkpoints at once; one that has a state keeps it. Returns
+        ``{"adopted", "durable", "mismatch"}`` (``mismatch``: one line, or ``None``).
+
+        Raises:
+            InvalidMetricError: a key that is not cumulative, or a value that is not a finite
+                number (naming both).
+            WireFormatError: ``scenarios`` is not a whole number of digests.
+        """
+        self._ensure_tasks()
+        checked = A.check_cumulative(values)
+        digests = split_digests(scenarios)
+        if not A.is_fresh(self.state):
+            return {
+                "adopted": False,
+                "durable": True,
+                "mismatch": A.mismatch(self.state, checked, digests),
+            }
+        A.adopt(self.state, checked, digests)
+        log.warning(
+            "art_ray_metrics: adopted %d cumulative values and %d unique scenario ids from %s",
+            len(checked),
+            len(set(digests)),
+            source,
+        )
+        before = self.health.checkpoints
+        await self._persist()
+        return {"adopted": True, "durable": self.health.checkpoints > before, "mismatch": None}
+
+    async def use_wandb_run(
+        self,
+        project: str | None,
+        name: str | None,
+        run_id: str | None,
+        entity: str | None,
+        config: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Log to an ART model's W&B run and merge the model's W&B ``config`` into the run's.
+
+        The run (``project``, ``name``, ``run_id``; ``None``: keep the current one) is adopted
+        when the configuration names no ``wandb_run_id`` and no row was closed yet; otherwise
+        the current run is kept and ``note`` says why. The choice is checkpointed: a restarted
+        aggregator resumes the same run. Returns ``{"run_id", "project", "switched", "note"}``.
+        """
+        self._ensure_tasks()
+        meta = self.state.meta
+        held = dict(meta.wandb_run or {})
+        held["config"] = {**(held.get("config") or {}), **config}
+        current = self._adopted_wandb_run()
+        switched, note = False, None
+        wanted = run_id is not None and (
+            current is None or meta.wandb_run_id != run_id or current["project"] != project
+        )
+        if wanted and self.config.wandb_run_id is not None:
+            note = f"the configured wandb_run_id {self.config.wandb_run_id!r} is kept"
+        elif wanted and (meta.last_rows or meta.rewind or (self.wandb and self.wandb.logged)):
+            if self.wandb is not None:  # with W&B off there is no run to speak of
+                note = (
+                    f"rows were already logged to W&B run {meta.wandb_run_id!r}; it is kept (the "
+                    f"model's run is {project}/{run_id})"
+                )
+        elif wanted:
+            held.update(project=project, name=name, entity=entity)
+            meta.wandb_run_id = run_id
+            switched = True
+        meta.wandb_run = held
+        if switched:
+            old = self.wandb
+            self.wandb = await asyncio.to_thread(self._make_wandb)
+            if old is not None:  # a run with no row: finish it off the loop
+                await asyncio.to_thread(old.close, 0)
+        elif self.wandb is not None:
+            self.wandb.update_config(self._wandb_run_config())
+        await self._persist()
+        adopted = self._adopted_wandb_run()
+        return {
+            "run_id": meta.wandb_run_id,
+            "project": adopted["project"] if adopted else self.config.wandb_project,
+            "switched": switched,
+            "note": note,
+        }
 
     async def set_credentials(self, env: dict[str, str]) -> dict[str, Any]:
         """Hold credential variables in memory and use them from now on.

@@ -56,6 +56,7 @@ from art_ray_metrics.builder import (
     LeafRecorder,
     Number,
     PendingLeaves,
+    _alias,
     _scenario_digests,
 )
 from art_ray_metrics.config import ClientConfig
@@ -941,8 +942,13 @@ class WorkerBuilder(LeafRecorder):
         step_num_scenarios: int | None = None,
         step_actor_tokens: int | None = None,
         scenario_ids: Iterable[Any] | None = None,
+        *,
+        step_rollout_tokens: int | None = None,
     ) -> None:
         """Record scenario and token counts and the step's scenario ids (deduplicated run-wide)."""
+        step_actor_tokens = _alias(
+            "step_actor_tokens", step_actor_tokens, "step_rollout_tokens", step_rollout_tokens
+        )
         # ids are digested before anything is recorded (a bad one raises); they are added
         # after the counts, as on the general path
         # (once: scenario_ids may be an iterator)
@@ -959,8 +965,11 @@ class WorkerBuilder(LeafRecorder):
         step_wall_s: float | None = None,
         step_actor_s: float | None = None,
         step_eval_s: float | None = None,
+        *,
+        step_rollout_s: float | None = None,
     ) -> None:
         """Record step timings in seconds under ``time/step_*``."""
+        step_actor_s = _alias("step_actor_s", step_actor_s, "step_rollout_s", step_rollout_s)
         if not self._put_fixed(_TIMING_KEYS, (step_wall_s, step_actor_s, step_eval_s)):
             super().add_user_timing(step_wall_s, step_actor_s, step_eval_s)
 
@@ -968,8 +977,13 @@ class WorkerBuilder(LeafRecorder):
         self,
         step_trainer_idle_s: float | None = None,
         step_actor_idle_s: float | None = None,
+        *,
+        step_rollout_idle_s: float | None = None,
     ) -> None:
         """Record idle seconds under ``throughput/step_*_idle_s``."""
+        step_actor_idle_s = _alias(
+            "step_actor_idle_s", step_actor_idle_s, "step_rollout_idle_s", step_rollout_idle_s
+        )
         if not self._put_fixed(_IDLE_KEYS, (step_trainer_idle_s, step_actor_idle_s)):
             super().add_idle_times(step_trainer_idle_s, step_actor_idle_s)
 

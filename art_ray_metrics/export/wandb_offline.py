@@ -55,6 +55,7 @@ __all__ = [
     "offline_sync_command",
     "read_offline_history",
     "read_offline_metric_definitions",
+    "read_offline_run",
     "read_offline_summary",
     "wait_for_exit_record",
 ]
@@ -211,6 +212,36 @@ def read_offline_metric_definitions(run_dir_or_file: str | Path) -> list[dict[st
         else:
             entry["name"] = metric.name
         out.append(entry)
+    return out
+
+
+def read_offline_run(run_dir_or_file: str | Path) -> dict[str, Any]:
+    """Return the run's identity and config: ``run_id``, ``project``, ``entity``,
+    ``display_name`` (from the ``run`` record) and ``config`` (the run record's config with
+    every later ``config`` record's updates and removes applied; W&B's own ``_wandb`` key
+    left out)."""
+    out: dict[str, Any] = {"config": {}}
+    config: dict[str, Any] = out["config"]
+    for record in iter_records(run_dir_or_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            out.update(
+                run_id=run.run_id,
+                project=run.project,
+                entity=run.entity,
+                display_name=run.display_name,
+            )
+            updates, removes = run.config.update, run.config.remove
+        elif kind == "config":
+            updates, removes = record.config.update, record.config.remove
+        else:
+            continue
+        for item in updates:
+            config[_item_key(item)] = json.loads(item.value_json)
+        for item in removes:
+            config.pop(_item_key(item), None)
+    config.pop("_wandb", None)
     return out
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     pass
 
 __all__ = [
+    "WALL_CLOCK_METRIC",
     "WANDB_GLOBS",
     "WANDB_SECRETS",
     "WANDB_SETTINGS",
@@ -48,9 +49,14 @@ WANDB_GLOBS: tuple[str, ...] = (
     "train/*",
     "val/*",
     "test/*",
+    "discarded/*",
     "telemetry/*",
 )
 """Globs declared with ``step_metric="training_step"`` when a W&B run starts."""
+
+WALL_CLOCK_METRIC = "time/wall_clock_sec"
+"""Seconds since the trainer started (attached ART models): an x-axis of its own, as ART
+defines it (``define_metric`` without a step metric, before the globs)."""
 
 _COST_AXIS = "costs/cum/all"
 
@@ -184,6 +190,7 @@ class WandbSink:
         self._finishing: threading.Thread | None = None
         self._closed = False
         self._finished_ok = False
+        self._config_updates: dict[str, Any] = {}
 
     # -- state ---------------------------------------------------------------------------
 
@@ -236,11 +243,12 @@ class WandbSink:
             dir=cfg.dir,
             group=cfg.group,
             tags=list(cfg.tags) or None,
-            config=dict(cfg.config) if cfg.config is not None else None,
+            config=self._run_config(),
             settings=settings,
         )
         try:
             run.define_metric(STEP_METRIC)
+            run.define_metric(WALL_CLOCK_METRIC)
             for glob in WANDB_GLOBS:
                 run.define_metric(glob, step_metric=STEP_METRIC)
             run.define_metric(_COST_AXIS, step_metric=STEP_METRIC, summary="last")
@@ -248,6 +256,23 @@ class WandbSink:
             self._finish_run(run, 1)  # an open attach would block the next one ("in use")
             raise
         return run
+
+    def _run_config(self) -> dict[str, Any] | None:
+        with self._lock:
+            merged = {**(self.config.config or {}), **self._config_updates}
+        return merged or None
+
+    def update_config(self, config: Mapping[str, Any]) -> None:
+        """Merge ``config`` into the run's config: now if the run is up, else at its init (and
+        every re-attach). Never raises (a failure is counted)."""
+        try:
+            with self._lock:
+                self._config_updates.update(config)
+                run = self._run
+                if run is not None and config:
+                    run.config.update(dict(config))
+        except Exception as exc:
+            self._fail("config", exc)
 
     def _attach(self) -> bool:
         """One init attempt; on success the run becomes current. Caller holds no lock."""

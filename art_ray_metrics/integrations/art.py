@@ -26,7 +26,8 @@ closed with ``handle.log(step, split, averages)``, so it also holds every worker
 rollups, cumulative values and exact unique counts. The row is appended to ART's
 ``history.jsonl`` (ART reads it to pick checkpoints to keep) and written to W&B only by the
 aggregator. ART's ``state.json`` no longer carries the builder state: the aggregator's
-checkpoint does.
+checkpoint does. An existing ART run moves over: a fresh aggregator adopts the totals of the
+model's ``state.json`` at ``attach`` and logs to the model's W&B run (see :func:`attach`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,14 @@ from typing import Any
 
 from art_ray_metrics.builder import LeafRecorder, Number, PendingLeaves
 from art_ray_metrics.core import active as _active
+from art_ray_metrics.core import adopt as A
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.records import KeyedCost
 from art_ray_metrics.distributed.client import WorkerBuilder, connect
 from art_ray_metrics.distributed.handle import AggregatorHandle
+from art_ray_metrics.errors import InvalidMetricError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = ["ART_VERSION", "attach", "worker_context"]
@@ -119,8 +123,38 @@ def _bridge_type() -> type:
             step_num_scenarios: int | None = None,
             step_actor_tokens: int | None = None,
             scenario_ids: list[str] | None = None,
+            *,
+            step_rollout_tokens: int | None = None,
         ) -> None:
-            self.target.add_data(step_num_scenarios, step_actor_tokens, scenario_ids)
+            self.target.add_data(
+                step_num_scenarios,
+                step_actor_tokens,
+                scenario_ids,
+                step_rollout_tokens=step_rollout_tokens,
+            )
+
+        def add_user_timing(
+            self,
+            step_wall_s: float | None = None,
+            step_actor_s: float | None = None,
+            step_eval_s: float | None = None,
+            *,
+            step_rollout_s: float | None = None,
+        ) -> None:
+            self.target.add_user_timing(
+                step_wall_s, step_actor_s, step_eval_s, step_rollout_s=step_rollout_s
+            )
+
+        def add_idle_times(
+            self,
+            step_trainer_idle_s: float | None = None,
+            step_actor_idle_s: float | None = None,
+            *,
+            step_rollout_idle_s: float | None = None,
+        ) -> None:
+            self.target.add_idle_times(
+                step_trainer_idle_s, step_actor_idle_s, step_rollout_idle_s=step_rollout_idle_s
+            )
 
         async def flush(self) -> dict[str, float]:
             return self._on_flush(self.target)
@@ -308,12 +342,24 @@ class _Attached:
             self.pending.setdefault(scope, pending)
         return {}
 
-    def log_metrics(self, metrics: dict[str, float], split: str, step: int) -> None:
-        """ART's ``_log_metrics``: keep the row for the aggregator instead of writing it."""
+    def log_metrics(self, metrics: dict[str, float], split: str, step: int, **options: Any) -> None:
+        """ART's ``_log_metrics``: keep the row for the aggregator instead of writing it.
+
+        ``custom_metric_keys`` (passed by ART after 0.5.18 to define W&B axes) needs nothing:
+        the aggregator's W&B sink puts every key outside its globs on ``training_step``. Other
+        keywords a newer ART passes are ignored, with one warning per keyword.
+        """
+        _warn_unknown_options(options)
         capture = _CAPTURE.get()
         if capture is None:
             raise RuntimeError("art_ray_metrics: _log_metrics called outside an attached log")
         capture["metrics"] = dict(metrics)
+
+    def update_wandb_config(self, config: dict[str, Any]) -> None:
+        """ART's ``update_wandb_config`` (merge, refuse a changed value), then the aggregator's
+        W&B run gets the model's config. Only the W&B part never raises."""
+        type(self.model).update_wandb_config(self.model, config)
+        _use_art_wandb_run(self.model, self.handle, adopt=False)
 
     def automatic_metrics(self, **kwargs: Any) -> dict[str, float]:
         metrics: dict[str, float] = self.original_auto(self.model, **kwargs)
@@ -364,9 +410,11 @@ class _Attached:
                 )
         wall = time.time() - self.model._run_start_time
         # ART's own key prefixing, applied here so backend names keep ART's keys
-        # (loss -> train/loss) instead of the aggregator's mapping (loss -> loss/train)
+        # (loss -> train/loss) instead of the aggregator's mapping (loss -> loss/train), with
+        # the installed ART's sections (a section ART adds passes through as ART passes it)
+        sections = getattr(_art().model, "METRIC_SECTIONS", K.SECTIONS)
         routed = (
-            {K.route_key(k, split): v for k, v in metrics.items()}
+            {_route(k, split, sections): v for k, v in metrics.items()}
             if split in K.SPLITS
             else dict(metrics)
         )
@@ -386,6 +434,30 @@ class _Attached:
             f.write(json.dumps(record) + "\n")
 
 
+def _route(key: str, split: str, sections: Any) -> str:
+    """ART's prefixing of a key logged for ``split`` (one of train/val/test)."""
+    head, sep, _ = key.partition("/")
+    if sep and (head in sections or head in K.SPLITS):
+        return key
+    return f"{split}/{key}"
+
+
+_KNOWN_OPTIONS = frozenset({"custom_metric_keys"})
+_WARNED_OPTIONS: set[str] = set()
+
+
+def _warn_unknown_options(options: Mapping[str, Any]) -> None:
+    """Warn once per process and keyword that a newer ART passed a keyword we ignore."""
+    for name in sorted(set(options) - _KNOWN_OPTIONS - _WARNED_OPTIONS):
+        _WARNED_OPTIONS.add(name)
+        log.warning(
+            "art_ray_metrics: ART's _log_metrics passed %r, which this adapter (written for "
+            "openpipe-art %s) does not know; it is ignored and the row logged as before",
+            name,
+            ART_VERSION,
+        )
+
+
 def _merge_pending(into: PendingLeaves, other: PendingLeaves) -> None:
     for key, value in other.sums().items():
         into.record(key, value)
@@ -396,7 +468,90 @@ def _merge_pending(into: PendingLeaves, other: PendingLeaves) -> None:
             into.record_sample(key, v)
 
 
-def attach(model: Any, handle: AggregatorHandle) -> None:
+ADOPTED_KEY = "art_ray_metrics"
+"""Key of ``state.json`` where :func:`attach` notes which aggregator adopted ART's totals."""
+
+
+def _art_builder_state(model: Any) -> tuple[dict[str, Decimal], list[str]] | None:
+    """ART's builder state in the model's ``state.json``: cumulative values and unique
+    scenario ids (``None``: there is none).
+
+    Raises:
+        InvalidMetricError: the state is not in ART's format (naming the key and value).
+    """
+    state = model.read_state() or {}
+    key = getattr(_art().model, "METRICS_BUILDER_STATE_KEY", "_metrics_builder_state")
+    raw = state.get(key)
+    if raw is None:
+        return None
+    where = os.path.join(model._get_output_dir(), "state.json")
+    cum, ids = (
+        (raw.get("cum_state", {}), raw.get("unique_scenario_ids", []))
+        if isinstance(raw, dict)
+        else (None, None)
+    )
+    if not isinstance(cum, dict) or not isinstance(ids, list):
+        raise InvalidMetricError(
+            f"Expected ART's builder state in {where} ({key!r}: a map with 'cum_state' and "
+            f"'unique_scenario_ids') but got {raw!r:.200}"
+        )
+    try:
+        values = A.check_cumulative(cum)
+    except InvalidMetricError as exc:
+        raise InvalidMetricError(f"{where}: {exc}") from None
+    return values, [str(i) for i in ids]
+
+
+def _adopt_art_state(model: Any, handle: AggregatorHandle) -> dict[str, Any] | None:
+    """Move the model's ART totals into a fresh aggregator, once; report a mismatch in one
+    line when the aggregator already has a state of its own."""
+    found = _art_builder_state(model)
+    if found is None:
+        return None
+    values, ids = found
+    where = os.path.join(model._get_output_dir(), "state.json")
+    target = handle.config.storage_uri
+    digests = b"".join(digest(i) for i in sorted(set(ids)))
+    out: dict[str, Any] = handle._call(
+        "adopt_cumulative", {k: str(v) for k, v in values.items()}, digests, where
+    )
+    note = (model.read_state() or {}).get(ADOPTED_KEY)
+    moved = isinstance(note, dict) and note.get("adopted_by") == target
+    if out["adopted"]:
+        model.merge_state({ADOPTED_KEY: {"adopted_by": target}})
+        if not out["durable"]:
+            log.warning(
+                "art_ray_metrics: the totals adopted from %s are not checkpointed yet; they "
+                "are with the next checkpoint",
+                where,
+            )
+    elif out["mismatch"] and not moved:  # moved: the aggregator's totals went on from these
+        log.warning(
+            "art_ray_metrics: %s differs from the aggregator's state, which is kept: %s",
+            where,
+            out["mismatch"],
+        )
+    return out
+
+
+def _use_art_wandb_run(model: Any, handle: AggregatorHandle, adopt: bool) -> None:
+    """The aggregator logs to the model's W&B run (as ART: project, name and id from the
+    model, entity from ``WANDB_ENTITY``), with the model's W&B config. Never raises."""
+    try:
+        identity: tuple[Any, ...] = (
+            (model.project, model.name, model.name, os.environ.get("WANDB_ENTITY"))
+            if adopt
+            else (None, None, None, None)
+        )
+        config = dict(getattr(model, "_wandb_config", None) or {})
+        out = handle._call("use_wandb_run", *identity, config)
+        if out["note"]:
+            log.warning("art_ray_metrics: W&B: %s", out["note"])
+    except Exception as exc:  # telemetry: training goes on without it
+        log.warning("art_ray_metrics: W&B run of model %r not set up: %r", model.name, exc)
+
+
+def attach(model: Any, handle: AggregatorHandle, *, wandb_run: bool = True) -> None:
     """Route ``model.log`` rows through the aggregator behind ``handle``.
 
     Afterwards ART's ``Model.log`` still computes its averages, default data metrics and
@@ -404,14 +559,28 @@ def attach(model: Any, handle: AggregatorHandle) -> None:
     ``history.jsonl``; the row itself is the aggregator's (``handle.log``), so it also holds
     every worker's leaves, rollups, cumulative values and unique counts, and W&B is written
     once, by the aggregator. The model's builder (``model.metrics_builder()``,
-    ``model.activate_metrics_context()``) records into the aggregator too; its cumulative state
-    is the aggregator's, not ``state.json``'s. When the aggregator charges GPUs itself
-    (``gpu_type``), the backend's automatic ``costs/gpu`` is dropped. Keys keep ART's names:
-    a backend ``loss`` is ``train/loss``, as ART logs it.
+    ``model.activate_metrics_context()``) records into the aggregator too. When the aggregator
+    charges GPUs itself (``gpu_type``), the backend's automatic ``costs/gpu`` is dropped. Keys
+    keep ART's names: a backend ``loss`` is ``train/loss``, as ART logs it.
+
+    An existing ART run moves over: on an aggregator that has closed nothing yet, the
+    cumulative values and unique scenario ids of the model's ``state.json`` (ART's
+    ``_metrics_builder_state``) become the aggregator's, once, before the first row
+    (``state.json`` then notes it under ``"art_ray_metrics"``); an aggregator with a state of
+    its own keeps it and a difference is logged in one line (not when ``state.json`` notes that
+    this aggregator took it over: its totals went on from there).
+
+    ``wandb_run`` (default): the aggregator logs to the model's W&B run, as ART does
+    (project ``model.project``, name and id ``model.name``, ``resume="allow"``, entity from
+    ``WANDB_ENTITY``), unless the configuration sets ``wandb_run_id`` or rows were already
+    logged to another run. Either way the model's W&B config (``model.update_wandb_config``,
+    before and after ``attach``) goes to the run's config.
 
     Raises:
         ImportError: openpipe-art is not installed.
         TypeError: ``model`` is not an ``art.Model`` or is already attached.
+        InvalidMetricError: the model's ``state.json`` holds a builder state that is not
+            ART's format (naming the key and value).
     """
     art = _art()
     if not isinstance(model, art.Model):
@@ -420,6 +589,8 @@ def attach(model: Any, handle: AggregatorHandle) -> None:
         raise TypeError(f"Expected an AggregatorHandle but got {type(handle).__name__}")
     if "_arm_attached" in model.__dict__:
         raise TypeError(f"Model {model.name!r} is already attached to an aggregator")
+    _adopt_art_state(model, handle)  # before the first row; bad input raises here
+    _use_art_wandb_run(model, handle, wandb_run)
     state = _Attached(model, handle)
     bridge = _bridge_type()(state.leaves, state.flush_hook)
     for attr, value in (
@@ -430,5 +601,6 @@ def attach(model: Any, handle: AggregatorHandle) -> None:
         ("_log_metrics", state.log_metrics),
         ("_persist_metrics_builder_state", lambda: None),
         ("_collect_automatic_backend_metrics", state.automatic_metrics),
+        ("update_wandb_config", state.update_wandb_config),
     ):
         object.__setattr__(model, attr, value)

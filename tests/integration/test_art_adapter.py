@@ -265,3 +265,328 @@ class TestGpuChargedOnce:
                 assert row["costs/gpu"] == pytest.approx(1000 * row["time/step_wall_s"])
         finally:
             handle.shutdown()
+
+
+# -- an existing ART run moves over ----------------------------------------------------------
+
+
+def _trajectory(scenario: str, reward: float) -> Any:
+    import art
+
+    return art.Trajectory(
+        messages_and_choices=[
+            {"role": "user", "content": scenario},
+            {"role": "assistant", "content": "ok"},
+        ],
+        reward=reward,
+        metadata={"scenario_id": scenario},
+    )
+
+
+async def _issue_step(model: Any, step: int) -> None:
+    """One step of the issue's scenario: 4 scenarios (one group each), a $0.01 judge cost each."""
+    import art
+
+    builder = model.metrics_builder("train")
+    groups = []
+    for i in range(4):
+        builder.add_cost("train/judge", 0.01)
+        scenario = f"scenario-{4 * step + i}"
+        groups.append(art.TrajectoryGroup([_trajectory(scenario, r) for r in (0.0, 1.0)]))
+    await model.log(groups, split="train", step=step)
+
+
+def _art_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("art_ray_metrics")]
+
+
+class TestMoveAnExistingArtRun:
+    def test_totals_continue_from_state_json_once(
+        self,
+        run_config: dict[str, Any],
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """Steps 0-1 under plain ART ($0.08, 8 scenarios in state.json), then a new trainer
+        attaches a Model of the same name to a fresh aggregator: step 2 has $0.12 and 12
+        unique scenarios, also after the aggregator was killed right after the attach."""
+        import art
+
+        from art_ray_metrics.art import attach
+
+        def new_model() -> Any:
+            return art.Model(
+                name="moved", project="mig", base_path=str(tmp_path), report_metrics=[]
+            )
+
+        plain = new_model()
+        for step in (0, 1):
+            asyncio.run(_issue_step(plain, step))
+        art_state = (plain.read_state() or {})["_metrics_builder_state"]
+        assert art_state["cum_state"]["costs/cum/all"] == pytest.approx(0.08)
+        assert len(art_state["unique_scenario_ids"]) == 8
+
+        handle = arm.start_aggregator(**run_config)
+        try:
+            moved = new_model()
+            attach(moved, handle)
+            ray.kill(handle.actor, no_restart=False)  # the adopted totals are checkpointed
+            asyncio.run(_issue_step(moved, 2))
+            rows = _history(moved)
+            print("\nmigration rows:")  # the issue asks for them
+            for row in rows:
+                print({k: row[k] for k in sorted(row) if k.startswith(("costs/", "data/cum"))})
+            assert [r["step"] for r in rows] == [0, 1, 2]
+            assert rows[1]["costs/cum/all"] == pytest.approx(0.08)  # plain ART's rows
+            assert rows[2]["costs/all"] == 0.04
+            assert rows[2]["costs/cum/all"] == 0.12
+            assert rows[2]["costs/cum/train/judge"] == 0.12
+            assert rows[2]["data/cum/num_unique_scenarios"] == 12.0
+            assert (moved.read_state() or {})["art_ray_metrics"] == {
+                "adopted_by": handle.config.storage_uri
+            }
+
+            # a restarted trainer: the aggregator's state is the run's, nothing is reported
+            caplog.clear()
+            again = new_model()
+            with caplog.at_level("WARNING", logger="art_ray_metrics"):
+                attach(again, handle)
+            assert _art_messages(caplog) == []
+            asyncio.run(_issue_step(again, 3))
+            last = _history(again)[-1]
+            assert (last["costs/cum/all"], last["data/cum/num_unique_scenarios"]) == (0.16, 16.0)
+        finally:
+            handle.shutdown()
+
+    def test_an_aggregator_with_a_state_keeps_it_and_says_so_in_one_line(
+        self,
+        run_config: dict[str, Any],
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        import art
+
+        from art_ray_metrics.art import attach
+
+        plain = art.Model(name="m", project="p", base_path=str(tmp_path), report_metrics=[])
+        asyncio.run(_issue_step(plain, 0))  # state.json: $0.04, 4 scenarios
+        handle = arm.start_aggregator(**run_config)
+        try:
+            handle.log(0, "train", {"costs/train/judge": 1.0})  # the aggregator's own state
+            model = art.Model(name="m", project="p", base_path=str(tmp_path), report_metrics=[])
+            with caplog.at_level("WARNING", logger="art_ray_metrics"):
+                attach(model, handle)
+            (line,) = _art_messages(caplog)
+            assert "state.json differs from the aggregator's state, which is kept" in line
+            assert "costs/cum/all: 0.04 there, 1.0 here" in line
+            assert "unique scenarios 4 there, 0 here (4 not here)" in line
+            assert "\n" not in line
+            asyncio.run(model.log(metrics={"costs/train/judge": 0.5}, split="train", step=1))
+            assert _history(model)[-1]["costs/cum/all"] == 1.5
+        finally:
+            handle.shutdown()
+
+    def test_a_state_json_not_in_arts_format_is_refused_by_name(
+        self, run_config: dict[str, Any], tmp_path: Path
+    ) -> None:
+        import art
+
+        from art_ray_metrics.art import attach
+
+        model = art.Model(name="bad", project="p", base_path=str(tmp_path), report_metrics=[])
+        model.overwrite_state({"_metrics_builder_state": {"cum_state": {"costs/all": 0.5}}})
+        handle = arm.start_aggregator(**run_config)
+        try:
+            with pytest.raises(arm.InvalidMetricError, match=r"state\.json.*'costs/all' = 0\.5"):
+                attach(model, handle)
+            assert "_arm_attached" not in model.__dict__
+        finally:
+            handle.shutdown()
+
+
+# -- ART's W&B run ---------------------------------------------------------------------------
+
+
+def _axis(key: str, definitions: list[dict[str, Any]]) -> str | None:
+    """The x-axis W&B gives ``key``: its own definition, else the last matching glob's."""
+    from fnmatch import fnmatchcase
+
+    named = [d for d in definitions if d.get("name") == key]
+    if named:
+        return str(named[-1]["step_metric"])
+    globs = [d for d in definitions if fnmatchcase(key, d.get("glob_name", "\0"))]
+    return str(globs[-1]["step_metric"]) if globs else None
+
+
+async def _wandb_steps(model: Any) -> None:
+    """Config before the first row and after it, two train rows and one val row."""
+    await _issue_step(model, 0)
+    model.update_wandb_config({"batch_size": 4, "judge": {"model": "gpt-4.1"}})
+    await _issue_step(model, 1)
+    await model.log(metrics={"accuracy": 0.5}, split="val", step=1)
+
+
+class TestArtWandbRun:
+    def test_the_attached_run_is_arts_run_with_arts_config_and_axes(
+        self, run_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Plain ART and the attached model, both offline: the same run id, project, entity,
+        name and config, and every key of ART's rows on the same x-axis."""
+        import art
+
+        from art_ray_metrics.art import attach
+        from art_ray_metrics.export.wandb_offline import (
+            find_offline_run_files,
+            read_offline_history,
+            read_offline_metric_definitions,
+            read_offline_run,
+        )
+
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        monkeypatch.setenv("WANDB_ENTITY", "my-team")
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # ART logs to W&B only with a key set
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / "plain-wandb"))
+        (tmp_path / "plain-wandb").mkdir()
+        config = {"lr": 1e-5, "base_model": "Qwen/Qwen2.5-7B"}
+
+        plain = art.Model(
+            name="wandb-run",
+            project="art-proj",
+            base_path=str(tmp_path / "plain"),
+            report_metrics=["wandb"],
+        )
+        plain.update_wandb_config(config)
+        asyncio.run(_wandb_steps(plain))
+        plain._wandb_run.finish()
+
+        ours_dir = tmp_path / "ours-wandb"
+        handle = arm.start_aggregator(
+            **{**run_config, "wandb_mode": "offline", "wandb_dir": str(ours_dir)}
+        )
+        try:
+            model = art.Model(
+                name="wandb-run",
+                project="art-proj",
+                base_path=str(tmp_path / "ours"),
+                report_metrics=[],
+            )
+            model.update_wandb_config(config)
+            attach(model, handle)
+            stats = handle.stats()
+            print("\nattached W&B run:", stats["wandb_run_id"], "project", model.project)
+            asyncio.run(_wandb_steps(model))
+        finally:
+            handle.shutdown()
+
+        (theirs,) = find_offline_run_files(tmp_path / "plain-wandb", "wandb-run")
+        (ours,) = find_offline_run_files(ours_dir, "wandb-run")
+        want, got = read_offline_run(theirs), read_offline_run(ours)
+        assert want == {
+            "run_id": "wandb-run",
+            "project": "art-proj",
+            "entity": "my-team",
+            "display_name": "wandb-run",
+            "config": {**config, "batch_size": 4, "judge": {"model": "gpt-4.1"}},
+        }
+        assert got == want
+        assert stats["wandb_run_id"] == "wandb-run"
+        art_defs = read_offline_metric_definitions(theirs)
+        our_defs = read_offline_metric_definitions(ours)
+        art_rows = read_offline_history(theirs)
+        our_rows = read_offline_history(ours)
+        assert len(art_rows) == len(our_rows) == 3
+        keys = {k for row in art_rows for k in row if not k.startswith("_")}
+        assert {"time/wall_clock_sec", "costs/cum/all", "val/accuracy"} <= keys
+        axes = {k: _axis(k, art_defs) for k in sorted(keys)}
+        assert axes["time/wall_clock_sec"] == ""  # an axis of its own, as ART defines it
+        assert axes["costs/train/judge"] == "training_step"
+        assert {k: _axis(k, our_defs) for k in sorted(keys)} == axes
+        for want_row, got_row in zip(art_rows, our_rows, strict=True):
+            assert set(want_row) - {"_runtime", "_timestamp"} <= set(got_row)
+
+
+# -- ART's next release (stand-ins of its changed signatures) ---------------------------------
+
+
+def _next_art_model_type() -> type:
+    """An ``art.Model`` whose ``log`` makes the calls ART's GitHub main makes after 0.5.18:
+    ``_log_metrics(..., custom_metric_keys=...)`` and the ``step_rollout_*`` builder names
+    (plus a keyword no release has, to see it ignored)."""
+    import art
+
+    class NextArtModel(art.Model):  # type: ignore[misc]
+        async def log(
+            self,
+            trajectories: Any = None,
+            split: str = "val",
+            *,
+            metrics: dict[str, float] | None = None,
+            step: int | None = None,
+        ) -> None:
+            builder = self._metrics_builder_for_split(split)
+            builder.add_data(step_rollout_tokens=100)
+            builder.add_user_timing(step_rollout_s=2.0)
+            builder.add_idle_times(step_rollout_idle_s=0.5)
+            row = {**(metrics or {}), **await builder.flush()}
+            self._log_metrics(
+                row, split, step, custom_metric_keys=set(metrics or {}), not_yet_invented=1
+            )
+
+    return NextArtModel
+
+
+@ray.remote(num_cpus=0)
+def next_art_rollout(name: str, step: int) -> None:
+    from art.metrics import MetricsBuilder
+
+    from art_ray_metrics.art import worker_context
+
+    with worker_context(step, "train", split="train", name=name):
+        builder = MetricsBuilder.get_active()
+        builder.add_data(step_rollout_tokens=20)
+        builder.add_user_timing(step_rollout_s=1.0)
+        builder.add_idle_times(step_rollout_idle_s=0.25)
+
+
+class TestArtsNextRelease:
+    def test_new_keywords_aliases_and_pass_through_cum_keys(
+        self,
+        run_config: dict[str, Any],
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        import art.model
+
+        from art_ray_metrics.art import attach
+
+        # ART's pipeline trainer passes discarded/* through (a section in the newer ART)
+        monkeypatch.setattr(art.model, "METRIC_SECTIONS", art.model.METRIC_SECTIONS | {"discarded"})
+        handle = arm.start_aggregator(**run_config)
+        try:
+            model = _next_art_model_type()(
+                name="next", project="p", base_path=str(tmp_path), report_metrics=[]
+            )
+            attach(model, handle)
+            with caplog.at_level("WARNING", logger="art_ray_metrics"):
+                for step in (1, 2):
+                    ray.get(next_art_rollout.remote(run_config["name"], step))
+                    extra = {"discarded/cum/stale_groups": float(step), "loss": 0.5}
+                    asyncio.run(model.log(split="train", step=step, metrics=extra))
+            warned = [m for m in _art_messages(caplog) if "not_yet_invented" in m]
+            assert len(warned) == 1  # once, not per row
+            row = _history(model)[-1]
+            assert row["data/step_actor_tokens"] == 120  # trainer 100 + worker 20
+            assert row["time/step_actor_s"] == 3.0
+            assert row["throughput/step_actor_idle_s"] == 0.75
+            assert row["throughput/cum/actor_idle_s"] == 1.5
+            assert row["discarded/cum/stale_groups"] == 2.0  # passed through unchanged
+            assert row["train/loss"] == 0.5
+            # the trainer's own barrier takes a pass-through cum key too, and still refuses ours
+            direct = handle.log(3, "train", {"discarded/cum/stale_groups": 3.0})
+            assert direct["discarded/cum/stale_groups"] == 3.0
+            with pytest.raises(arm.InvalidMetricError, match="reserved cumulative"):
+                handle.log(4, "train", {"costs/cum/all": 1.0})
+        finally:
+            handle.shutdown()
