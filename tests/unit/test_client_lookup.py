@@ -120,3 +120,18 @@ def test_failed_lookups_back_off(lookups: list[float]) -> None:
         assert 2 <= len(lookups) <= 7, len(lookups)
     finally:
         client._stop.set()
+
+
+def test_flush_error_is_one_line_without_the_remote_traceback() -> None:
+    """Minor of issue 19: a Ray task error reaches FlushResult.error as its cause, one line."""
+    client = MetricsClient(ClientConfig(flush_interval_s=1e6))
+    client._stop.set()
+    client._thread.join()
+    trace = (
+        'Traceback (most recent call last):\n  File "actor.py", line 1, in ingest\n'
+        "\x1b[36mray::MetricsAggregator.ingest()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+    )
+    cause = RuntimeError("storage is down\nsecond line of detail")
+    client._failed(ray.exceptions.RayTaskError("ingest", trace, cause))
+    error = client._result(False).error or ""
+    assert error == "RuntimeError: storage is down"
