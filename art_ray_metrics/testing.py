@@ -111,12 +111,13 @@ class _Instance:
             agg = self.agg
 
             async def stop() -> None:
-                tasks = list(getattr(agg, "tasks", []))
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                pending = set(getattr(agg, "tasks", []))
+                while pending:  # again: asyncio.wait_for on 3.11 can swallow a cancellation
+                    for task in pending:
+                        task.cancel()
+                    _, pending = await asyncio.wait(pending, timeout=0.2)
 
-            asyncio.run_coroutine_threadsafe(stop(), self.owner._loop).result()
+            asyncio.run_coroutine_threadsafe(stop(), self.owner._loop).result(timeout=30)
             if then is not None:
                 self.agg = then()
 

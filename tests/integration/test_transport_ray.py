@@ -155,7 +155,7 @@ class TestNoAggregator:
             ray.init(address={ray_cluster.address!r}, log_to_driver=False)
             import art_ray_metrics as arm
             from art_ray_metrics.config import ClientConfig
-            b = arm.connect(0, config=ClientConfig(name="nobody-exit", lookup_timeout_s=5.0))
+            b = arm.connect(0, config=ClientConfig(name="nobody-exit"))  # lookups: 60 s
             b.add_metric("reward/x", 1.0)
             marks["end"] = time.monotonic()
             """
@@ -170,7 +170,7 @@ class TestNoAggregator:
         assert proc.returncode == 0, proc.stderr[-2000:]
         exit_s = float(proc.stdout.split("exit_s", 1)[1].split()[0])
         print(f"interpreter exit took {exit_s} s (close bound 5 s)")
-        assert exit_s < 6.0
+        assert exit_s < 8.0  # close's 5 s, then Ray's own exit handler
 
 
 class TestNeverStartsRay:
@@ -187,14 +187,14 @@ class TestNeverStartsRay:
             from art_ray_metrics.config import ClientConfig
             ray.init(address={ray_cluster.address!r}, namespace="arm-tests", log_to_driver=False)
             handle = arm.start_aggregator(**{run_config!r})
+            # the idle confirm goes out flush_interval_s after the last ship: after shutdown
             b = arm.connect(0, config=ClientConfig(name={run_config["name"]!r},
-                                                   flush_interval_s=0.2))
+                                                   flush_interval_s=3.0))
             b.add_cost("train/judge", 1.0)
             assert b.flush(timeout_s=30).ok
-            handle.log(0)
             handle.shutdown()
             ray.shutdown()
-            time.sleep(2.0)  # ten confirm intervals
+            time.sleep(6.0)  # two confirm intervals
             print("initialized_after", ray.is_initialized())
             """
         )
