@@ -23,13 +23,14 @@ and at every ``settle`` (faults off, storage up, every client flushed, the open 
 - every leaf of a flush that said ok, at any time, is counted (implied by the total, since
   nothing is counted twice).
 
-``ARM_E2E_EXAMPLES`` sets the number of runs (default 8), ``ARM_E2E_STEPS`` the rules per run
+``ARM_E2E_EXAMPLES`` sets the number of runs (default 20, about 10 s), ``ARM_E2E_STEPS`` the rules per run
 (default 30).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 import uuid
 from decimal import Decimal
@@ -55,9 +56,10 @@ from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.testing import InProcessAggregator
 from tests.faults import FaultyStore, install
 
-EXAMPLES = int(os.environ.get("ARM_E2E_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("ARM_E2E_EXAMPLES", "20"))
 STEPS = int(os.environ.get("ARM_E2E_STEPS", "30"))
 CLIENTS = 2
+_RUNS = itertools.count(1)
 FLUSH_S = 0.3  # a flush's timeout while faults are on
 SETTLE_S = 10.0  # while the system works
 
@@ -128,6 +130,8 @@ class EndToEnd(RuleBasedStateMachine):
 
     @initialize()
     def start(self) -> None:
+        if os.environ.get("ARM_E2E_COUNT"):  # how many runs it took (reverted-fix experiments)
+            print(f"e2e-run {next(_RUNS)}", flush=True)
         self.name = f"e2e-{uuid.uuid4().hex[:12]}"
         self.agg = FaultyAggregator(
             name=self.name,
