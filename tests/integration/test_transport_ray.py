@@ -100,7 +100,7 @@ class TestNoAggregator:
         print(f"recording {recording:.3f} s, flush(timeout_s=0.5) {flushing:.3f} s")
         assert recording < 0.2
         assert not result.ok
-        assert 0.45 <= flushing < 0.9
+        assert 0.45 <= flushing < 1.2
         assert "no aggregator actor" in (result.error or "")
 
     def test_aflush_keeps_its_timeout_and_never_blocks_the_loop(self, ray_cluster: Any) -> None:
@@ -128,8 +128,8 @@ class TestNoAggregator:
         took, worst_gap, ok = asyncio.run(main())
         print(f"aflush(timeout_s=1) {took:.3f} s, longest event-loop stall {worst_gap:.3f} s")
         assert not ok
-        assert took < 1.4
-        assert worst_gap < 0.25
+        assert took < 1.6
+        assert worst_gap < 0.5
 
     def test_failed_lookups_are_remembered(self, ray_cluster: Any) -> None:
         client = arm.get_client(_nobody(flush_interval_s=0.01))

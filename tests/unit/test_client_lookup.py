@@ -21,14 +21,18 @@ ray = pytest.importorskip("ray")
 _MADE: list[MetricsClient] = []
 
 
+class _Calls(list[float]):
+    delay = 0.2  # seconds each lookup takes
+
+
 @pytest.fixture
-def lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+def lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Calls]:
     """The lookups made; the clients' threads are stopped before ``ray`` is restored."""
-    calls: list[float] = []
+    calls = _Calls()
 
     def get_actor(name: str, namespace: str | None = None) -> Any:
         calls.append(time.monotonic())
-        time.sleep(0.2)
+        time.sleep(calls.delay)
         raise ValueError(f"Failed to look up actor with name '{name}'")
 
     monkeypatch.setattr(ray, "get_actor", get_actor)
@@ -46,7 +50,7 @@ def _client(**fields: Any) -> MetricsClient:
     return client
 
 
-def test_a_batch_that_fills_never_waits_for_a_lookup(lookups: list[float]) -> None:
+def test_a_batch_that_fills_never_waits_for_a_lookup(lookups: _Calls) -> None:
     client = _client(max_batch_leaves=1)
     try:
         b = WorkerBuilder(client, 0, "train", "train")
@@ -60,7 +64,7 @@ def test_a_batch_that_fills_never_waits_for_a_lookup(lookups: list[float]) -> No
         client._stop.set()
 
 
-def test_flush_returns_within_its_timeout(lookups: list[float]) -> None:
+def test_flush_returns_within_its_timeout(lookups: _Calls) -> None:
     client = _client()
     try:
         b = WorkerBuilder(client, 0, "train", "train")
@@ -69,13 +73,14 @@ def test_flush_returns_within_its_timeout(lookups: list[float]) -> None:
         result = b.flush(timeout_s=0.5)
         took = time.monotonic() - started
         assert not result.ok
-        assert took < 0.8, f"flush(timeout_s=0.5) took {took:.3f} s"
+        assert took < 1.0, f"flush(timeout_s=0.5) took {took:.3f} s"
         assert "no aggregator actor 'nobody'" in (result.error or "")
     finally:
         client._stop.set()
 
 
-def test_aflush_keeps_its_timeout_and_the_loop_runs(lookups: list[float]) -> None:
+def test_aflush_keeps_its_timeout_and_the_loop_runs(lookups: _Calls) -> None:
+    lookups.delay = 0.6  # a lookup on the event loop would stall it this long
     client = _client()
     b = WorkerBuilder(client, 0, "train", "train")
     b.add_metric("reward/x", 1.0)
@@ -101,13 +106,13 @@ def test_aflush_keeps_its_timeout_and_the_loop_runs(lookups: list[float]) -> Non
 
     try:
         took, worst_gap = asyncio.run(main())
-        assert took < 1.3, f"aflush(timeout_s=1) took {took:.3f} s"
-        assert worst_gap < 0.15, f"the event loop stalled {worst_gap:.3f} s"
+        assert took < 1.5, f"aflush(timeout_s=1) took {took:.3f} s"
+        assert worst_gap < 0.5, f"the event loop stalled {worst_gap:.3f} s"
     finally:
         client._stop.set()
 
 
-def test_failed_lookups_back_off(lookups: list[float]) -> None:
+def test_failed_lookups_back_off(lookups: _Calls) -> None:
     client = _client(flush_interval_s=0.01)
     try:
         b = WorkerBuilder(client, 0, "train", "train")

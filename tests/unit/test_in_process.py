@@ -81,7 +81,7 @@ class TestInProcessAggregator:
             started = time.monotonic()
             result = c.flush(timeout_s=0.5)
             assert not result.ok
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 1.2
             agg.start()  # restored from storage
             assert c.flush(timeout_s=10).ok
             assert agg.log(0)["costs/all"] == 2.0
@@ -160,7 +160,7 @@ class TestLookupsOffThePath:
             assert time.monotonic() - started < 0.1
             started = time.monotonic()
             assert not b.flush(timeout_s=0.5).ok
-            assert 0.45 <= time.monotonic() - started < 0.8
+            assert 0.45 <= time.monotonic() - started < 1.0
 
             async def timed() -> tuple[float, float]:
                 gaps: list[float] = []
@@ -182,8 +182,8 @@ class TestLookupsOffThePath:
                 return took, max(gaps)
 
             took, worst_gap = asyncio.run(timed())
-            assert took < 0.8
-            assert worst_gap < 0.2  # the loop was never blocked by a lookup
+            assert took < 1.0
+            assert worst_gap < 0.5  # the loop was never blocked by a lookup (1 s each)
         finally:
             client.close(timeout_s=0.5)
 
