@@ -156,6 +156,7 @@ class EndToEnd(RuleBasedStateMachine):
         self.not_ok = 0
         self.next_id = 0
         self.barrier_errors: list[str] = []
+        self.val_closed: int | None = None  # the last step whose val row was logged
 
     def teardown(self) -> None:
         if not hasattr(self, "agg"):
@@ -178,16 +179,20 @@ class EndToEnd(RuleBasedStateMachine):
         late=st.booleans(),
         cents=st.lists(st.integers(1, 500), min_size=1, max_size=4),
         scenarios=st.integers(0, 2),
+        val=st.booleans(),
     )
-    def rollout(self, who: int, late: bool, cents: list[int], scenarios: int) -> None:
+    def rollout(self, who: int, late: bool, cents: list[int], scenarios: int, val: bool) -> None:
         """A rollout records costs (for the open step, or late for the last closed one) and
-        scenario ids; it flushes later."""
+        scenario ids, in train or (an eval rollout) in val; it flushes later."""
         step = self.step - 1 if late and self.step > 0 else self.step
-        b = WorkerBuilder(self.clients[who], step, "train", "train")
+        if val:
+            b = WorkerBuilder(self.clients[who], step, "eval", "eval")
+        else:
+            b = WorkerBuilder(self.clients[who], step, "train", "train")
         spend = ZERO
         for c in cents:
             value = c / 100
-            b.add_cost("train/judge", value)
+            b.add_cost("eval/judge" if val else "train/judge", value)
             spend += to_decimal(value)
         ids = [f"s{self.next_id + i}" for i in range(scenarios)]
         self.next_id += scenarios
@@ -220,6 +225,17 @@ class EndToEnd(RuleBasedStateMachine):
         client._resend()
         client.reap(timeout_s=0.05)
         client._confirm()
+
+    @precondition(lambda self: self.val_closed is None or self.val_closed < self.step)
+    @rule()
+    def val_barrier(self) -> None:
+        """The trainer logs the val row of the open step (before or after its train row)."""
+        try:
+            self.agg.log(self.step, "val")
+        except Exception as exc:
+            self.barrier_errors.append(f"val step {self.step}: {exc!r}")
+            return
+        self.val_closed = self.step
 
     @rule()
     def barrier(self) -> None:
@@ -282,8 +298,15 @@ class EndToEnd(RuleBasedStateMachine):
             assert result.ok, result
         # close the open step: rollouts record into it or late into the one before, whose
         # late leaves this close takes too, so everything recorded is now in the totals
+        if self.val_closed is None or self.val_closed < self.step:
+            self.agg.log(self.step, "val")
+            self.val_closed = self.step
         row = self.agg.log(self.step)
         self.step += 1
+        late_val = self.agg.log(self.step, "val")  # val leaves after their step's val row
+        self.val_closed = self.step
+        if "costs/all" in late_val:  # the last row with spend carries the run's total
+            row = late_val
         total = sum(self.recorded.values(), ZERO)
         state = self.agg.aggregator.state
         counted = state.cum.values.get("costs/cum/all", ZERO)
