@@ -28,7 +28,7 @@ of issue 19's defect 7 is merged: ``log(s, "val")`` then ``log(s, "test")`` is t
 and rewinds the run, and the suite finds it (shrunk: a val row at step 2, then a test row at
 step 2; the run's total falls short of the leaves recorded). Turn it on with that fix.
 
-``ARM_E2E_EXAMPLES`` sets the number of runs (default 20, about 10 s), ``ARM_E2E_STEPS`` the rules per run
+``ARM_E2E_EXAMPLES`` sets the number of runs (default 50, about 10 s here), ``ARM_E2E_STEPS`` the rules per run
 (default 30).
 """
 
@@ -61,7 +61,7 @@ from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.testing import InProcessAggregator
 from tests.faults import FaultyStore, install
 
-EXAMPLES = int(os.environ.get("ARM_E2E_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("ARM_E2E_EXAMPLES", "50"))
 STEPS = int(os.environ.get("ARM_E2E_STEPS", "30"))
 CLIENTS = 2
 SPLITS_TEST = bool(os.environ.get("ARM_E2E_TEST_SPLIT"))  # test rows too (issue 19, defect 7)
