@@ -446,9 +446,12 @@ class MetricsClient:
     def _send(self, seq: int, data: bytes, *, durable: bool) -> Any:
         """Start the call carrying batch ``seq``. Never looks the aggregator up: with none
         resolved yet the batch stays retained and the background thread sends it."""
+        if not self._transport.ready():  # not found yet: no failure, the lookup is under way
+            self._wake.set()
+            return None
         try:
             ref = self._transport.send(data, durable)
-        except Exception as exc:  # no aggregator yet, or the handle is broken: resend later
+        except Exception as exc:  # Ray is gone, or the handle is broken: resend later
             self._failed(exc)
             self._wake.set()
             return None
