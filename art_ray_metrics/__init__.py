@@ -15,7 +15,13 @@ from importlib.metadata import PackageNotFoundError, version
 from art_ray_metrics.builder import MetricsBuilder
 from art_ray_metrics.config import AggregatorConfig, ClientConfig
 from art_ray_metrics.distributed.actor import MetricsAggregator
-from art_ray_metrics.distributed.client import FlushResult, WorkerBuilder, connect, get_client
+from art_ray_metrics.distributed.client import (
+    FlushResult,
+    WorkerBuilder,
+    close_clients,
+    connect,
+    get_client,
+)
 from art_ray_metrics.distributed.handle import AggregatorHandle, start_aggregator
 from art_ray_metrics.errors import (
     AggregatorUnavailableError,
@@ -68,6 +74,7 @@ __all__ = [
     "WorkerBuilder",
     "__version__",
     "bind_context",
+    "close_clients",
     "connect",
     "get_client",
     "start_aggregator",

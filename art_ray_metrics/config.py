@@ -160,5 +160,10 @@ class ClientConfig(BaseModel):
     max_retained_batches: int = Field(
         10_000, ge=1, description="Shipped, not yet durable batches kept for resends."
     )
-    lookup_timeout_s: float = Field(60.0, gt=0, description="Give up finding the actor after.")
+    lookup_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Log an error when no aggregator was found for this long (lookups go on, "
+        "with back-off, on the background thread; no call waits for them).",
+    )
     flush_timeout_s: float = Field(60.0, gt=0, description="An explicit flush waits this long.")

@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -65,10 +65,18 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.wire import encode_batch
-from art_ray_metrics.errors import AggregatorUnavailableError, WireFormatError
+from art_ray_metrics.distributed.transport import RayTransport, Transport, one_line
+from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
-__all__ = ["FlushResult", "MetricsClient", "WorkerBuilder", "connect", "get_client"]
+__all__ = [
+    "FlushResult",
+    "MetricsClient",
+    "WorkerBuilder",
+    "close_clients",
+    "connect",
+    "get_client",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +115,15 @@ class MetricsClient:
         *,
         producer_id: str | None = None,
         actor: Any = None,
+        transport: Transport | None = None,
     ) -> None:
+        """``transport``: how the aggregator is reached (default: the named Ray actor of
+        ``config``, or the given ``actor`` handle); see :mod:`.transport`."""
         self.config = config or ClientConfig()
         self.producer_id = V.check_text("producer_id", producer_id or _default_producer_id())
-        self._actor = actor
+        self._transport: Transport = transport or RayTransport(
+            self.config.name, self.config.namespace, actor
+        )
         self._tape: list[Any] = []  # one list for the process's life; entries of _ENTRY items
         self._start()
         self.pricing = PricingRegistry()
@@ -152,6 +165,9 @@ class MetricsClient:
         }
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the background thread looks up now, not next tick
+        self._closing = False
+        self._missing_since: float | None = None  # lookups failing since (monotonic)
         self._thread = threading.Thread(
             target=self._run, name="art-ray-metrics-client", daemon=True
         )
@@ -159,7 +175,7 @@ class MetricsClient:
 
     def _after_fork(self) -> None:
         """In a forked child: the parent ships what it recorded; the child starts afresh."""
-        self._actor = None
+        self._transport = self._transport.after_fork()
         self._start()
 
     # -- recording (called by WorkerBuilder) ------------------------------------------------
@@ -348,13 +364,10 @@ class MetricsClient:
 
     # -- shipping --------------------------------------------------------------------------
 
-    def actor(self) -> Any:
-        """The aggregator's handle, looked up once (with backoff) and cached."""
-        if self._actor is None:
-            self._actor = lookup_actor(
-                self.config.name, self.config.namespace, self.config.lookup_timeout_s
-            )
-        return self._actor
+    @property
+    def transport(self) -> Transport:
+        """How this client reaches its aggregator (see :mod:`.transport`)."""
+        return self._transport
 
     def _acked_upto(self) -> int:
         """Every seq up to this one is acknowledged durable (or given up): never resent."""
@@ -432,48 +445,43 @@ class MetricsClient:
             log.error("art_ray_metrics: dropped %d unacknowledged batches (cap reached)", excess)
 
     def _send(self, seq: int, data: bytes, *, durable: bool) -> Any:
+        """Start the call carrying batch ``seq``. Never looks the aggregator up: with none
+        resolved yet the batch stays retained and the background thread sends it."""
+        if not self._transport.ready():  # not found yet: no failure, the lookup is under way
+            self._wake.set()
+            return None
         try:
-            ref = self.actor().ingest.remote(data, durable)
-        except Exception as exc:  # lookup failed or the handle is broken: resend later
+            ref = self._transport.send(data, durable)
+        except Exception as exc:  # Ray is gone, or the handle is broken: resend later
             self._failed(exc)
+            self._wake.set()
             return None
         with self._lock:
             self._inflight[ref] = (seq, durable)
         return ref
 
     def _wait_for_room(self) -> None:
-        import ray
-
         deadline = time.monotonic() + self.config.flush_timeout_s
         while len(self._inflight) >= self.config.max_in_flight and time.monotonic() < deadline:
             refs = list(self._inflight)
             if refs:
-                ready, _ = ray.wait(refs, num_returns=1, timeout=0.5, fetch_local=True)
-                self._reap_refs(ready)
+                self._reap_refs(self._transport.wait(refs, 1, 0.5))
+            if self._transport.gone():
+                return
 
     def reap(self, *, timeout_s: float = 0.0, block: bool = False) -> int:
         """Collect finished calls; return how many finished."""
-        import ray
-
         with self._lock:
             refs = list(self._inflight)
         if not refs:
             return 0
-        ready, _ = ray.wait(
-            refs, num_returns=1 if block else len(refs), timeout=timeout_s, fetch_local=True
-        )
+        ready = self._transport.wait(refs, 1 if block else len(refs), timeout_s)
         self._reap_refs(ready)
         return len(ready)
 
     def _reap_refs(self, ready: list[Any]) -> None:
-        import ray
-
         for ref in ready:
-            try:
-                outcome: Any = ray.get(ref)
-            except Exception as exc:
-                outcome = exc
-            self._complete(ref, outcome)
+            self._complete(ref, self._transport.outcome(ref))
 
     def _complete(self, ref: Any, outcome: Any) -> None:
         """Account for one finished call (``outcome`` is its ack or its exception); idempotent."""
@@ -507,10 +515,13 @@ class MetricsClient:
             self._backoff = 0.1
 
     def _failed(self, exc: BaseException) -> None:
+        self._transport.failed(exc)  # the aggregator died or was replaced: look it up again
         self.counters["send_failures"] += 1
-        text = f"{type(exc).__name__}: {exc}"
+        text = one_line(exc)  # a Ray task error's cause, without its remote traceback
         if text != self.last_error:
-            log.warning("art_ray_metrics: send failed, will resend: %s", text[:300])
+            log.warning("art_ray_metrics: send failed, will resend: %s", text)
+            if str(exc).strip() != text.split(": ", 1)[-1]:
+                log.debug("art_ray_metrics: the failure in full: %s", exc)
         self.last_error = text
         with self._lock:  # exponential backoff with jitter: restarts are not hammered in step
             self._resend_after = time.monotonic() + self._backoff * random.uniform(0.5, 1.5)
@@ -536,13 +547,45 @@ class MetricsClient:
             if self._pending or self._tape or self._inflight:
                 return
             upto = self._acked_upto()
-        if upto > self._confirmed and self._actor is not None:
-            self._actor.confirm.remote(self.producer_id, self.incarnation, upto)
+        if upto > self._confirmed and self._transport.confirm(
+            self.producer_id, self.incarnation, upto
+        ):
             self._confirmed = upto
 
+    def _lookup(self) -> None:
+        """Look the aggregator up if none is resolved (back-off between failures). Only this
+        thread looks up: recording, flushes and event loops never wait for a lookup."""
+        transport = self._transport
+        if transport.ready():
+            return
+        if transport.resolve():
+            self._missing_since = None
+            with self._lock:  # found (again): what is retained goes now, not after a back-off
+                self._resend_after = 0.0
+                self._backoff = 0.1
+            return
+        now = time.monotonic()
+        if self._missing_since is None:
+            self._missing_since = now
+        elif now - self._missing_since >= self.config.lookup_timeout_s:
+            self._missing_since = float("inf")  # said once; lookups go on with back-off
+            log.error(
+                "art_ray_metrics: no aggregator found for %.0f s (%s); still looking",
+                self.config.lookup_timeout_s,
+                transport.lookup_error,
+            )
+
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._stop.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
+                if self._transport.gone():  # e.g. ray.shutdown(): never start it again
+                    self._stop_quietly()
+                    return
+                self._lookup()
                 if self._inflight:
                     self.reap()
                 now = time.monotonic()
@@ -566,6 +609,21 @@ class MetricsClient:
                     self._confirm()
             except Exception as exc:  # the loop must survive anything
                 self._failed(exc)
+
+    def _stop_quietly(self) -> None:
+        """The transport's world ended (Ray shut down in this process): stop sending."""
+        self._stop.set()
+        with self._lock:
+            self._inflight.clear()
+            unsent = len(self._retained) + len(self._pending) + len(self._tape)
+        if unsent:
+            log.warning(
+                "art_ray_metrics: Ray was shut down in this process; the client stops with "
+                "%d batches or leaves unsent",
+                unsent,
+            )
+        else:
+            log.info("art_ray_metrics: Ray was shut down in this process; the client stops")
 
     # -- flushing --------------------------------------------------------------------------
 
@@ -603,21 +661,34 @@ class MetricsClient:
                 self._send(built[0], built[1], durable=True)
         return hi
 
+    def _no_route(self) -> bool:
+        """No aggregator to send to now (none resolved, or the transport's world ended): a
+        flush then waits for the background thread's lookup instead of looking up itself."""
+        if self._transport.ready():
+            return False
+        self._wake.set()
+        return True
+
+    def _unreachable(self, done: bool) -> FlushResult:
+        if not done and not self._transport.ready() and self._transport.lookup_error:
+            self.last_error = self._transport.lookup_error
+        return self._result(done)
+
     def flush_range(self, lo: int, hi: int, timeout_s: float | None = None) -> FlushResult:
         """Ship what is pending if batch ``hi`` is not built yet, then wait until every batch
-        in ``[lo, hi]`` is acknowledged durable (other batches are not waited for)."""
-        import ray
-
+        in ``[lo, hi]`` is acknowledged durable (other batches are not waited for). Never
+        waits longer than ``timeout_s``: it never looks the aggregator up itself."""
         deadline = time.monotonic() + (timeout_s or self.config.flush_timeout_s)
         hi = self._ship_for(hi)
         while True:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
-            if done or left <= 0:
-                return self._result(done)
+            if done or left <= 0 or self._transport.gone():
+                return self._unreachable(done)
             if refs:
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=left, fetch_local=True)
-                self._reap_refs(ready)
+                self._reap_refs(self._transport.wait(refs, len(refs), left))
+            elif self._no_route():
+                time.sleep(min(_POLL_S, left))
             else:
                 pause = self._resend_after - time.monotonic()
                 if pause > 0:
@@ -627,24 +698,21 @@ class MetricsClient:
     async def aflush_range(self, lo: int, hi: int, timeout_s: float | None = None) -> FlushResult:
         """:meth:`flush_range` for asyncio: awaits the calls' object refs, no thread per call."""
         deadline = time.monotonic() + (timeout_s or self.config.flush_timeout_s)
-        if self._actor is None:  # the first lookup may wait for the actor: not on the loop
-            try:
-                await asyncio.to_thread(self.actor)
-            except Exception as exc:
-                self._failed(exc)
         if self._seq < hi:
             await asyncio.sleep(0)  # let coroutines about to flush record first: one batch
             hi = self._ship_for(hi)
         while True:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
-            if done or left <= 0:
-                return self._result(done)
+            if done or left <= 0 or self._transport.gone():
+                return self._unreachable(done)
             if refs:
-                futs = {asyncio.ensure_future(_as_future(r)): r for r in refs}
+                futs = {asyncio.ensure_future(self._transport.aoutcome(r)): r for r in refs}
                 finished, _ = await asyncio.wait(futs, timeout=left)
                 for f in finished:
                     self._complete(futs[f], f.exception() or f.result())
+            elif self._no_route():
+                await asyncio.sleep(min(_POLL_S, left))
             else:
                 pause = self._resend_after - time.monotonic()
                 if pause > 0:
@@ -685,29 +753,42 @@ class MetricsClient:
             }
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush what is pending (bounded) and stop the background thread. Never starts Ray:
-        at interpreter exit after ``ray.shutdown()`` there is nothing to ship to."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        if self._pid != os.getpid():
-            return
+        """Flush what is pending and stop the background thread, within ``timeout_s`` in all
+        (no lookup runs inside it). Never starts Ray: after ``ray.shutdown()`` there is
+        nothing to ship to, and the unsent leaves are counted in a warning.
+
+        Registered with ``atexit``; call it (or :func:`close_clients`) on a driver before
+        ``ray.shutdown()`` to stop a driver-side client explicitly."""
+        with self._lock:
+            if self._closing or self._stop.is_set():
+                return
+            self._closing = True
         try:
-            ray = sys.modules.get("ray")  # at exit it may be half imported by another thread
-            if ray is None or not getattr(ray, "is_initialized", lambda: False)():
-                if self._pending or self._tape or self._retained:
+            if self._pid != os.getpid():
+                return
+            unsent = self._pending or self._tape or self._retained
+            if self._transport.gone() or not self._connected():
+                if unsent:
                     log.warning("art_ray_metrics: closing without Ray; unsent leaves are lost")
                 return
-            if self._pending or self._tape or self._retained:
+            if unsent:
                 self.flush(timeout_s)
             self._confirm()
         except Exception as exc:  # interpreter shutdown: never raise from atexit
             log.debug("art_ray_metrics: close failed: %s", exc)
+        finally:
+            self._stop.set()
+            self._wake.set()
 
-
-async def _as_future(ref: Any) -> Any:
-    """Await an object ref (Ray resolves it on the event loop: no thread per call)."""
-    return await ref
+    def _connected(self) -> bool:
+        """The transport can carry calls in this process (for Ray: Ray is initialized)."""
+        if isinstance(self._transport, RayTransport):
+            ray = sys.modules.get("ray")  # at exit it may be half imported by another thread
+            try:
+                return ray is not None and bool(ray.is_initialized())
+            except Exception:
+                return False
+        return True
 
 
 def _forget_after_fork() -> None:
@@ -718,28 +799,20 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def lookup_actor(name: str, namespace: str, timeout_s: float) -> Any:
-    """``ray.get_actor`` with exponential backoff until ``timeout_s``."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        try:
-            return ray.get_actor(name, namespace=namespace)
-        except ValueError as exc:
-            if time.monotonic() + delay > deadline:
-                raise AggregatorUnavailableError(
-                    f"No aggregator actor {name!r} in namespace {namespace!r} after {timeout_s}s; "
-                    "start it on the driver with art_ray_metrics.start_aggregator()"
-                ) from exc
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+_POLL_S = 0.02
+"""How often a flush with no aggregator resolved checks whether the background thread found
+one (it never looks up itself)."""
 
 
 _CLIENTS: dict[tuple[str, str, str | None], MetricsClient] = {}
 """Process-wide clients by (actor name, namespace, explicit producer id or None)."""
 _CLIENTS_LOCK = threading.Lock()
+
+
+_ROUTES: dict[tuple[str, str], Callable[[], Transport]] = {}
+"""Transports for aggregators that are not Ray actors, by (name, namespace): an
+:class:`~art_ray_metrics.testing.InProcessAggregator` installs itself here, so ``connect``
+reaches it from unchanged rollout code."""
 
 
 def get_client(
@@ -752,9 +825,40 @@ def get_client(
     key = (config.name, config.namespace, producer_id)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
-        if client is None or client._stop.is_set():
-            client = _CLIENTS[key] = MetricsClient(config, producer_id=producer_id)
+        if client is None or client._stop.is_set() or client._closing:
+            route = _ROUTES.get((config.name, config.namespace))
+            transport = route() if route is not None else None
+            client = _CLIENTS[key] = MetricsClient(
+                config, producer_id=producer_id, transport=transport
+            )
         return client
+
+
+def set_route(name: str, namespace: str, route: Callable[[], Transport] | None) -> None:
+    """Route this process's clients of aggregator ``(name, namespace)`` through transports
+    made by ``route`` (None: back to Ray). Clients already made for it are stopped (without
+    flushing) and forgotten, so the next ``connect`` makes one on the new route."""
+    with _CLIENTS_LOCK:
+        if route is None:
+            _ROUTES.pop((name, namespace), None)
+        else:
+            _ROUTES[(name, namespace)] = route
+        for key in [k for k in _CLIENTS if k[:2] == (name, namespace)]:
+            old = _CLIENTS.pop(key)
+            old._stop.set()
+            old._wake.set()
+
+
+def close_clients(timeout_s: float = 5.0) -> None:
+    """Flush and close every client of this process (each within ``timeout_s``).
+
+    A driver that recorded leaves itself calls it before ``ray.shutdown()``; the clients
+    would otherwise notice Ray is gone and stop on their own (they never start Ray)."""
+    with _CLIENTS_LOCK:
+        clients = list(_CLIENTS.values())
+        _CLIENTS.clear()
+    for client in clients:
+        client.close(timeout_s)
 
 
 def _reset_clients() -> None:

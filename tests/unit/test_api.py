@@ -44,6 +44,7 @@ class TestPublicApi:
             "WorkerBuilder",
             "__version__",
             "bind_context",
+            "close_clients",
             "connect",
             "get_client",
             "start_aggregator",

@@ -1,0 +1,314 @@
+"""How a :class:`~art_ray_metrics.distributed.client.MetricsClient` reaches its aggregator.
+
+The client owns batching, sequence numbers, retention and resends; a transport only finds the
+aggregator and carries calls to it. Two exist:
+
+- :class:`RayTransport`: the named Ray actor (``ray.get_actor``, ``ingest.remote``, object refs).
+- :class:`InProcessTransport`: a :class:`~art_ray_metrics.testing.InProcessAggregator` in this
+  process (the real actor class over real storage, on its own event loop; no Ray).
+
+Rules every transport keeps (the client relies on them):
+
+- :meth:`Transport.send` and :meth:`Transport.confirm` never look the aggregator up: with none
+  resolved they raise :class:`AggregatorUnavailableError` (``send``) or do nothing (``confirm``).
+  Only :meth:`Transport.resolve` looks up, and only the client's background thread calls it,
+  so no recording call, flush or event loop ever waits for a lookup.
+- A failed lookup is remembered: ``resolve`` does nothing until its back-off has passed.
+- :meth:`Transport.failed` is told of every failed call; a call that failed because the
+  aggregator is gone for good (killed, or replaced by a new one) forgets the handle, so the
+  next ``resolve`` finds whatever aggregator now holds the name.
+- :meth:`Transport.gone` is True once the transport's world ended in this process (Ray was
+  connected and is not any more): the client then stops quietly and never starts anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import re
+import sys
+import threading
+import time
+from typing import Any, Protocol
+
+from art_ray_metrics.errors import AggregatorUnavailableError
+
+__all__ = ["InProcessTransport", "RayTransport", "Transport", "one_line"]
+
+_LOOKUP_FIRST_S = 0.05
+_LOOKUP_MAX_S = 2.0
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, without ANSI codes: for a Ray task error, its cause's
+    type and the first line of its message (the remote traceback is logged, not returned)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and type(exc).__name__.startswith("RayTaskError"):
+        exc = cause
+    text = _ANSI.sub("", str(exc)).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:limit]
+
+
+class Transport(Protocol):
+    """What the client needs from the way to its aggregator (see the module docstring)."""
+
+    lookup_error: str | None
+    """Why the last lookup failed (None once one succeeded)."""
+
+    def ready(self) -> bool:
+        """An aggregator is resolved: :meth:`send` will not raise for want of one."""
+
+    def gone(self) -> bool:
+        """This transport's world ended in this process (e.g. ``ray.shutdown()``)."""
+
+    def resolve(self) -> bool:
+        """Look the aggregator up once, unless resolved or the back-off has not passed.
+        Returns :meth:`ready`. Called only from the client's background thread."""
+
+    def send(self, data: bytes, durable: bool) -> Any:
+        """Start an ``ingest`` call; return its call object (no lookup).
+
+        Raises:
+            AggregatorUnavailableError: No aggregator is resolved.
+        """
+
+    def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
+        """Send a ``confirm`` (fire and forget); False when it was not sent."""
+
+    def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
+        """The calls among ``calls`` that finished (at least ``num_returns`` unless timed out)."""
+
+    def outcome(self, call: Any) -> Any:
+        """A finished call's acknowledgement, or its exception (returned, never raised)."""
+
+    async def aoutcome(self, call: Any) -> Any:
+        """:meth:`outcome` awaited on the caller's event loop (no thread per call)."""
+
+    def failed(self, exc: BaseException) -> None:
+        """A call or send failed with ``exc``: forget the handle if the aggregator is gone."""
+
+    def after_fork(self) -> Transport:
+        """The transport a forked child starts with (nothing resolved)."""
+
+
+class _Lookups:
+    """Back-off bookkeeping of failed lookups (shared by the transports)."""
+
+    def __init__(self) -> None:
+        self.lookup_error: str | None = None
+        self.lookups = 0
+        self.failed_lookups = 0
+        self._next_at = 0.0
+        self._delay = _LOOKUP_FIRST_S
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next_at
+
+    def miss(self, why: str) -> None:
+        self.failed_lookups += 1
+        self.lookup_error = why
+        self._next_at = time.monotonic() + self._delay * random.uniform(0.75, 1.25)
+        self._delay = min(self._delay * 2, _LOOKUP_MAX_S)
+
+    def hit(self) -> None:
+        self.lookup_error = None
+        self._delay = _LOOKUP_FIRST_S
+        self._next_at = 0.0
+
+
+def _ray() -> Any:
+    """The ``ray`` module if this process imported it (never imports it: that is slow)."""
+    return sys.modules.get("ray")
+
+
+def _ray_connected() -> bool:
+    ray = _ray()
+    try:
+        return ray is not None and bool(ray.is_initialized())
+    except Exception:  # half imported at interpreter exit
+        return False
+
+
+class RayTransport(_Lookups):
+    """The named aggregator actor, through Ray. Never initialises Ray: every call first checks
+    that this process is connected."""
+
+    def __init__(self, name: str, namespace: str, actor: Any = None) -> None:
+        super().__init__()
+        self.name = name
+        self.namespace = namespace
+        self._actor = actor
+        self._seen_ray = _ray_connected()
+        self._lock = threading.Lock()
+
+    def ready(self) -> bool:
+        return self._actor is not None
+
+    def gone(self) -> bool:
+        if _ray_connected():
+            self._seen_ray = True
+            return False
+        return self._seen_ray
+
+    def resolve(self) -> bool:
+        if self._actor is not None:
+            return True
+        if not self.due():
+            return False
+        if not _ray_connected():
+            self.miss("Ray is not initialized in this process")
+            return False
+        self.lookups += 1
+        try:
+            actor = _ray().get_actor(self.name, namespace=self.namespace)
+        except Exception as exc:  # ValueError: no such actor; anything else: GCS trouble
+            detail = "" if isinstance(exc, ValueError) else f" ({one_line(exc)})"
+            self.miss(
+                f"no aggregator actor {self.name!r} in namespace {self.namespace!r}{detail}; "
+                "start it on the driver with art_ray_metrics.start_aggregator()"
+            )
+            return False
+        with self._lock:
+            self._actor = actor
+        self.hit()
+        return True
+
+    def send(self, data: bytes, durable: bool) -> Any:
+        actor = self._actor
+        if actor is None:
+            raise AggregatorUnavailableError(self.lookup_error or "the aggregator is not found yet")
+        if not _ray_connected():
+            raise AggregatorUnavailableError("Ray is not initialized in this process")
+        return actor.ingest.remote(data, durable)
+
+    def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
+        actor = self._actor
+        if actor is None or not _ray_connected():
+            return False
+        actor.confirm.remote(producer_id, incarnation, acked_upto)
+        return True
+
+    def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
+        if not _ray_connected():
+            return []
+        ready, _ = _ray().wait(
+            calls, num_returns=num_returns, timeout=max(0.0, timeout_s), fetch_local=True
+        )
+        return list(ready)
+
+    def outcome(self, call: Any) -> Any:
+        try:
+            return _ray().get(call)
+        except Exception as exc:
+            return exc
+
+    async def aoutcome(self, call: Any) -> Any:
+        try:
+            return await call
+        except Exception as exc:
+            return exc
+
+    def failed(self, exc: BaseException) -> None:
+        ray = _ray()
+        died = getattr(getattr(ray, "exceptions", None), "ActorDiedError", None)
+        if died is not None and isinstance(exc, died):  # killed, or replaced under its name
+            with self._lock:
+                self._actor = None
+            self.hit()  # look the name up again at once
+
+    def after_fork(self) -> RayTransport:
+        return RayTransport(self.name, self.namespace)
+
+
+class AggregatorGoneError(AggregatorUnavailableError):
+    """The in-process aggregator a handle pointed at was shut down or replaced (the in-process
+    counterpart of Ray's ``ActorDiedError``)."""
+
+
+class InProcessTransport(_Lookups):
+    """An aggregator object living in this process: calls run on its event loop thread.
+
+    ``registry`` is what ``resolve`` looks the aggregator up in: an object whose ``lookup()``
+    returns the current :class:`~art_ray_metrics.testing.InProcessAggregator` instance handle
+    (or None while there is none), as ``ray.get_actor`` does by name.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        self.registry = registry
+        self._target: Any = None
+
+    def ready(self) -> bool:
+        return self._target is not None
+
+    def gone(self) -> bool:
+        return bool(getattr(self.registry, "closed", False))
+
+    def resolve(self) -> bool:
+        if self._target is not None:
+            return True
+        if not self.due():
+            return False
+        self.lookups += 1
+        target = self.registry.lookup()
+        if target is None:
+            self.miss(f"no in-process aggregator {getattr(self.registry, 'name', '')!r} running")
+            return False
+        self._target = target
+        self.hit()
+        return True
+
+    def send(self, data: bytes, durable: bool) -> Any:
+        target = self._target
+        if target is None:
+            raise AggregatorUnavailableError(self.lookup_error or "the aggregator is not found yet")
+        return target.submit("ingest", data, durable)
+
+    def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
+        target = self._target
+        if target is None:
+            return False
+        try:
+            target.submit("confirm", producer_id, incarnation, acked_upto)
+        except AggregatorUnavailableError:
+            return False
+        return True
+
+    def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
+        when = (
+            concurrent.futures.ALL_COMPLETED
+            if num_returns >= len(calls)
+            else concurrent.futures.FIRST_COMPLETED
+        )
+        done, _ = concurrent.futures.wait(calls, timeout=max(0.0, timeout_s), return_when=when)
+        return [c for c in calls if c in done]
+
+    def outcome(self, call: Any) -> Any:
+        try:
+            return call.result(timeout=0)
+        except concurrent.futures.CancelledError:
+            return AggregatorGoneError("the aggregator died while the call was in flight")
+        except Exception as exc:
+            return exc
+
+    async def aoutcome(self, call: Any) -> Any:
+        try:
+            return await asyncio.wrap_future(call)
+        except asyncio.CancelledError:
+            if call.cancelled():
+                return AggregatorGoneError("the aggregator died while the call was in flight")
+            raise
+        except Exception as exc:
+            return exc
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, AggregatorGoneError):
+            self._target = None
+            self.hit()
+
+    def after_fork(self) -> InProcessTransport:
+        return InProcessTransport(self.registry)
