@@ -8,9 +8,12 @@ replay its creation and the handle re-send the credentials.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import signal
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import ray
 
 import art_ray_metrics as arm
 from art_ray_metrics.durable.storage import open_store
+from art_ray_metrics.errors import StorageError
 
 
 def _files_containing(root: Path, tokens: list[bytes]) -> list[str]:
@@ -81,3 +85,128 @@ def test_secrets_are_in_no_file(
     assert any(k.startswith("history/") for k in keys)
     leaked = [k for k in keys for t in tokens if t in store.get(k)]
     assert leaked == []
+
+
+# --------------------------------------------------------------------------------------------
+# A restart while rollouts flush, with the storage secret on the driver only (issue 19, #12)
+# --------------------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class _Gate:
+    """Rollouts record, report here, then wait until the driver opens the gate to flush."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, int] = {}
+        self.opened: dict[int, asyncio.Event] = {}
+
+    def _event(self, step: int) -> asyncio.Event:
+        return self.opened.setdefault(step, asyncio.Event())
+
+    async def wait(self, step: int) -> None:
+        self.arrived[step] = self.arrived.get(step, 0) + 1
+        await self._event(step).wait()
+
+    async def count(self, step: int) -> int:
+        return self.arrived.get(step, 0)
+
+    async def open(self, step: int) -> None:
+        self._event(step).set()
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)
+class _RolloutWorker:
+    """One worker process on a node without the storage secret; rollouts run in its threads."""
+
+    def getenv(self, name: str) -> str | None:
+        return os.environ.get(name)
+
+    def can_open(self, uri: str) -> str:
+        """What opening the run's storage with this node's own environment gives."""
+        try:
+            open_store(uri, timeout_s=5.0).list("CHECKPOINT")
+        except StorageError as exc:
+            return f"refused: {type(exc).__name__}"
+        return "opened"
+
+    def rollout(
+        self, name: str, step: int, i: int, usd: float, gate: Any, timeout_s: float
+    ) -> tuple[bool, str | None, float]:
+        """Record, wait at the gate, flush durably: (ok, error, seconds the flush took)."""
+        b = arm.connect(step, name=name)
+        b.add_cost("train/judge", usd)
+        b.add_data(step_actor_tokens=10, scenario_ids=[f"s{step}-{i}"])
+        ray.get(gate.wait.remote(step))
+        started = time.monotonic()
+        result = b.flush(timeout_s=timeout_s)
+        return result.ok, result.error, time.monotonic() - started
+
+
+FLUSH_TIMEOUT_S = 20.0
+"""Each rollout's flush timeout: several actor restarts' worth on this machine, far below the
+60 s default that a restart waiting for the trainer's next call would run into."""
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_restart_mid_flush_recovers_without_the_trainer(
+    run_config: dict[str, Any],
+    owned_s3: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The documented deployment: the storage secret only in the driver's environment (sent
+    with set_credentials), nodes started without it, S3 that needs signed requests. Six
+    rollouts per step flush durably while the aggregator is SIGKILLed and the driver sits in
+    ``ray.get`` on them: the restarted actor must get its credentials without waiting for the
+    trainer's next call, so every flush is ok well within its timeout and the rows are exact.
+    """
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "armsecret" + secrets.token_hex(16))
+    uri = owned_s3.bucket() + "/runs/restart"
+    name = run_config["name"]
+    workers = [
+        _RolloutWorker.options(resources={node: 1}).remote()  # type: ignore[attr-defined]
+        for node in ("node_a", "node_b")
+    ]
+    gate = _Gate.options(resources={"head": 1}).remote()  # type: ignore[attr-defined]
+    # the nodes really cannot reach the storage on their own: only the driver's secret can
+    refused = ray.get([w.can_open.remote(uri) for w in workers])
+    assert all(r.startswith("refused") for r in refused), refused
+    handle = arm.start_aggregator(**{**run_config, "storage_uri": uri})
+    assert ray.get(handle.actor.stats.remote())["node_id"] is not None
+    kills = {1: "before", 2: "during", 3: "before"}  # step -> when the SIGKILL lands
+    expected_usd = Decimal(0)
+    flushes: list[tuple[bool, str | None, float]] = []
+    try:
+        for step in range(4):
+            usds = [Decimal(f"0.0{i + 1}{step + 1}") for i in range(6)]
+            expected_usd += sum(usds)
+            refs = [
+                workers[i % 2].rollout.remote(name, step, i, float(usd), gate, FLUSH_TIMEOUT_S)
+                for i, usd in enumerate(usds)
+            ]
+            deadline = time.monotonic() + 60
+            while ray.get(gate.count.remote(step)) < len(refs):
+                assert time.monotonic() < deadline, "rollouts did not start"
+                time.sleep(0.05)
+            when = kills.get(step)
+            pid = handle.stats()["pid"] if when else None
+            if when == "before":
+                os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+            ray.get(gate.open.remote(step))
+            if when == "during":
+                time.sleep(0.02)
+                os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+            # the trainer waits for its rollouts, as every trainer does: no handle call here
+            results = ray.get(refs)
+            flushes.extend(results)
+            assert all(ok for ok, _, _ in results), (step, results)
+            row = handle.log(step)
+            assert row["costs/cum/all"] == float(expected_usd), (step, row["costs/cum/all"])
+            assert row["data/cum/num_unique_scenarios"] == 6 * (step + 1)
+            if when:
+                assert handle.stats()["pid"] != pid
+    finally:
+        handle.shutdown()
+        for actor in (*workers, gate):
+            ray.kill(actor)
+    assert max(s for _, _, s in flushes) < FLUSH_TIMEOUT_S
