@@ -2,8 +2,10 @@
 
 The storage is a real S3 server (moto, loopback); the secrets are unique random tokens set in
 the driver's environment after the cluster started, so the only way the actor can get them is
-what ``start_aggregator`` sends. The actor is also killed and restarted, which makes Ray
-replay its creation and the handle re-send the credentials.
+what ``start_aggregator`` sends, and the only way a worker can get a provider API key is what
+``connect`` fetches from the aggregator (``worker_env``). The actor is also killed and
+restarted, which makes Ray replay its creation and the handle's watcher re-send the
+credentials, with no call of the trainer's.
 """
 
 from __future__ import annotations
@@ -42,56 +44,6 @@ def _session_dir() -> Path:
     return Path(ray._private.worker._global_node.get_session_dir_path())
 
 
-@pytest.mark.s3
-def test_secrets_are_in_no_file(
-    run_config: dict[str, Any],
-    owned_s3: Any,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    aws_secret = "armsecret" + secrets.token_hex(16)
-    wandb_key = secrets.token_hex(20)  # W&B keys are 40 characters
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
-    monkeypatch.setenv("WANDB_API_KEY", wandb_key)
-    uri = owned_s3.bucket() + "/runs/secret"
-    wandb_dir = tmp_path / "wandb"
-    handle = arm.start_aggregator(
-        **{**run_config, "storage_uri": uri, "wandb_mode": "offline", "wandb_dir": str(wandb_dir)}
-    )
-    try:
-        for step in range(3):
-            handle.log(step, metrics={"loss/x": float(step), "costs/train/judge": 0.25})
-        pid = handle.stats()["pid"]
-        ray.kill(handle.actor, no_restart=False)  # Ray restarts it from its creation arguments
-        deadline = time.monotonic() + 60
-        while handle.stats()["pid"] == pid:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        row = handle.log(3, metrics={"loss/x": 3.0, "costs/train/judge": 0.25})
-        assert row["costs/cum/all"] == pytest.approx(1.0)
-        # a refreshed secret (e.g. a new session token) is sent again and used
-        monkeypatch.setenv("AWS_SESSION_TOKEN", "armtoken" + secrets.token_hex(16))
-        handle.log(4, metrics={"loss/x": 4.0})
-        assert handle.checkpoint()["fenced"] is None
-    finally:
-        handle.shutdown()
-    tokens = [aws_secret.encode(), wandb_key.encode(), os.environ["AWS_SESSION_TOKEN"].encode()]
-    session = _session_dir()
-    assert any(session.rglob("*.log")), f"no Ray logs under {session}"
-    assert _files_containing(session, tokens) == []
-    assert _files_containing(wandb_dir, tokens) == []
-    store = open_store(uri)
-    keys = store.list()
-    assert any(k.startswith("history/") for k in keys)
-    leaked = [k for k in keys for t in tokens if t in store.get(k)]
-    assert leaked == []
-
-
-# --------------------------------------------------------------------------------------------
-# A restart while rollouts flush, with the storage secret on the driver only (issue 19, #12)
-# --------------------------------------------------------------------------------------------
-
-
 @ray.remote(num_cpus=0)
 class _Gate:
     """Rollouts record, report here, then wait until the driver opens the gate to flush."""
@@ -121,6 +73,14 @@ class _RolloutWorker:
     def getenv(self, name: str) -> str | None:
         return os.environ.get(name)
 
+    def setenv(self, name: str, value: str) -> None:
+        os.environ[name] = value
+
+    def connect_and_getenv(self, aggregator: str, name: str) -> str | None:
+        """What a rollout's code sees in its environment once it connected."""
+        arm.connect(0, name=aggregator)
+        return os.environ.get(name)
+
     def can_open(self, uri: str) -> str:
         """What opening the run's storage with this node's own environment gives."""
         try:
@@ -142,9 +102,136 @@ class _RolloutWorker:
         return result.ok, result.error, time.monotonic() - started
 
 
-FLUSH_TIMEOUT_S = 20.0
-"""Each rollout's flush timeout: several actor restarts' worth on this machine, far below the
-60 s default that a restart waiting for the trainer's next call would run into."""
+@ray.remote(num_cpus=0, max_retries=0)
+def _read_env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+@pytest.mark.s3
+def test_secrets_are_in_no_file(
+    run_config: dict[str, Any],
+    owned_s3: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    aws_secret = "armsecret" + secrets.token_hex(16)
+    wandb_key = secrets.token_hex(20)  # W&B keys are 40 characters
+    provider_key = "sk-arm-" + secrets.token_hex(20)  # what rollouts need to call their LLM
+    control = "armcontrol" + secrets.token_hex(16)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
+    monkeypatch.setenv("WANDB_API_KEY", wandb_key)
+    monkeypatch.setenv("OPENAI_API_KEY", provider_key)
+    if ray.get(_read_env.options(resources={"node_a": 1}).remote("OPENAI_API_KEY")):
+        pytest.skip("the test cluster's nodes were started with OPENAI_API_KEY set")
+    # the grep sees what Ray writes: a runtime env's value lands in the session's files (the
+    # pattern the README used to teach for API keys)
+    assert (
+        ray.get(
+            _read_env.options(runtime_env={"env_vars": {"ARM_CONTROL": control}}).remote(
+                "ARM_CONTROL"
+            )
+        )
+        == control
+    )
+    uri = owned_s3.bucket() + "/runs/secret"
+    wandb_dir = tmp_path / "wandb"
+    name = run_config["name"]
+    handle = arm.start_aggregator(
+        **{
+            **run_config,
+            "storage_uri": uri,
+            "wandb_mode": "offline",
+            "wandb_dir": str(wandb_dir),
+            "worker_env": ["OPENAI_API_KEY"],
+        }
+    )
+    workers = []
+    try:
+        workers.append(_RolloutWorker.options(resources={"node_a": 1}).remote())  # type: ignore[attr-defined]
+        assert ray.get(workers[0].getenv.remote("OPENAI_API_KEY")) is None
+        assert ray.get(workers[0].connect_and_getenv.remote(name, "OPENAI_API_KEY")) == provider_key
+        for step in range(3):
+            handle.log(step, metrics={"loss/x": float(step), "costs/train/judge": 0.25})
+        pid = handle.stats()["pid"]
+        ray.kill(handle.actor, no_restart=False)  # Ray restarts it from its creation arguments
+        # a worker process that starts now gets the key from the restarted actor: the handle's
+        # watcher sent it again (the trainer makes no call until the key is there)
+        workers.append(_RolloutWorker.options(resources={"node_b": 1}).remote())  # type: ignore[attr-defined]
+        assert ray.get(workers[1].connect_and_getenv.remote(name, "OPENAI_API_KEY")) == provider_key
+        deadline = time.monotonic() + 60
+        while handle.stats()["pid"] == pid:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        row = handle.log(3, metrics={"loss/x": 3.0, "costs/train/judge": 0.25})
+        assert row["costs/cum/all"] == pytest.approx(1.0)
+        # a refreshed secret (e.g. a new session token) is sent again and used
+        monkeypatch.setenv("AWS_SESSION_TOKEN", "armtoken" + secrets.token_hex(16))
+        handle.log(4, metrics={"loss/x": 4.0})
+        assert handle.checkpoint()["fenced"] is None
+    finally:
+        handle.shutdown()
+        for worker in workers:
+            ray.kill(worker)  # its process, with the key in its environment, ends
+    tokens = [
+        aws_secret.encode(),
+        wandb_key.encode(),
+        os.environ["AWS_SESSION_TOKEN"].encode(),
+        provider_key.encode(),
+    ]
+    session = _session_dir()
+    assert any(session.rglob("*.log")), f"no Ray logs under {session}"
+    assert len(list((session / "logs").glob("raylet*.out"))) >= 3  # every node's files
+    assert _files_containing(session, [control.encode()]) != []
+    assert _files_containing(session, tokens) == []
+    assert _files_containing(wandb_dir, tokens) == []
+    store = open_store(uri)
+    keys = store.list()
+    assert any(k.startswith("history/") for k in keys)
+    leaked = [k for k in keys for t in tokens if t in store.get(k)]
+    assert leaked == []
+
+
+def test_connect_sets_shared_keys_once_the_aggregator_has_them(
+    run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the aggregator exists, ``connect`` returns at once without the key (no wait for
+    the actor); after a short back-off a later ``connect`` sets it. A variable the worker
+    process already has is kept, not replaced by the driver's."""
+    provider_key = "sk-arm-" + secrets.token_hex(20)
+    monkeypatch.setenv("OPENAI_API_KEY", provider_key)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "the-drivers-" + secrets.token_hex(8))
+    name = run_config["name"]
+    worker = _RolloutWorker.options(resources={"node_a": 1}).remote()  # type: ignore[attr-defined]
+    handle = None
+    try:
+        if ray.get(worker.getenv.remote("OPENAI_API_KEY")):
+            pytest.skip("the test cluster's nodes were started with OPENAI_API_KEY set")
+        ray.get(worker.setenv.remote("ANTHROPIC_API_KEY", "the-workers-own"))
+        started = time.monotonic()
+        assert ray.get(worker.connect_and_getenv.remote(name, "OPENAI_API_KEY")) is None
+        assert time.monotonic() - started < 5.0
+        handle = arm.start_aggregator(
+            **{**run_config, "worker_env": ["OPENAI_API_KEY", "ANTHROPIC_API_KEY"]}
+        )
+        time.sleep(1.2)  # the back-off after the failed attempt (1 s)
+        assert ray.get(worker.connect_and_getenv.remote(name, "OPENAI_API_KEY")) == provider_key
+        assert ray.get(worker.getenv.remote("ANTHROPIC_API_KEY")) == "the-workers-own"
+    finally:
+        if handle is not None:
+            handle.shutdown()
+        ray.kill(worker)
+
+
+# --------------------------------------------------------------------------------------------
+# A restart while rollouts flush, with the storage secret on the driver only (issue 19, #12)
+# --------------------------------------------------------------------------------------------
+
+
+FLUSH_TIMEOUT_S = 30.0
+"""Each rollout's flush timeout. A restart alone took 6-9 s on the loaded 2-core test machine
+(SIGKILL to a live actor), and the client resends with a back-off of up to 7.5 s; flushes
+across a kill took 9-13 s there. A restart that waits for the trainer's next call never ends
+inside it: the driver is blocked in ray.get on these very rollouts."""
 
 
 @pytest.mark.s3
@@ -160,7 +247,8 @@ def test_restart_mid_flush_recovers_without_the_trainer(
     ``ray.get`` on them: the restarted actor must get its credentials without waiting for the
     trainer's next call, so every flush is ok well within its timeout and the rows are exact.
     """
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "armsecret" + secrets.token_hex(16))
+    secret = "armsecret" + secrets.token_hex(16)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     uri = owned_s3.bucket() + "/runs/restart"
     name = run_config["name"]
     workers = [
@@ -209,4 +297,10 @@ def test_restart_mid_flush_recovers_without_the_trainer(
         handle.shutdown()
         for actor in (*workers, gate):
             ray.kill(actor)
-    assert max(s for _, _, s in flushes) < FLUSH_TIMEOUT_S
+    watcher = handle._watcher
+    assert watcher is not None
+    watcher._thread.join(timeout=10)
+    assert not watcher._thread.is_alive()  # the handle's watcher ends with the aggregator
+    assert watcher.pushes >= len(kills)  # it, not a trainer call, sent the credentials
+    assert max(t for _, _, t in flushes) < FLUSH_TIMEOUT_S
+    assert _files_containing(_session_dir(), [secret.encode()]) == []
