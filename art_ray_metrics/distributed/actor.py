@@ -312,9 +312,19 @@ class MetricsAggregator:
         """The variables named by ``config.worker_env`` that a driver sent (the API keys its
         rollouts need), for :func:`~art_ray_metrics.connect` to set in a worker process that
         lacks them. Held in memory only; a restarted instance first waits (bounded) for the
-        driver's handle to send them again."""
+        driver's handle to send them again.
+
+        Raises:
+            CredentialsRequiredError: Names are configured but no driver sent values to this
+                instance in time (the worker asks again later).
+        """
         if self.config.worker_env and not self.received:
             await self._wait_for_credentials()
+            if not self.received:
+                raise CredentialsRequiredError(
+                    "No driver has sent the worker_env values to this aggregator yet (its "
+                    "handle does so at start_aggregator and after every restart)"
+                )
         return {k: self.credentials[k] for k in self.config.worker_env if k in self.credentials}
 
     def _ensure_tasks(self) -> None:

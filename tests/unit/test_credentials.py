@@ -164,3 +164,37 @@ def test_worker_env_is_held_in_memory_and_handed_to_workers(
         names = store.list()
         assert any(n.startswith("history/") for n in names)
         assert [n for n in names if key.encode() in store.get(n)] == []
+
+
+@pytest.mark.s3
+def test_worker_env_before_any_driver_sent_it_is_refused_not_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restarted instance no driver has reached yet does not answer an empty environment
+    (the worker would take it as final): it waits, then refuses, and the worker asks later."""
+    monkeypatch.setattr(actor_module, "CREDENTIALS_WAIT_S", 0.2)
+    cfg = AggregatorConfig(
+        storage_uri="memory://worker-env-wait", wandb_mode="disabled", worker_env=("X_KEY",)
+    )
+    agg = MetricsAggregator(cfg.model_dump_json(), await_credentials=True)
+
+    async def run() -> dict[str, str]:
+        with pytest.raises(CredentialsRequiredError, match="worker_env"):
+            await agg.worker_env()
+        await agg.set_credentials({"X_KEY": "value"})
+        env = await agg.worker_env()
+        await _stop(agg)
+        return env
+
+    assert asyncio.run(run()) == {"X_KEY": "value"}
+
+
+def test_worker_env_names_are_checked() -> None:
+    """Names only, valid ones, in a list or tuple; a bare string is refused, not split."""
+    assert AggregatorConfig(worker_env=["OPENAI_API_KEY", "OPENAI_API_KEY"]).worker_env == (
+        "OPENAI_API_KEY",
+    )
+    with pytest.raises(ValueError, match="worker_env"):
+        AggregatorConfig(worker_env=["OPENAI API KEY"])
+    with pytest.raises(ValueError, match="worker_env"):
+        AggregatorConfig(worker_env="OPENAI_API_KEY")  # type: ignore[arg-type]
