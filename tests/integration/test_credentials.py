@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -304,3 +308,41 @@ def test_restart_mid_flush_recovers_without_the_trainer(
     assert watcher.pushes >= len(kills)  # it, not a trainer call, sent the credentials
     assert max(t for _, _, t in flushes) < FLUSH_TIMEOUT_S
     assert _files_containing(_session_dir(), [secret.encode()]) == []
+
+
+_NO_SECOND_RAY = """
+import sys, threading, time
+import ray
+import art_ray_metrics as arm
+
+ray.init(include_dashboard=False)
+handle = arm.start_aggregator(run_name="watcher", storage_uri=sys.argv[1], wandb_mode="disabled")
+watcher = handle._watcher
+assert watcher is not None and watcher._thread.is_alive()
+ray.shutdown()  # without handle.shutdown(): the watcher must stop, not start another Ray
+time.sleep(3.0)
+print("initialized", ray.is_initialized(), "watcher alive", watcher._thread.is_alive())
+"""
+
+
+@pytest.mark.slow
+def test_the_watcher_never_starts_ray(tmp_path: Path) -> None:
+    """A driver that calls ``ray.shutdown()`` while its handle's watcher runs: the watcher
+    stops; Ray is not started again behind the user's back."""
+    script = tmp_path / "driver.py"
+    script.write_text(_NO_SECOND_RAY)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="arm-w-", dir="/tmp")  # its own local Ray
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "run")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialized False watcher alive False" in proc.stdout
+    assert proc.stderr.count("Started a local Ray instance") <= 1, proc.stderr[-3000:]
