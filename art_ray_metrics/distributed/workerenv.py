@@ -5,7 +5,9 @@ with its credentials (in memory: never through Ray's runtime env, which Ray writ
 session logs). The first :func:`~art_ray_metrics.connect` of a worker process asks the
 aggregator for them and sets those the process does not have in ``os.environ``, so
 ``openai.OpenAI()`` and the like find them. Once per process and aggregator; a failed attempt is
-retried by a later ``connect`` after a back-off, never more often.
+retried by a later ``connect`` after a back-off, never more often. The first ``connect`` of a
+process blocks for that call (in an async actor too: once per process, bounded by
+:data:`FETCH_TIMEOUT_S`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ __all__ = ["FETCH_TIMEOUT_S", "load_worker_env"]
 
 log = logging.getLogger(__name__)
 
-FETCH_TIMEOUT_S = 10.0
-"""The longest a ``connect`` waits for the aggregator's answer (once per process)."""
+FETCH_TIMEOUT_S = 20.0
+"""The longest a ``connect`` waits for the aggregator's answer (once per process). A worker
+process that starts while the aggregator restarts waits for it here rather than run its
+rollout without the API key: a restart took up to 9 s on the loaded 2-core test machine, and
+the restarted actor then waits up to 5 s for the driver's watcher."""
 
 _DONE = math.inf
 _next_try: dict[tuple[str, str], float] = {}  # (name, namespace) -> when to try again; inf: done
@@ -56,7 +61,9 @@ def load_worker_env(name: str, namespace: str) -> bool:
             delay = _delay.get(key, 0.5) * 2
             _delay[key] = min(delay, 30.0)
             _next_try[key] = time.monotonic() + _delay[key]
-            log.warning(
+            # no such actor yet: the client's own lookup reports that; anything else is news
+            log.log(
+                logging.DEBUG if isinstance(exc, ValueError) else logging.WARNING,
                 "art_ray_metrics: could not get the workers' environment from aggregator %r "
                 "(%s); trying again in %.0f s",
                 name,
