@@ -9,6 +9,7 @@ restarts the actor (rollouts flushing across a restart never wait for the traine
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import sys
@@ -39,7 +40,7 @@ __all__ = ["AggregatorHandle", "credentials_from_env", "start_aggregator"]
 
 log = logging.getLogger(__name__)
 
-WATCH_POLL_S = 10.0
+WATCH_POLL_S = 30.0
 """How long one long-poll call of the credentials watcher waits in a running actor."""
 
 
@@ -225,21 +226,28 @@ class _CredentialsWatcher:
         return bool(current._actor_id != self.actor._actor_id)
 
     def _run(self) -> None:
+        # Waiting is on the call's concurrent future, not in ray.wait: a thread inside Ray's
+        # core worker when the driver calls ray.shutdown() makes Ray end the process. Ray is
+        # only called when the long poll completes (every WATCH_POLL_S, or on a restart).
         ref: Any = None
+        fut: concurrent.futures.Future[Any] | None = None
         delay = 0.05
+        last_error = ""
         while not self._stop.is_set():
             ray = sys.modules.get("ray")
             if ray is None or not ray.is_initialized() or self._handle() is None:
                 return
             try:
-                if ref is None:
+                if fut is None:
                     ref = self.actor.credentials_wanted.remote(WATCH_POLL_S)
-                ready, _ = ray.wait([ref], timeout=0.5)
-                if not ready:
+                    fut = ref.future()
+                done, _ = concurrent.futures.wait([fut], timeout=0.5)
+                if not done:
                     continue
-                ref, wanted = None, ray.get(ready[0])
+                finished, fut, ref = fut, None, None
+                wanted = finished.result()
             except Exception as exc:  # the actor died: ask the restarted one
-                ref = None
+                fut = ref = None
                 if self._stop.is_set() or not ray.is_initialized() or self._gone(ray):
                     return
                 log.debug("art_ray_metrics: credentials watcher: %s", type(exc).__name__)
@@ -253,11 +261,14 @@ class _CredentialsWatcher:
                     handle._push()
                     self.pushes += 1
                 except Exception as exc:  # storage down: the actor asks again, so do we
-                    log.warning(
+                    text = " ".join(str(exc).split())[:300]
+                    log.log(
+                        logging.DEBUG if text == last_error else logging.WARNING,
                         "art_ray_metrics: could not send credentials to the restarted "
                         "aggregator (%s); retrying",
-                        " ".join(str(exc).split())[:300],
+                        text,
                     )
+                    last_error = text
                     self._stop.wait(1.0)
             del handle
 

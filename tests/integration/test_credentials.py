@@ -13,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -310,39 +308,47 @@ def test_restart_mid_flush_recovers_without_the_trainer(
     assert _files_containing(_session_dir(), [secret.encode()]) == []
 
 
-_NO_SECOND_RAY = """
-import sys, threading, time
+_DRIVER = """
+import sys, time
 import ray
 import art_ray_metrics as arm
 
-ray.init(include_dashboard=False)
-handle = arm.start_aggregator(run_name="watcher", storage_uri=sys.argv[1], wandb_mode="disabled")
+ray.init(address=sys.argv[1], log_to_driver=False)
+handle = arm.start_aggregator(name=sys.argv[2], run_name=sys.argv[2], storage_uri=sys.argv[3],
+                              wandb_mode="disabled")
 watcher = handle._watcher
 assert watcher is not None and watcher._thread.is_alive()
-ray.shutdown()  # without handle.shutdown(): the watcher must stop, not start another Ray
-time.sleep(3.0)
-print("initialized", ray.is_initialized(), "watcher alive", watcher._thread.is_alive())
+time.sleep(1.0)  # the watcher's long poll is pending
+if sys.argv[4] == "shutdown":
+    ray.shutdown()  # without handle.shutdown(): the watcher must stop, not start another Ray
+    time.sleep(3.0)
+    print("initialized", ray.is_initialized(), "watcher alive", watcher._thread.is_alive())
+else:  # the interpreter exits with the watcher running: Ray's atexit shutdown
+    print("exiting")
 """
 
 
 @pytest.mark.slow
-def test_the_watcher_never_starts_ray(tmp_path: Path) -> None:
-    """A driver that calls ``ray.shutdown()`` while its handle's watcher runs: the watcher
-    stops; Ray is not started again behind the user's back."""
+@pytest.mark.parametrize("ending", ["shutdown", "exit"])
+def test_the_watcher_never_starts_ray_nor_ends_the_driver(
+    ray_cluster: Any, run_config: dict[str, Any], tmp_path: Path, ending: str
+) -> None:
+    """A driver that calls ``ray.shutdown()``, or just exits, while its handle's watcher runs:
+    the process neither dies (a thread inside Ray's core worker when it shuts down makes Ray
+    end the process with status 1) nor starts or joins Ray again; the watcher stops."""
     script = tmp_path / "driver.py"
-    script.write_text(_NO_SECOND_RAY)
+    script.write_text(_DRIVER)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="arm-w-", dir="/tmp")  # its own local Ray
+    name = run_config["name"]
+    argv = [sys.executable, str(script), ray_cluster.address, name, str(tmp_path / "run"), ending]
     try:
-        proc = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / "run")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
     finally:
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+        try:
+            ray.kill(ray.get_actor(name, namespace="art_ray_metrics"), no_restart=True)
+        except ValueError:
+            pass
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "initialized False watcher alive False" in proc.stdout
-    assert proc.stderr.count("Started a local Ray instance") <= 1, proc.stderr[-3000:]
+    expected = "initialized False watcher alive False" if ending == "shutdown" else "exiting"
+    assert expected in proc.stdout, proc.stderr[-3000:]
+    assert "Started a local Ray instance" not in proc.stderr
