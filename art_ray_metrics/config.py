@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +21,8 @@ __all__ = ["DEFAULT_NAME", "DEFAULT_NAMESPACE", "AggregatorConfig", "ClientConfi
 
 DEFAULT_NAME = "art_ray_metrics"
 DEFAULT_NAMESPACE = "art_ray_metrics"
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class AggregatorConfig(BaseModel):
@@ -108,6 +111,23 @@ class AggregatorConfig(BaseModel):
         None, ge=0, description="GPUs charged; None: the count Ray reports for the cluster."
     )
     gpu_hourly_usd: float | None = Field(None, ge=0, description="Override of the price table.")
+    worker_env: tuple[str, ...] = Field(
+        (),
+        description="Names of environment variables the rollout and judge workers need (API "
+        "keys such as OPENAI_API_KEY): the driver's handle sends their values to the aggregator "
+        "in memory, and connect()/worker_context set them in a worker process that lacks them. "
+        "They never go through Ray's runtime env, the storage or W&B. Names only here.",
+    )
+
+    @field_validator("worker_env")
+    @classmethod
+    def _env_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                raise ValueError(
+                    f"expected environment variable names (letters, digits, _) but got {name!r}"
+                )
+        return tuple(dict.fromkeys(value))
 
     @field_validator("name", "namespace", "run_name")
     @classmethod

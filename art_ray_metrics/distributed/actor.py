@@ -67,6 +67,15 @@ CLOSES_PER_EPOCH = 10**9
 """Close numbers of writer epoch E start at E * this (rewind object keys never collide)."""
 
 
+CREDENTIALS_WAIT_S = 5.0
+"""How long a call that needs the storage waits in a restarted actor for the driver's handle to
+send credentials (its watcher does so at once) before answering CredentialsRequiredError."""
+
+NODE_CREDENTIALS_RETRY_S = 30.0
+"""A restarted actor whose node's own credentials could not open the storage tries them again
+after this long (a call meanwhile waits for the driver's instead)."""
+
+
 def _wall_clock() -> float:
     return time.time()
 
@@ -84,6 +93,10 @@ class MetricsAggregator:
         self.started_at = time.time()
         self.credentials: dict[str, str] = {}  # in memory only: never logged or persisted
         self.booted = False
+        self.received = False  # a driver's handle sent credentials to this instance
+        self.node_retry_at = 0.0  # when the node's own credentials may be tried again
+        self.boot_error = ""  # why they could not open the storage (no values in it)
+        self.boot_event: asyncio.Event | None = None  # set when credentials arrive
         if not await_credentials:
             self._boot()
 
@@ -101,10 +114,48 @@ class MetricsAggregator:
         except (FencedError, ConditionalWritesUnsupportedError):
             raise
         except (StorageError, ConfigError) as exc:
-            raise CredentialsRequiredError(
-                f"The aggregator cannot open {self.config.storage_uri} with the credentials it "
-                f"has ({exc}); the driver's handle sends them with set_credentials"
-            ) from exc
+            self.boot_error = " ".join(str(exc).split())[:300]
+            raise CredentialsRequiredError(self._credentials_required()) from exc
+
+    def _credentials_required(self) -> str:
+        return (
+            f"The aggregator cannot open {self.config.storage_uri} with the credentials it "
+            f"has ({self.boot_error}); the driver's handle sends them with set_credentials"
+        )
+
+    async def _await_boot(self) -> None:
+        """Open the storage before a call that needs it, in a (re)started actor.
+
+        The node's own credentials are tried first (at most every
+        :data:`NODE_CREDENTIALS_RETRY_S`); if they cannot open it, the call waits up to
+        :data:`CREDENTIALS_WAIT_S` for a driver's handle to send credentials: its watcher
+        (:meth:`credentials_wanted`) does so as soon as this instance starts, so rollouts
+        flushing across a restart never wait for the trainer's next call.
+
+        Raises:
+            CredentialsRequiredError: No credentials that open the storage arrived in time.
+        """
+        if self.booted:
+            return
+        if time.monotonic() >= self.node_retry_at:
+            try:
+                self._ensure_booted()
+                return
+            except CredentialsRequiredError:
+                self.node_retry_at = time.monotonic() + NODE_CREDENTIALS_RETRY_S
+        await self._wait_for_credentials()
+        if not self.booted:
+            raise CredentialsRequiredError(self._credentials_required())
+
+    async def _wait_for_credentials(self) -> None:
+        """Until a driver's :meth:`set_credentials` succeeded, at most CREDENTIALS_WAIT_S."""
+        if self.boot_event is None:
+            self.boot_event = asyncio.Event()
+        event = self.boot_event
+        try:
+            await asyncio.wait_for(event.wait(), timeout=CREDENTIALS_WAIT_S)
+        except TimeoutError:
+            pass
 
     def _boot(self, attempts: int = 6) -> None:
         self.store = open_store(
@@ -351,7 +402,40 @@ class MetricsAggregator:
         else:
             self._boot()  # errors propagate to the driver as they are
         self._ensure_tasks()
+        self.received = True
+        if self.boot_event is not None:  # wake the calls waiting for them
+            self.boot_event.set()
+            self.boot_event = None
         return {"epoch": self.ckpt.epoch, "credentials": sorted(self.credentials)}
+
+    async def credentials_wanted(self, wait_s: float = 10.0) -> bool:
+        """Long poll of the driver's handle (its credentials watcher): True at once while no
+        driver has sent credentials to this instance (Ray just started or restarted it), else
+        False after ``wait_s`` seconds. A watcher whose call fails because the actor died asks
+        the restarted instance, and meets True with :meth:`set_credentials` from its memory."""
+        if not self.received:
+            return True
+        await asyncio.sleep(max(0.0, min(float(wait_s), 60.0)))
+        return not self.received
+
+    async def worker_env(self) -> dict[str, str]:
+        """The variables named by ``config.worker_env`` that a driver sent (the API keys its
+        rollouts need), for :func:`~art_ray_metrics.connect` to set in a worker process that
+        lacks them. Held in memory only; a restarted instance first waits (bounded) for the
+        driver's handle to send them again.
+
+        Raises:
+            CredentialsRequiredError: Names are configured but no driver sent values to this
+                instance in time (the worker asks again later).
+        """
+        if self.config.worker_env and not self.received:
+            await self._wait_for_credentials()
+            if not self.received:
+                raise CredentialsRequiredError(
+                    "No driver has sent the worker_env values to this aggregator yet (its "
+                    "handle does so at start_aggregator and after every restart)"
+                )
+        return {k: self.credentials[k] for k in self.config.worker_env if k in self.credentials}
 
     def _ensure_tasks(self) -> None:
         self._ensure_booted()
@@ -388,6 +472,8 @@ class MetricsAggregator:
         answer once it is in the write-ahead log (group commit: one storage write for every
         batch that arrived meanwhile). A refused batch is logged too, so the producer's window
         moves past it for good, then :class:`WireFormatError` is raised to the producer."""
+        if not self.booted:  # (re)started: a driver's handle sends the credentials at once
+            await self._await_boot()
         self._ensure_tasks()
         self.ingest_times.append(time.monotonic())
         if self.fenced:  # a newer aggregator owns the run: accept nothing

@@ -66,6 +66,7 @@ from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.distributed.transport import RayTransport, Transport, one_line
+from art_ray_metrics.distributed.workerenv import load_worker_env
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
@@ -1154,7 +1155,9 @@ def connect(
     ``cost_context`` is the first segment under ``costs/`` for API costs; the buffer scope is
     ``scope_for_split(split)`` when a split is given, else ``scope_for_cost_context`` of the
     cost context (the context's own name, but ``val`` and ``test`` are ``eval``: a barrier
-    always closes it). The actor is looked up lazily, on the first send.
+    always closes it). The actor is looked up lazily, on the first send. The first call
+    in a Ray worker process also sets the variables the driver shares with
+    ``AggregatorConfig.worker_env`` (API keys) that the process lacks, in ``os.environ``.
     """
     cache_key = (cost_context, split, name, namespace, producer_id)
     cacheable = config is None
@@ -1179,8 +1182,10 @@ def connect(
     scope = K.scope_for_split(V.check_split(split)) if split is not None else None
     if scope is None:
         scope = K.scope_for_cost_context(V.check_cost_context(cost_context))
+    # the API keys the driver shares (worker_env), before the rollout's code needs them
+    env_ready = load_worker_env(config.name, config.namespace)
     builder = WorkerBuilder(get_client(config, producer_id=producer_id), step, cost_context, scope)
-    if cacheable and len(_CONNECTED) < 4096:
+    if cacheable and env_ready and len(_CONNECTED) < 4096:
         _CONNECTED[cache_key] = (builder.client, builder.cost_context, builder.scope)
     return builder
 

@@ -1,15 +1,21 @@
 """The trainer's side of the aggregator: :func:`start_aggregator` and :class:`AggregatorHandle`.
 
 ``start_aggregator`` checks the storage, creates (or re-attaches to) the named, detached actor and
-hands it the driver's credentials in memory; the handle's calls retry while the actor restarts.
+hands it the driver's credentials in memory; the handle's calls retry while the actor restarts,
+and a watcher thread of the handle sends the credentials again, from memory, as soon as Ray
+restarts the actor (rollouts flushing across a restart never wait for the trainer's next call).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
+import sys
+import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -34,6 +40,9 @@ __all__ = ["AggregatorHandle", "credentials_from_env", "start_aggregator"]
 
 log = logging.getLogger(__name__)
 
+WATCH_POLL_S = 30.0
+"""How long one long-poll call of the credentials watcher waits in a running actor."""
+
 
 class AggregatorHandle:
     """The trainer's handle on the aggregator actor."""
@@ -42,20 +51,30 @@ class AggregatorHandle:
         self.actor = actor
         self.config = config
         self._sent: str | None = None  # digest of the credentials last sent (never the values)
+        self._creds: dict[str, str] | None = None  # what was last sent: this process's memory
+        self._watcher: _CredentialsWatcher | None = None
 
     def set_credentials(self, env: Mapping[str, str] | None = None) -> None:
         """Send credentials to the aggregator, in memory (default: read from this process's env).
 
         Call it after refreshing short-lived credentials; :meth:`log` also re-sends them when
-        this process's environment changed, and every call re-sends them when a restarted
-        aggregator asks. Only the variables the storage back end and W&B declare as secrets
-        are read.
+        this process's environment changed. From the first call on, the handle keeps what it
+        sent in memory and a watcher thread sends it again as soon as Ray restarts the actor,
+        without waiting for the trainer's next call. Only the variables the storage back end
+        and W&B declare as secrets, and those named by ``worker_env``, are read.
         """
         import ray
 
         creds = dict(env) if env is not None else credentials_from_env(self.config)
         ray.get(self.actor.set_credentials.remote(creds))
+        self._creds = creds
         self._sent = _digest(creds)
+        if self._watcher is None:
+            self._watcher = _CredentialsWatcher(self)
+
+    def _push(self) -> None:
+        """Send what was last sent (from memory) again; the environment's if nothing was."""
+        self.set_credentials(self._creds)
 
     def _sync_credentials(self) -> None:
         creds = credentials_from_env(self.config)
@@ -111,7 +130,7 @@ class AggregatorHandle:
                 attempts += 1
                 if attempts > 30:
                     raise
-                self.set_credentials()
+                self._push()
 
     async def alog(
         self,
@@ -162,6 +181,8 @@ class AggregatorHandle:
         """Final checkpoint, finish W&B, then kill the detached actor (frees the name)."""
         import ray
 
+        if kill and self._watcher is not None:
+            self._watcher.stop()
         try:
             self._call("shutdown", exit_code, timeout_s=120)
         finally:
@@ -169,13 +190,98 @@ class AggregatorHandle:
                 ray.kill(self.actor, no_restart=True)
 
 
+class _CredentialsWatcher:
+    """The handle's daemon thread that gives a restarted aggregator its credentials back.
+
+    It keeps one long-poll call (``credentials_wanted``) pending on the actor. The call fails
+    when the actor dies; the next one reaches the instance Ray restarts, which answers True
+    before anything else (no driver has sent it credentials yet), and the watcher sends what
+    the handle last sent, from memory. It stops with the handle (``shutdown``, or the handle
+    garbage-collected), when the actor is gone for good or replaced under its name, and when
+    Ray is no longer initialised: it never starts Ray.
+    """
+
+    def __init__(self, handle: AggregatorHandle) -> None:
+        self._handle = weakref.ref(handle)
+        self.actor = handle.actor
+        self.name = (handle.config.name, handle.config.namespace)
+        self.pushes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="art-ray-metrics-credentials", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _gone(self, ray: Any) -> bool:
+        """The actor is dead for good, or another actor holds its name."""
+        try:
+            current = ray.get_actor(self.name[0], namespace=self.name[1])
+        except ValueError:
+            return True
+        except Exception:  # GCS unreachable for a moment: try again later
+            return False
+        return bool(current._actor_id != self.actor._actor_id)
+
+    def _run(self) -> None:
+        # Waiting is on the call's concurrent future, not in ray.wait: a thread inside Ray's
+        # core worker when the driver calls ray.shutdown() makes Ray end the process. Ray is
+        # only called when the long poll completes (every WATCH_POLL_S, or on a restart).
+        ref: Any = None
+        fut: concurrent.futures.Future[Any] | None = None
+        delay = 0.05
+        last_error = ""
+        while not self._stop.is_set():
+            ray = sys.modules.get("ray")
+            if ray is None or not ray.is_initialized() or self._handle() is None:
+                return
+            try:
+                if fut is None:
+                    ref = self.actor.credentials_wanted.remote(WATCH_POLL_S)
+                    fut = ref.future()
+                done, _ = concurrent.futures.wait([fut], timeout=0.5)
+                if not done:
+                    continue
+                finished, fut, ref = fut, None, None
+                wanted = finished.result()
+            except Exception as exc:  # the actor died: ask the restarted one
+                fut = ref = None
+                if self._stop.is_set() or not ray.is_initialized() or self._gone(ray):
+                    return
+                log.debug("art_ray_metrics: credentials watcher: %s", type(exc).__name__)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            handle = self._handle()
+            if wanted and handle is not None and not self._stop.is_set():
+                try:
+                    handle._push()
+                    self.pushes += 1
+                except Exception as exc:  # storage down: the actor asks again, so do we
+                    text = " ".join(str(exc).split())[:300]
+                    log.log(
+                        logging.DEBUG if text == last_error else logging.WARNING,
+                        "art_ray_metrics: could not send credentials to the restarted "
+                        "aggregator (%s); retrying",
+                        text,
+                    )
+                    last_error = text
+                    self._stop.wait(1.0)
+            del handle
+
+
 def _secret_names(cfg: AggregatorConfig) -> tuple[str, ...]:
     return backend_for(cfg.storage_uri or "").secrets + WANDB_SECRETS
 
 
 def credentials_from_env(cfg: AggregatorConfig) -> dict[str, str]:
-    """The secret variables the aggregator of ``cfg`` needs, as set in this process's env."""
-    return {k: os.environ[k] for k in _secret_names(cfg) if os.environ.get(k)}
+    """The secret variables the aggregator of ``cfg`` needs, and those its workers need
+    (``cfg.worker_env``), as set in this process's env."""
+    names = _secret_names(cfg) + tuple(cfg.worker_env)
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
 def _digest(creds: Mapping[str, str]) -> str:
@@ -226,6 +332,9 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
     if not ray.is_initialized():
         ray.init(namespace=cfg.namespace)
     fingerprint = cfg.fingerprint()
+    unset = [k for k in cfg.worker_env if not os.environ.get(k)]
+    if unset:
+        log.warning("art_ray_metrics: worker_env names %s not set here: not sent", unset)
 
     def attach() -> AggregatorHandle | None:
         try:

@@ -194,7 +194,9 @@ class worker_context:  # lower case: used like a function, ``with worker_context
     else the cost context, as in :func:`~art_ray_metrics.connect`. Works as ``with`` and
     ``async with``; on exit the leaves are flushed durably (``flush``/``aflush``, which never
     raise on telemetry failure). The block's value is the
-    :class:`~art_ray_metrics.WorkerBuilder`.
+    :class:`~art_ray_metrics.WorkerBuilder`. Built with :func:`~art_ray_metrics.connect`, so the
+    first one in a worker process also sets the API keys the driver shares
+    (``AggregatorConfig.worker_env``) that the process lacks, before the block runs.
     """
 
     def __init__(
