@@ -19,6 +19,7 @@ from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.testing import make_group
+from tests.hypothesis_profiles import examples
 
 
 def _batch(pid: str, inc: str, seq: int, usd: float = 1.0, acked: int = 0) -> LeafBatch:
@@ -166,7 +167,9 @@ class ProducerProtocol(RuleBasedStateMachine):
 
 
 TestProducerProtocol = ProducerProtocol.TestCase
-TestProducerProtocol.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestProducerProtocol.settings = settings(
+    max_examples=examples(150), stateful_step_count=40, deadline=None
+)
 
 
 class TestForkedClient:
