@@ -91,6 +91,7 @@ class TestBoundedProducers:
             s.close_step(step)
         return s
 
+    @pytest.mark.slow  # 600,000 batches through the state: ~10 s of CPU
     def test_100k_producers_checkpoint_within_2x_of_100(self) -> None:
         """Producers that confirmed their acknowledgements leave nothing behind."""
         small = self._run(100)
