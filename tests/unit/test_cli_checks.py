@@ -51,9 +51,16 @@ def cli(*args: str, cwd: Path, timeout: float = 90, env: dict[str, str] | None =
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """``art-ray-metrics ARGS`` run by ``main`` in this process, as a CompletedProcess.
 
-    ``env`` entries are set for the call; the current directory is ``cwd``. Ray must not have
-    started afterwards (the checks refuse before that).
+    ``env`` entries are set for the call; the current directory is ``cwd``. ``ray.init`` fails
+    the call if reached (the checks refuse before that; in a full session this process may be
+    connected to the shared test cluster, so whether Ray is initialised says nothing).
     """
+    import ray
+
+    def no_ray(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the check started Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
 
     def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Any:
         monkeypatch.chdir(cwd)
@@ -65,8 +72,6 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
         out, err = capsys.readouterr()
         proc = subprocess.CompletedProcess(["art-ray-metrics", *args], code, out, err)
         proc.seconds = time.monotonic() - t0  # type: ignore[attr-defined]
-        ray = sys.modules.get("ray")
-        assert ray is None or not ray.is_initialized(), "the check started Ray"
         return proc
 
     return run
