@@ -1,4 +1,11 @@
-"""Shared fixtures. No Ray here: the Ray cluster fixture lives in tests/integration/conftest.py."""
+"""Shared fixtures and markers. No Ray here: the cluster fixture is in tests/integration/conftest.py.
+
+Markers are made true here rather than by hand in each file: a test that uses the shared Ray
+cluster (the ``ray_cluster`` fixture, directly or through another fixture such as
+``run_config``) is marked ``ray``, so ``pytest -m "not ray and not slow"`` (the quick loop)
+never starts Ray. Hypothesis profiles (``ci``, ``dev``) are loaded from
+``tests/hypothesis_profiles.py`` before any test module is imported.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from art_ray_metrics.core import active as _active
+from tests import hypothesis_profiles
 
 pytest_plugins = ["tests.s3server"]
 
@@ -20,3 +28,15 @@ def _no_active_builder() -> None:
     token = _active.set_active_builder(None)
     yield
     _active.reset_active_builder(token)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis profile: {hypothesis_profiles.PROFILE}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``ray`` every test whose fixtures include the shared cluster."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

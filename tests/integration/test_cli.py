@@ -3,7 +3,9 @@
 Each ``demo`` subprocess starts its own local Ray instance (one ``ray.init`` per process), so
 there are only two: a 3-step run, then ``--resume --chaos`` for 2 more steps. The operations
 commands (``inspect``, ``history``, ``wandb-sync``) read that run's storage without Ray;
-``status`` asks an aggregator on the shared test cluster.
+``status`` asks an aggregator on the shared test cluster. Refusals that happen before any Ray or
+storage work run the CLI's ``main`` in this process (``run_cli``): a subprocess would add only
+its start-up (the demo's imports alone take seconds).
 """
 
 from __future__ import annotations
@@ -41,6 +43,31 @@ def cli(*args: str, cwd: Path, timeout: float = 240, env: dict[str, str] | None 
         timeout=timeout,
         env=env if env is not None else os.environ.copy(),
     )
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """``art-ray-metrics ARGS`` run by ``main`` in this process, as a CompletedProcess.
+
+    The demo's Ray start is replaced by a failure: these checks must refuse before it (this
+    process may be connected to the shared test cluster).
+    """
+    from art_ray_metrics.ops import cli as cli_mod
+    from art_ray_metrics.ops import demo
+
+    def started(opts: Any) -> None:
+        raise AssertionError("the check let the demo start Ray")
+
+    monkeypatch.setattr(demo, "_init_ray", started)
+
+    def run(*args: str, cwd: Path) -> Any:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = cli_mod.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["art-ray-metrics", *args], code, out, err)
+
+    return run
 
 
 def assert_one_line_error(proc: Any, command: str, *needles: str) -> None:
@@ -136,10 +163,10 @@ class TestDemo:
         assert "not a memory problem" in " ".join(resumed_run["proc"].stdout.split())
 
     def test_refuses_to_overwrite_an_existing_run(
-        self, first_run: dict[str, Any], workdir: Path
+        self, first_run: dict[str, Any], workdir: Path, run_cli: Any
     ) -> None:
         """A second demo into the same run without --resume exits 2 before starting Ray."""
-        proc = cli("demo", "--run", RUN, "--steps", "1", cwd=workdir, timeout=60)
+        proc = run_cli("demo", "--run", RUN, "--steps", "1", cwd=workdir)
         assert_one_line_error(proc, "demo", "--resume")
 
 
@@ -303,10 +330,12 @@ class TestErrors:
         ],
         ids=["unknown-scheme", "missing-dir", "no-checkpoint"],
     )
-    def test_wrong_uri_is_one_line(self, uri: str, needle: str, tmp_path: Path) -> None:
+    def test_wrong_uri_is_one_line(
+        self, uri: str, needle: str, tmp_path: Path, run_cli: Any
+    ) -> None:
         """Wrong URIs exit 2 with one error line and no traceback."""
         (tmp_path / "empty").mkdir()
-        proc = cli("inspect", uri, cwd=tmp_path, timeout=60)
+        proc = run_cli("inspect", uri, cwd=tmp_path)
         assert_one_line_error(proc, "inspect", needle)
 
     def test_status_without_a_cluster(self, tmp_path: Path) -> None:

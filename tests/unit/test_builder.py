@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from art_ray_metrics import InvalidMetricError, MetricConflictError, MetricsBuilder, track_api_cost
 from art_ray_metrics.builder import PendingLeaves
 from art_ray_metrics.core.state import StepBuffer
+from tests.hypothesis_profiles import examples
 
 
 def _flush(b: MetricsBuilder) -> dict[str, float]:
@@ -278,7 +279,7 @@ _KEYS = st.builds(
 class TestPendingLeaves:
     """The one-dict pending buffer raises and sums exactly as the strict StepBuffer does."""
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=examples(300), deadline=None)
     @given(st.lists(st.tuples(_KEYS, st.integers(0, 9)), max_size=40))
     def test_same_conflicts_and_sums_as_step_buffer(self, writes: list[tuple[str, int]]) -> None:
         pending, reference = PendingLeaves(), StepBuffer()

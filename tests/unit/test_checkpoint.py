@@ -35,6 +35,7 @@ from art_ray_metrics.durable.checkpoint import (
 )
 from art_ray_metrics.durable.storage import InMemoryStore, ObjectStore, open_store
 from tests import s3server
+from tests.hypothesis_profiles import examples
 
 
 def recs(*numbers: int) -> bytes:
@@ -248,7 +249,7 @@ class TestCompaction:
         assert key.endswith("-L01.bin")
         assert records_of(decode_blob(key, KIND_SHARD, store.get(key))) == Counter([0, 1, 2])
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=examples(40), deadline=None)
     @given(
         fanout=st.integers(2, 5),
         deltas=st.lists(

@@ -1,7 +1,9 @@
 """The CLI's checks before work, its one-line errors, and storage reads that tolerate damage.
 
-Commands run in subprocesses as a user runs them; none of these starts Ray (the checks refuse
-before that), so they are fast. Runs against a real Ray cluster are in
+None of these starts Ray: the checks refuse before that. Most run the CLI's ``main`` in this
+process (the ``run_cli`` fixture), where a subprocess would add only its start-up; one check per
+kind of failure still runs ``python -m art_ray_metrics`` in a subprocess as a user runs it (the
+entry point, a whole process's stderr, argparse's exit). Runs against a real Ray cluster are in
 ``tests/integration/test_cli.py``.
 """
 
@@ -46,6 +48,36 @@ def cli(*args: str, cwd: Path, timeout: float = 90, env: dict[str, str] | None =
     return proc
 
 
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """``art-ray-metrics ARGS`` run by ``main`` in this process, as a CompletedProcess.
+
+    ``env`` entries are set for the call; the current directory is ``cwd``. ``ray.init`` fails
+    the call if reached (the checks refuse before that; in a full session this process may be
+    connected to the shared test cluster, so whether Ray is initialised says nothing).
+    """
+    import ray
+
+    def no_ray(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the check started Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+
+    def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Any:
+        monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        t0 = time.monotonic()
+        code = cli_mod.main(list(args))
+        out, err = capsys.readouterr()
+        proc = subprocess.CompletedProcess(["art-ray-metrics", *args], code, out, err)
+        proc.seconds = time.monotonic() - t0  # type: ignore[attr-defined]
+        return proc
+
+    return run
+
+
 def assert_one_line_error(proc: Any, command: str, *needles: str) -> str:
     """Exit code 2, exactly one stderr line naming the command, no traceback."""
     assert proc.returncode == 2, proc.stderr
@@ -72,15 +104,19 @@ class TestAddressChecks:
         assert not (tmp_path / "runs").exists()
 
     @pytest.mark.parametrize("address", ["bogus", "host:notaport", "127.0.0.1:0", ":6379"])
-    def test_demo_with_a_malformed_address(self, address: str, tmp_path: Path) -> None:
+    def test_demo_with_a_malformed_address(
+        self, address: str, run_cli: Any, tmp_path: Path
+    ) -> None:
         """A malformed address is one line naming it, not a ValueError traceback."""
-        proc = cli("demo", "--address", address, cwd=tmp_path)
+        proc = run_cli("demo", "--address", address, cwd=tmp_path)
         assert_one_line_error(proc, "demo", repr(address))
 
     @pytest.mark.parametrize("command", ["status", "stop"])
-    def test_status_and_stop_check_the_address(self, command: str, tmp_path: Path) -> None:
+    def test_status_and_stop_check_the_address(
+        self, command: str, run_cli: Any, tmp_path: Path
+    ) -> None:
         """status and stop refuse an address where nothing listens, in one line."""
-        proc = cli(command, "--address", f"127.0.0.1:{free_port()}", cwd=tmp_path)
+        proc = run_cli(command, "--address", f"127.0.0.1:{free_port()}", cwd=tmp_path)
         assert_one_line_error(proc, command, "nothing accepted a connection")
 
     def test_auto_with_a_stale_cluster_file(
@@ -224,10 +260,10 @@ class TestInputLimits:
         ids=["cpus-0", "cpus-negative", "rollouts", "judges", "steps", "keep-local"],
     )
     def test_sizes_this_machine_cannot_run(
-        self, args: list[str], needle: str, tmp_path: Path
+        self, args: list[str], needle: str, run_cli: Any, tmp_path: Path
     ) -> None:
         """Sizes beyond the CPUs exit 2 with one line before Ray starts."""
-        proc = cli("demo", "--num-cpus", "2", *args, cwd=tmp_path)
+        proc = run_cli("demo", "--num-cpus", "2", *args, cwd=tmp_path)
         assert_one_line_error(proc, "demo", needle)
         assert not (tmp_path / "runs").exists()
 
@@ -271,16 +307,15 @@ class TestInputLimits:
         assert "169.254" not in line
         assert "credentials" in line
 
-    def test_unreachable_bucket_fails_fast(self, tmp_path: Path) -> None:
+    def test_unreachable_bucket_fails_fast(self, run_cli: Any, tmp_path: Path) -> None:
         """A bucket that cannot be read is one line before Ray starts (was: a 22 s actor death)."""
-        env = os.environ.copy()
-        env.update(
+        env = dict(
             AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{free_port()}",
             AWS_ACCESS_KEY_ID="x",
             AWS_SECRET_ACCESS_KEY="x",
             AWS_REGION="us-east-1",
         )
-        proc = cli("demo", "--storage", "s3://my-bucket/runs/x", cwd=tmp_path, env=env)
+        proc = run_cli("demo", "--storage", "s3://my-bucket/runs/x", cwd=tmp_path, env=env)
         assert_one_line_error(proc, "demo", "s3://my-bucket/runs/x")
         assert proc.seconds < 60  # type: ignore[attr-defined]
         assert not (tmp_path / "runs").exists()
@@ -294,19 +329,19 @@ def write_rows(run: Path, rows: dict[int, dict[str, float]]) -> HistoryStore:
 
 
 class TestHistoryDamage:
-    def test_a_corrupt_row_is_skipped_and_named(self, tmp_path: Path) -> None:
+    def test_a_corrupt_row_is_skipped_and_named(self, run_cli: Any, tmp_path: Path) -> None:
         """history prints the readable rows and names the corrupt one with its reason."""
         run = tmp_path / "run"
         write_rows(run, {s: {"costs/all": 0.1 * (s + 1)} for s in range(3)})
         bad = run / "history" / "000000000001-train.json"
         bad.write_bytes(b'{"step": 1, "spl')
-        proc = cli("history", str(run), "--format", "jsonl", cwd=tmp_path)
+        proc = run_cli("history", str(run), "--format", "jsonl", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert [json.loads(line)["step"] for line in proc.stdout.splitlines()] == [0, 2]
         assert "skipped corrupt row history/000000000001-train.json" in proc.stderr
         assert "Traceback" not in proc.stderr
 
-    def test_a_non_numeric_value_is_skipped(self, tmp_path: Path) -> None:
+    def test_a_non_numeric_value_is_skipped(self, run_cli: Any, tmp_path: Path) -> None:
         """A record whose metric is not a number is skipped with the key named."""
         run = tmp_path / "run"
         write_rows(run, {0: {"costs/all": 0.5}, 1: {"costs/all": 0.25}})
@@ -314,16 +349,16 @@ class TestHistoryDamage:
         record = json.loads(bad.read_text())
         record["costs/all"] = "lots"
         bad.write_text(json.dumps(record))
-        proc = cli("history", str(run), "--format", "csv", cwd=tmp_path)
+        proc = run_cli("history", str(run), "--format", "csv", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert [r["step"] for r in csv.DictReader(io.StringIO(proc.stdout))] == ["1"]
         assert "'costs/all'" in proc.stderr
 
-    def test_csv_has_no_float_noise(self, tmp_path: Path) -> None:
+    def test_csv_has_no_float_noise(self, run_cli: Any, tmp_path: Path) -> None:
         """0.45799999999999996 prints as 0.458; values survive a float() round trip."""
         run = tmp_path / "run"
         write_rows(run, {0: {"reward/mean": 0.45799999999999996, "costs/all": 1e-9}})
-        proc = cli("history", str(run), "--format", "csv", cwd=tmp_path)
+        proc = run_cli("history", str(run), "--format", "csv", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         row = next(csv.DictReader(io.StringIO(proc.stdout)))
         assert row["reward/mean"] == "0.458"
@@ -355,11 +390,13 @@ class TestHistoryDamage:
         line = assert_one_line_error(proc, "history", "nope")
         assert all(key in line for key in keys), line[-200:]
 
-    def test_unknown_column_names_it_and_the_available_ones(self, tmp_path: Path) -> None:
+    def test_unknown_column_names_it_and_the_available_ones(
+        self, run_cli: Any, tmp_path: Path
+    ) -> None:
         """--columns nosuch exits 2 naming the column and listing what exists."""
         run = tmp_path / "run"
         write_rows(run, {0: {"reward/mean": 0.5, "costs/all": 0.1}})
-        proc = cli("history", str(run), "--columns", "reward/mean,nosuch", cwd=tmp_path)
+        proc = run_cli("history", str(run), "--columns", "reward/mean,nosuch", cwd=tmp_path)
         line = assert_one_line_error(proc, "history", "nosuch", "costs/all", "reward/mean")
         assert "reward/mean," not in line.split("available")[0]
 
@@ -375,17 +412,19 @@ class TestRunAllBenchmarks:
         spec.loader.exec_module(module)
         return module
 
-    def test_update_docs_needs_a_full_run(self, tmp_path: Path) -> None:
+    def test_update_docs_needs_a_full_run(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """--update-docs with --quick is refused before anything runs."""
-        proc = subprocess.run(
-            [sys.executable, "bench/run_all.py", "--quick", "--update-docs"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 2
-        assert "--update-docs needs a full run" in proc.stderr
+        run_all = self.load()
+        ran: list[str] = []
+        monkeypatch.setattr(run_all, "run_script", lambda name, *_: ran.append(name))
+        monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--update-docs"])
+        with pytest.raises(SystemExit) as exit_info:
+            run_all.main()
+        assert exit_info.value.code == 2
+        assert "--update-docs needs a full run" in capsys.readouterr().err
+        assert ran == []
 
     @pytest.mark.parametrize("ok", [True, False], ids=["complete", "failed"])
     def test_tracked_tables_change_only_after_a_complete_run(

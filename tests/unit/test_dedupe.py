@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from art_ray_metrics.core.dedupe import DIGEST_SIZE, RUN_SHARE, DigestLedger, digest
 from art_ray_metrics.errors import WireFormatError
+from tests.hypothesis_profiles import examples
 
 _IDS = st.lists(st.lists(st.integers(0, 300), max_size=40), max_size=30)
 
@@ -18,7 +19,7 @@ def _bytes_of(ids: set[int]) -> bytes:
 
 
 class TestLedgerIsASet:
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=examples(200), deadline=None)
     @given(batches=_IDS, run_cap=st.sampled_from([1, 2, 5, 16, 1 << 20]))
     def test_matches_a_python_set(self, batches: list[list[int]], run_cap: int) -> None:
         """Any sequence of batches gives a set's counts, membership and canonical bytes."""
@@ -35,7 +36,7 @@ class TestLedgerIsASet:
         assert ledger.contains_many([digest(i) for i in probe]) == [i in seen for i in probe]
         assert ledger.nbytes >= len(seen) * DIGEST_SIZE
 
-    @settings(max_examples=100, deadline=None)
+    @settings(max_examples=examples(100), deadline=None)
     @given(batches=_IDS, cut=st.integers(0, 30))
     def test_journal_holds_exactly_what_is_new_since_the_commit(
         self, batches: list[list[int]], cut: int
@@ -52,7 +53,7 @@ class TestLedgerIsASet:
         assert len(first) + len(second) == len(ledger) * DIGEST_SIZE
         assert DigestLedger.from_bytes(first + second).to_bytes() == ledger.to_bytes()
 
-    @settings(max_examples=100, deadline=None)
+    @settings(max_examples=examples(100), deadline=None)
     @given(batches=_IDS, removed=st.sets(st.integers(0, 300), max_size=50))
     def test_without_removes_exactly_those(
         self, batches: list[list[int]], removed: set[int]
@@ -77,7 +78,7 @@ _HALVES = st.tuples(st.sampled_from([0, 1, 2**63, 2**64 - 1]), st.integers(0, 5)
 
 
 class TestEqualHighHalves:
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=examples(300), deadline=None)
     @given(
         batches=st.lists(st.lists(_HALVES, max_size=12), max_size=12),
         removed=st.sets(_HALVES, max_size=6),
@@ -159,7 +160,7 @@ class TestRuns:
 
 
 class TestJournal:
-    @settings(max_examples=50, deadline=None)
+    @settings(max_examples=examples(50), deadline=None)
     @given(batches=_IDS)
     def test_no_journal_same_set_half_the_bytes(self, batches: list[list[int]]) -> None:
         """journal=False: the same set and bytes as a journaling ledger, 16 bytes per digest."""

@@ -14,8 +14,9 @@ leaves for a closed step go into the next close, a rewind drops the closes after
 and a crash goes back to the last commit plus what the write-ahead log made durable; producers
 resend what the aggregator never called durable, as the real client does.
 
-``ARM_MODEL_EXAMPLES`` sets the number of runs (default 40, a few seconds each);
-``ARM_MODEL_STEPS`` the rules per run (default 40). The long run is in docs/protocol.md.
+``ARM_MODEL_EXAMPLES`` sets the number of runs (default 40 under the ``ci`` hypothesis profile,
+10 under ``dev``: see ``tests/hypothesis_profiles.py``; a few seconds each); ``ARM_MODEL_STEPS``
+the rules per run (default 40). The long run is in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.errors import BackPressureError, StorageError, WireFormatError
 from art_ray_metrics.testing import make_batch
 from tests.faults import FaultyStore
+from tests.hypothesis_profiles import examples
 
-EXAMPLES = int(os.environ.get("ARM_MODEL_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("ARM_MODEL_EXAMPLES") or examples(40))
 STEPS = int(os.environ.get("ARM_MODEL_STEPS", "40"))
 JUDGE = Decimal("0.5")
 PRODUCERS = ("p0", "p1")

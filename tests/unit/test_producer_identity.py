@@ -19,6 +19,7 @@ from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.testing import make_group
+from tests.hypothesis_profiles import examples
 
 
 def _batch(pid: str, inc: str, seq: int, usd: float = 1.0, acked: int = 0) -> LeafBatch:
@@ -90,6 +91,7 @@ class TestBoundedProducers:
             s.close_step(step)
         return s
 
+    @pytest.mark.slow  # 600,000 batches through the state: ~10 s of CPU
     def test_100k_producers_checkpoint_within_2x_of_100(self) -> None:
         """Producers that confirmed their acknowledgements leave nothing behind."""
         small = self._run(100)
@@ -166,7 +168,9 @@ class ProducerProtocol(RuleBasedStateMachine):
 
 
 TestProducerProtocol = ProducerProtocol.TestCase
-TestProducerProtocol.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestProducerProtocol.settings = settings(
+    max_examples=examples(150), stateful_step_count=40, deadline=None
+)
 
 
 class TestForkedClient:

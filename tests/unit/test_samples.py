@@ -22,6 +22,7 @@ from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.errors import InvalidMetricError, MetricConflictError, WireFormatError
 from art_ray_metrics.testing import make_batch, make_group
+from tests.hypothesis_profiles import examples
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 values_st = st.lists(finite, min_size=1, max_size=40)
@@ -45,7 +46,7 @@ class TestSampleStats:
             "reward/judge_score_max": 0.5,
         }
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=examples(300), deadline=None)
     @given(values_st)
     def test_mean_and_std_dev_equal_statistics_exactly(self, values: list[float]) -> None:
         """Correctly rounded: the same floats as statistics.mean/pstdev over the exact values."""
@@ -55,7 +56,7 @@ class TestSampleStats:
         assert s.std_dev() == std
         assert (float(s.low), float(s.high)) == (min(values), max(values))
 
-    @settings(max_examples=100, deadline=None)
+    @settings(max_examples=examples(100), deadline=None)
     @given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=40))
     def test_close_to_numpy_as_art_computes(self, values: list[float]) -> None:
         """ART averages with sum()/len() and numpy.std (ddof=0): equal up to float rounding."""
@@ -63,7 +64,7 @@ class TestSampleStats:
         assert s.mean() == pytest.approx(sum(values) / len(values), rel=1e-9, abs=1e-9)
         assert s.std_dev() == pytest.approx(float(np.std(values)), rel=1e-6, abs=1e-6)
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=examples(300), deadline=None)
     @given(values_st, st.randoms(use_true_random=False))
     def test_merge_is_exact_in_any_split_and_order(
         self, values: list[float], rnd: random.Random
@@ -90,7 +91,7 @@ class TestSampleStats:
         assert a == b
         assert a.mean() == float((Fraction(1) + Fraction(Decimal("5e-324"))) / 4)
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(st.integers(0, 10**60), st.integers(1, 10**60))
     def test_sqrt_fraction_is_correctly_rounded(self, num: int, den: int) -> None:
         """Against statistics' own correctly rounded square root of a fraction."""
@@ -187,7 +188,7 @@ class TestAggregator:
         s.ingest(make_batch("p", 1, 0, samples={"reward/a": [1.0, 3.0]}))
         assert s.close_step(0, "train", {"reward/a": 9.0}).row["reward/a"] == 2.0
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=examples(60), deadline=None)
     @given(
         st.lists(st.lists(finite, min_size=1, max_size=8), min_size=1, max_size=5),
         st.randoms(use_true_random=False),

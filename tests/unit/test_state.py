@@ -14,6 +14,7 @@ from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 from art_ray_metrics.testing import make_batch, make_group
+from tests.hypothesis_profiles import examples
 
 ART_COSTS = {
     "costs/train/llm_judge/general": 0.08,
@@ -242,7 +243,7 @@ def _shard(
 
 
 class TestOrderIndependence:
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=examples(60), deadline=None)
     @given(work=_workload(), seed=st.integers(0, 2**32 - 1))
     def test_split_permute_duplicate_gives_same_rows(
         self, work: list[tuple[int, str, str, float, str | None]], seed: int

@@ -307,6 +307,7 @@ class TestLocalDirStore:
         store = LocalDirStore(tmp_path)
         assert store.put("k", b"abc") == "sha256:" + hashlib.sha256(b"abc").hexdigest()
 
+    @pytest.mark.slow  # three interpreters importing the package: seconds of CPU
     def test_cas_race_across_processes_has_one_winner(self, tmp_path: Path) -> None:
         """Three processes racing a CAS with one version: exactly one wins."""
         root = tmp_path / "store"
