@@ -345,8 +345,10 @@ class _Window:
 
 
 MAX_RETIRED = 16_384
-"""Confirmed (retired) producer windows remembered as a bare watermark, newest first: a copy
-of one of their batches still in flight is then a duplicate, never applied again."""
+"""Confirmed (retired) producer windows remembered as a bare watermark, the newest first: a
+copy of one of their batches still in flight is then a duplicate, never applied again. Kept in
+memory only (checkpoints stay sized by live producers): the client never sends a copy of a
+batch it confirmed past, which holds across restarts too."""
 
 
 ProducerKey = tuple[str, str]
@@ -412,7 +414,12 @@ class AggregatorState:
         self.last_closed: dict[str, int] = {}
         self.producers: dict[ProducerKey, _Window] = {}
         self.retired: dict[ProducerKey, int] = {}
-        """Windows dropped by :meth:`confirm`, as their watermark (the newest ``MAX_RETIRED``)."""
+        """Windows dropped by :meth:`confirm`, as their watermark (the newest ``MAX_RETIRED``;
+        not persisted)."""
+        self.refusals: dict[ProducerKey, dict[int, tuple[tuple[int, str, str | None, str], ...]]]
+        self.refusals = {}
+        """What was refused of batches whose producer may not have heard yet (until its
+        ``acked_upto`` passes them): a resend's answer names it again."""
         self.pending_cost_ids: set[bytes] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.conflict_names: dict[str, int] = {}
@@ -445,6 +452,12 @@ class AggregatorState:
         Format 3: ``acked_upto`` advances the window (so it always compacts), each given-up
         batch never applied here is counted, and its leaves are counted on the row of their
         step. Older formats only counted ``dropped`` (their replay decides as it did live)."""
+        told = self.refusals.get((batch.producer_id, batch.incarnation))
+        if told is not None:  # the producer holds answers up to acked_upto: it heard them
+            for seq in [s for s in told if s <= batch.acked_upto]:
+                del told[seq]
+            if not told:
+                del self.refusals[(batch.producer_id, batch.incarnation)]
         if batch.version < 3:
             self.counters["dropped_batches"] += batch.dropped
             return
@@ -464,7 +477,8 @@ class AggregatorState:
         window = self._window(batch)
         if window is None or window.seen(batch.seq):
             self.counters["duplicate_batches"] += 1
-            return IngestResult(pid, batch.seq, True, 0, (), inc, batch.acked_upto)
+            told = self.refusals.get((pid, inc), {}).get(batch.seq, ())
+            return IngestResult(pid, batch.seq, True, 0, (), inc, batch.acked_upto, told)
         self._settle_header(batch, window)
         refused = self._admit(batch)
         if refused:
@@ -492,6 +506,8 @@ class AggregatorState:
                 late += group.leaf_count
             conflicts.extend(buf.conflicts[before:])
         window.mark(batch.seq)
+        if refusals:
+            self.refusals.setdefault((pid, inc), {})[batch.seq] = tuple(refusals)
         self.counters["batches"] += 1
         self.counters["leaves"] += batch.leaf_count - lost_leaves
         self.counters["late_leaves"] += late
@@ -656,6 +672,7 @@ class AggregatorState:
         if window is None or window.above is not None or window.watermark > acked_upto:
             return False
         del self.producers[key]
+        self.refusals.pop(key, None)
         # retired, not forgotten: a copy of an old batch still in flight stays a duplicate
         self.retired[key] = window.watermark
         if len(self.retired) > MAX_RETIRED:
@@ -748,7 +765,11 @@ class AggregatorState:
             "windows": [
                 [p, i, w.watermark, sorted(w.above or ())] for (p, i), w in self.producers.items()
             ],
-            "retired": [[p, i, w] for (p, i), w in self.retired.items()],
+            "refusals": [
+                [p, i, seq, [list(r) for r in told]]
+                for (p, i), by_seq in self.refusals.items()
+                for seq, told in by_seq.items()
+            ],
             "counters": dict(self.counters),
             "conflict_names": dict(self.conflict_names),
             "meta": self.meta.to_dict(),
@@ -779,7 +800,10 @@ class AggregatorState:
             state.producers = {
                 (str(p), ""): _Window(int(w), a) for p, (w, a) in raw["producers"].items()
             }
-        state.retired = {(str(p), str(i)): int(w) for p, i, w in raw.get("retired", ())}
+        for p, i, seq, told in raw.get("refusals", ()):
+            state.refusals.setdefault((str(p), str(i)), {})[int(seq)] = tuple(
+                (int(st), str(sc), None if k is None else str(k), str(r)) for st, sc, k, r in told
+            )
         state.counters.update({str(k): int(v) for k, v in raw["counters"].items()})
         state.conflict_names = {str(k): int(v) for k, v in raw["conflict_names"].items()}
         state.meta = AggregatorMeta.from_dict(raw["meta"])

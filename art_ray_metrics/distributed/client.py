@@ -146,6 +146,7 @@ class MetricsClient:
         self._lost_decl: list[tuple[int, int, str, int]] = []  # given up, not yet declared
         self._carried: dict[int, int] = {}  # seq -> the newest given-up seq its header declares
         self._charged: set[int] = set()  # batches whose refused keys were charged already
+        self._sending = 0  # sends between their retained check and being in flight
         self._dropped_unreported = 0
         self._confirmed = 0
         self._big: dict[tuple[int, str, str], Decimal] = {}  # shipped sums of keys with huge values
@@ -528,13 +529,20 @@ class MetricsClient:
             self._batch_rids[seq] = _rollouts_in(items, None)
 
     def _send(self, seq: int, data: bytes, *, durable: bool) -> Any:
+        with self._lock:
+            if seq not in self._retained:  # settled since it was picked: a copy is stale, and
+                return None  # after a confirm the aggregator may no longer know it applied it
+            self._sending += 1  # no confirm until this call is in flight (see _confirm)
         try:
             ref = self.actor().ingest.remote(data, durable)
         except Exception as exc:  # lookup failed or the handle is broken: resend later
+            with self._lock:
+                self._sending -= 1
             self._failed(exc)
             return None
         with self._lock:
             self._inflight[ref] = (seq, durable)
+            self._sending -= 1
         return ref
 
     def _wait_for_room(self) -> None:
@@ -649,7 +657,7 @@ class MetricsClient:
     def _confirm(self) -> None:
         """Tell the actor every batch up to here is acknowledged, so it can drop our window."""
         with self._lock:
-            if self._pending or self._tape or self._inflight:
+            if self._pending or self._tape or self._inflight or self._sending:
                 return
             upto = self._acked_upto()
         if upto > self._confirmed and self._actor is not None:
