@@ -463,8 +463,13 @@ class AggregatorState:
             return
         lost = [entry for entry in batch.lost if not window.seen(entry[0])]
         self.counters["dropped_batches"] += window.advance(batch.acked_upto)
+        cap = self.limits.max_open_scopes
         for seq, step, scope, leaves in lost:
             if window.seen(seq):  # settled by this header: never applied, so lost
+                if cap is not None and scope not in self.last_closed:
+                    open_scopes = {sc for _, sc in self.pending} | set(self.late)
+                    if scope not in open_scopes and len(open_scopes) >= cap:
+                        continue  # counted as a dropped batch only: no scope opens for it
                 buf, _ = self._buffer_for(StepGroup(step, scope))
                 buf.lost_leaves += leaves
 
