@@ -475,8 +475,9 @@ class MetricsClient:
 
     # -- per-rollout acknowledgements ------------------------------------------------------
     #
-    # Each built batch keeps the tape items it was built from until it is settled (durable,
-    # refused or given up), within a budget; beyond it only the set of its rollouts. A loss
+    # Each built batch keeps the tape items it was built from until its first answer (which
+    # names any refused keys), within a budget; from then on, until it is durable or given
+    # up, only the set of its rollouts. A loss
     # is charged to exactly the rollouts that recorded what was lost (``_lost_rids``); when a
     # batch's items are gone, to every rollout whose batch range covers it (``_lost_seqs``).
 
@@ -623,6 +624,12 @@ class MetricsClient:
                 for s in [s for s in self._retained if s <= upto]:
                     del self._retained[s]
                     settled.append(s)
+            if seq in self._items and seq in self._retained:
+                # applied, not durable yet: only a give-up at the cap can still lose it, and
+                # that is charged per batch; the set of its rollouts is enough from here
+                items = self._items.pop(seq)
+                self._items_size -= sum(len(chunk) for chunk in items)
+                self._batch_rids[seq] = _rollouts_in(items, None)
             for s in settled:
                 self._settle(s)
                 declared = self._carried.pop(s, 0)
@@ -920,22 +927,22 @@ def _rollouts_in(
     """The rollouts that recorded into tape ``items`` (all of them, or those that recorded a
     ``refused`` ``(step, scope, key)``; key None: anything of that group)."""
     rids: set[int] = set()
+    if refused is None:  # at C speed (a rollout that recorded nothing may be included)
+        return rids.union(*(chunk[1::_ENTRY] for chunk in items))
     for chunk in items:
         it = iter(chunk)
         for sk, rid, key, value in zip(it, it, it, it, strict=True):
-            if refused is None:
-                if key is not None or value is not None:  # a builder's marker holds nothing
-                    rids.add(rid)
-            elif (sk[0], sk[1], key) in refused or (
+            if (sk[0], sk[1], key) in refused or (
                 (sk[0], sk[1], None) in refused and (key is not None or value is not None)
             ):
                 rids.add(rid)
     return rids
 
 
-_ITEMS_BUDGET = 1 << 20
-"""Tape items kept for unsettled batches (which rollout recorded what); beyond, the oldest
-batches keep only their set of rollouts."""
+_ITEMS_BUDGET = 1 << 18
+"""Tape items kept for batches not answered yet (which rollout recorded what); beyond, the
+oldest batches keep only their set of rollouts (so a refusal of some keys in them is charged
+to all of their rollouts)."""
 
 _MAX_LOST_DECL = 4096
 """Given-up batch groups declared in each header at most (the oldest then count as batches
