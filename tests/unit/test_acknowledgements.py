@@ -387,3 +387,53 @@ class _Protocol(RuleBasedStateMachine):
 
 _Protocol.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
 TestProtocolStateful = _Protocol.TestCase
+
+
+class TestTheActorShell:
+    """The actor class without Ray, on in-memory storage: its answers and durable windows."""
+
+    @staticmethod
+    def _actor(storage: str, **fields: Any) -> Any:
+        from art_ray_metrics import AggregatorConfig
+        from art_ray_metrics.distributed.actor import MetricsAggregator
+
+        cfg = AggregatorConfig(storage_uri=storage, wandb_mode="disabled", **fields)
+        return MetricsAggregator(cfg.model_dump_json())
+
+    def test_refusals_given_up_batches_and_retired_windows(self) -> None:
+        import asyncio
+        import uuid
+
+        storage = f"memory://{uuid.uuid4().hex}"
+        agg = self._actor(storage, max_keys_per_step=2)
+
+        def batch(seq: int, acked: int, leaves: dict[str, str], lost: Any = ()) -> bytes:
+            group = StepGroup(0, "train", {k: Decimal(v) for k, v in leaves.items()})
+            return encode_batch(LeafBatch("p", seq, (group,), "inc", acked, 0, tuple(lost)))
+
+        async def run() -> tuple[dict[str, Any], ...]:
+            # seqs 1-3 were given up by the producer; seq 4 declares them, seq 5 follows
+            lost = [(1, 0, "train", 2), (2, 0, "train", 1), (3, 0, "train", 1)]
+            first = await agg.ingest(batch(4, 3, {"reward/a": "1", "reward/b": "1"}, lost), True)
+            over = await agg.ingest(batch(5, 4, {"reward/a": "1", "reward/c": "1"}), True)
+            again = await agg.ingest(batch(5, 4, {"reward/a": "1", "reward/c": "1"}), True)
+            assert await agg.confirm("p", "inc", 5)
+            copy = await agg.ingest(batch(4, 3, {"reward/a": "1", "reward/b": "1"}, lost), True)
+            row = await agg.log(0)
+            return first, over, again, copy, row
+
+        first, over, again, copy, row = asyncio.run(run())
+        assert first["durable"]
+        assert first["durable_upto"] == 4  # the declared give-ups count as settled
+        assert over["durable"]
+        assert [r[2] for r in over["refused"]] == ["reward/c"]
+        assert "max_keys_per_step=2" in over["refused"][0][3]
+        assert again["duplicate"]
+        assert again["refused"] == over["refused"]  # a resend is told again
+        assert copy["duplicate"]
+        assert copy["durable"]
+        assert row["reward/a"] == 2.0
+        assert "reward/c" not in row
+        assert row["telemetry/dropped_batches"] == 3
+        assert row["telemetry/lost_leaves_in_row"] == 5  # 4 given up + 1 refused
+        assert row["telemetry/producers"] == 0  # the window was confirmed away
