@@ -314,7 +314,7 @@ class _Protocol(RuleBasedStateMachine):
         super().__init__()
         self.state = AggregatorState()
         self.actor = _InProcessActor(self.state)
-        self.client = _client(self.actor, max_retained_batches=3)
+        self.client = _client(self.actor, max_retained_batches=2)
         self.copies: list[tuple[int, bytes]] = []
         self.cents: list[int] = []
         self.builders: list[WorkerBuilder] = []
@@ -334,6 +334,11 @@ class _Protocol(RuleBasedStateMachine):
     def ship(self) -> None:
         self.client.ship()
         self.copies.extend(self.client._retained.items())
+
+    @rule(cents=st.integers(1, 500))
+    def record_and_ship(self, cents: int) -> None:
+        self.record(cents)
+        self.ship()
 
     @rule()
     def reap(self) -> None:
