@@ -358,7 +358,8 @@ class _Protocol(RuleBasedStateMachine):
         w = self.builders[idx]
         if self.client.rollout_range(w._ctx)[1] > self.client._seq and not self.actor.online:
             return  # nothing shipped yet and nothing reachable: the flush would just wait
-        if w.flush(timeout_s=0.05).ok:
+        # offline, a flush can only time out (ok=False): do not wait for it
+        if w.flush(timeout_s=0.5 if self.actor.online else 0.001).ok:
             self.promised.add(idx)
 
     @rule()
