@@ -8,7 +8,7 @@ ART raises ``ValueError`` for the same input, ours also derives from ``ValueErro
     ├── InvalidMetricError (ValueError)      bad key or value, raised before anything is sent
     │   └── MetricConflictError              leaf / ancestor clash inside one step and scope
     ├── WireFormatError (ValueError)         malformed, truncated or unknown-version bytes
-    │   └── LimitExceededError               a batch refused by a configured limit
+    │   └── LimitExceededError               (no longer raised: limits refuse keys)
     ├── PricingError (ValueError)            no price for a model, usage that does not match
     ├── ConfigError (ValueError)             bad configuration, raised at start-up
     │   ├── ConfigMismatchError              a running aggregator has another config
@@ -69,7 +69,9 @@ class WireFormatError(MetricsError, ValueError):
 class LimitExceededError(WireFormatError):
     """A batch that would exceed a configured limit (distinct keys, open scopes).
 
-    Refused like malformed bytes: counted, not applied, and not resent by the client.
+    Kept for callers that catch it: the aggregator no longer refuses whole batches over a
+    limit. It refuses the offending keys and names them in its answer (``refused``), and the
+    flush of every rollout that recorded them says ``ok=False`` (see docs/design.md).
     """
 
 

@@ -62,6 +62,12 @@ class LeafBatch:
     resend them)."""
     dropped: int = 0
     """Batches the producer gave up on (retained-batch cap) since its previous batch."""
+    lost: tuple[tuple[int, int, str, int], ...] = ()
+    """``(seq, step, scope, leaves)`` of the batches the producer gave up on, per group,
+    until a batch declaring them is acknowledged (format 3): counted on their steps' rows."""
+    version: int = 3
+    """The wire format it was read from. From format 3 on, ``acked_upto`` advances the
+    producer's window past the batches it gave up on (older batches replay as they did)."""
 
     @property
     def leaf_count(self) -> int:
@@ -80,3 +86,7 @@ class IngestResult:
     conflicts: tuple[tuple[str, str], ...] = ()
     incarnation: str = ""
     acked_upto: int = 0
+    refused: tuple[tuple[int, str, str | None, str], ...] = ()
+    """``(step, scope, key or None for the whole group, reason)`` of what was not applied."""
+    limit: bool = False
+    """A configured limit (not an overflow) refused something of the batch."""

@@ -45,7 +45,7 @@ Invariants of :class:`AggregatorState`:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -59,7 +59,6 @@ from art_ray_metrics.core.samples import SampleStats, sample_row
 from art_ray_metrics.core.wire import batch_identity, decode_batch, decode_state, encode_state
 from art_ray_metrics.errors import (
     InvalidMetricError,
-    LimitExceededError,
     MetricConflictError,
     WireFormatError,
 )
@@ -68,6 +67,7 @@ __all__ = [
     "UNATTRIBUTED",
     "AggregatorState",
     "CumulativeState",
+    "Decision",
     "Limits",
     "StepBuffer",
     "StepReport",
@@ -90,6 +90,7 @@ class StepBuffer:
         "conflicts",
         "cost_ids",
         "late_leaves",
+        "lost_leaves",
         "producers",
         "samples",
         "scenarios",
@@ -104,6 +105,9 @@ class StepBuffer:
         self.conflicts: list[tuple[str, str]] = []
         self.producers: set[str] = set()
         self.late_leaves = 0
+        self.lost_leaves = 0
+        """Leaves of this step a producer lost: refused at ingest, or in a batch it gave up
+        on at its retained-batch cap (counted on the row; never in the sums)."""
         self.samples: dict[str, SampleStats] = {}
 
     def __bool__(self) -> bool:
@@ -168,11 +172,13 @@ class StepBuffer:
         self.cost_ids |= other.cost_ids
         self.producers |= other.producers
         self.late_leaves += other.late_leaves
+        self.lost_leaves += other.lost_leaves
         self.conflicts.extend(other.conflicts)
 
     def to_wire(self) -> list[Any]:
         """Plain msgpack-able form (see :mod:`art_ray_metrics.core.wire`); sample summaries are
-        appended as a seventh field only when there are any."""
+        appended as a seventh field only when there are any (or lost leaves follow), lost
+        leaves as an eighth only when there are any (older builds wrote six or seven)."""
         out: list[Any] = [
             {k: str(v) for k, v in self.sums.items()},
             b"".join(sorted(self.scenarios)),
@@ -181,8 +187,10 @@ class StepBuffer:
             self.late_leaves,
             [list(c) for c in self.conflicts],
         ]
-        if self.samples:
+        if self.samples or self.lost_leaves:
             out.append({k: v.to_wire() for k, v in sorted(self.samples.items())})
+        if self.lost_leaves:
+            out.append(self.lost_leaves)
         return out
 
     @classmethod
@@ -198,6 +206,7 @@ class StepBuffer:
         buf.cost_ids = set(split_digests(cost_ids))
         buf.producers = set(producers)
         buf.late_leaves = int(late_leaves)
+        buf.lost_leaves = int(raw[7]) if len(raw) > 7 else 0
         buf.conflicts = [(str(a), str(b)) for a, b in conflicts]
         return buf
 
@@ -297,6 +306,8 @@ class StepReport:
     late_leaves: int = 0
     conflicts: tuple[tuple[str, str], ...] = ()
     producers: frozenset[str] = field(default_factory=frozenset)
+    lost_leaves: int = 0
+    """Leaves of this row's steps refused at ingest or dropped at a producer's cap."""
 
 
 class _Window:
@@ -320,10 +331,32 @@ class _Window:
             return
         above = self.above if self.above is not None else set()
         above.add(seq)
+        self._settle(above)
+
+    def advance(self, upto: int) -> int:
+        """The producer will never send a seq up to ``upto`` again: every one of them is
+        settled (applied, refused, or given up on). Returns how many were never seen here
+        (the batches it gave up on)."""
+        if upto <= self.watermark:
+            return 0
+        above = self.above or set()
+        skipped = upto - self.watermark - sum(1 for s in above if s <= upto)
+        self.watermark = upto
+        self._settle({s for s in above if s > upto})
+        return skipped
+
+    def _settle(self, above: set[int]) -> None:
         while self.watermark + 1 in above:
             self.watermark += 1
             above.discard(self.watermark)
         self.above = above or None
+
+
+MAX_RETIRED = 16_384
+"""Confirmed (retired) producer windows remembered as a bare watermark, the newest first: a
+copy of one of their batches still in flight is then a duplicate, never applied again. Kept in
+memory only (checkpoints stay sized by live producers): the client never sends a copy of a
+batch it confirmed past, which holds across restarts too."""
 
 
 ProducerKey = tuple[str, str]
@@ -359,6 +392,38 @@ COUNTER_NAMES = (
 )
 
 
+Decision = tuple[bool, tuple[tuple[int, str, str | None, str], ...]]
+"""A decision made earlier about a batch's keys: (a configured limit refused something,
+``(step, scope, key or None for the whole group, reason)`` of each refusal)."""
+
+
+def _without(group: StepGroup, keys: set[str] | dict[str, str]) -> StepGroup:
+    """``group`` without the leaves of ``keys``."""
+    return replace(
+        group,
+        sums={k: v for k, v in group.sums.items() if k not in keys},
+        keyed_costs=tuple(c for c in group.keyed_costs if c.key not in keys),
+        samples={k: v for k, v in group.samples.items() if k not in keys},
+    )
+
+
+@dataclass(slots=True)
+class _Refusal:
+    """What :meth:`AggregatorState._admit` refused of one group."""
+
+    group: StepGroup
+    kept: StepGroup | None
+    """The group without its refused keys (None: refused whole)."""
+    reasons: list[tuple[str | None, str]]
+    """(refused key, or None for the whole group; why)."""
+    limit: bool
+    """A :class:`Limits` bound (not an overflow) refused something."""
+
+    @property
+    def leaves(self) -> int:
+        return self.group.leaf_count - (self.kept.leaf_count if self.kept is not None else 0)
+
+
 class AggregatorState:
     """The aggregator's whole state; the Ray actor is a thin shell around one instance."""
 
@@ -376,6 +441,13 @@ class AggregatorState:
         self.last_closed_split: dict[str, int] = {}
         """The last closed step per split: a barrier at or below it is a resume."""
         self.producers: dict[ProducerKey, _Window] = {}
+        self.retired: dict[ProducerKey, int] = {}
+        """Windows dropped by :meth:`confirm`, as their watermark (the newest ``MAX_RETIRED``;
+        not persisted)."""
+        self.refusals: dict[ProducerKey, dict[int, tuple[tuple[int, str, str | None, str], ...]]]
+        self.refusals = {}
+        """What was refused of batches whose producer may not have heard yet (until its
+        ``acked_upto`` passes them): a resend's answer names it again."""
         self.pending_cost_ids: set[bytes] = set()
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.conflict_names: dict[str, int] = {}
@@ -384,29 +456,85 @@ class AggregatorState:
 
     # -- ingest ---------------------------------------------------------------------------
 
-    def ingest(self, batch: LeafBatch) -> IngestResult:
+    def _window(self, batch: LeafBatch) -> _Window | None:
+        """The batch's producer window (created if new); None when the batch is a copy of
+        one a retired (confirmed) window had already settled."""
+        key = (batch.producer_id, batch.incarnation)
+        window = self.producers.get(key)
+        if window is not None:
+            return window
+        floor = self.retired.get(key)
+        if floor is not None:
+            if batch.seq <= floor:
+                return None
+            del self.retired[key]  # the producer is back: its window restarts at the floor
+        # format 3 counts a new producer's given-up batches: its window starts at zero and
+        # advances to ``acked_upto`` below; older formats start at ``acked_upto``
+        start = 0 if batch.version >= 3 else batch.acked_upto
+        window = self.producers[key] = _Window(max(start, floor or 0))
+        return window
+
+    def _settle_header(self, batch: LeafBatch, window: _Window) -> None:
+        """Apply what a batch's header declares: the batches its producer gave up on.
+
+        Format 3: ``acked_upto`` advances the window (so it always compacts), each given-up
+        batch never applied here is counted, and its leaves are counted on the row of their
+        step. Older formats only counted ``dropped`` (their replay decides as it did live)."""
+        told = self.refusals.get((batch.producer_id, batch.incarnation))
+        if told is not None:  # the producer holds answers up to acked_upto: it heard them
+            for seq in [s for s in told if s <= batch.acked_upto]:
+                del told[seq]
+            if not told:
+                del self.refusals[(batch.producer_id, batch.incarnation)]
+        if batch.version < 3:
+            self.counters["dropped_batches"] += batch.dropped
+            return
+        lost = [entry for entry in batch.lost if not window.seen(entry[0])]
+        self.counters["dropped_batches"] += window.advance(batch.acked_upto)
+        cap = self.limits.max_open_scopes
+        for seq, step, scope, leaves in lost:
+            if window.seen(seq):  # settled by this header: never applied, so lost
+                if cap is not None and scope not in self.last_closed:
+                    open_scopes = {sc for _, sc in self.pending} | set(self.late)
+                    if scope not in open_scopes and len(open_scopes) >= cap:
+                        continue  # counted as a dropped batch only: no scope opens for it
+                buf, _ = self._buffer_for(StepGroup(step, scope))
+                buf.lost_leaves += leaves
+
+    def ingest(self, batch: LeafBatch, decided: Decision | None = None) -> IngestResult:
         """Apply a batch once; a repeated ``(producer_id, incarnation, seq)`` is acknowledged,
-        not applied."""
+        not applied. Leaves that would break a :class:`Limits` bound or make a pending sum
+        overflow are refused one key at a time (see :meth:`_admit`): the rest of the batch is
+        applied, and :attr:`IngestResult.refused` names what was not.
+
+        ``decided`` replays a decision made earlier (a write-ahead log): exactly the keys it
+        names are refused and nothing is checked against the limits, so a replay decides as
+        the live aggregator did whatever limits it runs with."""
         pid, inc = batch.producer_id, batch.incarnation
-        window = self.producers.get((pid, inc))
-        if window is None:
-            window = self.producers[(pid, inc)] = _Window(batch.acked_upto)
-        if window.seen(batch.seq):
+        window = self._window(batch)
+        if window is None or window.seen(batch.seq):
             self.counters["duplicate_batches"] += 1
-            return IngestResult(pid, batch.seq, True, 0, (), inc, batch.acked_upto)
-        try:
-            self._admit(batch)
-        except WireFormatError as exc:
-            self.counters["rejected_batches"] += 1
-            if isinstance(exc, LimitExceededError):
-                self.counters["limit_rejections"] += 1
-            window.mark(batch.seq)  # refused for good: the producer's later batches still count
-            raise
-        self.counters["dropped_batches"] += batch.dropped
+            told = self.refusals.get((pid, inc), {}).get(batch.seq, ())
+            return IngestResult(pid, batch.seq, True, 0, (), inc, batch.acked_upto, told)
+        self._settle_header(batch, window)
+        refused = self._admit(batch) if decided is None else self._decided(batch, decided)
+        if refused:
+            self.counters["limit_rejections"] += int(any(r.limit for r in refused.values()))
         late = 0
+        lost_leaves = 0
         conflicts: list[tuple[str, str]] = []
-        for group in batch.groups:
+        refusals: list[tuple[int, str, str | None, str]] = []
+        for index, group in enumerate(batch.groups):
+            refusal = refused.get(index)
+            if refusal is not None:
+                refusals.extend((group.step, group.scope, k, r) for k, r in refusal.reasons)
+                lost_leaves += refusal.leaves
+                if refusal.kept is None:  # a scope it may not open: counted on no step's row
+                    continue
+                group = refusal.kept
             buf, is_late = self._buffer_for(group)
+            if refusal is not None:
+                buf.lost_leaves += refusal.leaves
             before = len(buf.conflicts)
             self._apply(buf, group)
             buf.producers.add(batch.producer_id)
@@ -415,81 +543,138 @@ class AggregatorState:
                 late += group.leaf_count
             conflicts.extend(buf.conflicts[before:])
         window.mark(batch.seq)
+        if refusals:
+            self.refusals.setdefault((pid, inc), {})[batch.seq] = tuple(refusals)
         self.counters["batches"] += 1
-        self.counters["leaves"] += batch.leaf_count
+        self.counters["leaves"] += batch.leaf_count - lost_leaves
         self.counters["late_leaves"] += late
         self.counters["conflicts"] += len(conflicts)
         for ancestor, _ in conflicts:
             self.conflict_names[ancestor] = self.conflict_names.get(ancestor, 0) + 1
-        return IngestResult(pid, batch.seq, False, late, tuple(conflicts), inc, batch.acked_upto)
+        return IngestResult(
+            pid,
+            batch.seq,
+            False,
+            late,
+            tuple(conflicts),
+            inc,
+            batch.acked_upto,
+            tuple(refusals),
+            any(r.limit for r in refused.values()),
+        )
 
-    def _admit(self, batch: LeafBatch) -> None:
-        """Refuse a batch that would break a limit or make a pending sum overflow; no change.
+    def _decided(self, batch: LeafBatch, decided: Decision) -> dict[int, _Refusal]:
+        """:meth:`_admit` as decided before: refuse the keys ``decided`` names (a group of a
+        named ``(step, scope)`` with key None whole), check nothing, and add the run keys of
+        what applies."""
+        limit, refusals = decided
+        named: dict[tuple[int, str], list[tuple[str | None, str]]] = {}
+        for step, scope, key, reason in refusals:
+            named.setdefault((step, scope), []).append((key, reason))
+        out: dict[int, _Refusal] = {}
+        for index, group in enumerate(batch.groups):
+            reasons = named.get((group.step, group.scope))
+            kept: StepGroup | None = group
+            if reasons is not None:
+                bad = {key for key, _ in reasons if key is not None}
+                whole = any(key is None for key, _ in reasons)
+                kept = None if whole else _without(group, bad)
+                out[index] = _Refusal(group, kept, reasons, limit)
+            if kept is not None:
+                self.run_keys.update(kept.sums)
+                self.run_keys.update(c.key for c in kept.keyed_costs)
+                self.run_keys.update(kept.samples)
+        return out
 
-        Raises:
-            LimitExceededError: a :class:`Limits` bound would be exceeded.
-            WireFormatError: a pending sum would leave ``+-MAX_ABS_VALUE``.
-        """
+    def _admit(self, batch: LeafBatch) -> dict[int, _Refusal]:
+        """What of a batch to refuse, by group index; changes nothing but the run's key set.
+
+        The unit of refusal is one leaf key of one group (all of that key's values in the
+        batch): keys are admitted in the batch's order (the order the producer first recorded
+        them), and a key that would break a bound is refused: a new key beyond
+        ``max_keys_per_step`` or ``max_keys_per_run``, or a key whose pending sum would leave
+        ``+-MAX_ABS_VALUE``. A group whose scope would open beyond ``max_open_scopes`` is
+        refused whole. The producer is told which keys, so it fails exactly the rollouts
+        that recorded them."""
         limits = self.limits
+        out: dict[int, _Refusal] = {}
         sums: dict[tuple[int, str, str], Decimal] = {}
         step_keys: dict[tuple[int, str], set[str]] = {}
         new_keys: set[str] = set()
         scopes = {sc for _, sc in self.pending} | {sc for _, sc in self.late}
-        for group in batch.groups:
+        ident = f"Batch {batch.producer_id}/{batch.seq}"
+        for index, group in enumerate(batch.groups):
             last = self.last_closed.get(group.scope)
             late = last is not None and group.step <= last
             where = (group.step, group.scope)  # late or pending: lateness is per (step, scope)
             buf = self.late.get(where) if late else self.pending.get(where)
-            if buf is None:
+            if buf is None and group.scope not in scopes:
+                cap = limits.max_open_scopes
+                if cap is not None and len(scopes) + 1 > cap:
+                    reason = (
+                        f"{ident}: scope {group.scope!r} refused: {len(scopes) + 1} scopes would "
+                        f"have pending leaves ({sorted(scopes)[:5]}...), above "
+                        f"max_open_scopes={cap}; are producers recording for a split the "
+                        "trainer never logs?"
+                    )
+                    out[index] = _Refusal(group, None, [(None, reason)], True)
+                    continue
                 scopes.add(group.scope)
-            leaves = [*group.sums.items(), *((c.key, c.value) for c in group.keyed_costs)]
+            totals: dict[str, Decimal] = dict(group.sums)
+            for cost in group.keyed_costs:
+                totals[cost.key] = _add(totals.get(cost.key, ZERO), cost.value)
             held = buf.sums if buf is not None else {}
             keys = step_keys.get(where)  # keys this batch adds to the step (not a copy of it)
             if keys is None:
                 keys = step_keys[where] = set()
-            for key, value in leaves:
-                slot = (*where, key)
-                current = sums.get(slot)
-                if current is None:
-                    current = buf.sums.get(key, ZERO) if buf is not None else ZERO
-                total = sums[slot] = _add(current, value)
-                if total.copy_abs() > V.MAX_ABS_SUM:  # exact: copy_abs never rounds
-                    raise WireFormatError(
-                        f"Invalid batch {batch.producer_id}/{batch.seq}: the sum of {key!r} for "
-                        f"step {group.step} ({group.scope}) would be {total:.3e}, beyond "
-                        f"+-{V.MAX_ABS_VALUE:g}"
+            bad: dict[str, str] = {}
+            limit = False
+            for key in (*totals, *(k for k in group.samples if k not in totals)):
+                new_step = key not in held and key not in keys
+                new_run = key not in self.run_keys and key not in new_keys
+                cap = limits.max_keys_per_step
+                if new_step and cap is not None and len(held) + len(keys) + 1 > cap:
+                    limit = True
+                    bad[key] = (
+                        f"{ident}: {key!r} refused: step {group.step} ({group.scope}) would "
+                        f"hold {len(held) + len(keys) + 1} distinct keys, above "
+                        f"max_keys_per_step={cap}"
                     )
-                if key not in held:
+                    continue
+                cap = limits.max_keys_per_run
+                if new_run and cap is not None and len(self.run_keys) + len(new_keys) + 1 > cap:
+                    limit = True
+                    bad[key] = (
+                        f"{ident}: {key!r} refused: the run would hold "
+                        f"{len(self.run_keys) + len(new_keys) + 1} distinct keys, above "
+                        f"max_keys_per_run={cap}"
+                    )
+                    continue
+                value = totals.get(key)
+                if value is not None:
+                    slot = (*where, key)
+                    current = sums.get(slot)
+                    if current is None:
+                        current = held.get(key, ZERO)
+                    total = _add(current, value)
+                    if total.copy_abs() > V.MAX_ABS_SUM:  # exact: copy_abs never rounds
+                        bad[key] = (
+                            f"{ident}: {key!r} refused: its sum for step {group.step} "
+                            f"({group.scope}) would be {total:.3e}, beyond "
+                            f"+-{V.MAX_ABS_VALUE:g}"
+                        )
+                        continue
+                    sums[slot] = total
+                if new_step:
                     keys.add(key)
-                if key not in self.run_keys:
+                if new_run:
                     new_keys.add(key)
-            for key in group.samples:  # averaged keys count towards the key limits too
-                if key not in held:
-                    keys.add(key)
-                if key not in self.run_keys:
-                    new_keys.add(key)
-            cap = limits.max_keys_per_step
-            if cap is not None and len(held) + len(keys) > cap:
-                raise LimitExceededError(
-                    f"Batch {batch.producer_id}/{batch.seq} refused: step {group.step} "
-                    f"({group.scope}) would hold {len(held) + len(keys)} distinct keys, above "
-                    f"max_keys_per_step={cap}"
-                )
-        cap = limits.max_keys_per_run
-        if cap is not None and len(self.run_keys) + len(new_keys) > cap:
-            raise LimitExceededError(
-                f"Batch {batch.producer_id}/{batch.seq} refused: the run would hold "
-                f"{len(self.run_keys) + len(new_keys)} distinct keys (new: "
-                f"{sorted(new_keys)[:3]}...), above max_keys_per_run={cap}"
-            )
-        cap = limits.max_open_scopes
-        if cap is not None and len(scopes) > cap:
-            raise LimitExceededError(
-                f"Batch {batch.producer_id}/{batch.seq} refused: {len(scopes)} scopes would have "
-                f"pending leaves ({sorted(scopes)[:5]}...), above max_open_scopes={cap}; "
-                "are producers recording for a split the trainer never logs?"
-            )
+            if bad:
+                kept = _without(group, bad)
+                reasons: list[tuple[str | None, str]] = list(bad.items())
+                out[index] = _Refusal(group, kept, reasons, limit)
         self.run_keys |= new_keys
+        return out
 
     def _buffer_for(self, group: StepGroup) -> tuple[StepBuffer, bool]:
         key = (group.step, group.scope)
@@ -522,7 +707,7 @@ class AggregatorState:
         if group.samples:
             buf.add_samples(group.samples)
 
-    def ingest_bytes(self, data: bytes) -> IngestResult:
+    def ingest_bytes(self, data: bytes, decided: Decision | None = None) -> IngestResult:
         """Decode and apply a wire batch; malformed bytes are counted and change nothing.
 
         Raises:
@@ -535,12 +720,11 @@ class AggregatorState:
             ident = batch_identity(data)
             if ident is not None:  # move the producer past it: its later batches still count
                 pid, inc, seq, acked_upto = ident
-                window = self.producers.get((pid, inc))
-                if window is None:
-                    window = self.producers[(pid, inc)] = _Window(acked_upto)
-                window.mark(seq)
+                window = self._window(LeafBatch(pid, seq, (), inc, acked_upto, version=2))
+                if window is not None:
+                    window.mark(seq)
             raise
-        return self.ingest(batch)
+        return self.ingest(batch, decided)
 
     def refuse_bytes(self, data: bytes, *, limit: bool) -> None:
         """Repeat a refusal decided earlier (a replayed write-ahead log): count it and move
@@ -569,6 +753,11 @@ class AggregatorState:
         if window is None or window.above is not None or window.watermark > acked_upto:
             return False
         del self.producers[key]
+        self.refusals.pop(key, None)
+        # retired, not forgotten: a copy of an old batch still in flight stays a duplicate
+        self.retired[key] = window.watermark
+        if len(self.retired) > MAX_RETIRED:
+            del self.retired[next(iter(self.retired))]
         return True
 
     # -- barrier --------------------------------------------------------------------------
@@ -638,6 +827,7 @@ class AggregatorState:
             buf.late_leaves,
             tuple(buf.conflicts),
             frozenset(buf.producers),
+            buf.lost_leaves,
         )
 
     def telemetry(self) -> dict[str, float]:
@@ -659,6 +849,11 @@ class AggregatorState:
             "last_closed_split": dict(self.last_closed_split),
             "windows": [
                 [p, i, w.watermark, sorted(w.above or ())] for (p, i), w in self.producers.items()
+            ],
+            "refusals": [
+                [p, i, seq, [list(r) for r in told]]
+                for (p, i), by_seq in self.refusals.items()
+                for seq, told in by_seq.items()
             ],
             "counters": dict(self.counters),
             "conflict_names": dict(self.conflict_names),
@@ -698,6 +893,10 @@ class AggregatorState:
             state.producers = {
                 (str(p), ""): _Window(int(w), a) for p, (w, a) in raw["producers"].items()
             }
+        for p, i, seq, told in raw.get("refusals", ()):
+            state.refusals.setdefault((str(p), str(i)), {})[int(seq)] = tuple(
+                (int(st), str(sc), None if k is None else str(k), str(r)) for st, sc, k, r in told
+            )
         state.counters.update({str(k): int(v) for k, v in raw["counters"].items()})
         state.conflict_names = {str(k): int(v) for k, v in raw["conflict_names"].items()}
         state.meta = AggregatorMeta.from_dict(raw["meta"])

@@ -1,15 +1,19 @@
 """The msgpack wire format of batches and state snapshots, with strict decoding.
 
-Batch, format version 2 (a msgpack array)::
+Batch, format version 3 (a msgpack array)::
 
-    ["arm-batch", 2, producer_id: str, seq: int >= 1, [group, ...],
-     incarnation: str, acked_upto: int >= 0, dropped: int >= 0]
+    ["arm-batch", 3, producer_id: str, seq: int >= 1, [group, ...],
+     incarnation: str, acked_upto: int >= 0, dropped: int >= 0,
+     lost: [[seq, step, scope, leaves], ...]]
     group = [step: int >= 0, scope: str, sums: {key: decimal-str}, keyed: [[key, decimal-str, response_id], ...],
              scenario_digests: bin (16-byte BLAKE2b digests, concatenated),
              samples: {key: [count, sum, sum_sq, min, max]}  (optional; sent only when non-empty)]
 
-Version 1 had only the first five fields (its batches read with incarnation ``""``), so write-ahead
-logs of older builds replay. Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across processes.
+``lost`` names, per group, the batches the producer gave up on at its retained-batch cap (until a
+batch declaring them is acknowledged); from version 3 on ``acked_upto`` also advances the
+producer's window past them. Version 2 had the first eight fields, version 1 the first five (its
+batches read with incarnation ``""``), so write-ahead logs of older builds replay as they did.
+Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across processes.
 
 Snapshot, format version 2 (version 1 is still read): ``["arm-state", 2, state]`` where ``state`` is
 :meth:`AggregatorState.to_wire() <art_ray_metrics.core.state.AggregatorState.to_wire>`.
@@ -48,14 +52,14 @@ __all__ = [
     "encode_state",
 ]
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 BATCH_MAGIC = "arm-batch"
 STATE_MAGIC = "arm-state"
 
 
 def encode_batch(batch: LeafBatch) -> bytes:
-    """Serialise a batch (format version 2)."""
+    """Serialise a batch (format version 3)."""
     groups = []
     for g in batch.groups:
         group = [
@@ -78,6 +82,7 @@ def encode_batch(batch: LeafBatch) -> bytes:
             batch.incarnation,
             batch.acked_upto,
             batch.dropped,
+            [list(entry) for entry in batch.lost],
         ],
         use_bin_type=True,
     )
@@ -146,18 +151,38 @@ def _samples(raw: object) -> dict[str, SampleStats]:
 def decode_batch(data: bytes) -> LeafBatch:
     """Parse and validate a batch; raise :class:`WireFormatError` on anything unexpected."""
     obj = _unpack(data, BATCH_MAGIC)
-    want = 5 if obj[1] == 1 else 8
+    version = obj[1]
+    want = {1: 5, 2: 8}.get(version, 9)
     if len(obj) != want:
         raise WireFormatError(f"Expected {want} batch fields but got {len(obj)}")
     producer_id = _str(obj[2], "producer_id")
     seq = _int(obj[3], "seq", 1)
     incarnation, acked_upto, dropped = "", 0, 0
-    if want == 8:
+    lost: list[tuple[int, int, str, int]] = []
+    if want >= 8:
         if not isinstance(obj[5], str):
             raise WireFormatError(f"Expected the incarnation as a str but got {obj[5]!r}")
         incarnation = obj[5]
         acked_upto = _int(obj[6], "acked_upto", 0)
         dropped = _int(obj[7], "dropped", 0)
+    if want == 9:
+        if not isinstance(obj[8], list):
+            raise WireFormatError(f"Expected the lost batches as a list but got {obj[8]!r}")
+        for entry in obj[8]:
+            if not isinstance(entry, list) or len(entry) != 4:
+                raise WireFormatError(f"Expected [seq, step, scope, leaves] but got {entry!r}")
+            lost_seq = _int(entry[0], "a lost batch's seq", 1)
+            if lost_seq > acked_upto:
+                raise WireFormatError(
+                    f"Expected lost batch {lost_seq} to be at most acked_upto={acked_upto}"
+                )
+            scope = _str(entry[2], "a lost batch's scope")
+            try:
+                V.check_split(scope)
+            except InvalidMetricError as exc:
+                raise WireFormatError(f"Invalid scope of a lost batch: {exc}") from exc
+            step = _int(entry[1], "a lost batch's step", 0)
+            lost.append((lost_seq, step, scope, _int(entry[3], "a lost batch's leaves", 0)))
     raw_groups = obj[4]
     if not isinstance(raw_groups, list):
         raise WireFormatError(f"Expected a list of groups but got {raw_groups!r}")
@@ -192,7 +217,9 @@ def decode_batch(data: bytes) -> LeafBatch:
             )
         samples = _samples(raw[5]) if len(raw) == 6 else {}
         groups.append(StepGroup(step, scope, sums, tuple(keyed), digests, samples))
-    return LeafBatch(producer_id, seq, tuple(groups), incarnation, acked_upto, dropped)
+    return LeafBatch(
+        producer_id, seq, tuple(groups), incarnation, acked_upto, dropped, tuple(lost), version
+    )
 
 
 def batch_identity(data: object) -> tuple[str, str, int, int] | None:

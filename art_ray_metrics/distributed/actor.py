@@ -37,7 +37,12 @@ from art_ray_metrics.core.wire import batch_identity
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
-from art_ray_metrics.durable.restore import encode_wal_record, rebuild_state, refusal_kind
+from art_ray_metrics.durable.restore import (
+    WalDecision,
+    encode_wal_record,
+    rebuild_state,
+    refusal_kind,
+)
 from art_ray_metrics.durable.storage import (
     ObstoreStore,
     check_conditional_writes,
@@ -190,9 +195,12 @@ class MetricsAggregator:
         self.durable: dict[ProducerKey, _Window] = {
             p: _Window(w.watermark, w.above or ()) for p, w in self.state.producers.items()
         }
-        # (batch bytes, producer, seq, refusal: None when applied, else how it was refused)
-        self.wal_queue: list[tuple[bytes, ProducerKey, int, str | None]] = []
+        # (batch bytes, producer, seq, decision: None when applied whole, else see WalDecision)
+        self.wal_queue: list[tuple[bytes, ProducerKey, int, WalDecision]] = []
         self.wal_queue_bytes = 0
+        # (producer, seq) -> the acked_upto of a logged batch: once the batch is durable, so
+        # is the header that moved its producer's window past the batches it gave up on
+        self.durable_floor: dict[tuple[ProducerKey, int], int] = {}
         self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
         self.since_ckpt: list[tuple[ProducerKey, int]] = []
         # group commit: batches queued while a write is in flight go out together in the next
@@ -470,8 +478,10 @@ class MetricsAggregator:
     async def ingest(self, data: bytes, durable: bool = False) -> dict[str, Any]:
         """Apply one batch (idempotent on ``(producer_id, incarnation, seq)``); with ``durable``,
         answer once it is in the write-ahead log (group commit: one storage write for every
-        batch that arrived meanwhile). A refused batch is logged too, so the producer's window
-        moves past it for good, then :class:`WireFormatError` is raised to the producer."""
+        batch that arrived meanwhile). A malformed batch is logged too, so the producer's window
+        moves past it for good, then :class:`WireFormatError` is raised to the producer. Keys
+        refused under the limits are named in the answer's ``refused`` (also on a resend), the
+        rest of the batch applies."""
         if not self.booted:  # (re)started: a driver's handle sends the credentials at once
             await self._await_boot()
         self._ensure_tasks()
@@ -499,12 +509,28 @@ class MetricsAggregator:
                 await self._await_wal(key, ident[2])
             raise
         key = (result.producer_id, result.incarnation)
+        refused = [list(r) for r in result.refused]
+        if result.duplicate and key not in self.state.producers:
+            # a copy of a batch its confirmed (retired) window settled: durable long ago
+            return {
+                "producer_id": result.producer_id,
+                "seq": result.seq,
+                "duplicate": True,
+                "durable": True,
+                "durable_upto": self.state.retired.get(key, 0),
+                "late_leaves": 0,
+                "conflicts": [],
+                "refused": refused,
+            }
         if key not in self.durable:  # new, or back after confirm dropped its window
             self.durable[key] = _Window(result.acked_upto)
         if not result.duplicate:
-            self.wal_queue.append((data, key, result.seq, None))
+            decided = (result.limit, result.refused) if result.refused else None
+            self.wal_queue.append((data, key, result.seq, decided))
             self.wal_queue_bytes += len(data)
             self.since_ckpt.append((key, result.seq))
+            if result.acked_upto > self.durable[key].watermark:
+                self.durable_floor[(key, result.seq)] = result.acked_upto
         if durable:
             await self._await_wal(key, result.seq)
         window = self.durable.get(key)
@@ -516,6 +542,7 @@ class MetricsAggregator:
             "durable_upto": window.watermark if window is not None else 0,
             "late_leaves": result.late_leaves,
             "conflicts": [list(c) for c in result.conflicts],
+            "refused": refused,
         }
 
     async def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
@@ -552,8 +579,10 @@ class MetricsAggregator:
 
     def _mark_durable(self, items: list[tuple[ProducerKey, int]]) -> None:
         for key, seq in items:
+            upto = self.durable_floor.pop((key, seq), 0)
             window = self.durable.get(key)
             if window is not None:  # None: the producer confirmed and its window was dropped
+                window.advance(upto)
                 window.mark(seq)
 
     async def _write_wal(self) -> None:
@@ -723,6 +752,7 @@ class MetricsAggregator:
             row.update(self.state.telemetry())
             row.update(self._gauges())
             row[f"{K.TELEMETRY_PREFIX}late_leaves_in_row"] = float(report.late_leaves)
+            row[f"{K.TELEMETRY_PREFIX}lost_leaves_in_row"] = float(report.lost_leaves)
             row[f"{K.TELEMETRY_PREFIX}conflicts_in_row"] = float(len(report.conflicts))
             row[f"{K.TELEMETRY_PREFIX}producers_in_row"] = float(len(report.producers))
         recorded_at = datetime.now(UTC).isoformat()

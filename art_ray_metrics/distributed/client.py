@@ -64,7 +64,7 @@ from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import exact_sum
-from art_ray_metrics.core.wire import encode_batch
+from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.distributed.transport import RayTransport, Transport, one_line
 from art_ray_metrics.distributed.workerenv import load_worker_env
 from art_ray_metrics.errors import WireFormatError
@@ -150,7 +150,18 @@ class MetricsClient:
         self._seq = 0
         self._retained: dict[int, bytes] = {}
         self._inflight: dict[Any, tuple[int, bool]] = {}  # ObjectRef -> (seq, durable)
-        self._rejected: dict[int, str] = {}  # refused batches not yet reported by a flush
+        self._rejected: dict[int, str] = {}  # losses not yet reported by a process flush
+        # per-rollout acknowledgement bookkeeping (see _lose): what each batch carries
+        self._drained: list[list[Any]] = []  # tape items drained since the last batch built
+        self._items: dict[int, list[list[Any]]] = {}  # seq -> its tape items, until settled
+        self._items_size = 0
+        self._batch_rids: dict[int, set[int]] = {}  # seq -> its rollouts (items over budget)
+        self._lost_rids: dict[int, str] = {}  # rollout id -> why some of its leaves are lost
+        self._lost_seqs: dict[int, str] = {}  # seq -> why, when its rollouts are unknown
+        self._lost_decl: list[tuple[int, int, str, int]] = []  # given up, not yet declared
+        self._carried: dict[int, int] = {}  # seq -> the newest given-up seq its header declares
+        self._charged: set[int] = set()  # batches whose refused keys were charged already
+        self._sending = 0  # sends between their retained check and being in flight
         self._dropped_unreported = 0
         self._confirmed = 0
         self._big: dict[tuple[int, str, str], Decimal] = {}  # shipped sums of keys with huge values
@@ -237,6 +248,8 @@ class MetricsClient:
             return
         items = tape[:n]
         del tape[:n]  # entries added meanwhile stay for the next drain
+        self._drained.append(items)  # which rollout recorded what: see _rollouts_of
+        self._items_size += n
         seq = self._seq + 1
         pending = self._pending
         his = self._his
@@ -343,6 +356,7 @@ class MetricsClient:
             if key not in reg.samples:
                 reg.record_sample(key, 0.0)
             self._slot(ctx[0]).samples.setdefault(key, []).append(value)
+            self._drained.append([ctx[0], ctx[1], key, value])
             self._his[ctx[1]] = self._seq + 1
             pending = self._pending_leaves = self._pending_leaves + 1
         if pending >= self._max_batch_leaves:
@@ -353,6 +367,7 @@ class MetricsClient:
         V.check_text("response_id", rid)
         with self._lock:
             self._slot(ctx[0]).keyed.append(KeyedCost(key, value, rid))
+            self._drained.append([ctx[0], ctx[1], key, value])
             self._his[ctx[1]] = self._seq + 1
             self._pending_leaves += 1
 
@@ -399,6 +414,8 @@ class MetricsClient:
                 if add is not None:
                     self._big[big_key] = exact_sum([total, add])
         seq = self._seq + 1
+        self._make_room()  # before encoding: this batch declares what it displaced
+        lost = tuple(self._lost_decl)
         batch = LeafBatch(
             self.producer_id,
             seq,
@@ -406,14 +423,19 @@ class MetricsClient:
             self.incarnation,
             self._acked_upto(),
             self._dropped_unreported,
+            lost,
         )
+        drained, self._drained = self._drained, []
         try:
             data = encode_batch(batch)
         except Exception as exc:  # validation should make this impossible: report, never wedge
             self._pending.clear()
             self._pending_leaves = 0
+            self._items_size -= sum(len(chunk) for chunk in drained)
             self.counters["rejected"] += 1
-            self._rejected[-self.counters["rejected"]] = f"batch not encodable: {exc!r}"[:500]
+            reason = f"batch not encodable: {exc!r}"[:500]
+            self._note_rejected(-self.counters["rejected"], reason)
+            self._lose_rollouts(_rollouts_in(drained, None), reason)
             log.error("art_ray_metrics: could not encode a batch: %r", exc)
             return None
         self._pending.clear()
@@ -421,9 +443,12 @@ class MetricsClient:
         self._dropped_unreported = 0
         self._seq = seq
         self._retained[seq] = data
+        self._items[seq] = drained
+        if lost:
+            self._carried[seq] = lost[-1][0]
+        self._budget_items()
         self._last_ship = time.monotonic()
         self.counters["batches"] += 1
-        self._trim_retained()
         return seq, data
 
     def ship(self, *, durable: bool = False) -> int | None:
@@ -436,14 +461,88 @@ class MetricsClient:
         self._send(built[0], built[1], durable=durable)
         return built[0]
 
-    def _trim_retained(self) -> None:
-        excess = len(self._retained) - self.config.max_retained_batches
-        if excess > 0:
-            for seq in sorted(self._retained)[:excess]:
-                del self._retained[seq]
-                self.counters["dropped_retained"] += 1
-                self._dropped_unreported += 1
-            log.error("art_ray_metrics: dropped %d unacknowledged batches (cap reached)", excess)
+    def _make_room(self) -> None:
+        """Give up the oldest retained batches so the one being built fits the cap (under the
+        lock): each is declared to the aggregator in the next batch's header (its window moves
+        past it; its leaves are counted on their steps' rows) and fails every flush of a
+        rollout whose leaves it held."""
+        excess = len(self._retained) + 1 - self.config.max_retained_batches
+        if excess <= 0:
+            return
+        cap = self.config.max_retained_batches
+        for seq in sorted(self._retained)[:excess]:
+            data = self._retained.pop(seq)
+            self.counters["dropped_retained"] += 1
+            self._dropped_unreported += 1
+            try:
+                groups = decode_batch(data).groups
+            except WireFormatError:  # our own bytes: cannot happen; the batch still counts
+                groups = ()
+            self._lost_decl.extend((seq, g.step, g.scope, g.leaf_count) for g in groups)
+            reason = (
+                f"batch {seq} dropped unacknowledged at max_retained_batches={cap} (the "
+                f"aggregator was unreachable): last error {self.last_error}"
+            )[:2000]
+            self._lose(seq, reason, None)
+        if len(self._lost_decl) > _MAX_LOST_DECL:  # the oldest stay counted as batches only
+            del self._lost_decl[: len(self._lost_decl) - _MAX_LOST_DECL]
+        log.error("art_ray_metrics: dropped %d unacknowledged batches (cap reached)", excess)
+
+    # -- per-rollout acknowledgements ------------------------------------------------------
+    #
+    # Each built batch keeps the tape items it was built from until its first answer (which
+    # names any refused keys), within a budget; from then on, until it is durable or given
+    # up, only the set of its rollouts. A loss
+    # is charged to exactly the rollouts that recorded what was lost (``_lost_rids``); when a
+    # batch's items are gone, to every rollout whose batch range covers it (``_lost_seqs``).
+
+    def _note_rejected(self, key: int, reason: str) -> None:
+        self._rejected[key] = reason
+        if len(self._rejected) > _MAX_REPORTED:  # reported by a process flush: keep the newest
+            del self._rejected[next(iter(self._rejected))]
+
+    def _lose(
+        self, seq: int, reason: str, refused: set[tuple[int, str, str | None]] | None
+    ) -> None:
+        """Charge the loss of batch ``seq`` (all of it, or the ``refused`` ``(step, scope,
+        key)``; key None: the whole group) to the rollouts that recorded it (under the lock)."""
+        self._note_rejected(seq, reason)
+        items = self._items.get(seq)
+        if items is not None:
+            self._lose_rollouts(_rollouts_in(items, refused), reason)
+        elif seq in self._batch_rids:
+            self._lose_rollouts(self._batch_rids[seq], reason)
+        else:
+            self._lost_seqs[seq] = reason
+            if len(self._lost_seqs) > _MAX_HIS:
+                del self._lost_seqs[next(iter(self._lost_seqs))]
+        if refused is None:
+            self._settle(seq)
+
+    def _lose_rollouts(self, rids: Iterable[int], reason: str) -> None:
+        lost = self._lost_rids
+        for rid in rids:
+            held = lost.get(rid)
+            lost[rid] = reason if held is None else f"{held}; {reason}"[:4000]
+        if len(lost) > _MAX_HIS:
+            for rid in sorted(lost)[: len(lost) - _MAX_HIS // 2]:
+                del lost[rid]
+
+    def _settle(self, seq: int) -> None:
+        """Forget what batch ``seq`` carried (under the lock): it is durable or lost."""
+        items = self._items.pop(seq, None)
+        if items is not None:
+            self._items_size -= sum(len(chunk) for chunk in items)
+        self._batch_rids.pop(seq, None)
+        self._charged.discard(seq)
+
+    def _budget_items(self) -> None:
+        """Keep the items of the newest batches within ``_ITEMS_BUDGET`` (under the lock)."""
+        while self._items_size > _ITEMS_BUDGET and len(self._items) > 1:
+            seq = next(iter(self._items))
+            items = self._items.pop(seq)
+            self._items_size -= sum(len(chunk) for chunk in items)
+            self._batch_rids[seq] = _rollouts_in(items, None)
 
     def _send(self, seq: int, data: bytes, *, durable: bool) -> Any:
         """Start the call carrying batch ``seq``. Never looks the aggregator up: with none
@@ -451,14 +550,21 @@ class MetricsClient:
         if not self._transport.ready():  # not found yet: no failure, the lookup is under way
             self._wake.set()
             return None
+        with self._lock:
+            if seq not in self._retained:  # settled since it was picked: a copy is stale, and
+                return None  # after a confirm the aggregator may no longer know it applied it
+            self._sending += 1  # no confirm until this call is in flight (see _confirm)
         try:
             ref = self._transport.send(data, durable)
         except Exception as exc:  # Ray is gone, or the handle is broken: resend later
+            with self._lock:
+                self._sending -= 1
             self._failed(exc)
             self._wake.set()
             return None
         with self._lock:
             self._inflight[ref] = (seq, durable)
+            self._sending -= 1
         return ref
 
     def _wait_for_room(self) -> None:
@@ -492,11 +598,12 @@ class MetricsClient:
             return
         seq, asked_durable = entry
         if isinstance(outcome, WireFormatError):  # refused for good: the actor moved past it
+            reason = f"batch {seq} rejected: {outcome}"[:2000]
             with self._lock:
-                self._retained.pop(seq, None)
-                self._rejected[seq] = f"batch {seq} rejected: {outcome}"[:2000]
+                if self._retained.pop(seq, None) is not None:
+                    self._lose(seq, reason, None)
             self.counters["rejected"] += 1
-            self.last_error = self._rejected[seq]
+            self.last_error = reason
             log.error("art_ray_metrics: %s", self.last_error)
         elif isinstance(outcome, BaseException):
             self._failed(outcome)
@@ -507,12 +614,37 @@ class MetricsClient:
 
     def _acked(self, seq: int, ack: dict[str, Any]) -> None:
         upto = int(ack.get("durable_upto", 0))
+        refused = ack.get("refused")
         with self._lock:
-            if ack.get("durable"):
-                self._retained.pop(seq, None)
+            if refused and seq not in self._charged:
+                # some keys were refused (the rest applied): charge their rollouts, once
+                self._charged.add(seq)
+                keys = {
+                    (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused
+                }
+                reason = "; ".join(str(r[3]) for r in refused)[:2000]
+                self._lose(seq, f"batch {seq}: {reason}", keys)
+                self.counters["rejected"] += 1
+                self.last_error = reason
+                log.error("art_ray_metrics: batch %s: %s", seq, reason[:500])
+            settled = []
+            if ack.get("durable") and self._retained.pop(seq, None) is not None:
+                settled.append(seq)
             if upto and self._retained and min(self._retained) <= upto:
                 for s in [s for s in self._retained if s <= upto]:
                     del self._retained[s]
+                    settled.append(s)
+            if seq in self._items and seq in self._retained:
+                # applied, not durable yet: only a give-up at the cap can still lose it, and
+                # that is charged per batch; the set of its rollouts is enough from here
+                items = self._items.pop(seq)
+                self._items_size -= sum(len(chunk) for chunk in items)
+                self._batch_rids[seq] = _rollouts_in(items, None)
+            for s in settled:
+                self._settle(s)
+                declared = self._carried.pop(s, 0)
+                if declared:  # the aggregator holds this header: its declarations are made
+                    self._lost_decl = [e for e in self._lost_decl if e[0] > declared]
             self._backoff = 0.1
 
     def _failed(self, exc: BaseException) -> None:
@@ -545,7 +677,7 @@ class MetricsClient:
     def _confirm(self) -> None:
         """Tell the actor every batch up to here is acknowledged, so it can drop our window."""
         with self._lock:
-            if self._pending or self._tape or self._inflight:
+            if self._pending or self._tape or self._inflight or self._sending:
                 return
             upto = self._acked_upto()
         if upto > self._confirmed and self._transport.confirm(
@@ -635,12 +767,24 @@ class MetricsClient:
             refs = [r for r, (s, _) in self._inflight.items() if lo <= s <= hi]
         return done, refs
 
-    def _result(self, done: bool) -> FlushResult:
+    def _result(
+        self, done: bool, lo: int = 1, hi: int | None = None, rid: int | None = None
+    ) -> FlushResult:
+        """A flush's answer. A rollout's (``rid``): not ok while any of its leaves is lost
+        (refused, dropped at the cap, not encodable), for as long as it asks. The process's
+        (``rid`` None): not ok when anything was lost since its previous flush."""
         with self._lock:
-            rejected, self._rejected = self._rejected, {}
             left = len(self._retained)
-        if rejected:  # reported once, by the next flush
-            return FlushResult(False, self._seq, left, "; ".join(rejected.values())[:4000])
+            if rid is None:
+                rejected, self._rejected = self._rejected, {}
+                reasons = list(rejected.values())
+            else:
+                reasons = [self._lost_rids[rid]] if rid in self._lost_rids else []
+                if self._lost_seqs:
+                    top = self._seq if hi is None else hi
+                    reasons += [r for s, r in self._lost_seqs.items() if lo <= s <= top]
+        if reasons:
+            return FlushResult(False, self._seq, left, "; ".join(reasons)[:4000])
         return FlushResult(done, self._seq, left, None if done else self.last_error)
 
     def _ship_for(self, hi: int) -> int:
@@ -670,12 +814,14 @@ class MetricsClient:
         self._wake.set()
         return True
 
-    def _unreachable(self, done: bool) -> FlushResult:
+    def _unreachable(self, done: bool, lo: int, hi: int, rid: int | None) -> FlushResult:
         if not done and not self._transport.ready() and self._transport.lookup_error:
             self.last_error = self._transport.lookup_error
-        return self._result(done)
+        return self._result(done, lo, hi, rid)
 
-    def flush_range(self, lo: int, hi: int, timeout_s: float | None = None) -> FlushResult:
+    def flush_range(
+        self, lo: int, hi: int, timeout_s: float | None = None, rid: int | None = None
+    ) -> FlushResult:
         """Ship what is pending if batch ``hi`` is not built yet, then wait until every batch
         in ``[lo, hi]`` is acknowledged durable (other batches are not waited for). Never
         waits longer than ``timeout_s``: it never looks the aggregator up itself."""
@@ -685,7 +831,7 @@ class MetricsClient:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
             if done or left <= 0 or self._transport.gone():
-                return self._unreachable(done)
+                return self._unreachable(done, lo, hi, rid)
             if refs:
                 self._reap_refs(self._transport.wait(refs, len(refs), left))
             elif self._no_route():
@@ -696,7 +842,9 @@ class MetricsClient:
                     time.sleep(min(pause, left))
                 self._resend(durable=True, lo=lo, hi=hi)
 
-    async def aflush_range(self, lo: int, hi: int, timeout_s: float | None = None) -> FlushResult:
+    async def aflush_range(
+        self, lo: int, hi: int, timeout_s: float | None = None, rid: int | None = None
+    ) -> FlushResult:
         """:meth:`flush_range` for asyncio: awaits the calls' object refs, no thread per call."""
         deadline = time.monotonic() + (timeout_s or self.config.flush_timeout_s)
         if self._seq < hi:
@@ -706,7 +854,7 @@ class MetricsClient:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
             if done or left <= 0 or self._transport.gone():
-                return self._unreachable(done)
+                return self._unreachable(done, lo, hi, rid)
             if refs:
                 futs = {asyncio.ensure_future(self._transport.aoutcome(r)): r for r in refs}
                 finished, _ = await asyncio.wait(futs, timeout=left)
@@ -877,6 +1025,37 @@ and ``lo``, the first batch that can hold its leaves; ``generation`` tells a rol
 before a fork."""
 
 _ROLLOUT_IDS = itertools.count(1)
+
+
+def _rollouts_in(
+    items: list[list[Any]], refused: set[tuple[int, str, str | None]] | None
+) -> set[int]:
+    """The rollouts that recorded into tape ``items`` (all of them, or those that recorded a
+    ``refused`` ``(step, scope, key)``; key None: anything of that group)."""
+    rids: set[int] = set()
+    if refused is None:  # at C speed (a rollout that recorded nothing may be included)
+        return rids.union(*(chunk[1::_ENTRY] for chunk in items))
+    for chunk in items:
+        it = iter(chunk)
+        for sk, rid, key, value in zip(it, it, it, it, strict=True):
+            if (sk[0], sk[1], key) in refused or (
+                (sk[0], sk[1], None) in refused and (key is not None or value is not None)
+            ):
+                rids.add(rid)
+    return rids
+
+
+_ITEMS_BUDGET = 1 << 18
+"""Tape items kept for batches not answered yet (which rollout recorded what); beyond, the
+oldest batches keep only their set of rollouts (so a refusal of some keys in them is charged
+to all of their rollouts)."""
+
+_MAX_LOST_DECL = 4096
+"""Given-up batch groups declared in each header at most (the oldest then count as batches
+only, not on their steps' rows)."""
+
+_MAX_REPORTED = 256
+"""Losses kept for the next process-wide flush's report."""
 
 _ENTRY = 4
 """Items per tape entry: ``(step, scope), rollout id, key, value``."""
@@ -1126,7 +1305,8 @@ class WorkerBuilder(LeafRecorder):
     def flush(self, timeout_s: float | None = None) -> FlushResult:
         """Ship this builder's leaves and wait until the aggregator holds them durably (other
         rollouts' batches are not waited for). Never raises on telemetry failure."""
-        result = self.client.flush_range(*self.client.rollout_range(self._ctx), timeout_s)
+        lo, hi = self.client.rollout_range(self._ctx)
+        result = self.client.flush_range(lo, hi, timeout_s, self._ctx[1])
         if not result.ok:
             log.warning("art_ray_metrics: flush not confirmed durable: %s", result)
         return result
@@ -1134,7 +1314,7 @@ class WorkerBuilder(LeafRecorder):
     async def aflush(self, timeout_s: float | None = None) -> FlushResult:
         """``flush`` for asyncio code: awaits the acknowledgements on the event loop."""
         lo, hi = self.client.rollout_range(self._ctx)
-        result = await self.client.aflush_range(lo, hi, timeout_s)
+        result = await self.client.aflush_range(lo, hi, timeout_s, self._ctx[1])
         if not result.ok:
             log.warning("art_ray_metrics: flush not confirmed durable: %s", result)
         return result

@@ -5,11 +5,14 @@ and the demo's ``--resume`` call :func:`read_run`, which uses the same function 
 the store, so both see the same totals, including after a rewind.
 
 A write-ahead-log record is a msgpack list with one entry per batch, in the order the
-aggregator decided them: the batch bytes for a batch it applied, ``[bytes, kind]`` for one it
-refused (``kind`` is :data:`REFUSED_LIMIT` or :data:`REFUSED_INVALID`). Replay repeats each
-decision: an applied batch is applied (no limit is checked again) and a refused one is
-counted and skipped, whatever the limits of the process replaying. Records written before
-refusals were marked hold bytes only; their batches are decided again, with no limits.
+aggregator decided them: the batch bytes for a batch it applied whole, ``[bytes, kind]`` for one
+it refused whole (``kind`` is :data:`REFUSED_LIMIT` or :data:`REFUSED_INVALID`), and
+``[bytes, "partial", limit, refusals]`` for one whose keys it partly refused (``refusals``: each
+``[step, scope, key or None, reason]``; ``limit``: a configured limit refused something). Replay
+repeats each decision: an applied batch is applied (no limit is checked again), a refused one is
+counted and skipped, and a partial one is applied without the keys it names, whatever the
+limits of the process replaying. Records written before refusals were marked hold bytes only;
+their batches are decided again, with no limits.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import msgpack
 
 from art_ray_metrics.core import wire
 from art_ray_metrics.core.rewind import net_shards
-from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.core.state import AggregatorState, Decision
 from art_ray_metrics.durable import checkpoint as ckpt_mod
 from art_ray_metrics.durable.checkpoint import CheckpointManager, LoadedCheckpoint
 from art_ray_metrics.durable.history import HistoryStore
@@ -30,9 +33,11 @@ from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.errors import LimitExceededError, WireFormatError
 
 __all__ = [
+    "PARTIAL",
     "REFUSED_INVALID",
     "REFUSED_LIMIT",
     "RunInfo",
+    "WalDecision",
     "encode_wal_record",
     "read_run",
     "rebuild_state",
@@ -43,6 +48,12 @@ REFUSED_LIMIT = "limit"
 """WAL mark of a batch refused by a configured limit (:class:`LimitExceededError`)."""
 REFUSED_INVALID = "invalid"
 """WAL mark of any other refused batch (a sum that would overflow, a bad field)."""
+PARTIAL = "partial"
+"""WAL mark of a batch applied without some of its keys (refused by a limit or an overflow)."""
+
+WalDecision = str | Decision | None
+"""How the live aggregator decided a batch: None (applied whole), a refusal kind (refused
+whole), or a :data:`~art_ray_metrics.core.state.Decision` (applied without the keys it names)."""
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +63,21 @@ def refusal_kind(exc: WireFormatError) -> str:
     return REFUSED_LIMIT if isinstance(exc, LimitExceededError) else REFUSED_INVALID
 
 
-def encode_wal_record(entries: list[tuple[bytes, str | None]]) -> bytes:
-    """One WAL record: ``(batch bytes, refusal kind or None when applied)`` in decision order."""
+def encode_wal_record(entries: list[tuple[bytes, WalDecision]]) -> bytes:
+    """One WAL record: ``(batch bytes, decision)`` in decision order (see the module)."""
     out: bytes = msgpack.packb(
-        [data if refused is None else [data, refused] for data, refused in entries],
-        use_bin_type=True,
+        [_wal_entry(data, decided) for data, decided in entries], use_bin_type=True
     )
     return out
+
+
+def _wal_entry(data: bytes, decided: WalDecision) -> Any:
+    if decided is None:
+        return data
+    if isinstance(decided, str):
+        return [data, decided]
+    limit, refusals = decided
+    return [data, PARTIAL, limit, [list(r) for r in refusals]]
 
 
 def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
@@ -77,12 +96,16 @@ def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
     replayed = 0
     for record in loaded.wal:
         for entry in msgpack.unpackb(record, raw=False):
-            if isinstance(entry, list):  # refused when it arrived: refused again
-                data, kind = entry
-                state.refuse_bytes(data, limit=kind == REFUSED_LIMIT)
-                continue
+            decided: Decision | None = None
+            if isinstance(entry, list):
+                if entry[1] != PARTIAL:  # refused whole when it arrived: refused again
+                    data, kind = entry
+                    state.refuse_bytes(data, limit=kind == REFUSED_LIMIT)
+                    continue
+                entry, _, limit, refusals = entry  # applied without the keys it names
+                decided = (bool(limit), tuple((int(s), sc, k, r) for s, sc, k, r in refusals))
             try:
-                if not state.ingest_bytes(entry).duplicate:
+                if not state.ingest_bytes(entry, decided).duplicate:
                     replayed += 1
             except WireFormatError as exc:  # an unmarked (older) record's refused batch
                 log.warning("art_ray_metrics: replayed a refused batch (counted): %s", exc)

@@ -128,9 +128,10 @@ class TestShipping:
             client.ship()
         assert client.counters["dropped_retained"] == 2
         last = decode_batch(client._retained[4])
-        assert last.dropped == 1
+        assert last.dropped == 1  # batch 4 displaced batch 2 and says so
         assert last.incarnation == client.incarnation
-        assert last.acked_upto == 1  # batch 1 was dropped: never resent
+        assert last.acked_upto == 2  # batches 1 and 2 were dropped: never resent
+        assert last.lost == ((1, 0, "train", 1), (2, 0, "train", 1))  # until acknowledged
 
     def test_each_flush_covers_its_own_rollout(self, client: MetricsClient) -> None:
         """Builders track the batches their leaves went into."""

@@ -73,8 +73,15 @@ class TestIncarnations:
         assert s.counters["rejected_batches"] == 1
 
     def test_dropped_batches_are_counted(self) -> None:
+        """Format 3: the batches below acked_upto never seen here were given up on."""
         s = AggregatorState()
-        s.ingest(LeafBatch("p", 1, (), "i", 0, 4))
+        s.ingest(LeafBatch("p", 5, (), "i", 4, 4))
+        assert s.counters["dropped_batches"] == 4
+        assert s.producers[("p", "i")].watermark == 5
+
+    def test_dropped_batches_of_format_2_are_counted_as_declared(self) -> None:
+        s = AggregatorState()
+        s.ingest(LeafBatch("p", 1, (), "i", 0, 4, version=2))
         assert s.counters["dropped_batches"] == 4
 
 

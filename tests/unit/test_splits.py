@@ -24,7 +24,6 @@ from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.durable.restore import read_run
 from art_ray_metrics.durable.storage import InMemoryStore
-from art_ray_metrics.errors import LimitExceededError
 from art_ray_metrics.testing import make_batch
 from tests.unit.test_rewind import Shell
 
@@ -162,31 +161,34 @@ class TestCostContextScopes:
 
 
 class TestRefusalsReplay:
-    def test_refused_batch_stays_refused_after_a_crash(self) -> None:
-        """Refused by max_keys_per_step, logged, crash before a checkpoint: the restarted
-        actor and read_run (inspect/history) refuse it again, whatever their limits."""
+    def test_refused_keys_stay_refused_after_a_crash(self) -> None:
+        """Two of a batch's keys refused by max_keys_per_step, logged, crash before a
+        checkpoint: the restarted actor and read_run (inspect/history) apply the batch without
+        those keys again, whatever their limits."""
         cfg = _config(max_keys_per_step=2)
         agg = _actor(cfg)
 
         async def run() -> None:
             await agg.ingest(_batch("w", 1, 0, leaves={"costs/train/a": 1.0}), True)
             big = {"costs/train/b": 100.0, "costs/train/c": 100.0, "costs/train/d": 100.0}
-            with pytest.raises(LimitExceededError):
-                await agg.ingest(_batch("w", 2, 0, leaves=big), True)
+            ack = await agg.ingest(_batch("w", 2, 0, leaves=big), True)
+            assert sorted(r[2] for r in ack["refused"]) == ["costs/train/c", "costs/train/d"]
             await _stop(agg)  # crash: no checkpoint after the two WAL writes
 
         asyncio.run(run())
         assert agg.health.checkpoints == 0
+        live = {"costs/train/a": Decimal(1), "costs/train/b": Decimal(100)}
         name = (cfg.storage_uri or "").split("://", 1)[1]
         info = read_run(cfg.storage_uri or "", InMemoryStore.named(name))
         assert info is not None
-        assert info.counters["rejected_batches"] == 1
         assert info.counters["limit_rejections"] == 1
-        assert info.counters["batches"] == 1
+        assert info.counters["rejected_batches"] == 0
+        assert info.counters["batches"] == 2
+        assert info.totals.get("costs/all", 0.0) == 0.0  # nothing closed: pending only
         for limits in ({}, {"max_keys_per_step": 2}):  # default or same limits at restart
             restarted = _actor(AggregatorConfig(**{**cfg.model_dump(), **limits}))
-            assert restarted.state.counters["rejected_batches"] == 1
-            assert restarted.state.pending[(0, "train")].sums == {"costs/train/a": Decimal(1)}
+            assert restarted.state.counters["limit_rejections"] == 1
+            assert restarted.state.pending[(0, "train")].sums == live
 
     def test_applied_batch_stays_applied_under_stricter_limits(self) -> None:
         """A batch applied live replays as applied even if the restart has a smaller limit."""

@@ -15,7 +15,7 @@ import pytest
 from art_ray_metrics.core.state import AggregatorState, Limits
 from art_ray_metrics.core.validate import check_value
 from art_ray_metrics.core.wire import decode_batch, encode_batch
-from art_ray_metrics.errors import InvalidMetricError, LimitExceededError, WireFormatError
+from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 from art_ray_metrics.testing import make_batch
 
 
@@ -23,14 +23,6 @@ def _raw_batch(producer: str, seq: int, step: int, scope: str, sums: dict[str, s
     """Bytes a producer with another build could send (values unchecked by our client)."""
     group = [step, scope, sums, [], b""]
     return msgpack.packb(["arm-batch", 1, producer, seq, [group]], use_bin_type=True)
-
-
-def _past_refused(state: AggregatorState, producer: str, seq: int) -> bool:
-    """A refused batch moves its producer's window past it (so the producer's later batches
-    count and a resend is a duplicate); drop that window so the rest of the state can be
-    compared with the state before."""
-    window = state.producers.pop((producer, ""), None)
-    return window is not None and window.seen(seq)
 
 
 class TestCloseIsATransaction:
@@ -65,18 +57,23 @@ class TestCloseIsATransaction:
 
 class TestPoisonRefusedAtIngest:
     def test_two_producers_summing_past_a_float(self) -> None:
-        """Each leaf fits; their sum would not: the second batch is refused, counted, and later
-        closes work."""
+        """Each leaf fits; their sum would not: the second producer's key is refused (named in
+        the result, counted on its step's row), the rest of its batch applies, later closes
+        work."""
         s = AggregatorState()
         s.ingest_bytes(_raw_batch("a", 1, 0, "train", {"reward/x": "1e300"}))
-        before = s.snapshot()
-        with pytest.raises(WireFormatError, match="reward/x"):
-            s.ingest_bytes(_raw_batch("b", 1, 0, "train", {"reward/x": "1e300"}))
-        assert s.counters["rejected_batches"] == 1
-        s.counters["rejected_batches"] = 0
-        assert _past_refused(s, "b", 1)  # the producer moved past it; nothing else changed
-        assert s.snapshot() == before
-        assert s.close_step(0).row["reward/x"] == 1e300
+        result = s.ingest_bytes(
+            _raw_batch("b", 1, 0, "train", {"reward/x": "1e300", "reward/y": "2"})
+        )
+        ((step, scope, key, reason),) = result.refused
+        assert (step, scope, key) == (0, "train", "reward/x")
+        assert "beyond" in reason
+        assert s.counters["rejected_batches"] == 0
+        assert s.producers[("b", "")].seen(1)  # a resend is a duplicate
+        report = s.close_step(0)
+        assert report.row["reward/x"] == 1e300
+        assert report.row["reward/y"] == 2.0
+        assert report.lost_leaves == 1
         assert s.close_step(1).row == {"training_step": 1.0}
 
     def test_one_leaf_beyond_the_bound(self) -> None:
@@ -115,18 +112,23 @@ class TestWire:
 
 class TestLimits:
     def test_keys_per_step(self) -> None:
-        """More distinct keys in one (step, scope) than allowed: refused, counted, unchanged."""
+        """More distinct keys in one (step, scope) than allowed: the keys beyond the bound are
+        refused (named, counted), the rest of the batch applies."""
         s = AggregatorState(Limits(max_keys_per_step=3))
         s.ingest(make_batch("p", 1, 0, leaves={"reward/a": 1, "reward/b": 1}))
         s.ingest(make_batch("p", 2, 0, leaves={"reward/a": 1, "reward/c": 1}))
-        before = s.snapshot()
-        with pytest.raises(LimitExceededError, match="max_keys_per_step=3"):
-            s.ingest(make_batch("q", 1, 0, leaves={"reward/d": 1}))
-        assert (s.counters["limit_rejections"], s.counters["rejected_batches"]) == (1, 1)
-        s.counters["limit_rejections"] = s.counters["rejected_batches"] = 0
-        assert _past_refused(s, "q", 1)
-        assert s.snapshot() == before
-        s.ingest(make_batch("q", 2, 1, leaves={"reward/d": 1}))  # another step has room
+        result = s.ingest(make_batch("q", 1, 0, leaves={"reward/a": 5, "reward/d": 1}))
+        ((_, _, key, reason),) = result.refused
+        assert key == "reward/d"
+        assert "max_keys_per_step=3" in reason
+        assert (s.counters["limit_rejections"], s.counters["rejected_batches"]) == (1, 0)
+        assert s.pending[(0, "train")].sums == {
+            "reward/a": Decimal(7),
+            "reward/b": Decimal(1),
+            "reward/c": Decimal(1),
+        }
+        assert s.pending[(0, "train")].lost_leaves == 1
+        assert s.ingest(make_batch("q", 2, 1, leaves={"reward/d": 1})).refused == ()
 
     def test_keys_per_run_survive_a_restore(self) -> None:
         """The run's distinct keys are part of the state."""
@@ -135,19 +137,25 @@ class TestLimits:
         s.close_step(0)
         restored = AggregatorState.restore(s.snapshot())
         restored.limits = Limits(max_keys_per_run=2)
-        restored.ingest(make_batch("p", 2, 1, leaves={"reward/a": 2}))
-        with pytest.raises(LimitExceededError, match="max_keys_per_run=2"):
-            restored.ingest(make_batch("p", 3, 1, leaves={"reward/new": 2}))
+        assert restored.ingest(make_batch("p", 2, 1, leaves={"reward/a": 2})).refused == ()
+        result = restored.ingest(make_batch("p", 3, 1, leaves={"reward/new": 2}))
+        assert [(k, "max_keys_per_run=2" in r) for _, _, k, r in result.refused] == [
+            ("reward/new", True)
+        ]
 
     def test_open_scopes(self) -> None:
-        """Producers recording for splits nobody closes cannot open scopes without bound."""
+        """Producers recording for splits nobody closes cannot open scopes without bound: a
+        group of a scope beyond the bound is refused whole."""
         s = AggregatorState(Limits(max_open_scopes=2))
         s.ingest(make_batch("p", 1, 0, "train", {"reward/a": 1}))
         s.ingest(make_batch("p", 2, 0, "eval", {"reward/a": 1}))
-        with pytest.raises(LimitExceededError, match="max_open_scopes=2"):
-            s.ingest(make_batch("p", 3, 0, "rollout_b", {"reward/a": 1}))
+        result = s.ingest(make_batch("p", 3, 0, "rollout_b", {"reward/a": 1}))
+        ((_, scope, key, reason),) = result.refused
+        assert (scope, key) == ("rollout_b", None)
+        assert "max_open_scopes=2" in reason
+        assert (0, "rollout_b") not in s.pending
         s.close_step(0, "val")
-        s.ingest(make_batch("p", 3, 0, "rollout_b", {"reward/a": 1}))
+        assert s.ingest(make_batch("p", 4, 0, "rollout_b", {"reward/a": 1})).refused == ()
 
     def test_unbounded_by_default(self) -> None:
         """The pure state has no limits unless given (the actor passes its configuration)."""
