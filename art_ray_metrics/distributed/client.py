@@ -19,10 +19,12 @@ Guarantees:
   64 ``(step, scope)`` pairs, and a rollout is forgotten once all its batches are durable.
   Background calls in flight are capped, retained batches are capped (beyond the cap the
   oldest is dropped *and counted* on the next row: only when the actor has been unreachable
-  for that long).
+  for that long: the batch that displaces it declares it, so the aggregator's window moves
+  past it and its leaves are counted on their step's row; its rollouts' flushes say not ok).
 - **No lost errors, no wedge.** Every call's result is reaped; failures are counted, logged once
-  per kind, and resent under the same seq with jittered backoff. A batch the actor refuses is
-  dropped, reported by the next flush and counted on the row; later batches are unaffected.
+  per kind, and resent under the same seq with jittered backoff. Keys the actor refuses (a
+  limit, a sum overflow) and a batch it refuses whole (malformed) are charged to exactly the
+  rollouts that recorded them: their flushes say not ok; later batches are unaffected.
 - **Conflicts raise at the call.** A key is registered for its step the first time it is
   recorded (under the lock); a leaf that is an ancestor or a descendant of one already recorded
   for the step by this process raises :class:`MetricConflictError`, even across batches
@@ -87,8 +89,10 @@ class FlushResult:
     """What an explicit flush achieved."""
 
     ok: bool
-    """Every batch holding the flushed leaves is acknowledged as durable, and no batch of this
-    process was refused since the previous flush."""
+    """Every batch holding the flushed leaves is acknowledged as durable, and none of those
+    leaves was lost (refused by the aggregator, given up at the retained-batch cap, not
+    encodable): a builder's flush answers for its own leaves only, for as long as it asks;
+    the process-wide ``MetricsClient.flush()`` reports every loss since its previous call."""
     batches: int
     """Batches shipped by this process so far."""
     retained: int
