@@ -9,6 +9,7 @@ restarts the actor (rollouts flushing across a restart never wait for the traine
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import os
@@ -188,6 +189,8 @@ class AggregatorHandle:
         finally:
             if kill:
                 ray.kill(self.actor, no_restart=True)
+                if self._watcher is not None:  # out of Ray before the caller's ray.shutdown()
+                    self._watcher.stop(join_s=2.0)
 
 
 class _CredentialsWatcher:
@@ -210,10 +213,18 @@ class _CredentialsWatcher:
         self._thread = threading.Thread(
             target=self._run, name="art-ray-metrics-credentials", daemon=True
         )
+        # atexit runs last-registered first: this stops the thread before Ray's own exit hook
+        # shuts Ray down (a thread inside Ray then makes Ray end the process with status 1)
+        atexit.register(self._at_exit)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, join_s: float = 0.0) -> None:
         self._stop.set()
+        if join_s > 0 and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=join_s)
+
+    def _at_exit(self) -> None:
+        self.stop(join_s=2.0)
 
     def _gone(self, ray: Any) -> bool:
         """The actor is dead for good, or another actor holds its name."""
@@ -246,13 +257,13 @@ class _CredentialsWatcher:
                     continue
                 finished, fut, ref = fut, None, None
                 wanted = finished.result()
-            except Exception as exc:  # the actor died: ask the restarted one
+            except Exception as exc:  # the actor died (ask the restarted one), or Ray stops
                 fut = ref = None
+                log.debug("art_ray_metrics: credentials watcher: %s", type(exc).__name__)
+                self._stop.wait(delay)  # first: an error caused by ray.shutdown() is seen as such
+                delay = min(delay * 2, 2.0)
                 if self._stop.is_set() or not ray.is_initialized() or self._gone(ray):
                     return
-                log.debug("art_ray_metrics: credentials watcher: %s", type(exc).__name__)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 2.0)
                 continue
             delay = 0.05
             handle = self._handle()
