@@ -791,8 +791,36 @@ class MetricsClient:
             return FlushResult(False, self._seq, left, "; ".join(reasons)[:4000])
         return FlushResult(done, self._seq, left, None if done else self.last_error)
 
-    def _ship_for(self, hi: int) -> int:
-        """Build batch ``hi`` if nobody did yet and send it durable. Not held back by
+    def _durable_ahead(self) -> list[Any]:
+        """The durable calls of this process in flight (flushes' batches and resends)."""
+        with self._lock:
+            return [call for call, (_, durable) in self._inflight.items() if durable]
+
+    def _follow(self, hi: int, deadline: float) -> None:
+        """Group commit across the flushes of this process: while a durable call is in
+        flight, a flush whose batch is not built yet waits (until ``deadline`` at most) for
+        one such call to finish instead of sending a call of its own. Whoever is first to
+        build then ships every leaf recorded meanwhile in one batch, so concurrent flushes
+        cost about one actor call per round trip, whatever the thread count."""
+        ahead = self._durable_ahead()
+        left = deadline - time.monotonic()
+        if ahead and left > 0 and self._seq < hi:
+            self._reap_refs(self._transport.wait(ahead, 1, left))
+
+    async def _afollow(self, hi: int, deadline: float) -> None:
+        """:meth:`_follow` on the caller's event loop."""
+        ahead = self._durable_ahead()
+        left = deadline - time.monotonic()
+        if not ahead or left <= 0 or self._seq >= hi:
+            return
+        futs = {asyncio.ensure_future(self._transport.aoutcome(r)): r for r in ahead}
+        finished, _ = await asyncio.wait(futs, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        for f in finished:
+            self._complete(futs[f], f.result())
+
+    def _ship_for(self, hi: int, deadline: float | None = None) -> int:
+        """Build batch ``hi`` if nobody did yet and send it durable, after the durable call in
+        flight, if any (see :meth:`_follow`; with a ``deadline`` only). Not held back by
         ``max_in_flight``: each such call has a caller waiting on it, which bounds them.
 
         Returns ``hi``, or the last batch built when nothing is left to build batch ``hi``
@@ -801,6 +829,8 @@ class MetricsClient:
         reports)."""
         built = None
         if self._seq < hi:
+            if deadline is not None:
+                self._follow(hi, deadline)
             with self._lock:
                 if self._seq < hi:
                     built = self._build()
@@ -830,7 +860,7 @@ class MetricsClient:
         in ``[lo, hi]`` is acknowledged durable (other batches are not waited for). Never
         waits longer than ``timeout_s``: it never looks the aggregator up itself."""
         deadline = time.monotonic() + (timeout_s or self.config.flush_timeout_s)
-        hi = self._ship_for(hi)
+        hi = self._ship_for(hi, deadline)
         while True:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
@@ -853,6 +883,7 @@ class MetricsClient:
         deadline = time.monotonic() + (timeout_s or self.config.flush_timeout_s)
         if self._seq < hi:
             await asyncio.sleep(0)  # let coroutines about to flush record first: one batch
+            await self._afollow(hi, deadline)
             hi = self._ship_for(hi)
         while True:
             done, refs = self._flush_state(lo, hi)
