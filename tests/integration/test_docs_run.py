@@ -147,6 +147,8 @@ def _commands(source: str) -> list[list[str]]:
 def _check_command(cmd: list[str]) -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = extras["optional-dependencies"]
+    while cmd and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", cmd[0]):  # VAR=value before a command
+        cmd = cmd[1:]
     if cmd[0] == "art-ray-metrics":
         try:
             build_parser().parse_args(cmd[1:])

@@ -283,14 +283,29 @@ class TestBuilders:
 
         sent: list[bytes] = []
 
-        class _Actor:
-            class ingest:  # mimics actor.ingest.remote
-                @staticmethod
-                def remote(data: bytes, durable: bool) -> object:
-                    sent.append(data)
-                    raise RuntimeError("no actor in this test")
+        class _Capture:  # a transport that keeps what is sent and delivers nothing
+            lookup_error = None
 
-        client = MetricsClient(producer_id="w", actor=_Actor())
+            def ready(self) -> bool:
+                return True
+
+            def gone(self) -> bool:
+                return False
+
+            def resolve(self) -> bool:
+                return True
+
+            def send(self, data: bytes, durable: bool) -> object:
+                sent.append(data)
+                raise RuntimeError("no actor in this test")
+
+            def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
+                return False
+
+            def failed(self, exc: BaseException) -> None:
+                pass
+
+        client = MetricsClient(producer_id="w", transport=_Capture())  # type: ignore[arg-type]
         try:
             wb = WorkerBuilder(client, 2, "train", "train")
             for v in (0.25, 0.75, 1.0):
