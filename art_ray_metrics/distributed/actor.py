@@ -75,6 +75,10 @@ CLOSES_PER_EPOCH = 10**9
 CREDENTIALS_WAIT_S = 5.0
 """How long a call that needs the storage waits in a restarted actor for the driver's handle to
 send credentials (its watcher does so at once) before answering CredentialsRequiredError."""
+WORKER_ENV_WAIT_S = 15.0
+"""How long :meth:`MetricsAggregator.worker_env` waits for a driver's values on a restarted
+instance (within the worker's own bound, ``workerenv.FETCH_TIMEOUT_S``): a restart on a loaded
+machine can take longer than the storage's wait."""
 
 NODE_CREDENTIALS_RETRY_S = 30.0
 """A restarted actor whose node's own credentials could not open the storage tries them again
@@ -152,13 +156,16 @@ class MetricsAggregator:
         if not self.booted:
             raise CredentialsRequiredError(self._credentials_required())
 
-    async def _wait_for_credentials(self) -> None:
-        """Until a driver's :meth:`set_credentials` succeeded, at most CREDENTIALS_WAIT_S."""
+    async def _wait_for_credentials(self, timeout_s: float | None = None) -> None:
+        """Until a driver's :meth:`set_credentials` succeeded, at most ``timeout_s``
+        (:data:`CREDENTIALS_WAIT_S` when None)."""
+        if timeout_s is None:
+            timeout_s = CREDENTIALS_WAIT_S
         if self.boot_event is None:
             self.boot_event = asyncio.Event()
         event = self.boot_event
         try:
-            await asyncio.wait_for(event.wait(), timeout=CREDENTIALS_WAIT_S)
+            await asyncio.wait_for(event.wait(), timeout=timeout_s)
         except TimeoutError:
             pass
 
@@ -437,7 +444,7 @@ class MetricsAggregator:
                 instance in time (the worker asks again later).
         """
         if self.config.worker_env and not self.received:
-            await self._wait_for_credentials()
+            await self._wait_for_credentials(WORKER_ENV_WAIT_S)
             if not self.received:
                 raise CredentialsRequiredError(
                     "No driver has sent the worker_env values to this aggregator yet (its "

@@ -41,7 +41,6 @@ import atexit
 import itertools
 import logging
 import os
-import random
 import socket
 import sys
 import threading
@@ -67,7 +66,7 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.wire import decode_batch, encode_batch
-from art_ray_metrics.distributed.transport import RayTransport, Transport, one_line
+from art_ray_metrics.distributed.transport import JITTER, RayTransport, Transport, one_line
 from art_ray_metrics.distributed.workerenv import load_worker_env
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
@@ -661,7 +660,7 @@ class MetricsClient:
                 log.debug("art_ray_metrics: the failure in full: %s", exc)
         self.last_error = text
         with self._lock:  # exponential backoff with jitter: restarts are not hammered in step
-            self._resend_after = time.monotonic() + self._backoff * random.uniform(0.5, 1.5)
+            self._resend_after = time.monotonic() + self._backoff * JITTER.uniform(0.5, 1.5)
             self._backoff = min(self._backoff * 2, 5.0)
 
     def _resendable(self, lo: int = 1, hi: int | None = None) -> list[tuple[int, bytes]]:

@@ -34,7 +34,11 @@ from typing import Any, Protocol
 
 from art_ray_metrics.errors import AggregatorUnavailableError
 
-__all__ = ["InProcessTransport", "RayTransport", "Transport", "one_line"]
+__all__ = ["JITTER", "InProcessTransport", "RayTransport", "Transport", "one_line"]
+
+JITTER = random.Random()
+"""Back-off jitter from a generator of our own: the process's global ``random`` state (a
+user's seeded experiment, a property test drawing examples) is never touched."""
 
 _LOOKUP_FIRST_S = 0.05
 _LOOKUP_MAX_S = 2.0
@@ -111,7 +115,7 @@ class _Lookups:
     def miss(self, why: str) -> None:
         self.failed_lookups += 1
         self.lookup_error = why
-        self._next_at = time.monotonic() + self._delay * random.uniform(0.75, 1.25)
+        self._next_at = time.monotonic() + self._delay * JITTER.uniform(0.75, 1.25)
         self._delay = min(self._delay * 2, _LOOKUP_MAX_S)
 
     def hit(self) -> None:

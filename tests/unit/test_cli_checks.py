@@ -538,7 +538,10 @@ class TestDemoMessages:
             assert "starting a local Ray" in capsys.readouterr().out  # said before, not after
             raise KeyboardInterrupt
 
+        import ray
+
         monkeypatch.setattr(demo, "_init_ray", interrupted)
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
         assert cli_mod.main(["demo", "--run", "r3", "--steps", "1"]) == 130
 
     def test_the_summary_does_not_call_a_clean_resume_a_restart(self) -> None:

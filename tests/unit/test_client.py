@@ -185,6 +185,14 @@ class TestFastPathsAgreeWithTheGeneralOnes:
 
 
 class TestConnectCache:
+    @pytest.fixture(autouse=True)
+    def _no_worker_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The cache, not worker_env: a process where Ray runs (the rest of the suite) and no
+        aggregator of these names exists would otherwise keep connect from caching."""
+        from art_ray_metrics.distributed import client
+
+        monkeypatch.setattr(client, "load_worker_env", lambda name, namespace: True)
+
     def test_cached_arguments_still_check_the_step(self) -> None:
         """The second connect with the same arguments skips their checks, not the step's."""
         from art_ray_metrics.distributed.client import _CONNECTED, connect

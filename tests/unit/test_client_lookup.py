@@ -140,3 +140,22 @@ def test_flush_error_is_one_line_without_the_remote_traceback() -> None:
     client._failed(ray.exceptions.RayTaskError("ingest", trace, cause))
     error = client._result(False).error or ""
     assert error == "RuntimeError: storage is down"
+
+
+def test_back_off_leaves_the_global_random_state_alone() -> None:
+    """Was: the jitter of resends and lookups drew from the ``random`` module, so a client's
+    background thread moved a seeded experiment's (or hypothesis's) global random state."""
+    import random
+
+    from art_ray_metrics.distributed.transport import RayTransport
+
+    random.seed(1234)
+    before = random.getstate()
+    client = MetricsClient(ClientConfig(flush_interval_s=1e6), transport=RayTransport("x", "y"))
+    try:
+        for _ in range(5):
+            client._failed(RuntimeError("down"))
+            client._transport.miss("no aggregator")  # type: ignore[attr-defined]
+    finally:
+        client.close(timeout_s=0.1)
+    assert random.getstate() == before
