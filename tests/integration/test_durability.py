@@ -628,6 +628,10 @@ class RayStartCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
         }
         self.env.pop("RAY_ADDRESS", None)
+        # a W&B run made in this test process earlier (the ART adapter's tests run plain ART
+        # here) leaves WANDB_SERVICE pointing at this process's W&B service: inherited by the
+        # new cluster, the aggregator's wandb.init would wait on that service forever
+        self.env.pop("WANDB_SERVICE", None)
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def _start(self, args: list[str]) -> None:
