@@ -542,6 +542,9 @@ class TestDemoMessages:
 
         monkeypatch.setattr(demo, "_init_ray", interrupted)
         monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
+        monkeypatch.setattr(
+            ray, "shutdown", lambda: None
+        )  # the demo's finally: not this suite's Ray
         assert cli_mod.main(["demo", "--run", "r3", "--steps", "1"]) == 130
 
     def test_the_summary_does_not_call_a_clean_resume_a_restart(self) -> None:
