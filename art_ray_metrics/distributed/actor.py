@@ -106,6 +106,9 @@ class MetricsAggregator:
         self.node_retry_at = 0.0  # when the node's own credentials may be tried again
         self.boot_error = ""  # why they could not open the storage (no values in it)
         self.boot_event: asyncio.Event | None = None  # set when credentials arrive
+        # the workers' variables arrive with the credentials, but do not wait for the storage
+        self.env_received = False
+        self.env_event: asyncio.Event | None = None
         if not await_credentials:
             self._boot()
 
@@ -411,6 +414,14 @@ class MetricsAggregator:
         """
         if env or not self.booted:  # a driver without secrets must not wipe another's
             self.credentials = {str(k): str(v) for k, v in env.items()}
+        if not self.env_received:
+            # workers waiting for their variables get them before the storage is opened (which
+            # blocks this loop; a restart's restore can take seconds)
+            self.env_received = True
+            if self.env_event is not None:
+                self.env_event.set()
+                self.env_event = None
+                await asyncio.sleep(0)
         if self.booted:
             if isinstance(self.store, ObstoreStore):
                 self.store.use_env(self.credentials)
@@ -443,9 +454,14 @@ class MetricsAggregator:
             CredentialsRequiredError: Names are configured but no driver sent values to this
                 instance in time (the worker asks again later).
         """
-        if self.config.worker_env and not self.received:
-            await self._wait_for_credentials(WORKER_ENV_WAIT_S)
-            if not self.received:
+        if self.config.worker_env and not self.env_received:
+            if self.env_event is None:
+                self.env_event = asyncio.Event()
+            try:
+                await asyncio.wait_for(self.env_event.wait(), timeout=WORKER_ENV_WAIT_S)
+            except TimeoutError:
+                pass
+            if not self.env_received:
                 raise CredentialsRequiredError(
                     "No driver has sent the worker_env values to this aggregator yet (its "
                     "handle does so at start_aggregator and after every restart)"

@@ -18,6 +18,9 @@ import os
 import sys
 import threading
 import time
+from typing import Any
+
+from art_ray_metrics.errors import CredentialsRequiredError
 
 __all__ = ["FETCH_TIMEOUT_S", "load_worker_env"]
 
@@ -26,8 +29,9 @@ log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 20.0
 """The longest a ``connect`` waits for the aggregator's answer (once per process). A worker
 process that starts while the aggregator restarts waits for it here rather than run its
-rollout without the API key: a restart took up to 9 s on the loaded 2-core test machine, and
-the restarted actor then waits up to 5 s for the driver's watcher."""
+rollout without the API key: a restart took up to 9 s on the loaded 2-core test machine, the
+restarted actor then waits (up to ``actor.WORKER_ENV_WAIT_S``) for the driver's watcher, and a
+call that dies with an instance is made again on the next one within this bound."""
 
 _DONE = math.inf
 _next_try: dict[tuple[str, str], float] = {}  # (name, namespace) -> when to try again; inf: done
@@ -55,8 +59,7 @@ def load_worker_env(name: str, namespace: str) -> bool:
         if _next_try.get(key, 0.0) == _DONE:
             return True
         try:
-            actor = ray.get_actor(name, namespace=namespace)
-            env: dict[str, str] = ray.get(actor.worker_env.remote(), timeout=FETCH_TIMEOUT_S)
+            env = _fetch(ray, name, namespace)
         except Exception as exc:
             delay = _delay.get(key, 0.5) * 2
             _delay[key] = min(delay, 30.0)
@@ -83,3 +86,30 @@ def _forget() -> None:
     with _lock:
         _next_try.clear()
         _delay.clear()
+
+
+def _fetch(ray: Any, name: str, namespace: str) -> dict[str, str]:
+    """The aggregator's answer, asking again within :data:`FETCH_TIMEOUT_S` while it restarts.
+
+    ``worker_env`` only reads, so a call that died with the instance (Ray does not retry the
+    aggregator's calls) or that a restarted instance answered with
+    :class:`~art_ray_metrics.errors.CredentialsRequiredError` is simply made again. A missing
+    actor (``ValueError``) and a fetch out of time are raised at once.
+    """
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + FETCH_TIMEOUT_S
+    pause = 0.1
+    while True:
+        actor = ray.get_actor(name, namespace=namespace)
+        left = deadline - time.monotonic()
+        try:
+            env: dict[str, str] = ray.get(actor.worker_env.remote(), timeout=max(left, 0.01))
+            return env
+        except GetTimeoutError:
+            raise
+        except (RayActorError, CredentialsRequiredError):
+            if deadline - time.monotonic() <= pause:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)

@@ -193,6 +193,46 @@ def test_secrets_are_in_no_file(
     assert leaked == []
 
 
+def test_worker_env_fetch_outlives_a_restart_in_flight(
+    run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose ``worker_env`` call dies with the aggregator asks the restarted one, within
+    the fetch's bound, instead of running its rollouts without the key (the first full CI run
+    of the credentials test lost this race: the call in flight failed, ``connect`` returned)."""
+    key = "sk-arm-" + secrets.token_hex(12)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    name = run_config["name"]
+    handle = arm.start_aggregator(**run_config, worker_env=["OPENAI_API_KEY"])
+    worker = _RolloutWorker.options(resources={"node_a": 1}).remote()  # type: ignore[attr-defined]
+    try:
+        assert ray.get(worker.getenv.remote("OPENAI_API_KEY")) is None  # its process is up
+        assert handle._watcher is not None
+        handle._watcher.stop(join_s=5.0)  # the driver stays silent: restarts wait for it
+        ray.kill(handle.actor, no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:  # the restarted instance answers (it has no credentials from any driver)
+            try:
+                handle.stats()
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        ref = worker.connect_and_getenv.remote(name, "OPENAI_API_KEY")
+        time.sleep(2.0)  # the fetch now waits in that instance for a driver's credentials
+        ray.kill(handle.actor, no_restart=False)  # ... and dies with it
+        while True:  # the driver sends them to the next instance
+            try:
+                handle._push()
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert ray.get(ref, timeout=60) == key
+    finally:
+        handle.shutdown()
+        ray.kill(worker)
+
+
 def test_connect_sets_shared_keys_once_the_aggregator_has_them(
     run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
