@@ -24,6 +24,7 @@ from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import EXACT, to_decimal
 from art_ray_metrics.core.samples import SampleStats
 from art_ray_metrics.distributed import client as _client
+from art_ray_metrics.distributed import record as _record
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.distributed.transport import AggregatorGoneError, InProcessTransport
 
@@ -202,9 +203,9 @@ class InProcessAggregator:
         *,
         split: str | None = None,
         producer_id: str | None = None,
-    ) -> _client.WorkerBuilder:
+    ) -> _record.WorkerBuilder:
         """:func:`art_ray_metrics.connect` for this aggregator."""
-        return _client.connect(
+        return _record.connect(
             step,
             cost_context,
             split=split,

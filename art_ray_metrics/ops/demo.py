@@ -63,8 +63,8 @@ from art_ray_metrics.config import (
     AggregatorConfig,
     ClientConfig,
 )
-from art_ray_metrics.distributed.client import connect
 from art_ray_metrics.distributed.handle import AggregatorHandle, start_aggregator
+from art_ray_metrics.distributed.record import connect
 from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.export.wandb_offline import offline_sync_command

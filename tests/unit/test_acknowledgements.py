@@ -23,7 +23,8 @@ from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.records import LeafBatch, StepGroup
 from art_ray_metrics.core.state import AggregatorState, Limits
 from art_ray_metrics.core.wire import encode_batch
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.errors import WireFormatError
 
 
@@ -130,7 +131,7 @@ def _client(actor: _InProcessActor, **config: Any) -> MetricsClient:
         **config,
     }
     c = MetricsClient(ClientConfig(**fields), transport=_Direct(actor))
-    c._stop.set()  # no background thread: the test drives every ship
+    c.stopped.set()  # no background thread: the test drives every ship
     c._thread.join()
     return c
 
@@ -140,7 +141,7 @@ def clients() -> Iterator[list[MetricsClient]]:
     made: list[MetricsClient] = []
     yield made
     for c in made:
-        c._stop.set()
+        c.stopped.set()
 
 
 def _costs(row: dict[str, float], key: str = "costs/all") -> Decimal:
@@ -344,7 +345,7 @@ class _Protocol(RuleBasedStateMachine):
         self.promised: set[int] = set()
 
     def teardown(self) -> None:
-        self.client._stop.set()
+        self.client.stopped.set()
 
     @rule(cents=st.integers(1, 500))
     def record(self, cents: int) -> None:

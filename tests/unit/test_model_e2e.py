@@ -55,7 +55,8 @@ from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.rollup import ZERO, to_decimal
 from art_ray_metrics.distributed.actor import MetricsAggregator
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.distributed.transport import InProcessTransport
 from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.testing import InProcessAggregator
@@ -173,7 +174,7 @@ class EndToEnd(RuleBasedStateMachine):
             outer.cancel()
         self.faults.held = []
         for client in self.clients:
-            client._stop.set()
+            client.stopped.set()
             client._wake.set()
         self.agg.store.down = False
         self.agg.close()

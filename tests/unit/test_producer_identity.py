@@ -16,7 +16,8 @@ from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.records import LeafBatch
 from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import decode_batch, encode_batch
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.testing import make_group
 from tests.hypothesis_profiles import examples
@@ -202,4 +203,4 @@ class TestForkedClient:
             assert child[2:4] == ["0", "0"]
             assert c._pending_now()  # the parent still has its leaves
         finally:
-            c._stop.set()
+            c.stopped.set()

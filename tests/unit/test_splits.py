@@ -134,7 +134,7 @@ class TestCostContextScopes:
             assert closers, context
 
     def test_connect_val_leaves_land_in_the_val_row(self) -> None:
-        from art_ray_metrics.distributed.client import connect
+        from art_ray_metrics.distributed.record import connect
 
         builder = connect(0, "val", name="splits-test", namespace="ns")
         try:
@@ -143,7 +143,7 @@ class TestCostContextScopes:
             assert (view.cost_context, view.scope) == ("test", "eval")
             assert builder.for_cost_context("x", buffer_scope="val").scope == "eval"
         finally:
-            builder.client._stop.set()
+            builder.client.stopped.set()
 
     def test_a_batch_for_scope_val_is_closed_by_the_val_barrier(self) -> None:
         """An older client's batch with scope "val" lands in the eval scope, not nowhere."""
