@@ -11,7 +11,8 @@
   nothing is left for the cyclic GC to track). ``key`` None marks a scenario digest
   (``value``) or, with ``value`` None, a builder's creation (its slot is reported even if it
   records nothing). :func:`drain_tape` moves entries into the pending leaves of their slots;
-  :func:`rollouts_in` tells which rollouts recorded what.
+  :func:`rollouts_in` tells which rollouts recorded what, and :class:`RolloutLedger` keeps it
+  per batch, so a loss is charged to exactly the rollouts whose flushes it fails.
 - :class:`KeyRegistries`: per slot, the one slot object builders put on the tape (so a drain
   tells a change of slot by identity) and the registry of the slot's keys, for the latest
   :data:`MAX_REGISTRIES` slots.
@@ -22,6 +23,7 @@ No locks here: the client (:mod:`art_ray_metrics.distributed.client`) calls thes
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -34,12 +36,16 @@ from art_ray_metrics.errors import MetricConflictError
 
 __all__ = [
     "ENTRY",
+    "ITEMS_BUDGET",
     "MAX_REGISTRIES",
+    "MAX_REPORTED",
     "ROLLOUT_IDS",
     "KeyRegistries",
     "Number",
     "PendingLeaves",
+    "Refused",
     "RolloutCtx",
+    "RolloutLedger",
     "Slot",
     "drain_tape",
     "rollouts_in",
@@ -248,3 +254,145 @@ def rollouts_in(
             ):
                 rids.add(rid)
     return rids
+
+
+Refused = set[tuple[int, str, str | None]]
+"""``(step, scope, key)`` the aggregator refused in a batch (key None: the whole group)."""
+
+ITEMS_BUDGET = 1 << 18
+"""Tape items kept for batches not answered yet (which rollout recorded what); beyond, the
+oldest batches keep only their set of rollouts (so a refusal of some keys in them is charged
+to all of their rollouts)."""
+
+MAX_REPORTED = 256
+"""Losses kept for the next process-wide flush's report."""
+
+
+class RolloutLedger:
+    """Which rollouts each batch carries, and why a rollout's leaves are lost (the client
+    calls it under its lock).
+
+    Each built batch keeps the tape items it was built from until its first answer (which
+    names any refused keys), within :data:`ITEMS_BUDGET` items; from then on, until it is
+    durable or given up, only the set of its rollouts. A loss is charged to exactly the
+    rollouts that recorded what was lost (:attr:`lost_rids`); when a batch's items are gone,
+    to every rollout whose batch range covers it (:attr:`lost_seqs`). Losses also wait in
+    :attr:`rejected` for the next process-wide flush's report.
+    """
+
+    __slots__ = (
+        "batch_rids",
+        "charged",
+        "drained",
+        "items",
+        "items_size",
+        "lost_rids",
+        "lost_seqs",
+        "max_lost",
+        "rejected",
+    )
+
+    def __init__(self, max_lost: int) -> None:
+        self.max_lost = max_lost
+        """Rollouts (and batches of unknown rollouts) whose losses are remembered at most."""
+        self.drained: list[list[Any]] = []  # tape items drained since the last batch built
+        self.items: dict[int, list[list[Any]]] = {}  # seq -> its tape items, until settled
+        self.items_size = 0
+        self.batch_rids: dict[int, set[int]] = {}  # seq -> its rollouts (items over budget)
+        self.lost_rids: dict[int, str] = {}  # rollout id -> why some of its leaves are lost
+        self.lost_seqs: dict[int, str] = {}  # seq -> why, when its rollouts are unknown
+        self.rejected: dict[int, str] = {}  # losses not yet reported by a process flush
+        self.charged: set[int] = set()  # batches whose refused keys were charged already
+
+    def note_drain(self, items: list[Any]) -> None:
+        """Tape items drained for the next batch (counted against the budget)."""
+        self.drained.append(items)
+        self.items_size += len(items)
+
+    def note_entry(self, entry: list[Any]) -> None:
+        """One entry recorded for the next batch outside the tape (a sample, a keyed cost)."""
+        self.drained.append(entry)
+
+    def take_drained(self) -> list[list[Any]]:
+        """What the batch being built carries (and start afresh for the next one)."""
+        drained, self.drained = self.drained, []
+        return drained
+
+    def built(self, seq: int, drained: list[list[Any]]) -> None:
+        """Batch ``seq`` was built from ``drained``; keep the newest batches' items within
+        the budget, the older ones' rollouts only."""
+        self.items[seq] = drained
+        while self.items_size > ITEMS_BUDGET and len(self.items) > 1:
+            old = next(iter(self.items))
+            self.applied(old)
+
+    def not_built(self, drained: list[list[Any]], key: int, reason: str) -> None:
+        """The batch of ``drained`` could not be built: charge the loss to its rollouts."""
+        self.items_size -= sum(len(chunk) for chunk in drained)
+        self.note_rejected(key, reason)
+        self.lose_rollouts(rollouts_in(drained, None), reason)
+
+    def applied(self, seq: int) -> None:
+        """Batch ``seq`` was answered (or is over the budget): from here only the set of its
+        rollouts is kept, until it is settled."""
+        items = self.items.pop(seq, None)
+        if items is not None:
+            self.items_size -= sum(len(chunk) for chunk in items)
+            self.batch_rids[seq] = rollouts_in(items, None)
+
+    def first_refusal(self, seq: int) -> bool:
+        """True the first time refused keys of batch ``seq`` are reported (charge them once)."""
+        if seq in self.charged:
+            return False
+        self.charged.add(seq)
+        return True
+
+    def note_rejected(self, key: int, reason: str) -> None:
+        self.rejected[key] = reason
+        if len(self.rejected) > MAX_REPORTED:  # reported by a process flush: keep the newest
+            del self.rejected[next(iter(self.rejected))]
+
+    def lose(self, seq: int, reason: str, refused: Refused | None) -> None:
+        """Charge the loss of batch ``seq`` (all of it, or the ``refused`` keys) to the
+        rollouts that recorded it; a batch lost whole is settled."""
+        self.note_rejected(seq, reason)
+        items = self.items.get(seq)
+        if items is not None:
+            self.lose_rollouts(rollouts_in(items, refused), reason)
+        elif seq in self.batch_rids:
+            self.lose_rollouts(self.batch_rids[seq], reason)
+        else:
+            self.lost_seqs[seq] = reason
+            if len(self.lost_seqs) > self.max_lost:
+                del self.lost_seqs[next(iter(self.lost_seqs))]
+        if refused is None:
+            self.settle(seq)
+
+    def lose_rollouts(self, rids: Iterable[int], reason: str) -> None:
+        lost = self.lost_rids
+        for rid in rids:
+            held = lost.get(rid)
+            lost[rid] = reason if held is None else f"{held}; {reason}"[:4000]
+        if len(lost) > self.max_lost:
+            for rid in sorted(lost)[: len(lost) - self.max_lost // 2]:
+                del lost[rid]
+
+    def settle(self, seq: int) -> None:
+        """Forget what batch ``seq`` carried: it is durable or lost."""
+        items = self.items.pop(seq, None)
+        if items is not None:
+            self.items_size -= sum(len(chunk) for chunk in items)
+        self.batch_rids.pop(seq, None)
+        self.charged.discard(seq)
+
+    def losses(self, rid: int | None, lo: int, top: int) -> list[str]:
+        """Why a flush is not ok. A rollout's (``rid``, batches ``[lo, top]``): while any of
+        its leaves is lost, for as long as it asks. The process's (``rid`` None): anything
+        lost since its previous flush (reported once)."""
+        if rid is None:
+            rejected, self.rejected = self.rejected, {}
+            return list(rejected.values())
+        reasons = [self.lost_rids[rid]] if rid in self.lost_rids else []
+        if self.lost_seqs:
+            reasons += [r for s, r in self.lost_seqs.items() if lo <= s <= top]
+        return reasons

@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -62,9 +62,9 @@ from art_ray_metrics.core.tape import (
     Number,
     PendingLeaves,
     RolloutCtx,
+    RolloutLedger,
     Slot,
     drain_tape,
-    rollouts_in,
 )
 from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.distributed.transport import JITTER, RayTransport, Transport, one_line
@@ -154,17 +154,9 @@ class MetricsClient:
         self._seq = 0
         self._retained: dict[int, bytes] = {}
         self._inflight: dict[Any, tuple[int, bool]] = {}  # ObjectRef -> (seq, durable)
-        self._rejected: dict[int, str] = {}  # losses not yet reported by a process flush
-        # per-rollout acknowledgement bookkeeping (see _lose): what each batch carries
-        self._drained: list[list[Any]] = []  # tape items drained since the last batch built
-        self._items: dict[int, list[list[Any]]] = {}  # seq -> its tape items, until settled
-        self._items_size = 0
-        self._batch_rids: dict[int, set[int]] = {}  # seq -> its rollouts (items over budget)
-        self._lost_rids: dict[int, str] = {}  # rollout id -> why some of its leaves are lost
-        self._lost_seqs: dict[int, str] = {}  # seq -> why, when its rollouts are unknown
+        self._ledger = RolloutLedger(_MAX_HIS)  # which rollouts each batch carries; losses
         self._lost_decl: list[tuple[int, int, str, int]] = []  # given up, not yet declared
         self._carried: dict[int, int] = {}  # seq -> the newest given-up seq its header declares
-        self._charged: set[int] = set()  # batches whose refused keys were charged already
         self._sending = 0  # sends between their retained check and being in flight
         self._dropped_unreported = 0
         self._confirmed = 0
@@ -242,8 +234,7 @@ class MetricsClient:
             return
         items = tape[:n]
         del tape[:n]  # entries added meanwhile stay for the next drain
-        self._drained.append(items)  # which rollout recorded what: see _lose
-        self._items_size += n
+        self._ledger.note_drain(items)  # which rollout recorded what
         his = self._his
         self._pending_leaves += drain_tape(items, self._pending, his, self._seq + 1)
         if len(his) > self._prune_his_at:  # forget rollouts whose batches are all durable
@@ -310,7 +301,7 @@ class MetricsClient:
         with self._lock:
             self._keys.register_sample(ctx[0], key)
             self._slot(ctx[0]).samples.setdefault(key, []).append(value)
-            self._drained.append([ctx[0], ctx[1], key, value])
+            self._ledger.note_entry([ctx[0], ctx[1], key, value])
             self._his[ctx[1]] = self._seq + 1
             pending = self._pending_leaves = self._pending_leaves + 1
         if pending >= self._max_batch_leaves:
@@ -321,7 +312,7 @@ class MetricsClient:
         V.check_text("response_id", rid)
         with self._lock:
             self._slot(ctx[0]).keyed.append(KeyedCost(key, value, rid))
-            self._drained.append([ctx[0], ctx[1], key, value])
+            self._ledger.note_entry([ctx[0], ctx[1], key, value])
             self._his[ctx[1]] = self._seq + 1
             self._pending_leaves += 1
 
@@ -379,17 +370,15 @@ class MetricsClient:
             self._dropped_unreported,
             lost,
         )
-        drained, self._drained = self._drained, []
+        drained = self._ledger.take_drained()
         try:
             data = encode_batch(batch)
         except Exception as exc:  # validation should make this impossible: report, never wedge
             self._pending.clear()
             self._pending_leaves = 0
-            self._items_size -= sum(len(chunk) for chunk in drained)
             self.counters["rejected"] += 1
             reason = f"batch not encodable: {exc!r}"[:500]
-            self._note_rejected(-self.counters["rejected"], reason)
-            self._lose_rollouts(rollouts_in(drained, None), reason)
+            self._ledger.not_built(drained, -self.counters["rejected"], reason)
             log.error("art_ray_metrics: could not encode a batch: %r", exc)
             return None
         self._pending.clear()
@@ -397,10 +386,9 @@ class MetricsClient:
         self._dropped_unreported = 0
         self._seq = seq
         self._retained[seq] = data
-        self._items[seq] = drained
+        self._ledger.built(seq, drained)
         if lost:
             self._carried[seq] = lost[-1][0]
-        self._budget_items()
         self._last_ship = time.monotonic()
         self.counters["batches"] += 1
         return seq, data
@@ -437,66 +425,10 @@ class MetricsClient:
                 f"batch {seq} dropped unacknowledged at max_retained_batches={cap} (the "
                 f"aggregator was unreachable): last error {self.last_error}"
             )[:2000]
-            self._lose(seq, reason, None)
+            self._ledger.lose(seq, reason, None)
         if len(self._lost_decl) > _MAX_LOST_DECL:  # the oldest stay counted as batches only
             del self._lost_decl[: len(self._lost_decl) - _MAX_LOST_DECL]
         log.error("art_ray_metrics: dropped %d unacknowledged batches (cap reached)", excess)
-
-    # -- per-rollout acknowledgements ------------------------------------------------------
-    #
-    # Each built batch keeps the tape items it was built from until its first answer (which
-    # names any refused keys), within a budget; from then on, until it is durable or given
-    # up, only the set of its rollouts. A loss
-    # is charged to exactly the rollouts that recorded what was lost (``_lost_rids``); when a
-    # batch's items are gone, to every rollout whose batch range covers it (``_lost_seqs``).
-
-    def _note_rejected(self, key: int, reason: str) -> None:
-        self._rejected[key] = reason
-        if len(self._rejected) > _MAX_REPORTED:  # reported by a process flush: keep the newest
-            del self._rejected[next(iter(self._rejected))]
-
-    def _lose(
-        self, seq: int, reason: str, refused: set[tuple[int, str, str | None]] | None
-    ) -> None:
-        """Charge the loss of batch ``seq`` (all of it, or the ``refused`` ``(step, scope,
-        key)``; key None: the whole group) to the rollouts that recorded it (under the lock)."""
-        self._note_rejected(seq, reason)
-        items = self._items.get(seq)
-        if items is not None:
-            self._lose_rollouts(rollouts_in(items, refused), reason)
-        elif seq in self._batch_rids:
-            self._lose_rollouts(self._batch_rids[seq], reason)
-        else:
-            self._lost_seqs[seq] = reason
-            if len(self._lost_seqs) > _MAX_HIS:
-                del self._lost_seqs[next(iter(self._lost_seqs))]
-        if refused is None:
-            self._settle(seq)
-
-    def _lose_rollouts(self, rids: Iterable[int], reason: str) -> None:
-        lost = self._lost_rids
-        for rid in rids:
-            held = lost.get(rid)
-            lost[rid] = reason if held is None else f"{held}; {reason}"[:4000]
-        if len(lost) > _MAX_HIS:
-            for rid in sorted(lost)[: len(lost) - _MAX_HIS // 2]:
-                del lost[rid]
-
-    def _settle(self, seq: int) -> None:
-        """Forget what batch ``seq`` carried (under the lock): it is durable or lost."""
-        items = self._items.pop(seq, None)
-        if items is not None:
-            self._items_size -= sum(len(chunk) for chunk in items)
-        self._batch_rids.pop(seq, None)
-        self._charged.discard(seq)
-
-    def _budget_items(self) -> None:
-        """Keep the items of the newest batches within ``_ITEMS_BUDGET`` (under the lock)."""
-        while self._items_size > _ITEMS_BUDGET and len(self._items) > 1:
-            seq = next(iter(self._items))
-            items = self._items.pop(seq)
-            self._items_size -= sum(len(chunk) for chunk in items)
-            self._batch_rids[seq] = rollouts_in(items, None)
 
     def _send(self, seq: int, data: bytes, *, durable: bool) -> Any:
         """Start the call carrying batch ``seq``. Never looks the aggregator up: with none
@@ -555,7 +487,7 @@ class MetricsClient:
             reason = f"batch {seq} rejected: {outcome}"[:2000]
             with self._lock:
                 if self._retained.pop(seq, None) is not None:
-                    self._lose(seq, reason, None)
+                    self._ledger.lose(seq, reason, None)
             self.counters["rejected"] += 1
             self.last_error = reason
             log.error("art_ray_metrics: %s", self.last_error)
@@ -570,14 +502,13 @@ class MetricsClient:
         upto = int(ack.get("durable_upto", 0))
         refused = ack.get("refused")
         with self._lock:
-            if refused and seq not in self._charged:
+            if refused and self._ledger.first_refusal(seq):
                 # some keys were refused (the rest applied): charge their rollouts, once
-                self._charged.add(seq)
                 keys = {
                     (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused
                 }
                 reason = "; ".join(str(r[3]) for r in refused)[:2000]
-                self._lose(seq, f"batch {seq}: {reason}", keys)
+                self._ledger.lose(seq, f"batch {seq}: {reason}", keys)
                 self.counters["rejected"] += 1
                 self.last_error = reason
                 log.error("art_ray_metrics: batch %s: %s", seq, reason[:500])
@@ -588,14 +519,12 @@ class MetricsClient:
                 for s in [s for s in self._retained if s <= upto]:
                     del self._retained[s]
                     settled.append(s)
-            if seq in self._items and seq in self._retained:
+            if seq in self._retained:
                 # applied, not durable yet: only a give-up at the cap can still lose it, and
                 # that is charged per batch; the set of its rollouts is enough from here
-                items = self._items.pop(seq)
-                self._items_size -= sum(len(chunk) for chunk in items)
-                self._batch_rids[seq] = rollouts_in(items, None)
+                self._ledger.applied(seq)
             for s in settled:
-                self._settle(s)
+                self._ledger.settle(s)
                 declared = self._carried.pop(s, 0)
                 if declared:  # the aggregator holds this header: its declarations are made
                     self._lost_decl = [e for e in self._lost_decl if e[0] > declared]
@@ -729,14 +658,7 @@ class MetricsClient:
         (``rid`` None): not ok when anything was lost since its previous flush."""
         with self._lock:
             left = len(self._retained)
-            if rid is None:
-                rejected, self._rejected = self._rejected, {}
-                reasons = list(rejected.values())
-            else:
-                reasons = [self._lost_rids[rid]] if rid in self._lost_rids else []
-                if self._lost_seqs:
-                    top = self._seq if hi is None else hi
-                    reasons += [r for s, r in self._lost_seqs.items() if lo <= s <= top]
+            reasons = self._ledger.losses(rid, lo, self._seq if hi is None else hi)
         if reasons:
             return FlushResult(False, self._seq, left, "; ".join(reasons)[:4000])
         return FlushResult(done, self._seq, left, None if done else self.last_error)
@@ -1013,17 +935,9 @@ def _reset_clients() -> None:
         _CLIENTS.clear()
 
 
-_ITEMS_BUDGET = 1 << 18
-"""Tape items kept for batches not answered yet (which rollout recorded what); beyond, the
-oldest batches keep only their set of rollouts (so a refusal of some keys in them is charged
-to all of their rollouts)."""
-
 _MAX_LOST_DECL = 4096
 """Given-up batch groups declared in each header at most (the oldest then count as batches
 only, not on their steps' rows)."""
-
-_MAX_REPORTED = 256
-"""Losses kept for the next process-wide flush's report."""
 
 _PRUNE_HIS_AT = 4096
 """Rollouts remembered before those whose batches are all durable are forgotten."""
