@@ -32,6 +32,13 @@ Guarantees:
 - **Flush means durable, for its own leaves.** A builder's ``flush()`` returns once the batches
   holding its leaves are durable (write-ahead log or checkpoint); it does not wait for other
   rollouts' batches. It never raises on telemetry failure: it returns a :class:`FlushResult`.
+
+Why one module over 500 lines: :class:`MetricsClient` is one state machine under one lock
+(the sequence, the retained batches, the calls in flight and the rollouts' batch ranges change
+together in every ship, answer, give-up and resend, and each flush reads them together). What
+holds none of that state lives elsewhere: the tape, key registries and loss ledger in
+:mod:`art_ray_metrics.core.tape`, the builder in :mod:`.record`, the transports in
+:mod:`.transport`.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -700,13 +707,14 @@ class MetricsClient:
         return self._result(done, lo, hi, rid)
 
     def _flush_steps(
-        self, lo: int, hi: int, timeout_s: float | None, rid: int | None
-    ) -> Generator[_FlushWait, None, FlushResult]:
+        self, lo: int, hi: int, timeout_s: float | None, rid: int | None, answer: list[FlushResult]
+    ) -> Iterator[_FlushWait]:
         """The one flush loop, driven by :meth:`flush_range` (blocking) and
         :meth:`aflush_range` (on an event loop). It yields what to wait for: ``None`` (let
         coroutines about to flush record first, so they share one batch; nothing to do when
         blocking), a pause in seconds, or ``(calls, n, timeout)``: until ``n`` of the calls
-        finish (the driver accounts for them with :meth:`_complete`). Returns the answer.
+        finish (the driver accounts for them with :meth:`_complete`). Appends the flush's
+        answer to ``answer`` when it ends.
 
         Ships what is pending if batch ``hi`` is not built yet, then waits until every batch
         in ``[lo, hi]`` is acknowledged durable (other batches are not waited for). Never
@@ -729,7 +737,8 @@ class MetricsClient:
             done, refs = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
             if done or left <= 0 or self._transport.gone():
-                return self._unreachable(done, lo, hi, rid)
+                answer.append(self._unreachable(done, lo, hi, rid))
+                return
             if refs:
                 yield refs, len(refs), left
             elif self._no_route():
@@ -745,41 +754,31 @@ class MetricsClient:
     ) -> FlushResult:
         """Wait, blocking, until the batches ``[lo, hi]`` holding a rollout's leaves (``rid``;
         None: this process's) are durable: see :meth:`_flush_steps`."""
-        steps = self._flush_steps(lo, hi, timeout_s, rid)
-        try:
-            wait = next(steps)
-            while True:
-                if isinstance(wait, tuple):
-                    calls, n, timeout = wait
-                    self._reap_refs(self._transport.wait(calls, n, timeout))
-                elif wait is not None:
-                    time.sleep(wait)
-                wait = next(steps)
-        except StopIteration as stop:
-            result: FlushResult = stop.value
-            return result
+        answer: list[FlushResult] = []
+        for wait in self._flush_steps(lo, hi, timeout_s, rid, answer):
+            if isinstance(wait, tuple):
+                calls, n, timeout = wait
+                self._reap_refs(self._transport.wait(calls, n, timeout))
+            elif wait is not None:
+                time.sleep(wait)
+        return answer[0]
 
     async def aflush_range(
         self, lo: int, hi: int, timeout_s: float | None = None, rid: int | None = None
     ) -> FlushResult:
         """:meth:`flush_range` for asyncio: awaits the calls' object refs, no thread per call."""
-        steps = self._flush_steps(lo, hi, timeout_s, rid)
-        try:
-            wait = next(steps)
-            while True:
-                if isinstance(wait, tuple):
-                    calls, n, timeout = wait
-                    futs = {asyncio.ensure_future(self._transport.aoutcome(c)): c for c in calls}
-                    until = asyncio.FIRST_COMPLETED if n < len(calls) else asyncio.ALL_COMPLETED
-                    finished, _ = await asyncio.wait(futs, timeout=timeout, return_when=until)
-                    for f in finished:
-                        self._complete(futs[f], f.exception() or f.result())
-                else:
-                    await asyncio.sleep(wait or 0)
-                wait = next(steps)
-        except StopIteration as stop:
-            result: FlushResult = stop.value
-            return result
+        answer: list[FlushResult] = []
+        for wait in self._flush_steps(lo, hi, timeout_s, rid, answer):
+            if isinstance(wait, tuple):
+                calls, n, timeout = wait
+                futs = {asyncio.ensure_future(self._transport.aoutcome(c)): c for c in calls}
+                until = asyncio.FIRST_COMPLETED if n < len(calls) else asyncio.ALL_COMPLETED
+                finished, _ = await asyncio.wait(futs, timeout=timeout, return_when=until)
+                for f in finished:
+                    self._complete(futs[f], f.exception() or f.result())
+            else:
+                await asyncio.sleep(wait or 0)
+        return answer[0]
 
     def flush(self, timeout_s: float | None = None) -> FlushResult:
         """Ship everything and wait until the actor acknowledged all of it as durable."""
