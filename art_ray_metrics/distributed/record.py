@@ -71,7 +71,7 @@ class WorkerBuilder(LeafRecorder):
         "_ctx",
         "_known",
         "_rid",
-        "_sk",
+        "_slot",
         "_tape",
         "client",
         "cost_context",
@@ -111,11 +111,11 @@ class WorkerBuilder(LeafRecorder):
         ctx, self._known = client.open_rollout((step, scope), rollout)
         self._ctx = ctx
         # copies of what _ctx and the client hold, so the hot path reads one attribute each
-        self._sk = sk = ctx[0]
+        self._slot = slot = ctx[0]
         self._rid = rid = ctx[1]
         self._cap = client.tape_cap
         self._tape = tape = client.tape
-        tape.extend((sk, rid, None, None))  # the next batch reports this producer for the step
+        tape.extend((slot, rid, None, None))  # the next batch reports this producer for the step
         if len(tape) >= self._cap:
             client.ship()
 
@@ -137,7 +137,7 @@ class WorkerBuilder(LeafRecorder):
             and (value >= 0 or not key.startswith("costs/"))
         ):
             tape = self._tape
-            tape.extend((self._sk, self._rid, key, value))
+            tape.extend((self._slot, self._rid, key, value))
             if len(tape) >= self._cap:
                 self.client.ship()
         else:
@@ -153,7 +153,7 @@ class WorkerBuilder(LeafRecorder):
             and self._known.get(key) is True
         ):
             tape = self._tape
-            tape.extend((self._sk, self._rid, key, usd))
+            tape.extend((self._slot, self._rid, key, usd))
             if len(tape) >= self._cap:
                 self.client.ship()
         else:
@@ -170,13 +170,13 @@ class WorkerBuilder(LeafRecorder):
                     return False
         known = self._known
         tape = self._tape
-        sk = self._sk
+        slot = self._slot
         rid = self._rid
         for i, value in enumerate(values):  # not zip(strict=True): that doubles the cost
             if value is not None:
                 key = keys[i]
                 if known.get(key) is True:
-                    tape.extend((sk, rid, key, value))
+                    tape.extend((slot, rid, key, value))
                 else:
                     self.client.record_into(self._ctx, key, value)  # type: ignore[arg-type]
         if len(tape) >= self._cap:
