@@ -118,7 +118,12 @@ _ALL_CLIENTS: weakref.WeakSet[MetricsClient] = weakref.WeakSet()
 
 
 class MetricsClient:
-    """One per process, aggregator and producer id: buffers leaves and ships them as batches."""
+    """One per process, aggregator and producer id: buffers leaves and ships them as batches.
+
+    What builders (:mod:`.record`) use: :meth:`open_rollout`, :attr:`tape`, :attr:`tape_cap`
+    and :attr:`stopped`; the slow paths ``record_*``; :meth:`ship`, :meth:`rollout_range`,
+    :meth:`flush_range` and :meth:`aflush_range`; :attr:`pricing`. Everything else is the
+    client's own state, guarded by its lock."""
 
     def __init__(
         self,
