@@ -16,6 +16,15 @@ def _batch(seq: int, acked: int = 0, version: int = 3) -> LeafBatch:
     return LeafBatch("p", seq, (group,), "inc", acked, version=version)
 
 
+def _applied(seq: int) -> ProducerWindows:
+    """A map where batch ``seq`` of ``KEY`` was applied (and nothing is durable yet)."""
+    windows = ProducerWindows()
+    window = windows.for_batch(_batch(seq))
+    assert window is not None
+    window.mark(seq)
+    return windows
+
+
 class TestWindow:
     def test_gaps_settle_into_the_watermark(self) -> None:
         w = Window()
@@ -41,10 +50,7 @@ class TestWindow:
 
 class TestProducerWindows:
     def test_applied_is_not_durable_until_the_shell_says_so(self) -> None:
-        windows = ProducerWindows()
-        applied = windows.for_batch(_batch(1))
-        assert applied is not None
-        applied.mark(1)
+        windows = _applied(1)
         assert not windows.durable_seen(KEY, 1)
         assert windows.durable_upto(KEY) == 0
         windows.logged(KEY, 1, 0)
@@ -73,10 +79,7 @@ class TestProducerWindows:
         assert windows.durable_confirmable(("unknown", ""), 0)
 
     def test_confirm_retires_the_whole_entry(self) -> None:
-        windows = ProducerWindows()
-        window = windows.for_batch(_batch(1))
-        assert window is not None
-        window.mark(1)
+        windows = _applied(1)
         windows.made_durable([(KEY, 1)])
         assert windows.confirm(KEY, 1)
         assert KEY not in windows
@@ -93,10 +96,7 @@ class TestProducerWindows:
         assert KEY not in windows.retired
 
     def test_confirm_keeps_a_window_with_applied_gaps(self) -> None:
-        windows = ProducerWindows()
-        window = windows.for_batch(_batch(2))
-        assert window is not None
-        window.mark(2)
+        windows = _applied(2)
         assert not windows.confirm(KEY, 2)
         assert KEY in windows
 
