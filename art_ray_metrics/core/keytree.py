@@ -14,7 +14,7 @@ whose parent is already known costs a few probes, whatever the number of keys.
 
 Callers: :class:`~art_ray_metrics.core.tape.PendingLeaves` (the in-process builder, the ART
 adapter and the worker client's key registries) and
-:class:`~art_ray_metrics.core.state.StepBuffer` (the aggregator, which resolves a clash
+:class:`~art_ray_metrics.core.buffer.StepBuffer` (the aggregator, which resolves a clash
 between producers instead of raising).
 """
 

@@ -28,10 +28,10 @@ from decimal import Decimal
 from typing import Any
 
 from art_ray_metrics.core import keytree
+from art_ray_metrics.core.buffer import StepBuffer
 from art_ray_metrics.core.records import KeyedCost
 from art_ray_metrics.core.rollup import exact_sum, to_decimal
 from art_ray_metrics.core.samples import SampleStats
-from art_ray_metrics.core.state import StepBuffer
 from art_ray_metrics.errors import MetricConflictError
 
 __all__ = [

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from art_ray_metrics import MetricConflictError, MetricsBuilder
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core import keytree
-from art_ray_metrics.core.state import UNATTRIBUTED, StepBuffer
+from art_ray_metrics.core.buffer import UNATTRIBUTED, StepBuffer
 from art_ray_metrics.core.tape import KeyRegistries, PendingLeaves
 from art_ray_metrics.distributed.client import MetricsClient
 from art_ray_metrics.distributed.record import WorkerBuilder
