@@ -27,6 +27,7 @@ import pytest
 from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.ops import cli as cli_mod
+from art_ray_metrics.ops.cli import cluster, common, launch, storage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,14 +144,14 @@ class TestAutoAddress:
     """``--address auto`` takes a cluster only when it is unambiguous (issue 21, item 5)."""
 
     def test_ray_address_wins(self) -> None:
-        assert cli_mod.resolve_auto("10.0.0.9:6379", "10.0.0.5:6379", ["10.0.0.7:6379"]) == (
+        assert cluster.resolve_auto("10.0.0.9:6379", "10.0.0.5:6379", ["10.0.0.7:6379"]) == (
             "10.0.0.9:6379",
             "RAY_ADDRESS",
         )
 
     @pytest.mark.parametrize("running", [[], ["10.0.0.5:6379"]], ids=["stale?", "running"])
     def test_the_cluster_file_when_no_other_cluster_runs(self, running: list[str]) -> None:
-        address, source = cli_mod.resolve_auto(None, "10.0.0.5:6379", running)
+        address, source = cluster.resolve_auto(None, "10.0.0.5:6379", running)
         assert address == "10.0.0.5:6379"
         assert "cluster file" in source
 
@@ -171,7 +172,7 @@ class TestAutoAddress:
         self, cluster_file: str | None, running: list[str], needles: list[str]
     ) -> None:
         with pytest.raises(cli_mod.CliError) as info:
-            cli_mod.resolve_auto(None, cluster_file, running)
+            cluster.resolve_auto(None, cluster_file, running)
         message = str(info.value)
         assert "--address" in message
         for needle in needles:
@@ -458,14 +459,14 @@ class TestRunAllBenchmarks:
 class TestHelpers:
     def test_demo_limits_scale_with_cpus(self) -> None:
         """8 rollouts and 2 judges per CPU, at least one CPU's worth."""
-        assert cli_mod.demo_limits(2) == (16, 4)
-        assert cli_mod.demo_limits(0.5) == (8, 2)
+        assert launch.demo_limits(2) == (16, 4)
+        assert launch.demo_limits(0.5) == (8, 2)
 
     def test_local_run_dir(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Offline W&B goes under the storage when local, else under ./runs/<name>."""
         monkeypatch.chdir(tmp_path)
-        assert cli_mod.local_run_dir(str(tmp_path / "r")) == str(tmp_path / "r")
-        assert cli_mod.local_run_dir("s3://b/p/run-1") == str(tmp_path / "runs" / "run-1")
+        assert common.local_run_dir(str(tmp_path / "r")) == str(tmp_path / "r")
+        assert common.local_run_dir("s3://b/p/run-1") == str(tmp_path / "runs" / "run-1")
 
 
 class TestDemoMessages:
@@ -595,10 +596,10 @@ class TestDemoMessages:
 
     def test_inspect_prints_counts_whole_and_money_to_the_micro_dollar(self) -> None:
         """Was: every total with six decimals (120,512.000000 tokens)."""
-        assert cli_mod.format_total("data/cum/actor_tokens", 120512.0) == "120,512"
-        assert cli_mod.format_total("data/cum/num_unique_scenarios", 12.0) == "12"
-        assert cli_mod.format_total("costs/cum/all", 1.5) == "$1.500000"
-        assert cli_mod.format_total("time/cum/wall_s", 0.125) == "0.125"
+        assert storage.format_total("data/cum/actor_tokens", 120512.0) == "120,512"
+        assert storage.format_total("data/cum/num_unique_scenarios", 12.0) == "12"
+        assert storage.format_total("costs/cum/all", 1.5) == "$1.500000"
+        assert storage.format_total("time/cum/wall_s", 0.125) == "0.125"
 
     def test_resume_hint_repeats_the_storage(self) -> None:
         """Was: the S3 demo's "continue it" hint omitted --storage."""
