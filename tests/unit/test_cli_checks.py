@@ -483,12 +483,12 @@ class TestDemoMessages:
         self, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Was: "the aggregator checkpointed run ..." though none had started."""
-        from art_ray_metrics.ops import demo
+        from art_ray_metrics.ops.demo import run as demo_run
 
         def interrupted(opts: Any) -> None:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(demo, "_init_ray", interrupted)
+        monkeypatch.setattr(demo_run, "_init_ray", interrupted)
         code = cli_mod.main(["demo", "--run", "r1", "--steps", "1"])
         err = capsys.readouterr().err
         assert code == 130
@@ -500,12 +500,12 @@ class TestDemoMessages:
         self, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """A new run that fails before its first checkpoint removes its directory."""
-        from art_ray_metrics.ops import demo
+        from art_ray_metrics.ops.demo import run as demo_run
 
         def broken(opts: Any) -> None:
             raise RuntimeError("raylet failed to start\nand many more lines")
 
-        monkeypatch.setattr(demo, "_init_ray", broken)
+        monkeypatch.setattr(demo_run, "_init_ray", broken)
         code = cli_mod.main(["demo", "--run", "r2", "--steps", "1"])
         err = capsys.readouterr().err
         assert code == 1
@@ -533,7 +533,7 @@ class TestDemoMessages:
         self, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Was: nothing printed for the 12+ s a local Ray takes to start."""
-        from art_ray_metrics.ops import demo
+        from art_ray_metrics.ops.demo import run as demo_run
 
         def interrupted(opts: Any) -> None:
             assert "starting a local Ray" in capsys.readouterr().out  # said before, not after
@@ -541,11 +541,9 @@ class TestDemoMessages:
 
         import ray
 
-        monkeypatch.setattr(demo, "_init_ray", interrupted)
+        monkeypatch.setattr(demo_run, "_init_ray", interrupted)
         monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
-        monkeypatch.setattr(
-            ray, "shutdown", lambda: None
-        )  # the demo's finally: not this suite's Ray
+        monkeypatch.setattr(ray, "shutdown", lambda: None)  # never this suite's Ray
         assert cli_mod.main(["demo", "--run", "r3", "--steps", "1"]) == 130
 
     def test_the_summary_does_not_call_a_clean_resume_a_restart(self) -> None:
@@ -612,10 +610,11 @@ class TestDemoMessages:
     def test_offline_wandb_summary_names_the_files(self, tmp_path: Path) -> None:
         """The summary says where offline W&B wrote and how to upload it."""
         from art_ray_metrics.export.wandb_offline import offline_sync_command
-        from art_ray_metrics.ops.demo import _wandb_summary, default_options
+        from art_ray_metrics.ops.demo import default_options
+        from art_ray_metrics.ops.demo.ui import wandb_summary
 
         opts = default_options(run="r", wandb_mode="offline", wandb_dir=str(tmp_path))
-        assert _wandb_summary(opts, "abc123") == f"offline run abc123, files in {tmp_path}/wandb"
+        assert wandb_summary(opts, "abc123") == f"offline run abc123, files in {tmp_path}/wandb"
         assert offline_sync_command(tmp_path, "abc123") == (
             f"wandb sync {tmp_path}/wandb/offline-run-*"
         )

@@ -234,7 +234,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary_json=args.summary_json,
         storage_flag=args.storage is not None,
     )
-    return _run_demo(demo, opts)
+    try:
+        return _run_demo(demo, opts)
+    finally:
+        if address is not None:  # the Ray this command joined (the demo leaves it up)
+            import ray
+
+            ray.shutdown()
 
 
 def _run_demo(demo: Any, opts: Any) -> int:
