@@ -150,12 +150,17 @@ def _add_fake_llm(sub: Any) -> None:
     f.set_defaults(func=cmd_fake_llm)
 
 
+def _add_aggregator_options(command: argparse.ArgumentParser) -> None:
+    """``--address``, ``--name``, ``--namespace``: which running aggregator to ask."""
+    command.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS or 'auto')")
+    command.add_argument("--name", default=DEFAULT_NAME, help="aggregator actor name")
+    command.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="aggregator namespace")
+
+
 def _add_status(sub: Any) -> None:
     """``status``."""
     s = sub.add_parser("status", help="show a running aggregator's stats")
-    s.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS or 'auto')")
-    s.add_argument("--name", default=DEFAULT_NAME, help="aggregator actor name")
-    s.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="aggregator namespace")
+    _add_aggregator_options(s)
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for stats()")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_status)
@@ -166,9 +171,7 @@ def _add_stop(sub: Any) -> None:
     t = sub.add_parser(
         "stop", help="stop an aggregator left running with demo --keep (final checkpoint)"
     )
-    t.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS or 'auto')")
-    t.add_argument("--name", default=DEFAULT_NAME, help="aggregator actor name")
-    t.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="aggregator namespace")
+    _add_aggregator_options(t)
     t.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for the final checkpoint"
     )
