@@ -666,13 +666,6 @@ class MetricsAggregator:
             if self.since_ckpt or self.state.meta.outbox:
                 await self._persist()
 
-    def row_sinks(self) -> list[Sink]:
-        """The best-effort sinks a closed row goes to right after its commit (W&B, when on);
-        the durable one, the history, is written from the outbox by :meth:`_persist`."""
-        if self.fenced or self.wandb is None:
-            return []
-        return [self.wandb]
-
     def _fence(self, exc: FencedError) -> None:
         """A newer aggregator owns the storage: stop every write, W&B included."""
         if not self.fenced:
@@ -1109,6 +1102,13 @@ class MetricsAggregator:
         await self.checkpoint()
         for sink in self.row_sinks():
             await asyncio.to_thread(sink.close, exit_code)
+
+    def row_sinks(self) -> list[Sink]:
+        """The best-effort sinks a closed row goes to right after its commit (W&B, when on);
+        the durable one, the history, is written from the outbox by :meth:`_persist`."""
+        if self.fenced or self.wandb is None:
+            return []
+        return [self.wandb]
 
 
 def _node_id() -> str | None:
