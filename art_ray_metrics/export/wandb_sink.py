@@ -42,7 +42,7 @@ __all__ = [
     "WandbSinkConfig",
 ]
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 WANDB_GLOBS: tuple[str, ...] = (
@@ -233,7 +233,7 @@ class WandbSink:
     def _fail(self, what: str, exc: BaseException) -> None:
         self.failures += 1
         self.last_error = f"{what}: {exc!r}"
-        _log.warning("W&B %s failed for run %s: %r", what, self.run_id, exc)
+        log.warning("W&B %s failed for run %s: %r", what, self.run_id, exc)
 
     # -- init ----------------------------------------------------------------------------
 
@@ -379,7 +379,7 @@ class WandbSink:
 
     def _abandon_run(self) -> None:
         run, self._run = self._run, None
-        _log.warning("W&B run %s keeps failing; re-attaching it", self.run_id)
+        log.warning("W&B run %s keeps failing; re-attaching it", self.run_id)
         self._finishing = threading.Thread(
             target=self._finish_run, args=(run, 1), name="wandb-abandon", daemon=True
         )
@@ -413,7 +413,7 @@ class WandbSink:
         try:
             with self._lock:
                 if self._closed:
-                    _log.warning("W&B sink closed; dropping %s row of step %s", split, step)
+                    log.warning("W&B sink closed; dropping %s row of step %s", split, step)
                     return
                 self._enqueue(row, step)
                 if self._run is None:
@@ -438,7 +438,7 @@ class WandbSink:
             with self._lock:
                 for row in rows:
                     if STEP_METRIC not in row:
-                        _log.warning("W&B relog: skipping a row without %s", STEP_METRIC)
+                        log.warning("W&B relog: skipping a row without %s", STEP_METRIC)
                         continue
                     self._enqueue(history_row_metrics(row), None)
                     count += 1
@@ -473,7 +473,7 @@ class WandbSink:
                 self._flush()
                 run, self._run = self._run, None
                 if self._pending:
-                    _log.warning(
+                    log.warning(
                         "W&B run %s closed with %d rows not logged (they are in the history)",
                         self.run_id,
                         len(self._pending),
