@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints and a write-ahead log over an :class:`~art_ray_metrics.durable.storage.ObjectStore`.
+"""Crash-safe checkpoints and a write-ahead log over an :class:`~art_ray_metrics.durable.stores.base.ObjectStore`.
 
 :meth:`CheckpointManager.commit` takes the state as :class:`CheckpointParts`: a small ``state``
 blob rewritten every time, plus per shard family the bytes added since the last checkpoint
