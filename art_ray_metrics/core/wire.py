@@ -18,6 +18,12 @@ Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across 
 Snapshot, format version 2 (version 1 is still read): ``["arm-state", 2, state]`` where ``state`` is
 :meth:`AggregatorState.to_wire() <art_ray_metrics.core.state.AggregatorState.to_wire>`.
 
+Every msgpack object this package stores or sends is read through :func:`decode_envelope` (or
+:func:`unpack` for a bare payload): one place that unpacks, maps msgpack's many exception types
+to one typed error, and checks the magic and the format version. Two envelope shapes exist: an
+array ``[magic, version, ...]`` (batches, snapshots) and a map ``{"format": version, ...}``
+(rewind records, the checkpoint pointer and manifests).
+
 Decoding never trusts its input: every field's type is checked, every key goes through
 :func:`~art_ray_metrics.core.validate.validate_key` and every value through
 :func:`~art_ray_metrics.core.validate.check_value`; anything else raises :class:`WireFormatError` naming
@@ -27,7 +33,7 @@ defaults; fields are never reordered or retyped; an unknown version is refused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -38,7 +44,7 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.samples import SampleStats, check_sample_key
-from art_ray_metrics.errors import InvalidMetricError, WireFormatError
+from art_ray_metrics.errors import InvalidMetricError, MetricsError, WireFormatError
 
 __all__ = [
     "BATCH_MAGIC",
@@ -47,9 +53,11 @@ __all__ = [
     "STATE_MAGIC",
     "batch_identity",
     "decode_batch",
+    "decode_envelope",
     "decode_state",
     "encode_batch",
     "encode_state",
+    "unpack",
 ]
 
 FORMAT_VERSION = 3
@@ -89,20 +97,75 @@ def encode_batch(batch: LeafBatch) -> bytes:
     return out
 
 
-def _unpack(data: object, magic: str) -> list[Any]:
+def unpack(data: object, *, what: str, error: type[MetricsError] = WireFormatError) -> Any:
+    """Unpack one msgpack object, mapping every failure to ``error``.
+
+    Args:
+        data: The bytes.
+        what: Names the object in the error ("a rewind record", "the manifest at key 'k'").
+        error: The typed error to raise.
+
+    Raises:
+        MetricsError: ``error``: not bytes, malformed or truncated.
+
+    >>> unpack(b"\\x93\\x01\\x02\\x03", what="a list")
+    [1, 2, 3]
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireFormatError(f"Expected bytes but got {type(data).__name__}")
+        raise error(f"Expected {what} as bytes but got {type(data).__name__}")
     try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+        return msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise WireFormatError(f"Malformed or truncated msgpack ({len(data)} bytes): {exc}") from exc
+        raise error(f"Malformed or truncated msgpack in {what} ({len(data)} bytes): {exc}") from exc
+
+
+def decode_envelope(
+    data: object,
+    *,
+    what: str,
+    versions: Collection[int],
+    magic: str | None = None,
+    error: type[MetricsError] = WireFormatError,
+) -> Any:
+    """The one envelope decoder: unpack, map errors to ``error``, check magic and version.
+
+    Args:
+        data: The bytes.
+        what: Names the object in errors.
+        versions: The format versions this build reads.
+        magic: For an array envelope ``[magic, version, ...]``; None for a map envelope
+            ``{"format": version, ...}``.
+        error: The typed error to raise.
+
+    Returns:
+        The array (a list) or the map (a dict), fields not checked beyond magic and version.
+
+    Raises:
+        MetricsError: ``error``: malformed, of another shape or magic, or an unknown version.
+
+    >>> decode_envelope(msgpack.packb({"format": 1, "a": 2}), what="a map", versions=(1,))
+    {'format': 1, 'a': 2}
+    """
+    obj = unpack(data, what=what, error=error)
+    if magic is None:
+        if not isinstance(obj, dict):
+            raise error(f"Expected {what} as a msgpack map but got {type(obj).__name__}")
+        if obj.get("format") not in versions:
+            readable = " or ".join(str(v) for v in versions)
+            raise error(f"Expected {what} in format {readable} but got {obj.get('format')!r}")
+        return obj
     if not isinstance(obj, list) or len(obj) < 2 or obj[0] != magic:
-        raise WireFormatError(f"Expected a {magic!r} message but got {str(obj)[:80]!r}")
-    if obj[1] not in READABLE_VERSIONS:
-        raise WireFormatError(
+        raise error(f"Expected a {magic!r} message but got {str(obj)[:80]!r}")
+    if obj[1] not in versions:
+        raise error(
             f"Unknown {magic} format version {obj[1]!r}; this build reads versions "
-            f"{READABLE_VERSIONS}"
+            f"{tuple(versions)}"
         )
+    return obj
+
+
+def _unpack(data: object, magic: str) -> list[Any]:
+    obj: list[Any] = decode_envelope(data, what=magic, versions=READABLE_VERSIONS, magic=magic)
     return obj
 
 

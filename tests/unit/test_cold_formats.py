@@ -24,6 +24,7 @@ from art_ray_metrics.core.meta import (
     RewoundTotals,
 )
 from art_ray_metrics.durable import checkpoint as C
+from art_ray_metrics.durable import layout
 from art_ray_metrics.durable.restore import encode_wal_record
 from art_ray_metrics.errors import CheckpointCorruptError, WireFormatError
 from art_ray_metrics.testing import make_batch
@@ -55,9 +56,9 @@ WAL_BLOB = bytes.fromhex(
 )
 # fmt: on
 
-POINTER_OBJ = C._Pointer(epoch=3, seq=17, manifest="manifests/0000000003-000000000017.bin")
-POINTER_EMPTY_OBJ = C._Pointer(epoch=1, seq=0, manifest=None)
-MANIFEST_OBJ = C._Manifest(
+POINTER_OBJ = layout.Pointer(epoch=3, seq=17, manifest="manifests/0000000003-000000000017.bin")
+POINTER_EMPTY_OBJ = layout.Pointer(epoch=1, seq=0, manifest=None)
+MANIFEST_OBJ = layout.Manifest(
     key="manifests/0000000003-000000000017.bin",
     epoch=3,
     seq=17,
@@ -105,12 +106,12 @@ WAL_ENTRIES = [
 class TestGoldenBytes:
     def test_pointer(self) -> None:
         for golden, obj in ((POINTER, POINTER_OBJ), (POINTER_EMPTY, POINTER_EMPTY_OBJ)):
-            assert C._decode_pointer(golden) == obj
-            assert C._encode_pointer(obj) == golden
+            assert layout.decode_pointer(golden) == obj
+            assert layout.encode_pointer(obj) == golden
 
     def test_manifest(self) -> None:
-        assert C._decode_manifest(MANIFEST_OBJ.key, MANIFEST) == MANIFEST_OBJ
-        assert C._encode_manifest(MANIFEST_OBJ) == MANIFEST
+        assert layout.decode_manifest(MANIFEST_OBJ.key, MANIFEST) == MANIFEST_OBJ
+        assert layout.encode_manifest(MANIFEST_OBJ) == MANIFEST
 
     def test_rewind_record(self) -> None:
         assert R.decode_record(REWIND) == REWIND_OBJ
@@ -176,7 +177,7 @@ class TestEnvelopeErrors:
     )
     def test_pointer(self, payload: bytes) -> None:
         with pytest.raises(CheckpointCorruptError, match="CHECKPOINT"):
-            C._decode_pointer(C.encode_blob(C.KIND_POINTER, payload))
+            layout.decode_pointer(C.encode_blob(C.KIND_POINTER, payload))
 
     def test_blob_header(self) -> None:
         with pytest.raises(CheckpointCorruptError, match="kind"):
