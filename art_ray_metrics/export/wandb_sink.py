@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from art_ray_metrics.core.backoff import WANDB_INIT, BackoffPolicy
 from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
 
@@ -111,8 +112,8 @@ class WandbSinkConfig:
     config: Mapping[str, Any] | None = None
     init_timeout_s: float = 60.0
     finish_timeout_s: float = 30.0
-    retry_backoff_s: float = 1.0
-    retry_backoff_max_s: float = 60.0
+    retry_backoff_s: float = WANDB_INIT.initial
+    retry_backoff_max_s: float = WANDB_INIT.cap
     max_pending_rows: int = 10_000
     reset_after_failures: int = 3
 
@@ -285,11 +286,10 @@ class WandbSink:
             with self._lock:
                 self._fail("init", exc)
                 self._init_failures += 1
-                delay = min(
-                    self.config.retry_backoff_s * 2 ** (self._init_failures - 1),
-                    self.config.retry_backoff_max_s,
+                policy = BackoffPolicy(
+                    self.config.retry_backoff_s, cap=self.config.retry_backoff_max_s
                 )
-                self._next_init_at = self._clock() + delay
+                self._next_init_at = self._clock() + policy.delay(self._init_failures)
             return False
         with self._lock:
             if self._closed:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from art_ray_metrics import errors
+from art_ray_metrics.core.backoff import STORAGE_REQUEST
 from art_ray_metrics.durable.stores.base import check_key, check_prefix, first_line
 
 if TYPE_CHECKING:
@@ -180,9 +181,9 @@ def retry_config(timeout_s: float) -> RetryConfig:
         "max_retries": 2,
         "retry_timeout": timedelta(seconds=timeout_s),
         "backoff": {
-            "init_backoff": timedelta(milliseconds=100),
-            "max_backoff": timedelta(seconds=1),
-            "base": 2,
+            "init_backoff": timedelta(seconds=STORAGE_REQUEST.initial),
+            "max_backoff": timedelta(seconds=STORAGE_REQUEST.cap),
+            "base": STORAGE_REQUEST.factor,
         },
     }
 
