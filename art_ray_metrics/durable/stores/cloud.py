@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from art_ray_metrics import errors
 from art_ray_metrics.core.backoff import STORAGE_REQUEST
-from art_ray_metrics.durable.stores.base import check_key, check_prefix, first_line
+from art_ray_metrics.durable.stores.base import check_key, check_prefix, first_line, redact
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -26,6 +26,7 @@ __all__ = [
     "client_options",
     "env_lookup",
     "obstore_config",
+    "open_bucket",
     "retry_config",
     "split_bucket",
 ]
@@ -211,3 +212,31 @@ def env_lookup(env: Mapping[str, str], name: str) -> str | None:
 def obstore_config(env: Mapping[str, str], names: Mapping[str, str]) -> dict[str, str]:
     """obstore config entries for the variables of ``names`` present in ``env`` (overrides)."""
     return {key: env[var] for var, key in names.items() if env.get(var)}
+
+
+def open_bucket(
+    uri: str,
+    label: str,
+    env: Mapping[str, str],
+    make: Callable[[str, str, Mapping[str, str]], Any],
+) -> ObstoreStore:
+    """Open a bucket store whose client ``make(bucket, prefix, env)`` builds.
+
+    The store keeps ``make`` to rebuild its client when credentials change
+    (:meth:`ObstoreStore.use_env`).
+
+    Raises:
+        ConfigError: No bucket in ``uri``, or ``make`` failed (named by ``label``, e.g. "S3").
+    """
+    bucket, prefix = split_bucket(uri)
+
+    def build(env: Mapping[str, str]) -> Any:
+        try:
+            return make(bucket, prefix, env)
+        except Exception as exc:
+            raise errors.ConfigError(
+                f"Expected a usable {label} configuration for {redact(uri)!r} but got: "
+                f"{first_line(exc)}"
+            ) from exc
+
+    return ObstoreStore(build(env), redact(uri), build)

@@ -9,16 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from art_ray_metrics import errors
-from art_ray_metrics.durable.stores.base import Backend, first_line, redact
-from art_ray_metrics.durable.stores.cloud import (
-    ObstoreStore,
-    client_options,
-    env_lookup,
-    obstore_config,
-    retry_config,
-    split_bucket,
-)
+from art_ray_metrics.durable.stores import cloud
+from art_ray_metrics.durable.stores.base import Backend
 
 __all__ = ["BACKEND", "CREDENTIALS", "open_gcs"]
 
@@ -31,31 +23,24 @@ CREDENTIALS = {
 the other two name files)."""
 
 
-def open_gcs(uri: str, timeout_s: float, env: Mapping[str, str]) -> ObstoreStore:
+def _client(bucket: str, prefix: str, env: Mapping[str, str], timeout_s: float) -> Any:
+    from obstore.store import GCSStore
+
+    base_url = cloud.env_lookup(env, "GOOGLE_BASE_URL") or ""
+    return GCSStore(
+        bucket,
+        prefix=prefix or None,
+        config=cloud.obstore_config(env, CREDENTIALS),  # type: ignore[arg-type]
+        client_options=cloud.client_options(
+            timeout_s, allow_http=base_url.lower().startswith("http://")
+        ),
+        retry_config=cloud.retry_config(timeout_s),
+    )
+
+
+def open_gcs(uri: str, timeout_s: float, env: Mapping[str, str]) -> cloud.ObstoreStore:
     """Open ``gs://bucket/prefix``; ``env`` overrides the process environment."""
-    bucket, prefix = split_bucket(uri)
-
-    def build(env: Mapping[str, str]) -> Any:
-        from obstore.store import GCSStore
-
-        base_url = env_lookup(env, "GOOGLE_BASE_URL") or ""
-        try:
-            return GCSStore(
-                bucket,
-                prefix=prefix or None,
-                config=obstore_config(env, CREDENTIALS),  # type: ignore[arg-type]
-                client_options=client_options(
-                    timeout_s, allow_http=base_url.lower().startswith("http://")
-                ),
-                retry_config=retry_config(timeout_s),
-            )
-        except Exception as exc:
-            raise errors.ConfigError(
-                f"Expected a usable GCS configuration for {redact(uri)!r} but got: "
-                f"{first_line(exc)}"
-            ) from exc
-
-    return ObstoreStore(build(env), redact(uri), build)
+    return cloud.open_bucket(uri, "GCS", env, lambda b, p, e: _client(b, p, e, timeout_s))
 
 
 BACKEND = Backend(

@@ -10,16 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from art_ray_metrics import errors
-from art_ray_metrics.durable.stores.base import Backend, first_line, redact
-from art_ray_metrics.durable.stores.cloud import (
-    ObstoreStore,
-    client_options,
-    env_lookup,
-    obstore_config,
-    retry_config,
-    split_bucket,
-)
+from art_ray_metrics.durable.stores import cloud
+from art_ray_metrics.durable.stores.base import Backend
 
 __all__ = ["BACKEND", "CREDENTIALS", "open_s3"]
 
@@ -31,36 +23,32 @@ CREDENTIALS = {
 """The secret variables and the obstore config key each one sets."""
 
 
-def open_s3(uri: str, timeout_s: float, env: Mapping[str, str]) -> ObstoreStore:
+def _client(bucket: str, prefix: str, env: Mapping[str, str], timeout_s: float) -> Any:
+    from obstore.store import S3Store
+
+    endpoint = cloud.env_lookup(env, "AWS_ENDPOINT_URL_S3") or cloud.env_lookup(
+        env, "AWS_ENDPOINT_URL"
+    )
+    region = cloud.env_lookup(env, "AWS_REGION") or cloud.env_lookup(env, "AWS_DEFAULT_REGION")
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint"] = endpoint
+    if region:
+        kwargs["region"] = region
+    allow_http = bool(endpoint) and str(endpoint).lower().startswith("http://")
+    return S3Store(
+        bucket,
+        prefix=prefix or None,
+        config=cloud.obstore_config(env, CREDENTIALS),  # type: ignore[arg-type]
+        client_options=cloud.client_options(timeout_s, allow_http=allow_http),
+        retry_config=cloud.retry_config(timeout_s),
+        **kwargs,
+    )
+
+
+def open_s3(uri: str, timeout_s: float, env: Mapping[str, str]) -> cloud.ObstoreStore:
     """Open ``s3://bucket/prefix``; ``env`` overrides the process environment."""
-    bucket, prefix = split_bucket(uri)
-
-    def build(env: Mapping[str, str]) -> Any:
-        from obstore.store import S3Store
-
-        endpoint = env_lookup(env, "AWS_ENDPOINT_URL_S3") or env_lookup(env, "AWS_ENDPOINT_URL")
-        region = env_lookup(env, "AWS_REGION") or env_lookup(env, "AWS_DEFAULT_REGION")
-        kwargs: dict[str, Any] = {}
-        if endpoint:
-            kwargs["endpoint"] = endpoint
-        if region:
-            kwargs["region"] = region
-        allow_http = bool(endpoint) and str(endpoint).lower().startswith("http://")
-        try:
-            return S3Store(
-                bucket,
-                prefix=prefix or None,
-                config=obstore_config(env, CREDENTIALS),  # type: ignore[arg-type]
-                client_options=client_options(timeout_s, allow_http=allow_http),
-                retry_config=retry_config(timeout_s),
-                **kwargs,
-            )
-        except Exception as exc:
-            raise errors.ConfigError(
-                f"Expected a usable S3 configuration for {redact(uri)!r} but got: {first_line(exc)}"
-            ) from exc
-
-    return ObstoreStore(build(env), redact(uri), build)
+    return cloud.open_bucket(uri, "S3", env, lambda b, p, e: _client(b, p, e, timeout_s))
 
 
 BACKEND = Backend(
