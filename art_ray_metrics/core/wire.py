@@ -211,6 +211,62 @@ def _samples(raw: object) -> dict[str, SampleStats]:
     return out
 
 
+def _lost(raw: object, acked_upto: int) -> list[tuple[int, int, str, int]]:
+    """The batches a producer declares given up: ``[[seq, step, scope, leaves], ...]``."""
+    if not isinstance(raw, list):
+        raise WireFormatError(f"Expected the lost batches as a list but got {raw!r}")
+    lost = []
+    for entry in raw:
+        if not isinstance(entry, list) or len(entry) != 4:
+            raise WireFormatError(f"Expected [seq, step, scope, leaves] but got {entry!r}")
+        lost_seq = _int(entry[0], "a lost batch's seq", 1)
+        if lost_seq > acked_upto:
+            raise WireFormatError(
+                f"Expected lost batch {lost_seq} to be at most acked_upto={acked_upto}"
+            )
+        scope = _str(entry[2], "a lost batch's scope")
+        try:
+            V.check_split(scope)
+        except InvalidMetricError as exc:
+            raise WireFormatError(f"Invalid scope of a lost batch: {exc}") from exc
+        step = _int(entry[1], "a lost batch's step", 0)
+        lost.append((lost_seq, step, scope, _int(entry[3], "a lost batch's leaves", 0)))
+    return lost
+
+
+def _group(raw: object) -> StepGroup:
+    """One ``[step, scope, sums, keyed, digests(, samples)]`` group, checked."""
+    if not isinstance(raw, list) or len(raw) not in (5, 6):
+        raise WireFormatError(f"Expected a 5- or 6-field group but got {str(raw)[:80]!r}")
+    step = _int(raw[0], "step", 0)
+    scope = _str(raw[1], "scope")
+    try:
+        V.check_split(scope)  # a scope the trainer could never close would stay pending
+    except InvalidMetricError as exc:
+        raise WireFormatError(f"Invalid scope in batch: {exc}") from exc
+    # "val"/"test" from an older client: the scope the val and test barriers close
+    scope = K.scope_for_cost_context(scope)
+    if not isinstance(raw[2], dict) or not isinstance(raw[3], list):
+        raise WireFormatError("Expected group sums as a map and keyed costs as a list")
+    sums = dict(_leaf(k, v) for k, v in raw[2].items())
+    keyed = []
+    for item in raw[3]:
+        if not isinstance(item, list) or len(item) != 3:
+            raise WireFormatError(f"Expected [key, value, response_id] but got {item!r}")
+        key, value = _leaf(item[0], item[1])
+        if not key.startswith("costs/"):
+            raise WireFormatError(f"Expected a costs/ key for a keyed cost but got {key!r}")
+        keyed.append(KeyedCost(key, value, _str(item[2], "response_id")))
+    digests = raw[4]
+    if not isinstance(digests, bytes) or len(digests) % DIGEST_SIZE:
+        raise WireFormatError(
+            f"Expected scenario digests as bytes in multiples of {DIGEST_SIZE} "
+            f"but got {type(digests).__name__} of length {len(digests)}"
+        )
+    samples = _samples(raw[5]) if len(raw) == 6 else {}
+    return StepGroup(step, scope, sums, tuple(keyed), digests, samples)
+
+
 def decode_batch(data: bytes) -> LeafBatch:
     """Parse and validate a batch; raise :class:`WireFormatError` on anything unexpected."""
     obj = _unpack(data, BATCH_MAGIC)
@@ -229,57 +285,11 @@ def decode_batch(data: bytes) -> LeafBatch:
         acked_upto = _int(obj[6], "acked_upto", 0)
         dropped = _int(obj[7], "dropped", 0)
     if want == 9:
-        if not isinstance(obj[8], list):
-            raise WireFormatError(f"Expected the lost batches as a list but got {obj[8]!r}")
-        for entry in obj[8]:
-            if not isinstance(entry, list) or len(entry) != 4:
-                raise WireFormatError(f"Expected [seq, step, scope, leaves] but got {entry!r}")
-            lost_seq = _int(entry[0], "a lost batch's seq", 1)
-            if lost_seq > acked_upto:
-                raise WireFormatError(
-                    f"Expected lost batch {lost_seq} to be at most acked_upto={acked_upto}"
-                )
-            scope = _str(entry[2], "a lost batch's scope")
-            try:
-                V.check_split(scope)
-            except InvalidMetricError as exc:
-                raise WireFormatError(f"Invalid scope of a lost batch: {exc}") from exc
-            step = _int(entry[1], "a lost batch's step", 0)
-            lost.append((lost_seq, step, scope, _int(entry[3], "a lost batch's leaves", 0)))
+        lost = _lost(obj[8], acked_upto)
     raw_groups = obj[4]
     if not isinstance(raw_groups, list):
         raise WireFormatError(f"Expected a list of groups but got {raw_groups!r}")
-    groups = []
-    for raw in raw_groups:
-        if not isinstance(raw, list) or len(raw) not in (5, 6):
-            raise WireFormatError(f"Expected a 5- or 6-field group but got {str(raw)[:80]!r}")
-        step = _int(raw[0], "step", 0)
-        scope = _str(raw[1], "scope")
-        try:
-            V.check_split(scope)  # a scope the trainer could never close would stay pending
-        except InvalidMetricError as exc:
-            raise WireFormatError(f"Invalid scope in batch: {exc}") from exc
-        # "val"/"test" from an older client: the scope the val and test barriers close
-        scope = K.scope_for_cost_context(scope)
-        if not isinstance(raw[2], dict) or not isinstance(raw[3], list):
-            raise WireFormatError("Expected group sums as a map and keyed costs as a list")
-        sums = dict(_leaf(k, v) for k, v in raw[2].items())
-        keyed = []
-        for item in raw[3]:
-            if not isinstance(item, list) or len(item) != 3:
-                raise WireFormatError(f"Expected [key, value, response_id] but got {item!r}")
-            key, value = _leaf(item[0], item[1])
-            if not key.startswith("costs/"):
-                raise WireFormatError(f"Expected a costs/ key for a keyed cost but got {key!r}")
-            keyed.append(KeyedCost(key, value, _str(item[2], "response_id")))
-        digests = raw[4]
-        if not isinstance(digests, bytes) or len(digests) % DIGEST_SIZE:
-            raise WireFormatError(
-                f"Expected scenario digests as bytes in multiples of {DIGEST_SIZE} "
-                f"but got {type(digests).__name__} of length {len(digests)}"
-            )
-        samples = _samples(raw[5]) if len(raw) == 6 else {}
-        groups.append(StepGroup(step, scope, sums, tuple(keyed), digests, samples))
+    groups = [_group(raw) for raw in raw_groups]
     return LeafBatch(
         producer_id, seq, tuple(groups), incarnation, acked_upto, dropped, tuple(lost), version
     )

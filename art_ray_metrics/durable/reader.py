@@ -120,16 +120,37 @@ class CheckpointReader:
         readable pointer, every manifest key is a candidate; a pointer naming no manifest means
         nothing was committed yet.
         """
+        chosen = self._newest_loadable(self._candidates(pointer))
+        chain = self._chain(chosen[0]) if chosen is not None else []
+        wal = self.load_wal(chosen[0] if chosen is not None else None)
+        if chosen is None and not wal:
+            return None, chain
+        if chosen is None:
+            return LoadedCheckpoint(state=b"", shards={}, epoch=0, seq=0, wal=wal), chain
+        manifest, state, shards = chosen
+        loaded = LoadedCheckpoint(
+            state=state,
+            shards=shards,
+            epoch=manifest.epoch,
+            seq=manifest.seq,
+            wal=wal,
+            manifest=manifest.key,
+        )
+        return loaded, chain
+
+    def _candidates(self, pointer: Pointer | None) -> list[str]:
         if pointer is not None and pointer.manifest is None:
-            candidates: list[str] = []
-        else:
-            keys = sorted(self.manifest_keys(), reverse=True)
-            if pointer is not None and pointer.manifest is not None:
-                newest = pointer.manifest
-                candidates = [newest] + [k for k in keys if k < newest]
-            else:
-                candidates = keys
-        chosen: tuple[Manifest, bytes, dict[str, bytes]] | None = None
+            return []
+        keys = sorted(self.manifest_keys(), reverse=True)
+        if pointer is not None and pointer.manifest is not None:
+            newest = pointer.manifest
+            return [newest] + [k for k in keys if k < newest]
+        return keys
+
+    def _newest_loadable(
+        self, candidates: list[str]
+    ) -> tuple[Manifest, bytes, dict[str, bytes]] | None:
+        """The first candidate whose manifest, state and shards all read back."""
         for key in candidates:
             try:
                 manifest = self.read_manifest(key)
@@ -146,39 +167,26 @@ class CheckpointReader:
                     exc,
                 )
                 continue
-            chosen = (manifest, state, shards)
-            break
-        if candidates and chosen is None:
+            return manifest, state, shards
+        if candidates:
             raise errors.CheckpointCorruptError(
                 f"Expected a loadable checkpoint among {len(candidates)} manifests in "
                 f"{self.uri} but every one is corrupt or incomplete"
             )
-        chain: list[Manifest] = []
-        if chosen is not None:
-            chain.append(chosen[0])
-            while len(chain) < self.retention and chain[-1].prev is not None:
-                try:
-                    chain.append(self.read_manifest(chain[-1].prev))
-                except errors.CheckpointCorruptError as exc:
-                    pruned = isinstance(exc.__cause__, errors.ObjectNotFoundError)
-                    report = log.debug if pruned else log.warning
-                    report("retention chain of %s ends early: %s", self.uri, exc)
-                    break
-        wal = self.load_wal(chosen[0] if chosen is not None else None)
-        if chosen is None and not wal:
-            return None, chain
-        if chosen is None:
-            return LoadedCheckpoint(state=b"", shards={}, epoch=0, seq=0, wal=wal), chain
-        manifest, state, shards = chosen
-        loaded = LoadedCheckpoint(
-            state=state,
-            shards=shards,
-            epoch=manifest.epoch,
-            seq=manifest.seq,
-            wal=wal,
-            manifest=manifest.key,
-        )
-        return loaded, chain
+        return None
+
+    def _chain(self, newest: Manifest) -> list[Manifest]:
+        """``newest`` and the manifests before it, up to ``retention`` (fewer if pruned)."""
+        chain = [newest]
+        while len(chain) < self.retention and chain[-1].prev is not None:
+            try:
+                chain.append(self.read_manifest(chain[-1].prev))
+            except errors.CheckpointCorruptError as exc:
+                pruned = isinstance(exc.__cause__, errors.ObjectNotFoundError)
+                report = log.debug if pruned else log.warning
+                report("retention chain of %s ends early: %s", self.uri, exc)
+                break
+        return chain
 
     def load_wal(self, manifest: Manifest | None) -> list[bytes]:
         entries: list[tuple[int, int, str]] = []
