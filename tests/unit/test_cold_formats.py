@@ -184,3 +184,34 @@ class TestEnvelopeErrors:
             C.decode_blob("k", C.KIND_MANIFEST, POINTER)
         with pytest.raises(CheckpointCorruptError, match="CRC"):
             C.decode_blob("k", C.KIND_POINTER, POINTER[:-1] + b"x")
+
+
+class TestEnvelopeDecoder:
+    """core/wire.decode_envelope: the one place msgpack objects are unpacked and checked."""
+
+    def test_map_envelope(self) -> None:
+        data = msgpack.packb({"format": 2, "x": 1})
+        assert W.decode_envelope(data, what="a thing", versions=(1, 2)) == {"format": 2, "x": 1}
+        with pytest.raises(WireFormatError, match="Expected a thing in format 1 but got 2"):
+            W.decode_envelope(data, what="a thing", versions=(1,))
+        with pytest.raises(WireFormatError, match="a thing as a msgpack map"):
+            W.decode_envelope(msgpack.packb([1]), what="a thing", versions=(1,))
+
+    def test_array_envelope(self) -> None:
+        data = msgpack.packb(["m", 1, "body"])
+        assert W.decode_envelope(data, what="m", versions=(1,), magic="m") == ["m", 1, "body"]
+        with pytest.raises(WireFormatError, match="Expected a 'n' message"):
+            W.decode_envelope(data, what="n", versions=(1,), magic="n")
+
+    @pytest.mark.parametrize("data", ["text", None, b"\x92\x01", b"\xc1"])
+    def test_undecodable_is_the_typed_error_asked_for(self, data: object) -> None:
+        with pytest.raises(CheckpointCorruptError, match="a thing"):
+            W.decode_envelope(data, what="a thing", versions=(1,), error=CheckpointCorruptError)
+
+    def test_a_corrupt_wal_record_is_named(self) -> None:
+        from art_ray_metrics.durable.checkpoint import LoadedCheckpoint
+        from art_ray_metrics.durable.restore import rebuild_state
+
+        loaded = LoadedCheckpoint(state=b"", shards={}, epoch=0, seq=0, wal=[b"\xc1"])
+        with pytest.raises(CheckpointCorruptError, match="write-ahead-log record"):
+            rebuild_state(loaded)
