@@ -18,7 +18,7 @@ place:
 | LOOP_RESTART | the aggregator restarting a loop that raised | 0.1 s doubling to 5 s |
 | WORKER_ENV | a worker asking for the workers' variables again | 1 s doubling to 30 s |
 | WORKER_ENV_FETCH | that request while the aggregator restarts | 0.1 s doubling to 2 s, deadline |
-| WANDB_INIT | the W&B sink's run init (WandbSinkConfig's defaults) | 1 s doubling to 60 s |
+| WANDB_INIT | the W&B sink re-initialising its run | 1 s doubling to 60 s |
 | STORAGE_REQUEST | obstore retrying one S3/GCS request | 0.1 s doubling to 1 s |
 """
 
@@ -156,6 +156,6 @@ WORKER_ENV = BackoffPolicy(1.0, cap=30.0)
 WORKER_ENV_FETCH = BackoffPolicy(0.1, cap=2.0)
 """One fetch of the workers' variables asking a restarting aggregator again, within a deadline."""
 WANDB_INIT = BackoffPolicy(1.0, cap=60.0)
-"""The W&B sink's run init after a failure (the defaults of ``WandbSinkConfig``)."""
+"""The W&B sink's run init after a failure."""
 STORAGE_REQUEST = BackoffPolicy(0.1, cap=1.0)
 """obstore's own retries of one S3/GCS request."""
