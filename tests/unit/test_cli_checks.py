@@ -97,6 +97,7 @@ def free_port() -> int:
 
 
 class TestAddressChecks:
+    @pytest.mark.slow  # the entry point in a fresh interpreter, as a user runs it
     def test_demo_with_nothing_at_the_address_fails_at_once(self, tmp_path: Path) -> None:
         """demo --address host:port where nothing listens: exit 2 in seconds, nothing written."""
         proc = cli("demo", "--address", f"127.0.0.1:{free_port()}", cwd=tmp_path)
@@ -274,11 +275,13 @@ class TestInputLimits:
         assert_one_line_error(proc, "demo", needle)
         assert not (tmp_path / "runs").exists()
 
+    @pytest.mark.slow  # argparse's exit in a fresh interpreter
     def test_usage_error_is_one_line(self, tmp_path: Path) -> None:
         """A wrong flag value is one line (argparse would print the usage too)."""
         proc = cli("demo", "--steps", "x", cwd=tmp_path)
         assert_one_line_error(proc, "demo", "--steps", "invalid int value")
 
+    @pytest.mark.slow  # argparse's exit in a fresh interpreter
     def test_unknown_flag_names_the_command_and_its_help(self, tmp_path: Path) -> None:
         """Was: "art-ray-metrics: error: unrecognized arguments: --bogus (see art-ray-metrics
         --help)", naming neither the command nor its help."""
