@@ -24,6 +24,7 @@ from art_ray_metrics.core import adopt as A
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.backoff import LOOP_RESTART, STORAGE_READY
 from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.rewind import TOMBSTONES
@@ -59,6 +60,7 @@ from art_ray_metrics.errors import (
     StorageError,
     WireFormatError,
 )
+from art_ray_metrics.export.sink import HistorySink, Sink
 from art_ray_metrics.export.wandb_sink import (
     WandbSink,
     WandbSinkConfig,
@@ -186,6 +188,7 @@ class MetricsAggregator:
             prune_every=self.config.checkpoint_prune_every,
         )
         self.history = HistoryStore(self.store)
+        self.history_sink = HistorySink(self.history, epoch=lambda: self.ckpt.epoch)
         self.state, replayed = self._restore(attempts)
         self.state.limits = Limits(
             max_keys_per_step=self.config.max_keys_per_step,
@@ -234,7 +237,7 @@ class MetricsAggregator:
     # -- start-up ---------------------------------------------------------------------------
 
     def _restore(self, max_attempts: int) -> tuple[AggregatorState, int]:
-        delay, attempts = 0.5, 0
+        backoff = STORAGE_READY.start()
         while True:
             try:
                 loaded = self.ckpt.acquire()
@@ -242,12 +245,10 @@ class MetricsAggregator:
             except FencedError:
                 raise
             except StorageError as exc:
-                attempts += 1
-                if attempts >= max_attempts:
+                if backoff.failures + 1 >= max_attempts:
                     raise
                 log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
-                time.sleep(delay)
-                delay *= 2
+                time.sleep(backoff.next_delay())
         if loaded is None:
             return AggregatorState(), 0
         state, replayed = rebuild_state(loaded)
@@ -479,7 +480,7 @@ class MetricsAggregator:
 
     async def _supervised(self, name: str, body: Any) -> None:
         """Run a background loop forever: a loop that raises is logged, counted and restarted."""
-        delay = 0.1
+        backoff = LOOP_RESTART.start()
         while True:
             try:
                 await body()
@@ -488,8 +489,7 @@ class MetricsAggregator:
             except Exception as exc:
                 self.health.loop_restarts += 1
                 log.error("art_ray_metrics: %s loop died (%r); restarting", name, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.next_delay())
 
     # -- ingest -----------------------------------------------------------------------------
 
@@ -762,8 +762,8 @@ class MetricsAggregator:
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)
         await self._persist()
-        if self.wandb is not None and not self.fenced:
-            self.wandb.log(row, step=step, split=split)
+        for sink in self.row_sinks():
+            sink.log(row, step=step, split=split)
         self.telemetry.observe("barrier_seconds", time.monotonic() - started)
         self._publish_telemetry(force=True)
         return row
@@ -941,12 +941,11 @@ class MetricsAggregator:
             for entry in outbox:
                 try:
                     await asyncio.to_thread(
-                        self.history.write,
-                        entry.step,
-                        entry.split,
+                        self.history_sink.log,
                         entry.row,
-                        datetime.fromisoformat(entry.recorded_at),
-                        epoch=self.ckpt.epoch,
+                        step=entry.step,
+                        split=entry.split,
+                        recorded_at=datetime.fromisoformat(entry.recorded_at),
                     )
                     written.append((entry.step, entry.split))
                 except InvalidMetricError as exc:  # cannot happen for our rows; never blocks
@@ -1079,8 +1078,15 @@ class MetricsAggregator:
         last = max((r.step for r in self.state.meta.last_rows.values()), default=-1)
         self.state.meta.wandb_finished_upto = last
         await self.checkpoint()
-        if self.wandb is not None:
-            await asyncio.to_thread(self.wandb.close, exit_code)
+        for sink in self.row_sinks():
+            await asyncio.to_thread(sink.close, exit_code)
+
+    def row_sinks(self) -> list[Sink]:
+        """The best-effort sinks a closed row goes to right after its commit (W&B, when on);
+        the durable one, the history, is written from the outbox by :meth:`_persist`."""
+        if self.fenced or self.wandb is None:
+            return []
+        return [self.wandb]
 
 
 def _node_id() -> str | None:
