@@ -222,7 +222,7 @@ class TestAutoAddress:
         process, with the handshake's bound cut from 10 s to 1 s: the test waits the bound out
         (the subprocess entry point's errors are checked by the tests above).
         """
-        monkeypatch.setattr(cli_mod, "RAY_HANDSHAKE_TIMEOUT_S", 1.0)
+        monkeypatch.setattr(cluster, "RAY_HANDSHAKE_TIMEOUT_S", 1.0)
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # "token" skips the handshake
         monkeypatch.delenv("RAY_USE_TLS", raising=False)
         server = socket.socket()
