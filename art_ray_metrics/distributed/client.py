@@ -68,7 +68,7 @@ from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.distributed.transport import JITTER, RayTransport, Transport, one_line
 from art_ray_metrics.distributed.workerenv import load_worker_env
-from art_ray_metrics.errors import WireFormatError
+from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = [
@@ -1329,7 +1329,10 @@ class WorkerBuilder(LeafRecorder):
         """The same step under another cost context (and scope); flushed with this builder.
         The scope is the one a barrier closes (``val``/``test`` are ``eval``)."""
         context = V.check_cost_context(cost_context)
-        scope = K.scope_for_cost_context(buffer_scope or context)
+        if buffer_scope is None:
+            scope = _closable_scope(context)
+        else:
+            scope = K.scope_for_cost_context(buffer_scope)
         return WorkerBuilder(self.client, self.step, context, scope, self._rollout)
 
     def for_step(self, step: int) -> WorkerBuilder:
@@ -1395,13 +1398,32 @@ def connect(
         config = config.model_copy(update=updates)
     scope = K.scope_for_split(V.check_split(split)) if split is not None else None
     if scope is None:
-        scope = K.scope_for_cost_context(V.check_cost_context(cost_context))
+        scope = _closable_scope(V.check_cost_context(cost_context))
     # the API keys the driver shares (worker_env), before the rollout's code needs them
     env_ready = load_worker_env(config.name, config.namespace)
     builder = WorkerBuilder(get_client(config, producer_id=producer_id), step, cost_context, scope)
     if cacheable and env_ready and len(_CONNECTED) < 4096:
         _CONNECTED[cache_key] = (builder.client, builder.cost_context, builder.scope)
     return builder
+
+
+def _closable_scope(context: str) -> str:
+    """The scope leaves recorded under ``context`` (with no split given) wait in, which the
+    barrier of the split of that name closes; a context that is no split name could never be
+    closed (its leaves would be acknowledged and then wait forever), so it is refused here.
+
+    Raises:
+        InvalidMetricError: ``context`` is not letters, digits, ``_`` or ``.``.
+    """
+    scope = K.scope_for_cost_context(context)
+    try:
+        V.check_split(scope)
+    except InvalidMetricError:
+        raise InvalidMetricError(
+            f"cost_context {context!r} names no split (letters, digits, '_' or '.'), so no "
+            "barrier could close its leaves; use such a name, or pass split= as well"
+        ) from None
+    return scope
 
 
 _new_builder = object.__new__  # WorkerBuilder defines no __new__: skip the class lookup
