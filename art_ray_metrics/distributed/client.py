@@ -1329,10 +1329,11 @@ class WorkerBuilder(LeafRecorder):
         """The same step under another cost context (and scope); flushed with this builder.
         The scope is the one a barrier closes (``val``/``test`` are ``eval``)."""
         context = V.check_cost_context(cost_context)
-        if buffer_scope is None:
-            scope = _closable_scope(context)
-        else:
-            scope = K.scope_for_cost_context(buffer_scope)
+        scope = (
+            _closable_scope(context)
+            if buffer_scope is None
+            else K.scope_for_cost_context(buffer_scope)
+        )
         return WorkerBuilder(self.client, self.step, context, scope, self._rollout)
 
     def for_step(self, step: int) -> WorkerBuilder:
@@ -1372,7 +1373,9 @@ def connect(
     ``cost_context`` is the first segment under ``costs/`` for API costs; the buffer scope is
     ``scope_for_split(split)`` when a split is given, else ``scope_for_cost_context`` of the
     cost context (the context's own name, but ``val`` and ``test`` are ``eval``: a barrier
-    always closes it). The actor is looked up lazily, on the first send. The first call
+    always closes it); with no split, a context that is no split name (letters, digits, ``_``,
+    ``.``) raises :class:`InvalidMetricError`, since no barrier could close its leaves. The
+    actor is looked up lazily, on the first send. The first call
     in a Ray worker process also sets the variables the driver shares with
     ``AggregatorConfig.worker_env`` (API keys) that the process lacks, in ``os.environ``.
     """

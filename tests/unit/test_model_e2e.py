@@ -209,7 +209,7 @@ class EndToEnd(RuleBasedStateMachine):
 
     @initialize(
         per_step=st.sampled_from([2, 3, 10_000]),
-        per_run=st.sampled_from([8, 20_000]),
+        per_run=st.sampled_from([12, 20_000]),
         scopes=st.sampled_from([2, 64]),
         retained=st.sampled_from([2, 10_000]),
     )
@@ -296,11 +296,11 @@ class EndToEnd(RuleBasedStateMachine):
         r.told.append(error)
         r.builder = None
         own = f"{r.key!r} refused" in error or f"scope {r.scope!r} refused" in error
-        if own and not self.faults.hold and not self.agg.store.down:
-            # the decision is durable once nothing is retained (every batch written or given
-            # up): from then on no restart may decide it again
-            if client.flush(timeout_s=SETTLE_S).retained == 0:
-                r.refused = True
+        # the decision is durable once nothing is retained (every batch written or given
+        # up): from then on no restart may decide it again
+        calm = not self.faults.hold and not self.agg.store.down
+        if own and calm and client.flush(timeout_s=SETTLE_S).retained == 0:
+            r.refused = True
 
     def _rewound(self, k: int) -> None:
         """A rewind to ``k`` (explicit or implicit): rollouts it may have discarded."""
@@ -315,30 +315,41 @@ class EndToEnd(RuleBasedStateMachine):
     # -- the user's side --------------------------------------------------------------------
 
     @rule(
-        who=st.integers(0, CLIENTS - 1),
-        context=st.sampled_from(sorted(SCOPE_OF_CONTEXT)),
-        late=st.booleans(),
-        cents=st.lists(st.integers(1, 500), min_size=1, max_size=3),
-        scenarios=st.integers(0, 2),
+        rollouts=st.lists(
+            st.tuples(
+                st.integers(0, CLIENTS - 1),  # which producer process
+                st.sampled_from(sorted(SCOPE_OF_CONTEXT)),  # the cost context it connects with
+                st.booleans(),  # late: for the step before the open one
+                st.lists(st.integers(1, 500), min_size=1, max_size=3),  # costs, in cents
+                st.integers(0, 2),  # scenario ids
+                st.integers(0, 2),  # metrics of keys of its own (they fill max_keys_per_step)
+            ),
+            min_size=1,
+            max_size=4,
+        )
     )
-    def rollout(self, who: int, context: str, late: bool, cents: list[int], scenarios: int) -> None:
-        """A rollout connects with a cost context (for the open step, or late for the one
-        before), records costs under its own key and scenario ids; it flushes later."""
-        step = self.step - 1 if late and self.step > 0 else self.step
-        b = connect(step, context, producer_id=f"p{who}", config=self.client_config)
-        assert b.client is self.clients[who]
-        assert b.scope == SCOPE_OF_CONTEXT[context], (context, b.scope)
-        n = len(self.rollouts)
-        spend = ZERO
-        for c in cents:
-            b.add_cost(f"{context}/r{n}", c / 100)
-            spend += to_decimal(c / 100)
-        ids = tuple(f"r{n}-s{i}" for i in range(scenarios))
-        if ids:
-            b.add_data(scenario_ids=list(ids))
-        r = Rollout(n, who, step, b.scope, context, spend, ids, next(self.ticks), b)
-        self.rollouts.append(r)
-        self.open.append(r)
+    def rollout(self, rollouts: list[tuple[int, str, bool, list[int], int, int]]) -> None:
+        """Rollouts connect with a cost context (for the open step, or late for the one
+        before) and record costs under a key of their own, scenario ids and metrics; they
+        flush later (several rollouts of one process share its batches)."""
+        for who, context, late, cents, scenarios, extra in rollouts:
+            step = self.step - 1 if late and self.step > 0 else self.step
+            b = connect(step, context, producer_id=f"p{who}", config=self.client_config)
+            assert b.client is self.clients[who]
+            assert b.scope == SCOPE_OF_CONTEXT[context], (context, b.scope)
+            n = len(self.rollouts)
+            spend = ZERO
+            for c in cents:
+                b.add_cost(f"{context}/r{n}", c / 100)
+                spend += to_decimal(c / 100)
+            for j in range(extra):
+                b.add_metric(f"extra/r{n}_{j}", 1.0)
+            ids = tuple(f"r{n}-s{i}" for i in range(scenarios))
+            if ids:
+                b.add_data(scenario_ids=list(ids))
+            r = Rollout(n, who, step, b.scope, context, spend, ids, next(self.ticks), b)
+            self.rollouts.append(r)
+            self.open.append(r)
 
     @rule(context=st.sampled_from(BAD_CONTEXTS))
     def connect_bad_context(self, context: str) -> None:
