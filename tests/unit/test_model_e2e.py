@@ -68,6 +68,7 @@ from hypothesis.stateful import (
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.rollup import ZERO, to_decimal
+from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.distributed.client import (
     FlushResult,
@@ -78,6 +79,8 @@ from art_ray_metrics.distributed.client import (
     set_route,
 )
 from art_ray_metrics.distributed.transport import InProcessTransport
+from art_ray_metrics.durable.checkpoint import CheckpointManager
+from art_ray_metrics.durable.restore import rebuild_state
 from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.errors import InvalidMetricError
 from art_ray_metrics.testing import InProcessAggregator
@@ -507,6 +510,7 @@ class EndToEnd(RuleBasedStateMachine):
         for client in self.clients:
             result = client.flush(timeout_s=SETTLE_S)
             assert result.retained == 0, result
+        self._a_restart_now_agrees()
         step = self.step
         for split in ("val", "test", "probe", "train"):  # a split closed here: a retry
             self._log(step, split)
@@ -544,6 +548,35 @@ class EndToEnd(RuleBasedStateMachine):
                 assert values == [], (r.n, values)
         for (pid, inc), window in state.producers.items():
             assert window.above is None, (pid, inc, window.watermark, sorted(window.above))
+
+    def _a_restart_now_agrees(self) -> None:
+        """Everything is durable now: what a restarted aggregator (or ``inspect``) would load
+        from the storage (the last checkpoint, the write-ahead log replayed) is the live state:
+        totals, ids, and every pending and late sum (a refused key stays refused)."""
+
+        def view(state: AggregatorState) -> tuple[Any, ...]:
+            sums = {
+                (kind, step, scope, key): value
+                for kind, buffers in (("pending", state.pending), ("late", state.late))
+                for (step, scope), buf in buffers.items()
+                for key, value in buf.sums.items()
+                if value
+            }
+            cum = {k: v for k, v in state.cum.values.items() if v}
+            return cum, sums, state.cum.scenarios.to_bytes()
+
+        def live(agg: MetricsAggregator) -> tuple[Any, ...] | None:
+            meta = agg.state.meta
+            return None if meta.outbox or meta.history_drop else view(agg.state)
+
+        now = self._on_loop(live)
+        if now is None:
+            return  # writes still owed to the storage
+        loaded = CheckpointManager(self.agg.store.inner).load_latest()
+        restored = rebuild_state(loaded)[0] if loaded is not None else AggregatorState()
+        again = view(restored)
+        for what, a, b in zip(("totals", "pending sums", "ids"), now, again, strict=True):
+            assert a == b, (what, a, b)
 
     # -- always -----------------------------------------------------------------------------
 
