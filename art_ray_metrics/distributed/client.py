@@ -163,7 +163,9 @@ class MetricsClient:
         self._lost_seqs: dict[int, str] = {}  # seq -> why, when its rollouts are unknown
         self._lost_decl: list[tuple[int, int, str, int]] = []  # given up, not yet declared
         self._carried: dict[int, int] = {}  # seq -> the newest given-up seq its header declares
-        self._charged: set[int] = set()  # batches whose refused keys were charged already
+        # per batch, the refused (step, scope, key) already charged: a restarted actor that
+        # never logged the batch decides its resend again and may refuse other keys
+        self._charged: dict[int, set[tuple[int, str, str | None]]] = {}
         self._sending = 0  # sends between their retained check and being in flight
         self._dropped_unreported = 0
         self._confirmed = 0
@@ -537,7 +539,7 @@ class MetricsClient:
         if items is not None:
             self._items_size -= sum(len(chunk) for chunk in items)
         self._batch_rids.pop(seq, None)
-        self._charged.discard(seq)
+        self._charged.pop(seq, None)
 
     def _budget_items(self) -> None:
         """Keep the items of the newest batches within ``_ITEMS_BUDGET`` (under the lock)."""
@@ -619,14 +621,16 @@ class MetricsClient:
         upto = int(ack.get("durable_upto", 0))
         refused = ack.get("refused")
         with self._lock:
-            if refused and seq not in self._charged:
-                # some keys were refused (the rest applied): charge their rollouts, once
-                self._charged.add(seq)
-                keys = {
-                    (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused
-                }
+            keys = {
+                (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused or ()
+            }
+            charged = self._charged.get(seq, set())
+            if keys - charged:
+                # some keys were refused (the rest applied): charge their rollouts, once per
+                # key (an answer repeats what was charged, or names keys refused anew)
+                self._charged[seq] = charged | keys
                 reason = "; ".join(str(r[3]) for r in refused)[:2000]
-                self._lose(seq, f"batch {seq}: {reason}", keys)
+                self._lose(seq, f"batch {seq}: {reason}", keys - charged)
                 self.counters["rejected"] += 1
                 self.last_error = reason
                 log.error("art_ray_metrics: batch %s: %s", seq, reason[:500])
