@@ -629,7 +629,7 @@ class MetricsClient:
                 # some keys were refused (the rest applied): charge their rollouts, once per
                 # key (an answer repeats what was charged, or names keys refused anew)
                 self._charged[seq] = charged | keys
-                reason = "; ".join(str(r[3]) for r in refused)[:2000]
+                reason = "; ".join(str(r[3]) for r in refused or ())[:2000]
                 self._lose(seq, f"batch {seq}: {reason}", keys - charged)
                 self.counters["rejected"] += 1
                 self.last_error = reason
