@@ -30,7 +30,6 @@ from art_ray_metrics.core.state import (
     AggregatorState,
     Limits,
     ProducerKey,
-    _Window,
     split_trainer_metrics,
 )
 from art_ray_metrics.core.wire import batch_identity
@@ -202,15 +201,10 @@ class MetricsAggregator:
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
         self.restarted = meta.restarts > 0 or replayed > 0
-        self.durable: dict[ProducerKey, _Window] = {
-            p: _Window(w.watermark, w.above or ()) for p, w in self.state.producers.items()
-        }
+        self.state.producers.assume_durable()  # what the restored state applied is stored
         # (batch bytes, producer, seq, decision: None when applied whole, else see WalDecision)
         self.wal_queue: list[tuple[bytes, ProducerKey, int, WalDecision]] = []
         self.wal_queue_bytes = 0
-        # (producer, seq) -> the acked_upto of a logged batch: once the batch is durable, so
-        # is the header that moved its producer's window past the batches it gave up on
-        self.durable_floor: dict[tuple[ProducerKey, int], int] = {}
         self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
         self.since_ckpt: list[tuple[ProducerKey, int]] = []
         # group commit: batches queued while a write is in flight go out together in the next
@@ -524,8 +518,6 @@ class MetricsAggregator:
             ident = batch_identity(data)
             if ident is not None:  # logged as refused: a replay refuses it again, whatever
                 key = (ident[0], ident[1])  # the limits of the restarted aggregator
-                if key not in self.durable:
-                    self.durable[key] = _Window(ident[3])
                 self.wal_queue.append((data, key, ident[2], refusal_kind(exc)))
                 self.wal_queue_bytes += len(data)
                 self.since_ckpt.append((key, ident[2]))
@@ -540,29 +532,26 @@ class MetricsAggregator:
                 "seq": result.seq,
                 "duplicate": True,
                 "durable": True,
-                "durable_upto": self.state.retired.get(key, 0),
+                "durable_upto": self.state.producers.durable_upto(key),
                 "late_leaves": 0,
                 "conflicts": [],
                 "refused": refused,
             }
-        if key not in self.durable:  # new, or back after confirm dropped its window
-            self.durable[key] = _Window(result.acked_upto)
         if not result.duplicate:
             decided = (result.limit, result.refused) if result.refused else None
             self.wal_queue.append((data, key, result.seq, decided))
             self.wal_queue_bytes += len(data)
             self.since_ckpt.append((key, result.seq))
-            if result.acked_upto > self.durable[key].watermark:
-                self.durable_floor[(key, result.seq)] = result.acked_upto
+            self.state.producers.logged(key, result.seq, result.acked_upto)
         if durable:
             await self._await_wal(key, result.seq)
-        window = self.durable.get(key)
+        windows = self.state.producers
         return {
             "producer_id": result.producer_id,
             "seq": result.seq,
             "duplicate": result.duplicate,
-            "durable": window is not None and window.seen(result.seq),
-            "durable_upto": window.watermark if window is not None else 0,
+            "durable": windows.durable_seen(key, result.seq),
+            "durable_upto": windows.durable_upto(key),
             "late_leaves": result.late_leaves,
             "conflicts": [list(c) for c in result.conflicts],
             "refused": refused,
@@ -571,19 +560,14 @@ class MetricsAggregator:
     async def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
         """A producer holds durable acknowledgements up to ``acked_upto``: forget its window
         when nothing above it was applied (see ``AggregatorState.confirm``)."""
-        window = self.durable.get((producer_id, incarnation))
-        if window is not None and (window.above is not None or window.watermark > acked_upto):
+        if not self.state.producers.durable_confirmable((producer_id, incarnation), acked_upto):
             return False
-        if self.state.confirm(producer_id, incarnation, int(acked_upto)):
-            self.durable.pop((producer_id, incarnation), None)
-            return True
-        return False
+        return self.state.confirm(producer_id, incarnation, int(acked_upto))
 
     async def _await_wal(self, key: ProducerKey, seq: int) -> None:
         """Wait until ``seq`` is durable or a write that should have covered it failed."""
         for _ in range(2):  # the write in flight may predate the batch: then the next one
-            window = self.durable.get(key)
-            if (window is not None and window.seen(seq)) or self.fenced:
+            if self.state.producers.durable_seen(key, seq) or self.fenced:
                 return
             self.inflight += 1
             try:
@@ -601,12 +585,7 @@ class MetricsAggregator:
         return fut
 
     def _mark_durable(self, items: list[tuple[ProducerKey, int]]) -> None:
-        for key, seq in items:
-            upto = self.durable_floor.pop((key, seq), 0)
-            window = self.durable.get(key)
-            if window is not None:  # None: the producer confirmed and its window was dropped
-                window.advance(upto)
-                window.mark(seq)
+        self.state.producers.made_durable(items)
 
     async def _write_wal(self) -> None:
         assert self.wal_lock is not None

@@ -558,8 +558,9 @@ class EndToEnd(RuleBasedStateMachine):
                 assert values == [float(r.spend)], (r.n, values, r.spend)
             else:
                 assert values == [], (r.n, values)
-        for (pid, inc), window in state.producers.items():
-            assert window.above is None, (pid, inc, window.watermark, sorted(window.above))
+        for (pid, inc), entry in state.producers.items():
+            for window in (entry.applied, entry.durable):
+                assert window.above is None, (pid, inc, window.watermark, sorted(window.above))
 
     def _a_restart_now_agrees(self) -> None:
         """Everything is durable now: what a restarted aggregator (or ``inspect``) would load
@@ -604,7 +605,7 @@ class EndToEnd(RuleBasedStateMachine):
         if not hasattr(self, "agg"):
             return
         gaps = self._on_loop(
-            lambda agg: {k: len(w.above or ()) for k, w in agg.state.producers.items()}
+            lambda agg: {k: len(e.applied.above or ()) for k, e in agg.state.producers.items()}
         )
         for key, n in (gaps or {}).items():
             assert n <= 64, (key, n)
