@@ -58,6 +58,7 @@ from art_ray_metrics.errors import (
     StorageError,
     WireFormatError,
 )
+from art_ray_metrics.export.sink import HistorySink, Sink
 from art_ray_metrics.export.wandb_sink import (
     WandbSink,
     WandbSinkConfig,
@@ -185,6 +186,7 @@ class MetricsAggregator:
             prune_every=self.config.checkpoint_prune_every,
         )
         self.history = HistoryStore(self.store)
+        self.history_sink = HistorySink(self.history, epoch=lambda: self.ckpt.epoch)
         self.state, replayed = self._restore(attempts)
         self.state.limits = Limits(
             max_keys_per_step=self.config.max_keys_per_step,
@@ -761,8 +763,8 @@ class MetricsAggregator:
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)
         await self._persist()
-        if self.wandb is not None and not self.fenced:
-            self.wandb.log(row, step=step, split=split)
+        for sink in self.row_sinks():
+            sink.log(row, step=step, split=split)
         self.telemetry.observe("barrier_seconds", time.monotonic() - started)
         self._publish_telemetry(force=True)
         return row
@@ -940,12 +942,11 @@ class MetricsAggregator:
             for entry in outbox:
                 try:
                     await asyncio.to_thread(
-                        self.history.write,
-                        entry.step,
-                        entry.split,
+                        self.history_sink.log,
                         entry.row,
-                        datetime.fromisoformat(entry.recorded_at),
-                        epoch=self.ckpt.epoch,
+                        step=entry.step,
+                        split=entry.split,
+                        recorded_at=datetime.fromisoformat(entry.recorded_at),
                     )
                     written.append((entry.step, entry.split))
                 except InvalidMetricError as exc:  # cannot happen for our rows; never blocks
@@ -1078,8 +1079,15 @@ class MetricsAggregator:
         last = max((r.step for r in self.state.meta.last_rows.values()), default=-1)
         self.state.meta.wandb_finished_upto = last
         await self.checkpoint()
-        if self.wandb is not None:
-            await asyncio.to_thread(self.wandb.close, exit_code)
+        for sink in self.row_sinks():
+            await asyncio.to_thread(sink.close, exit_code)
+
+    def row_sinks(self) -> list[Sink]:
+        """The best-effort sinks a closed row goes to right after its commit (W&B, when on);
+        the durable one, the history, is written from the outbox by :meth:`_persist`."""
+        if self.fenced or self.wandb is None:
+            return []
+        return [self.wandb]
 
 
 def _node_id() -> str | None:
