@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from art_ray_metrics.core import adopt as A
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.backoff import LOOP_RESTART, STORAGE_READY
 from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.rewind import TOMBSTONES
@@ -235,7 +237,7 @@ class MetricsAggregator:
     # -- start-up ---------------------------------------------------------------------------
 
     def _restore(self, max_attempts: int) -> tuple[AggregatorState, int]:
-        delay, attempts = 0.5, 0
+        backoff = STORAGE_READY.start()
         while True:
             try:
                 loaded = self.ckpt.acquire()
@@ -243,12 +245,10 @@ class MetricsAggregator:
             except FencedError:
                 raise
             except StorageError as exc:
-                attempts += 1
-                if attempts >= max_attempts:
+                if backoff.failures + 1 >= max_attempts:
                     raise
                 log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
-                time.sleep(delay)
-                delay *= 2
+                time.sleep(backoff.next_delay())
         if loaded is None:
             return AggregatorState(), 0
         state, replayed = rebuild_state(loaded)
@@ -480,7 +480,7 @@ class MetricsAggregator:
 
     async def _supervised(self, name: str, body: Any) -> None:
         """Run a background loop forever: a loop that raises is logged, counted and restarted."""
-        delay = 0.1
+        backoff = LOOP_RESTART.start()
         while True:
             try:
                 await body()
@@ -489,8 +489,7 @@ class MetricsAggregator:
             except Exception as exc:
                 self.health.loop_restarts += 1
                 log.error("art_ray_metrics: %s loop died (%r); restarting", name, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.next_delay())
 
     # -- ingest -----------------------------------------------------------------------------
 
@@ -1091,9 +1090,13 @@ class MetricsAggregator:
 
 
 def _node_id() -> str | None:
+    """The Ray node this runs on; None outside Ray (never starts it: ``get_runtime_context``
+    would, in a process that imported Ray without joining a cluster, e.g. the in-process
+    aggregator's)."""
+    ray = sys.modules.get("ray")
     try:
-        import ray
-
+        if ray is None or not ray.is_initialized():
+            return None
         return str(ray.get_runtime_context().get_node_id())
     except Exception:
         return None
