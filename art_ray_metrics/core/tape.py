@@ -302,7 +302,9 @@ class RolloutLedger:
         self.lost_rids: dict[int, str] = {}  # rollout id -> why some of its leaves are lost
         self.lost_seqs: dict[int, str] = {}  # seq -> why, when its rollouts are unknown
         self.rejected: dict[int, str] = {}  # losses not yet reported by a process flush
-        self.charged: set[int] = set()  # batches whose refused keys were charged already
+        # per batch, the refused (step, scope, key) already charged: a restarted actor that
+        # never logged the batch decides its resend again and may refuse other keys
+        self.charged: dict[int, set[tuple[int, str, str | None]]] = {}
 
     def note_drain(self, items: list[Any]) -> None:
         """Tape items drained for the next batch (counted against the budget)."""
@@ -340,12 +342,16 @@ class RolloutLedger:
             self.items_size -= sum(len(chunk) for chunk in items)
             self.batch_rids[seq] = rollouts_in(items, None)
 
-    def first_refusal(self, seq: int) -> bool:
-        """True the first time refused keys of batch ``seq`` are reported (charge them once)."""
-        if seq in self.charged:
-            return False
-        self.charged.add(seq)
-        return True
+    def newly_refused(
+        self, seq: int, keys: set[tuple[int, str, str | None]]
+    ) -> set[tuple[int, str, str | None]]:
+        """The refused keys of batch ``seq`` not charged yet (each is charged once: an answer
+        repeats what was charged, or names keys a restarted aggregator refused anew)."""
+        charged = self.charged.get(seq, set())
+        fresh = keys - charged
+        if fresh:
+            self.charged[seq] = charged | fresh
+        return fresh
 
     def note_rejected(self, key: int, reason: str) -> None:
         self.rejected[key] = reason
@@ -383,7 +389,7 @@ class RolloutLedger:
         if items is not None:
             self.items_size -= sum(len(chunk) for chunk in items)
         self.batch_rids.pop(seq, None)
-        self.charged.discard(seq)
+        self.charged.pop(seq, None)
 
     def losses(self, rid: int | None, lo: int, top: int) -> list[str]:
         """Why a flush is not ok. A rollout's (``rid``, batches ``[lo, top]``): while any of

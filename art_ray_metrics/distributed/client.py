@@ -515,13 +515,14 @@ class MetricsClient:
         upto = int(ack.get("durable_upto", 0))
         refused = ack.get("refused")
         with self._lock:
-            if refused and self._ledger.first_refusal(seq):
-                # some keys were refused (the rest applied): charge their rollouts, once
-                keys = {
-                    (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused
-                }
-                reason = "; ".join(str(r[3]) for r in refused)[:2000]
-                self._ledger.lose(seq, f"batch {seq}: {reason}", keys)
+            keys = {
+                (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused or ()
+            }
+            fresh = self._ledger.newly_refused(seq, keys) if keys else keys
+            if fresh:
+                # some keys were refused (the rest applied): charge their rollouts, once per key
+                reason = "; ".join(str(r[3]) for r in refused or ())[:2000]
+                self._ledger.lose(seq, f"batch {seq}: {reason}", fresh)
                 self.counters["rejected"] += 1
                 self.last_error = reason
                 log.error("art_ray_metrics: batch %s: %s", seq, reason[:500])

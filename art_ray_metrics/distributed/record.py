@@ -33,6 +33,7 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.tape import Number
 from art_ray_metrics.distributed.client import FlushResult, MetricsClient, get_client, named_config
 from art_ray_metrics.distributed.workerenv import load_worker_env
+from art_ray_metrics.errors import InvalidMetricError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = ["WorkerBuilder", "connect"]
@@ -257,7 +258,11 @@ class WorkerBuilder(LeafRecorder):
         """The same step under another cost context (and scope); flushed with this builder.
         The scope is the one a barrier closes (``val``/``test`` are ``eval``)."""
         context = V.check_cost_context(cost_context)
-        scope = K.scope_for_cost_context(buffer_scope or context)
+        scope = (
+            closable_scope(context)
+            if buffer_scope is None
+            else K.scope_for_cost_context(buffer_scope)
+        )
         return WorkerBuilder(self.client, self.step, context, scope, self._rollout)
 
     def for_step(self, step: int) -> WorkerBuilder:
@@ -297,9 +302,11 @@ def connect(
     ``cost_context`` is the first segment under ``costs/`` for API costs; the buffer scope is
     ``scope_for_split(split)`` when a split is given, else ``scope_for_cost_context`` of the
     cost context (the context's own name, but ``val`` and ``test`` are ``eval``: a barrier
-    always closes it). The actor is looked up lazily, on the first send. The first call
-    in a Ray worker process also sets the variables the driver shares with
-    ``AggregatorConfig.worker_env`` (API keys) that the process lacks, in ``os.environ``.
+    always closes it); with no split, a context that is no split name (letters, digits, ``_``,
+    ``.``) raises :class:`InvalidMetricError`, since no barrier could close its leaves. The
+    actor is looked up lazily, on the first send. The first call in a Ray worker process
+    also sets the variables the driver shares with ``AggregatorConfig.worker_env`` (API keys)
+    that the process lacks, in ``os.environ``.
     """
     cache_key = (cost_context, split, name, namespace, producer_id)
     cacheable = config is None
@@ -323,13 +330,32 @@ def connect(
         config = config.model_copy(update=updates)
     scope = K.scope_for_split(V.check_split(split)) if split is not None else None
     if scope is None:
-        scope = K.scope_for_cost_context(V.check_cost_context(cost_context))
+        scope = closable_scope(V.check_cost_context(cost_context))
     # the API keys the driver shares (worker_env), before the rollout's code needs them
     env_ready = load_worker_env(config.name, config.namespace)
     builder = WorkerBuilder(get_client(config, producer_id=producer_id), step, cost_context, scope)
     if cacheable and env_ready and len(_CONNECTED) < 4096:
         _CONNECTED[cache_key] = (builder.client, builder.cost_context, builder.scope)
     return builder
+
+
+def closable_scope(context: str) -> str:
+    """The scope leaves recorded under ``context`` (with no split given) wait in, which the
+    barrier of the split of that name closes; a context that is no split name could never be
+    closed (its leaves would be acknowledged and then wait forever), so it is refused here.
+
+    Raises:
+        InvalidMetricError: ``context`` is not letters, digits, ``_`` or ``.``.
+    """
+    scope = K.scope_for_cost_context(context)
+    try:
+        V.check_split(scope)
+    except InvalidMetricError:
+        raise InvalidMetricError(
+            f"cost_context {context!r} names no split (letters, digits, '_' or '.'), so no "
+            "barrier could close its leaves; use such a name, or pass split= as well"
+        ) from None
+    return scope
 
 
 _new_builder = object.__new__  # WorkerBuilder defines no __new__: skip the class lookup

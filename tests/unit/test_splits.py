@@ -161,6 +161,27 @@ class TestCostContextScopes:
             assert row["costs/val/judge"] == 0.25
             assert row["costs/test/judge"] == 0.5
 
+    def test_a_context_no_barrier_closes_is_refused_at_connect(self) -> None:
+        """A cost context whose scope is no split name (so no ``log`` can close it) is refused
+        at ``connect`` and ``for_cost_context``, naming it; found by the e2e model suite (its
+        leaves were acknowledged ok and then waited in a scope no barrier closes)."""
+        from art_ray_metrics.distributed.record import connect
+        from art_ray_metrics.errors import InvalidMetricError
+
+        for context in ("a/b", "llm-judge", "x y"):
+            with pytest.raises(InvalidMetricError, match="cost_context"):
+                connect(0, context, name="splits-test", namespace="ns")
+        builder = connect(0, "train", name="splits-test", namespace="ns")
+        try:
+            with pytest.raises(InvalidMetricError, match="cost_context"):
+                builder.for_cost_context("a/b")
+            # a split given explicitly names the scope: any cost context is fine then
+            view = connect(0, "a/b", split="train", name="splits-test", namespace="ns")
+            assert (view.cost_context, view.scope) == ("a/b", "train")
+            assert builder.for_cost_context("llm-judge", buffer_scope="val").scope == "eval"
+        finally:
+            builder.client.stopped.set()
+
     def test_a_batch_for_scope_val_is_closed_by_the_val_barrier(self) -> None:
         """An older client's batch with scope "val" lands in the eval scope, not nowhere."""
         state = AggregatorState()

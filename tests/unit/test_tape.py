@@ -79,9 +79,10 @@ class TestRolloutLedger:
 
     def test_refused_keys_fail_only_the_rollouts_that_recorded_them(self) -> None:
         ledger = self._ledger_with_batch()
-        assert ledger.first_refusal(1)
-        ledger.lose(1, "limit", {(0, "train", "costs/train/b")})
-        assert not ledger.first_refusal(1)  # charged once
+        refused = {(0, "train", "costs/train/b")}
+        assert ledger.newly_refused(1, refused) == refused
+        ledger.lose(1, "limit", refused)
+        assert ledger.newly_refused(1, refused) == set()  # charged once
         assert ledger.losses(1, 1, 1) == []
         assert ledger.losses(2, 1, 1) == ["limit"]
         assert ledger.losses(None, 1, 1) == ["limit"]
