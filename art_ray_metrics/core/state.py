@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from art_ray_metrics.core import counters as C
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
@@ -378,18 +379,8 @@ class Limits:
     max_open_scopes: int | None = None
 
 
-COUNTER_NAMES = (
-    "batches",
-    "duplicate_batches",
-    "rejected_batches",
-    "limit_rejections",
-    "leaves",
-    "late_leaves",
-    "conflicts",
-    "duplicate_costs",
-    "rows",
-    "dropped_batches",
-)
+COUNTER_NAMES = C.STATE_COUNTERS
+"""The state's counters (declared in :mod:`~art_ray_metrics.core.counters`)."""
 
 
 Decision = tuple[bool, tuple[tuple[int, str, str | None, str], ...]]
@@ -832,10 +823,8 @@ class AggregatorState:
 
     def telemetry(self) -> dict[str, float]:
         """The core's counters as ``telemetry/...`` row keys."""
-        out = {f"{K.TELEMETRY_PREFIX}{name}": float(v) for name, v in self.counters.items()}
-        out[f"{K.TELEMETRY_PREFIX}pending_steps"] = float(len(self.pending))
-        out[f"{K.TELEMETRY_PREFIX}producers"] = float(len(self.producers))
-        return out
+        sizes = {"pending_steps": len(self.pending), "producers": len(self.producers)}
+        return C.row_values("state", {**self.counters, **sizes}, K.TELEMETRY_PREFIX)
 
     # -- persistence ----------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.replies import IngestAck
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.distributed.transport import JITTER, RayTransport, Transport, one_line
@@ -615,9 +616,10 @@ class MetricsClient:
             if asked_durable and seq in self._retained:
                 self._failed(RuntimeError("the aggregator could not make the batch durable yet"))
 
-    def _acked(self, seq: int, ack: dict[str, Any]) -> None:
-        upto = int(ack.get("durable_upto", 0))
-        refused = ack.get("refused")
+    def _acked(self, seq: int, reply: IngestAck | dict[str, Any]) -> None:
+        ack = IngestAck.from_reply(reply)  # a map: an aggregator of an earlier version
+        upto = ack.durable_upto
+        refused = ack.refused
         with self._lock:
             if refused and seq not in self._charged:
                 # some keys were refused (the rest applied): charge their rollouts, once
@@ -631,7 +633,7 @@ class MetricsClient:
                 self.last_error = reason
                 log.error("art_ray_metrics: batch %s: %s", seq, reason[:500])
             settled = []
-            if ack.get("durable") and self._retained.pop(seq, None) is not None:
+            if ack.durable and self._retained.pop(seq, None) is not None:
                 settled.append(seq)
             if upto and self._retained and min(self._retained) <= upto:
                 for s in [s for s in self._retained if s <= upto]:

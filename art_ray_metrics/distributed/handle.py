@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.durable.storage import (
     backend_for,
@@ -169,9 +170,9 @@ class AggregatorHandle:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """The actor's :meth:`MetricsAggregator.stats` (retried while the actor restarts)."""
-        out: dict[str, Any] = self._call("stats")
-        return out
+        """The actor's :meth:`MetricsAggregator.stats` as a map (retried while the actor
+        restarts): its keys are the fields of :class:`~art_ray_metrics.core.replies.AggregatorStats`."""
+        return AggregatorStats.as_map(self._call("stats"))
 
     def checkpoint(self) -> dict[str, Any]:
         """Commit a checkpoint now (retried while the actor restarts)."""

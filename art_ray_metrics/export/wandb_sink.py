@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from art_ray_metrics.core import counters as C
 from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
 
@@ -205,13 +206,8 @@ class WandbSink:
         return len(self._pending)
 
     def stats(self) -> dict[str, float]:
-        """Counters for the ``telemetry/`` section."""
-        return {
-            "telemetry/wandb/logged": float(self.logged),
-            "telemetry/wandb/failures": float(self.failures),
-            "telemetry/wandb/dropped": float(self.dropped),
-            "telemetry/wandb/pending": float(len(self._pending)),
-        }
+        """Counters for the ``telemetry/`` section (declared in :mod:`~art_ray_metrics.core.counters`)."""
+        return {f"telemetry/wandb/{k}": v for k, v in C.read("wandb", self).items()}
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self.failures += 1

@@ -54,6 +54,7 @@ from rich.console import Console
 from rich.table import Table
 
 from art_ray_metrics.config import DEFAULT_NAME, DEFAULT_NAMESPACE
+from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.durable import checkpoint as ckpt_mod
 from art_ray_metrics.durable.checkpoint import CheckpointManager
 from art_ray_metrics.durable.history import HistoryStore
@@ -683,7 +684,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         actor = _get_aggregator(args, address)
         try:
-            stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=args.timeout)
+            stats = AggregatorStats.as_map(ray.get(actor.stats.remote(), timeout=args.timeout))
         except Exception as exc:
             raise AggregatorUnavailableError(
                 f"Expected the aggregator {args.name!r} to answer within {args.timeout}s but "
@@ -729,7 +730,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
         graceful = True
         detail = ""
         try:
-            stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=args.timeout)
+            stats: dict[str, Any] = AggregatorStats.as_map(
+                ray.get(actor.stats.remote(), timeout=args.timeout)
+            )
             ray.get(actor.shutdown.remote(), timeout=args.timeout)
         except Exception as exc:
             graceful = False

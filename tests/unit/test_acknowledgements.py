@@ -272,7 +272,7 @@ class TestWindowsAreSafeToDrop:
         for seq, data in stale:  # the client knows it settled them: no copy leaves
             assert c._send(seq, data, durable=False) is None
         for _, data in stale:  # and were one delivered, the retired window refuses it
-            assert actor.ingest.remote(data).outcome["duplicate"]
+            assert actor.ingest.remote(data).outcome.duplicate
         assert _costs(state.close_step(0).row) == Decimal("3")
         assert state.counters["duplicate_batches"] == 1
 
@@ -452,15 +452,15 @@ class TestTheActorShell:
             return first, over, again, copy, row
 
         first, over, again, copy, row = asyncio.run(run())
-        assert first["durable"]
-        assert first["durable_upto"] == 4  # the declared give-ups count as settled
-        assert over["durable"]
-        assert [r[2] for r in over["refused"]] == ["reward/c"]
-        assert "max_keys_per_step=2" in over["refused"][0][3]
-        assert again["duplicate"]
-        assert again["refused"] == over["refused"]  # a resend is told again
-        assert copy["duplicate"]
-        assert copy["durable"]
+        assert first.durable
+        assert first.durable_upto == 4  # the declared give-ups count as settled
+        assert over.durable
+        assert [r[2] for r in over.refused] == ["reward/c"]
+        assert "max_keys_per_step=2" in over.refused[0][3]
+        assert again.duplicate
+        assert again.refused == over.refused  # a resend is told again
+        assert copy.duplicate
+        assert copy.durable
         assert row["reward/a"] == 2.0
         assert "reward/c" not in row
         assert row["telemetry/dropped_batches"] == 3
