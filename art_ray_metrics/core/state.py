@@ -49,9 +49,9 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from art_ray_metrics.core import counters as C
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.counters import STATE_COUNTERS, row_values
 from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
 from art_ray_metrics.core.meta import AggregatorMeta
 from art_ray_metrics.core.records import IngestResult, LeafBatch, StepGroup
@@ -379,7 +379,7 @@ class Limits:
     max_open_scopes: int | None = None
 
 
-COUNTER_NAMES = C.STATE_COUNTERS
+COUNTER_NAMES = STATE_COUNTERS
 """The state's counters (declared in :mod:`~art_ray_metrics.core.counters`)."""
 
 
@@ -824,7 +824,7 @@ class AggregatorState:
     def telemetry(self) -> dict[str, float]:
         """The core's counters as ``telemetry/...`` row keys."""
         sizes = {"pending_steps": len(self.pending), "producers": len(self.producers)}
-        return C.row_values("state", {**self.counters, **sizes}, K.TELEMETRY_PREFIX)
+        return row_values("state", {**self.counters, **sizes}, K.TELEMETRY_PREFIX)
 
     # -- persistence ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import adopt as A
-from art_ray_metrics.core import counters as C
+from art_ray_metrics.core import counters
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
@@ -33,10 +33,11 @@ from art_ray_metrics.core.state import (
     _Window,
     split_trainer_metrics,
 )
+from art_ray_metrics.distributed import wandb_run
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager
 from art_ray_metrics.durable.commit import Committer, Fence, WalWriter
-from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
+from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.restore import rebuild_state, refusal_kind
 from art_ray_metrics.durable.storage import (
     ObstoreStore,
@@ -54,10 +55,7 @@ from art_ray_metrics.errors import (
     StorageError,
     WireFormatError,
 )
-from art_ray_metrics.export.wandb_sink import (
-    WandbSink,
-    WandbSinkConfig,
-)
+from art_ray_metrics.export.wandb_sink import WandbSink
 from art_ray_metrics.spend.gpu_meter import GpuMeter
 
 __all__ = ["MetricsAggregator"]
@@ -257,60 +255,14 @@ class MetricsAggregator:
             log.warning("art_ray_metrics: replayed %d batches from the write-ahead log", replayed)
         return state, replayed
 
-    def _adopted_wandb_run(self) -> dict[str, Any] | None:
-        """The ART model's W&B run (project, name, entity) this aggregator logs to, if any: an
-        explicit ``wandb_run_id`` in the configuration wins over it."""
-        held = self.state.meta.wandb_run
-        if held is None or "project" not in held or self.config.wandb_run_id is not None:
-            return None
-        return held
-
-    def _wandb_run_config(self) -> dict[str, Any]:
-        """The run's config: an adopted ART run gets the model's config only, as under ART;
-        otherwise the aggregator's configuration plus any model config sent by ``attach``."""
-        model_config = dict((self.state.meta.wandb_run or {}).get("config") or {})
-        if self._adopted_wandb_run() is not None:
-            return model_config
-        return {"art_ray_metrics": self.config.model_dump(mode="json"), **model_config}
-
     def _make_wandb(self) -> WandbSink | None:
-        mode = self.config.wandb_enabled_mode()
-        if mode == "disabled":
-            return None
-        meta = self.state.meta
-        cfg = self.config
-        adopted = self._adopted_wandb_run()
-        sink = WandbSink(
-            WandbSinkConfig(
-                project=adopted["project"] if adopted else cfg.wandb_project,
-                entity=cfg.wandb_entity or (adopted.get("entity") if adopted else None),
-                run_name=adopted["name"] if adopted else (cfg.wandb_name or cfg.run_name),
-                run_id=cfg.wandb_run_id or meta.wandb_run_id,
-                mode=mode,
-                dir=cfg.wandb_dir,
-                config=self._wandb_run_config(),
-            ),
+        return wandb_run.open_sink(
+            self.config,
+            self.state.meta,
+            self.history,
             api_key=self.credentials.get("WANDB_API_KEY"),
+            restarted=self.restarted,
         )
-        meta.wandb_run_id = sink.run_id
-        sink.start()
-        if self.restarted:
-            # W&B buffers rows in its own process until finish(); a killed actor may have lost
-            # some. Re-log every row since the last clean finish: twice is fine, never zero.
-            since = meta.wandb_finished_upto if meta.wandb_finished_upto is not None else -1
-            rows = {
-                (int(r["step"]), str(r["split"])): history_row_metrics(r)
-                for r in self.history.read(start_step=since + 1)
-            }
-            # committed rows whose history write had not happened yet
-            for entry in meta.outbox:
-                if entry.step > since:
-                    rows[(entry.step, entry.split)] = {
-                        **entry.row,
-                        "training_step": float(entry.step),
-                    }
-            sink.relog(rows[k] for k in sorted(rows))
-        return sink
 
     # -- an existing ART run moved over (art_ray_metrics.art.attach) ------------------------
 
@@ -366,40 +318,30 @@ class MetricsAggregator:
         """
         self._ensure_tasks()
         meta = self.state.meta
-        held = dict(meta.wandb_run or {})
-        held["config"] = {**(held.get("config") or {}), **config}
-        current = self._adopted_wandb_run()
-        switched, note = False, None
-        wanted = run_id is not None and (
-            current is None or meta.wandb_run_id != run_id or current["project"] != project
+        choice = wandb_run.choose_run(
+            self.config,
+            meta,
+            self.wandb,
+            project=project,
+            name=name,
+            run_id=run_id,
+            entity=entity,
+            model_config=config,
         )
-        if wanted and self.config.wandb_run_id is not None:
-            note = f"the configured wandb_run_id {self.config.wandb_run_id!r} is kept"
-        elif wanted and (meta.last_rows or meta.rewind or (self.wandb and self.wandb.logged)):
-            if self.wandb is not None:  # with W&B off there is no run to speak of
-                note = (
-                    f"rows were already logged to W&B run {meta.wandb_run_id!r}; it is kept (the "
-                    f"model's run is {project}/{run_id})"
-                )
-        elif wanted:
-            held.update(project=project, name=name, entity=entity)
-            meta.wandb_run_id = run_id
-            switched = True
-        meta.wandb_run = held
-        if switched:
+        if choice.switched:
             old = self.wandb
             self.wandb = await asyncio.to_thread(self._make_wandb)
             if old is not None:  # a run with no row: finish it off the loop
                 await asyncio.to_thread(old.close, 0)
         elif self.wandb is not None:
-            self.wandb.update_config(self._wandb_run_config())
+            self.wandb.update_config(wandb_run.run_config(self.config, meta))
         await self.committer.persist()
-        adopted = self._adopted_wandb_run()
+        adopted = wandb_run.adopted_run(self.config, meta)
         return {
             "run_id": meta.wandb_run_id,
             "project": adopted["project"] if adopted else self.config.wandb_project,
-            "switched": switched,
-            "note": note,
+            "switched": choice.switched,
+            "note": choice.note,
         }
 
     async def set_credentials(self, env: dict[str, str]) -> dict[str, Any]:
@@ -669,7 +611,7 @@ class MetricsAggregator:
                 "conflicts_in_row": len(report.conflicts),
                 "producers_in_row": len(report.producers),
             }
-            row.update(C.row_values("close", in_row, K.TELEMETRY_PREFIX))
+            row.update(counters.row_values("close", in_row, K.TELEMETRY_PREFIX))
         recorded_at = datetime.now(UTC).isoformat()
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)
@@ -764,8 +706,8 @@ class MetricsAggregator:
         if not self.telemetry.enabled:
             return
         sources = self._counted()
-        counters = C.ray_values(sources, "counter")
-        self.telemetry.publish(counters, C.ray_values(sources, "gauge"), force=force)
+        totals = counters.ray_values(sources, "counter")
+        self.telemetry.publish(totals, counters.ray_values(sources, "gauge"), force=force)
 
     def _counted(self) -> dict[str, Mapping[str, float]]:
         """Every declared number by owner (:mod:`~art_ray_metrics.core.counters`)."""
@@ -778,9 +720,9 @@ class MetricsAggregator:
                 "producers": len(state.producers),
                 "unique_scenarios": len(state.cum.scenarios),
             },
-            "health": C.read("health", self.health),
+            "health": counters.read("health", self.health),
             "actor": self._actor_values(),
-            "wandb": C.read("wandb", sink) if sink is not None else C.zeros("wandb"),
+            "wandb": counters.read("wandb", sink) if sink is not None else counters.zeros("wandb"),
         }
 
     def _actor_values(self) -> dict[str, float]:
@@ -799,7 +741,7 @@ class MetricsAggregator:
 
     def _gauges(self) -> dict[str, float]:
         """The actor's gauges as ``telemetry/...`` keys (rows and ``stats()["gauges"]``)."""
-        return C.row_values("actor", self._actor_values(), K.TELEMETRY_PREFIX)
+        return counters.row_values("actor", self._actor_values(), K.TELEMETRY_PREFIX)
 
     async def stats(self) -> AggregatorStats:
         """Counters, rates, queue depths, storage and W&B health (``.to_dict()``: the map

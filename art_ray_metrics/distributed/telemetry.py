@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from art_ray_metrics.core import counters as C
+from art_ray_metrics.core.counters import ray_table
 
 __all__ = ["COUNTERS", "FAILURES", "GAUGES", "HISTOGRAMS", "PREFIX", "AggregatorTelemetry"]
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "art_metrics_"
 PUBLISH_INTERVAL_S: Final = 1.0
 
-_TABLE: Final = tuple(C.ray_table())
+_TABLE: Final = tuple(ray_table())
 
 COUNTERS: Final[Mapping[str, str]] = {
     m.name: m.description for m in _TABLE if m.kind == "counter" and m.owner == "state"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from art_ray_metrics.core import counters as C
+from art_ray_metrics.core import counters
 from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
 
@@ -207,7 +207,7 @@ class WandbSink:
 
     def stats(self) -> dict[str, float]:
         """Counters for the ``telemetry/`` section (declared in :mod:`~art_ray_metrics.core.counters`)."""
-        return {f"telemetry/wandb/{k}": v for k, v in C.read("wandb", self).items()}
+        return {f"telemetry/wandb/{k}": v for k, v in counters.read("wandb", self).items()}
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self.failures += 1
