@@ -167,19 +167,8 @@ class MetricsAggregator:
             pass
 
     def _boot(self, attempts: int = 6) -> None:
-        self.store = open_store(
-            self.config.storage_uri or "",
-            timeout_s=self.config.storage_timeout_s,
-            env=self.credentials,
-        )
-        if self.config.require_conditional_writes:
-            check_conditional_writes(self.store)  # raises ConditionalWritesUnsupportedError
-        self.ckpt = CheckpointManager(
-            self.store,
-            retention=self.config.checkpoint_retention,
-            prune_every=self.config.checkpoint_prune_every,
-        )
-        self.history = HistoryStore(self.store)
+        """Open the storage, restore the state, claim the next writer epoch, build the stages."""
+        self._open_storage()
         self.state, replayed = self._restore(attempts)
         self.state.limits = Limits(
             max_keys_per_step=self.config.max_keys_per_step,
@@ -196,6 +185,40 @@ class MetricsAggregator:
         self.restarted = meta.restarts > 0 or replayed > 0
         self.health = Health(replayed_batches=replayed)
         self.telemetry = AggregatorTelemetry(self.config.name, self.config.namespace)
+        self._build_commit()
+        self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
+        self.ingest_times: deque[float] = deque(maxlen=4096)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.barrier_lock: asyncio.Lock | None = None  # rewinds and closes, one at a time
+        self.gpu = GpuMeter(
+            meta,
+            _wall_clock(),
+            gpu_type=self.config.gpu_type,
+            gpu_count=self.config.gpu_count,
+            hourly_usd=self.config.gpu_hourly_usd,
+        )
+        self.wandb = self._make_wandb()
+        self.booted = True
+        self.telemetry.baseline(self.state.counters)  # restored totals were published before
+
+    def _open_storage(self) -> None:
+        self.store = open_store(
+            self.config.storage_uri or "",
+            timeout_s=self.config.storage_timeout_s,
+            env=self.credentials,
+        )
+        if self.config.require_conditional_writes:
+            check_conditional_writes(self.store)  # raises ConditionalWritesUnsupportedError
+        self.ckpt = CheckpointManager(
+            self.store,
+            retention=self.config.checkpoint_retention,
+            prune_every=self.config.checkpoint_prune_every,
+        )
+        self.history = HistoryStore(self.store)
+
+    def _build_commit(self) -> None:
+        """The commit stage: the fence, the WAL writer (with the restored durable windows) and
+        the committer (see :mod:`art_ray_metrics.durable.commit`)."""
         self.fence = Fence()
         self.fence.listen(self._stop_wandb)
         self.wal = WalWriter(
@@ -216,20 +239,6 @@ class MetricsAggregator:
             self.fence,
             self.telemetry.observe,
         )
-        self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
-        self.ingest_times: deque[float] = deque(maxlen=4096)
-        self.tasks: list[asyncio.Task[None]] = []
-        self.barrier_lock: asyncio.Lock | None = None  # rewinds and closes, one at a time
-        self.gpu = GpuMeter(
-            meta,
-            _wall_clock(),
-            gpu_type=self.config.gpu_type,
-            gpu_count=self.config.gpu_count,
-            hourly_usd=self.config.gpu_hourly_usd,
-        )
-        self.wandb = self._make_wandb()
-        self.booted = True
-        self.telemetry.baseline(self.state.counters)  # restored totals were published before
 
     # -- start-up ---------------------------------------------------------------------------
 
