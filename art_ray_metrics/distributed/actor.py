@@ -31,7 +31,6 @@ from art_ray_metrics.core.replies import AggregatorStats, IngestAck
 from art_ray_metrics.core.state import (
     AggregatorState,
     Limits,
-    _Window,
 )
 from art_ray_metrics.distributed import wandb_run
 from art_ray_metrics.distributed.barrier import Barriers
@@ -185,6 +184,7 @@ class MetricsAggregator:
         self.restarted = meta.restarts > 0 or replayed > 0
         self.health = Health(replayed_batches=replayed)
         self.telemetry = AggregatorTelemetry(self.config.name, self.config.namespace)
+        self.state.producers.assume_durable()  # what the restored state applied is stored
         self._build_commit()
         self.ingest_times: deque[float] = deque(maxlen=4096)
         self.tasks: list[asyncio.Task[None]] = []
@@ -229,7 +229,7 @@ class MetricsAggregator:
         self.history = HistoryStore(self.store)
 
     def _build_commit(self) -> None:
-        """The commit stage: the fence, the WAL writer (with the restored durable windows) and
+        """The commit stage: the fence, the WAL writer (moving the producers' durable windows) and
         the committer (see :mod:`art_ray_metrics.durable.commit`)."""
         self.fence = Fence()
         self.fence.listen(self._stop_wandb)
@@ -237,7 +237,7 @@ class MetricsAggregator:
             self.ckpt,
             self.health,
             self.fence,
-            {p: _Window(w.watermark, w.above or ()) for p, w in self.state.producers.items()},
+            self.state.producers,
             max_queue_bytes=self.config.max_wal_queue_bytes,
             observe=self.telemetry.observe,
         )
@@ -497,7 +497,7 @@ class MetricsAggregator:
                 seq=result.seq,
                 duplicate=True,
                 durable=True,
-                durable_upto=self.state.retired.get(key, 0),
+                durable_upto=self.state.producers.durable_upto(key),
                 refused=result.refused,
             )
         self.wal.log_applied(data, result)
@@ -508,13 +508,9 @@ class MetricsAggregator:
     async def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
         """A producer holds durable acknowledgements up to ``acked_upto``: forget its window
         when nothing above it was applied (see ``AggregatorState.confirm``)."""
-        window = self.wal.durable.get((producer_id, incarnation))
-        if window is not None and (window.above is not None or window.watermark > acked_upto):
+        if not self.state.producers.durable_confirmable((producer_id, incarnation), acked_upto):
             return False
-        if self.state.confirm(producer_id, incarnation, int(acked_upto)):
-            self.wal.durable.pop((producer_id, incarnation), None)
-            return True
-        return False
+        return self.state.confirm(producer_id, incarnation, int(acked_upto))
 
     @property
     def fenced(self) -> str | None:

@@ -6,8 +6,9 @@ Both run on one asyncio event loop with the storage calls in threads; neither kn
 - :class:`WalWriter` queues applied (and refused) batches and appends them to the write-ahead
   log. A write takes everything queued; batches that arrive while it is in flight go out
   together in the next one (group commit), and each write resolves the future of its
-  generation, which durable ingests wait on. It keeps the producers' *durable* windows (which
-  seqs are in the log or a checkpoint): an acknowledgement's ``durable`` and ``durable_upto``.
+  generation, which durable ingests wait on. It moves the durable side of the state's producer
+  windows (which seqs are in the log or a checkpoint, ``core/ingest.py``): an acknowledgement's
+  ``durable`` and ``durable_upto``.
 - :class:`Committer` writes a checkpoint in the persist order: rewind objects first (a commit
   names them), then the checkpoint (fenced), then the deletions it allows, then the history
   rows of its outbox. A failure keeps what was not written for the next attempt.
@@ -26,11 +27,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from art_ray_metrics.core import rewind as R
+from art_ray_metrics.core.ingest import ProducerKey, ProducerWindows
 from art_ray_metrics.core.meta import Health, OutboxEntry
 from art_ray_metrics.core.records import IngestResult
 from art_ray_metrics.core.replies import IngestAck
 from art_ray_metrics.core.rewind import TOMBSTONES
-from art_ray_metrics.core.state import AggregatorState, ProducerKey, _Window
+from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import batch_identity
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore
@@ -82,13 +84,13 @@ class Fence:
 
 
 class WalWriter:
-    """The write-ahead log's queue, group commit and the producers' durable windows.
+    """The write-ahead log's queue and group commit; moves the producers' durable windows.
 
     Args:
         ckpt: The checkpoint manager whose log is appended to.
         health: The actor's health counters (writes, failures, last storage error).
         fence: Trips on a fenced append; the queue is dropped then.
-        windows: The durable window of each producer (restored from the state's windows).
+        windows: The state's producer windows, whose durable side this writer moves.
         max_queue_bytes: Above this, :meth:`full` tells ingest to push back.
         observe: Records ``wal_commit_seconds``.
 
@@ -100,7 +102,7 @@ class WalWriter:
         ckpt: CheckpointManager,
         health: Health,
         fence: Fence,
-        windows: dict[ProducerKey, _Window],
+        windows: ProducerWindows,
         *,
         max_queue_bytes: int,
         observe: Observe,
@@ -110,12 +112,9 @@ class WalWriter:
         self.fence = fence
         self.max_queue_bytes = max_queue_bytes
         self.observe = observe
-        self.durable = windows
+        self.windows = windows
         self.queue: list[QueuedBatch] = []
         self.queue_bytes = 0
-        # (producer, seq) -> the acked_upto of a logged batch: once the batch is durable, so
-        # is the header that moved its producer's window past the batches it gave up on
-        self.durable_floor: dict[tuple[ProducerKey, int], int] = {}
         self.since_ckpt: list[tuple[ProducerKey, int]] = []  # logged since the last checkpoint
         # group commit: batches queued while a write is in flight go out together in the next
         # one; each write resolves the future of its generation
@@ -144,8 +143,6 @@ class WalWriter:
         if ident is None:
             return None
         key = (ident[0], ident[1])
-        if key not in self.durable:
-            self.durable[key] = _Window(ident[3])
         self.queue.append((data, key, ident[2], decision))
         self.queue_bytes += len(data)
         self.since_ckpt.append((key, ident[2]))
@@ -154,25 +151,22 @@ class WalWriter:
     def log_applied(self, data: bytes, result: IngestResult) -> None:
         """Queue a batch the state answered (not a copy its retired window settled)."""
         key = (result.producer_id, result.incarnation)
-        if key not in self.durable:  # new, or back after confirm dropped its window
-            self.durable[key] = _Window(result.acked_upto)
         if not result.duplicate:
             decided = (result.limit, result.refused) if result.refused else None
             self.queue.append((data, key, result.seq, decided))
             self.queue_bytes += len(data)
             self.since_ckpt.append((key, result.seq))
-            if result.acked_upto > self.durable[key].watermark:
-                self.durable_floor[(key, result.seq)] = result.acked_upto
+            self.windows.logged(key, result.seq, result.acked_upto)
 
     def ack(self, result: IngestResult) -> IngestAck:
         """The answer to a batch, with what its producer's durable window says now."""
-        window = self.durable.get((result.producer_id, result.incarnation))
+        key = (result.producer_id, result.incarnation)
         return IngestAck(
             producer_id=result.producer_id,
             seq=result.seq,
             duplicate=result.duplicate,
-            durable=window is not None and window.seen(result.seq),
-            durable_upto=window.watermark if window is not None else 0,
+            durable=self.windows.durable_seen(key, result.seq),
+            durable_upto=self.windows.durable_upto(key),
             late_leaves=result.late_leaves,
             conflicts=result.conflicts,
             refused=result.refused,
@@ -191,8 +185,7 @@ class WalWriter:
     async def await_durable(self, key: ProducerKey, seq: int) -> None:
         """Wait until ``seq`` is durable or a write that should have covered it failed."""
         for _ in range(2):  # the write in flight may predate the batch: then the next one
-            window = self.durable.get(key)
-            if (window is not None and window.seen(seq)) or self.fence:
+            if self.windows.durable_seen(key, seq) or self.fence:
                 return
             self.inflight += 1
             try:
@@ -210,12 +203,7 @@ class WalWriter:
         return fut
 
     def mark_durable(self, items: list[tuple[ProducerKey, int]]) -> None:
-        for key, seq in items:
-            upto = self.durable_floor.pop((key, seq), 0)
-            window = self.durable.get(key)
-            if window is not None:  # None: the producer confirmed and its window was dropped
-                window.advance(upto)
-                window.mark(seq)
+        self.windows.made_durable(items)
 
     def take_covered(self) -> list[tuple[ProducerKey, int]]:
         """What a checkpoint taken now covers (given back with :meth:`uncovered` if it fails)."""

@@ -42,14 +42,14 @@ class FakeLog:
 
 
 def _writer(
-    log: Any, *, max_queue_bytes: int = 10**6
+    log: Any, state: AggregatorState, *, max_queue_bytes: int = 10**6
 ) -> tuple[WalWriter, Health, Fence, list[str]]:
     health, fence, observed = Health(), Fence(), []
     wal = WalWriter(
         log,
         health,
         fence,
-        {},
+        state.producers,
         max_queue_bytes=max_queue_bytes,
         observe=lambda name, _s: observed.append(name),
     )
@@ -69,8 +69,8 @@ class TestWalWriter:
     def test_ingests_that_arrive_during_a_write_go_out_together_in_the_next(self) -> None:
         """Group commit: one write in flight, three more durable ingests: two records in all."""
         log = FakeLog()
-        wal, health, _, observed = _writer(log)
         state = AggregatorState()
+        wal, health, _, observed = _writer(log, state)
 
         async def body() -> list[IngestAck]:
             wal.start()
@@ -104,8 +104,8 @@ class TestWalWriter:
 
     def test_a_failed_append_keeps_the_queue_and_nothing_is_durable(self) -> None:
         log = FakeLog()
-        wal, health, _, _ = _writer(log)
         state = AggregatorState()
+        wal, health, _, _ = _writer(log, state)
         data, result = _applied(state, 1)
 
         async def body() -> tuple[bool, bool]:
@@ -126,10 +126,10 @@ class TestWalWriter:
 
     def test_fenced_append_drops_the_queue_and_wakes_the_waiters(self) -> None:
         log = FakeLog()
-        wal, _, fence, _ = _writer(log)
+        state = AggregatorState()
+        wal, _, fence, _ = _writer(log, state)
         tripped: list[bool] = []
         fence.listen(lambda: tripped.append(True))
-        state = AggregatorState()
         data, result = _applied(state, 1)
         log.fail = FencedError("a newer writer owns the run")
 
@@ -148,8 +148,8 @@ class TestWalWriter:
         assert not wal.ack(result).durable
 
     def test_full_only_with_something_queued(self) -> None:
-        wal, _, _, _ = _writer(FakeLog(), max_queue_bytes=10)
         state = AggregatorState()
+        wal, _, _, _ = _writer(FakeLog(), state, max_queue_bytes=10)
         data, result = _applied(state, 1)
         assert not wal.full(len(data))  # an empty queue takes any batch
         wal.log_applied(data, result)
@@ -157,8 +157,8 @@ class TestWalWriter:
         assert wal.full(1)
 
     def test_a_duplicate_is_not_queued_again(self) -> None:
-        wal, _, _, _ = _writer(FakeLog())
         state = AggregatorState()
+        wal, _, _, _ = _writer(FakeLog(), state)
         data, result = _applied(state, 1)
         wal.log_applied(data, result)
         again = state.ingest_bytes(data)
@@ -168,7 +168,7 @@ class TestWalWriter:
         assert wal.take_covered() == [(("w", result.incarnation), 1)]
 
     def test_a_malformed_batch_with_an_identity_is_logged_refused(self) -> None:
-        wal, _, _, _ = _writer(FakeLog())
+        wal, _, _, _ = _writer(FakeLog(), AggregatorState())
         data = encode_batch(make_batch("w", 7, 0, leaves={"reward/x": 1.0}))
         logged = wal.log_refused(data, REFUSED_INVALID)
         assert logged is not None
@@ -207,7 +207,9 @@ def _committer(store: InMemoryStore) -> tuple[Committer, WalWriter, AggregatorSt
     ckpt = CheckpointManager(store)
     ckpt.acquire()
     state, health, fence = AggregatorState(), Health(), Fence()
-    wal = WalWriter(ckpt, health, fence, {}, max_queue_bytes=10**6, observe=lambda *_: None)
+    wal = WalWriter(
+        ckpt, health, fence, state.producers, max_queue_bytes=10**6, observe=lambda *_: None
+    )
     committer = Committer(
         store, ckpt, HistoryStore(store), state, wal, health, fence, lambda *_: None
     )
