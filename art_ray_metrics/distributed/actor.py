@@ -54,6 +54,7 @@ from art_ray_metrics.errors import (
     StorageError,
     WireFormatError,
 )
+from art_ray_metrics.export.sink import HistorySink, Sink
 from art_ray_metrics.export.wandb_sink import WandbSink
 from art_ray_metrics.spend.gpu_meter import GpuMeter
 
@@ -203,9 +204,8 @@ class MetricsAggregator:
             self.gpu,
             self.health,
             self.telemetry,
-            self.fence,
             gauges=self._gauges,
-            sink=lambda: self.wandb,
+            row_sinks=self.row_sinks,
             published=lambda: self._publish_telemetry(force=True),
             clock=lambda: _wall_clock(),  # looked up per call: tests move the clock
         )
@@ -227,6 +227,7 @@ class MetricsAggregator:
             prune_every=self.config.checkpoint_prune_every,
         )
         self.history = HistoryStore(self.store)
+        self.history_sink = HistorySink(self.history, epoch=lambda: self.ckpt.epoch)
 
     def _build_commit(self) -> None:
         """The commit stage: the fence, the WAL writer (moving the producers' durable windows) and
@@ -245,6 +246,7 @@ class MetricsAggregator:
             self.store,
             self.ckpt,
             self.history,
+            self.history_sink,
             self.state,
             self.wal,
             self.health,
@@ -639,8 +641,15 @@ class MetricsAggregator:
         last = max((r.step for r in self.state.meta.last_rows.values()), default=-1)
         self.state.meta.wandb_finished_upto = last
         await self.checkpoint()
-        if self.wandb is not None:
-            await asyncio.to_thread(self.wandb.close, exit_code)
+        for sink in self.row_sinks():
+            await asyncio.to_thread(sink.close, exit_code)
+
+    def row_sinks(self) -> list[Sink]:
+        """The best-effort sinks a closed row goes to right after its commit (W&B, when on);
+        the durable one, the history, is written from the outbox by the committer."""
+        if self.fenced or self.wandb is None:
+            return []
+        return [self.wandb]
 
 
 def _node_id() -> str | None:

@@ -3,7 +3,7 @@
 The row math is the pure core's (``AggregatorState.close_step``, :mod:`art_ray_metrics.core.rewind`);
 this class schedules around it on the actor's event loop: wait for the expected producers,
 charge the GPU time since the last train barrier, record the close for rewinds, commit (the
-row is in the checkpoint before anyone sees it), then hand the row to W&B. A retried call
+row is in the checkpoint before anyone sees it), then hand the row to the best-effort sinks (W&B). A retried call
 returns the same row; a second call while one is in flight waits for it. Rewinds and closes
 hold one lock, so a barrier closes before or after a rewind, never in between. Used by the
 actor (:mod:`art_ray_metrics.distributed.actor`); no Ray here.
@@ -26,9 +26,9 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.state import AggregatorState, split_trainer_metrics
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
-from art_ray_metrics.durable.commit import Committer, Fence
+from art_ray_metrics.durable.commit import Committer
 from art_ray_metrics.errors import BarrierTimeoutError, InvalidMetricError, StorageError
-from art_ray_metrics.export.wandb_sink import WandbSink
+from art_ray_metrics.export.sink import Sink
 from art_ray_metrics.spend.gpu_meter import GpuMeter
 
 __all__ = ["Barriers"]
@@ -46,9 +46,9 @@ class Barriers:
         gpu: Charges ``costs/gpu`` on train barriers.
         health: Counts barrier timeouts and refused implicit rewinds.
         telemetry: Records ``barrier_seconds``.
-        fence: A fenced aggregator logs nothing more to W&B.
         gauges: The actor's gauges for a row's ``telemetry/*`` keys.
-        sink: The current W&B sink (None: off).
+        row_sinks: The best-effort sinks a closed row goes to after its commit (none once
+            fenced: two writers must never log to one W&B run).
         published: Pushes the Ray metrics once a row closed.
         clock: The wall clock (epoch seconds) GPU time is charged on.
 
@@ -63,10 +63,9 @@ class Barriers:
         gpu: GpuMeter,
         health: Health,
         telemetry: AggregatorTelemetry,
-        fence: Fence,
         *,
         gauges: Callable[[], dict[str, float]],
-        sink: Callable[[], WandbSink | None],
+        row_sinks: Callable[[], list[Sink]],
         published: Callable[[], None],
         clock: Callable[[], float],
     ) -> None:
@@ -76,9 +75,8 @@ class Barriers:
         self.gpu = gpu
         self.health = health
         self.telemetry = telemetry
-        self.fence = fence
         self.gauges = gauges
-        self.sink = sink
+        self.row_sinks = row_sinks
         self.published = published
         self.clock = clock
         self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
@@ -191,8 +189,7 @@ class Barriers:
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)
         await self.committer.persist()
-        sink = self.sink()
-        if sink is not None and not self.fence:
+        for sink in self.row_sinks():
             sink.log(row, step=step, split=split)
         self.telemetry.observe("barrier_seconds", time.monotonic() - started)
         self.published()

@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core.ingest import ProducerKey, ProducerWindows
@@ -45,7 +46,7 @@ from art_ray_metrics.errors import (
     WireFormatError,
 )
 
-__all__ = ["Committer", "Fence", "QueuedBatch", "WalWriter"]
+__all__ = ["Committer", "DurableRows", "Fence", "QueuedBatch", "WalWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,21 @@ QueuedBatch = tuple[bytes, ProducerKey, int, WalDecision]
 
 Observe = Callable[[str, float], None]
 """Records one latency by histogram name (the actor's Ray telemetry)."""
+
+
+class DurableRows(Protocol):
+    """Where the committer hands committed rows: the durable sink of the export stage
+    (``export.sink.HistorySink``). ``log`` raises ``StorageError``, ``FencedError`` or
+    ``InvalidMetricError`` when the row was not stored."""
+
+    def log(
+        self,
+        row: Mapping[str, float],
+        *,
+        step: int,
+        split: str,
+        recorded_at: datetime | None = None,
+    ) -> None: ...
 
 
 class Fence:
@@ -294,7 +310,8 @@ class Committer:
     Args:
         store: The run's object store (rewind objects).
         ckpt: The checkpoint manager (fenced commits).
-        history: The JSONL history the outbox is written to.
+        history: The JSONL history (rows of discarded steps are marked there).
+        rows: The durable sink the outbox is written to (the history's).
         state: The aggregator's state (checkpointed, its outbox emptied).
         wal: The WAL writer (what a checkpoint covers becomes durable).
         health: The actor's health counters.
@@ -309,6 +326,7 @@ class Committer:
         store: ObjectStore,
         ckpt: CheckpointManager,
         history: HistoryStore,
+        rows: DurableRows,
         state: AggregatorState,
         wal: WalWriter,
         health: Health,
@@ -318,6 +336,7 @@ class Committer:
         self.store = store
         self.ckpt = ckpt
         self.history = history
+        self.rows = rows
         self.state = state
         self.wal = wal
         self.health = health
@@ -415,12 +434,11 @@ class Committer:
         for entry in outbox:
             try:
                 await asyncio.to_thread(
-                    self.history.write,
-                    entry.step,
-                    entry.split,
+                    self.rows.log,
                     entry.row,
-                    datetime.fromisoformat(entry.recorded_at),
-                    epoch=self.ckpt.epoch,
+                    step=entry.step,
+                    split=entry.split,
+                    recorded_at=datetime.fromisoformat(entry.recorded_at),
                 )
                 written.append((entry.step, entry.split))
             except InvalidMetricError as exc:  # cannot happen for our rows; never blocks

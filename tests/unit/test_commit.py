@@ -22,6 +22,7 @@ from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.restore import REFUSED_INVALID, rebuild_state
 from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.errors import FencedError, StorageError
+from art_ray_metrics.export.sink import HistorySink
 from art_ray_metrics.testing import make_batch
 
 
@@ -210,9 +211,9 @@ def _committer(store: InMemoryStore) -> tuple[Committer, WalWriter, AggregatorSt
     wal = WalWriter(
         ckpt, health, fence, state.producers, max_queue_bytes=10**6, observe=lambda *_: None
     )
-    committer = Committer(
-        store, ckpt, HistoryStore(store), state, wal, health, fence, lambda *_: None
-    )
+    history = HistoryStore(store)
+    rows = HistorySink(history, epoch=lambda: ckpt.epoch)
+    committer = Committer(store, ckpt, history, rows, state, wal, health, fence, lambda *_: None)
     return committer, wal, state, health
 
 
