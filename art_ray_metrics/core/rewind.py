@@ -30,6 +30,7 @@ from art_ray_metrics.core.keys import scope_for_split
 from art_ray_metrics.core.meta import RewindEntry
 from art_ray_metrics.core.rollup import ZERO
 from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.core.wire import decode_envelope
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 
 __all__ = [
@@ -166,16 +167,7 @@ def decode_record(data: bytes) -> RewindRecord:
     Raises:
         WireFormatError: malformed, truncated, of an unknown version or with a bad field.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireFormatError(f"Expected bytes but got {type(data).__name__}")
-    try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise WireFormatError(f"Malformed rewind record ({len(data)} bytes): {exc}") from exc
-    if not isinstance(obj, dict) or obj.get("format") != REWIND_FORMAT:
-        raise WireFormatError(
-            f"Expected a rewind record (format {REWIND_FORMAT}) but got {bytes(data)[:40]!r}"
-        )
+    obj = decode_envelope(data, what="a rewind record", versions=(REWIND_FORMAT,))
     if set(obj) != set(_FIELDS):
         raise WireFormatError(f"Expected rewind record fields {_FIELDS} but got {sorted(obj)!r}")
     step, split, cum, last_closed = obj["step"], obj["split"], obj["cum"], obj["last_closed"]

@@ -25,6 +25,7 @@ from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import adopt as A
 from art_ray_metrics.core import counters
 from art_ray_metrics.core import keys as K
+from art_ray_metrics.core.backoff import LOOP_RESTART, STORAGE_READY
 from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health
 from art_ray_metrics.core.replies import AggregatorStats, IngestAck
@@ -257,7 +258,7 @@ class MetricsAggregator:
     # -- start-up ---------------------------------------------------------------------------
 
     def _restore(self, max_attempts: int) -> tuple[AggregatorState, int]:
-        delay, attempts = 0.5, 0
+        backoff = STORAGE_READY.start()
         while True:
             try:
                 loaded = self.ckpt.acquire()
@@ -265,12 +266,10 @@ class MetricsAggregator:
             except FencedError:
                 raise
             except StorageError as exc:
-                attempts += 1
-                if attempts >= max_attempts:
+                if backoff.failures + 1 >= max_attempts:
                     raise
                 log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
-                time.sleep(delay)
-                delay *= 2
+                time.sleep(backoff.next_delay())
         if loaded is None:
             return AggregatorState(), 0
         state, replayed = rebuild_state(loaded)
@@ -450,7 +449,7 @@ class MetricsAggregator:
 
     async def _supervised(self, name: str, body: Any, *args: Any) -> None:
         """Run a background loop forever: a loop that raises is logged, counted and restarted."""
-        delay = 0.1
+        backoff = LOOP_RESTART.start()
         while True:
             try:
                 await body(*args)
@@ -459,8 +458,7 @@ class MetricsAggregator:
             except Exception as exc:
                 self.health.loop_restarts += 1
                 log.error("art_ray_metrics: %s loop died (%r); restarting", name, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.next_delay())
 
     # -- ingest -----------------------------------------------------------------------------
 

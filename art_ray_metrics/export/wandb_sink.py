@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from art_ray_metrics.core import counters
+from art_ray_metrics.core.backoff import WANDB_INIT
 from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
 
@@ -79,9 +80,9 @@ WandbMode = Literal["online", "offline", "disabled"]
 
 INIT_TIMEOUT_S = 60.0
 """Upper bound W&B may spend in one ``wandb.init``."""
-INIT_RETRY_BACKOFF_S = 1.0
+INIT_RETRY_BACKOFF_S = WANDB_INIT.initial
 """First delay before retrying a failed init; doubles per consecutive failure ..."""
-INIT_RETRY_BACKOFF_MAX_S = 60.0
+INIT_RETRY_BACKOFF_MAX_S = WANDB_INIT.cap
 """... up to this."""
 RESET_AFTER_FAILURES = 3
 """Consecutive ``log`` failures after which the run is abandoned and re-attached (same id)."""
@@ -296,11 +297,7 @@ class WandbSink:
             with self._lock:
                 self._fail("init", exc)
                 self._init_failures += 1
-                delay = min(
-                    INIT_RETRY_BACKOFF_S * 2 ** (self._init_failures - 1),
-                    INIT_RETRY_BACKOFF_MAX_S,
-                )
-                self._next_init_at = self._clock() + delay
+                self._next_init_at = self._clock() + WANDB_INIT.delay(self._init_failures)
             return False
         with self._lock:
             if self._closed:
