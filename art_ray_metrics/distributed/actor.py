@@ -247,7 +247,7 @@ class MetricsAggregator:
             self.store,
             self.ckpt,
             self.history,
-            self.history_sink,
+            self.history_sink.log,
             self.state,
             self.wal,
             self.health,

@@ -22,10 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
 
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core.ingest import ProducerKey, ProducerWindows
@@ -46,7 +45,7 @@ from art_ray_metrics.errors import (
     WireFormatError,
 )
 
-__all__ = ["Committer", "DurableRows", "Fence", "QueuedBatch", "WalWriter"]
+__all__ = ["Committer", "Fence", "QueuedBatch", "WalWriter", "WriteRow"]
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +56,10 @@ Observe = Callable[[str, float], None]
 """Records one latency by histogram name (the actor's Ray telemetry)."""
 
 
-class DurableRows(Protocol):
-    """Where the committer hands committed rows: the durable sink of the export stage
-    (``export.sink.HistorySink``). ``log`` raises ``StorageError``, ``FencedError`` or
-    ``InvalidMetricError`` when the row was not stored."""
-
-    def log(
-        self,
-        row: Mapping[str, float],
-        *,
-        step: int,
-        split: str,
-        recorded_at: datetime | None = None,
-    ) -> None: ...
+WriteRow = Callable[..., None]
+"""The durable sink's ``log`` (``export.sink.HistorySink.log``), called as
+``write_row(row, step=..., split=..., recorded_at=...)``; raises ``StorageError``,
+``FencedError`` or ``InvalidMetricError`` when the row was not stored."""
 
 
 class Fence:
@@ -311,7 +301,7 @@ class Committer:
         store: The run's object store (rewind objects).
         ckpt: The checkpoint manager (fenced commits).
         history: The JSONL history (rows of discarded steps are marked there).
-        rows: The durable sink the outbox is written to (the history's).
+        write_row: Writes one outbox row to the durable sink (the history's).
         state: The aggregator's state (checkpointed, its outbox emptied).
         wal: The WAL writer (what a checkpoint covers becomes durable).
         health: The actor's health counters.
@@ -326,7 +316,7 @@ class Committer:
         store: ObjectStore,
         ckpt: CheckpointManager,
         history: HistoryStore,
-        rows: DurableRows,
+        write_row: WriteRow,
         state: AggregatorState,
         wal: WalWriter,
         health: Health,
@@ -336,7 +326,7 @@ class Committer:
         self.store = store
         self.ckpt = ckpt
         self.history = history
-        self.rows = rows
+        self.write_row = write_row
         self.state = state
         self.wal = wal
         self.health = health
@@ -434,7 +424,7 @@ class Committer:
         for entry in outbox:
             try:
                 await asyncio.to_thread(
-                    self.rows.log,
+                    self.write_row,
                     entry.row,
                     step=entry.step,
                     split=entry.split,

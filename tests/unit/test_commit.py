@@ -213,7 +213,9 @@ def _committer(store: InMemoryStore) -> tuple[Committer, WalWriter, AggregatorSt
     )
     history = HistoryStore(store)
     rows = HistorySink(history, epoch=lambda: ckpt.epoch)
-    committer = Committer(store, ckpt, history, rows, state, wal, health, fence, lambda *_: None)
+    committer = Committer(
+        store, ckpt, history, rows.log, state, wal, health, fence, lambda *_: None
+    )
     return committer, wal, state, health
 
 
