@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -651,9 +652,13 @@ class MetricsAggregator:
 
 
 def _node_id() -> str | None:
+    """The Ray node this runs on; None outside Ray (never starts it: ``get_runtime_context``
+    would, in a process that imported Ray without joining a cluster, e.g. the in-process
+    aggregator's)."""
+    ray = sys.modules.get("ray")
     try:
-        import ray
-
+        if ray is None or not ray.is_initialized():
+            return None
         return str(ray.get_runtime_context().get_node_id())
     except Exception:
         return None

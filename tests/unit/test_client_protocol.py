@@ -153,6 +153,7 @@ class TestShipping:
 
 
 class TestExit:
+    @pytest.mark.slow  # a fresh interpreter that imports Ray
     def test_close_without_ray_never_starts_ray(self) -> None:
         """In a fresh process (this one may have joined the session's cluster): closing a client
         with pending leaves, and interpreter exit, leave Ray uninitialised."""
