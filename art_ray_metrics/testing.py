@@ -21,6 +21,7 @@ from typing import Any, Literal
 from art_ray_metrics.config import AggregatorConfig, ClientConfig
 from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.core.rollup import EXACT, to_decimal
 from art_ray_metrics.core.samples import SampleStats
 from art_ray_metrics.distributed import client as _client
@@ -245,9 +246,8 @@ class InProcessAggregator:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """The actor's ``stats()``."""
-        out: dict[str, Any] = self._call("stats")
-        return out
+        """The actor's ``stats()``, as the map ``AggregatorHandle.stats()`` returns."""
+        return AggregatorStats.as_map(self._call("stats"))
 
     def checkpoint(self) -> dict[str, Any]:
         """Commit a checkpoint now."""

@@ -62,6 +62,7 @@ from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.backoff import RESEND
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.replies import IngestAck
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.tape import (
     ENTRY,
@@ -511,9 +512,10 @@ class MetricsClient:
             if asked_durable and seq in self._retained:
                 self._failed(RuntimeError("the aggregator could not make the batch durable yet"))
 
-    def _acked(self, seq: int, ack: dict[str, Any]) -> None:
-        upto = int(ack.get("durable_upto", 0))
-        refused = ack.get("refused")
+    def _acked(self, seq: int, reply: IngestAck | dict[str, Any]) -> None:
+        ack = IngestAck.from_reply(reply)  # a map: an aggregator of an earlier version
+        upto = ack.durable_upto
+        refused = ack.refused
         with self._lock:
             keys = {
                 (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused or ()
@@ -527,7 +529,7 @@ class MetricsClient:
                 self.last_error = reason
                 log.error("art_ray_metrics: batch %s: %s", seq, reason[:500])
             settled = []
-            if ack.get("durable") and self._retained.pop(seq, None) is not None:
+            if ack.durable and self._retained.pop(seq, None) is not None:
                 settled.append(seq)
             if upto and self._retained and min(self._retained) <= upto:
                 for s in [s for s in self._retained if s <= upto]:

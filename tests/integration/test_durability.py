@@ -111,7 +111,7 @@ def run_step(
         batch = make_batch(
             f"raw-{attempt}", 1, 6, keyed_costs=[("costs/train/judge_raw", 0.5, "resp-raw-6")]
         )
-        assert not ray.get(handle.actor.ingest.remote(encode_batch(batch), True))["duplicate"]
+        assert not ray.get(handle.actor.ingest.remote(encode_batch(batch), True)).duplicate
     return dict(handle.log(step, metrics={"loss": 0.5 - step / 100}))
 
 

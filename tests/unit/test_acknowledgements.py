@@ -44,7 +44,8 @@ class _Call:
 
 
 class _InProcessActor:
-    """The actor's ingest/confirm contract over a real state; applied means durable."""
+    """The actor's ingest/confirm contract over a real state; applied means durable. It answers
+    with plain maps, as aggregators before typed replies did: the client reads both."""
 
     def __init__(self, state: AggregatorState) -> None:
         self.state = state
@@ -455,15 +456,15 @@ class TestTheActorShell:
             return first, over, again, copy, row
 
         first, over, again, copy, row = asyncio.run(run())
-        assert first["durable"]
-        assert first["durable_upto"] == 4  # the declared give-ups count as settled
-        assert over["durable"]
-        assert [r[2] for r in over["refused"]] == ["reward/c"]
-        assert "max_keys_per_step=2" in over["refused"][0][3]
-        assert again["duplicate"]
-        assert again["refused"] == over["refused"]  # a resend is told again
-        assert copy["duplicate"]
-        assert copy["durable"]
+        assert first.durable
+        assert first.durable_upto == 4  # the declared give-ups count as settled
+        assert over.durable
+        assert [r[2] for r in over.refused] == ["reward/c"]
+        assert "max_keys_per_step=2" in over.refused[0][3]
+        assert again.duplicate
+        assert again.refused == over.refused  # a resend is told again
+        assert copy.duplicate
+        assert copy.durable
         assert row["reward/a"] == 2.0
         assert "reward/c" not in row
         assert row["telemetry/dropped_batches"] == 3

@@ -91,7 +91,7 @@ def test_a_restarted_actor_holds_ingest_until_the_driver_sends_credentials(
         wanted, ack, took, later = asyncio.run(run())
         assert wanted is True
         assert later is False
-        assert ack["durable"] is True
+        assert ack.durable is True
         assert took < actor_module.CREDENTIALS_WAIT_S
         assert agg.state.pending  # the batch was applied
 

@@ -209,7 +209,7 @@ class TestRefusalsReplay:
             await agg.ingest(_batch("w", 1, 0, leaves={"costs/train/a": 1.0}), True)
             big = {"costs/train/b": 100.0, "costs/train/c": 100.0, "costs/train/d": 100.0}
             ack = await agg.ingest(_batch("w", 2, 0, leaves=big), True)
-            assert sorted(r[2] for r in ack["refused"]) == ["costs/train/c", "costs/train/d"]
+            assert sorted(r[2] for r in ack.refused) == ["costs/train/c", "costs/train/d"]
             await _stop(agg)  # crash: no checkpoint after the two WAL writes
 
         asyncio.run(run())
@@ -247,14 +247,14 @@ class TestRefusalsReplay:
 
 
 def _slow_reads(agg: MetricsAggregator, seconds: float = 0.3) -> None:
-    read = agg._read_rewind
+    read = agg.committer.read_rewind
 
     def slow(key: str) -> Any:
         record = read(key)
         time.sleep(seconds)  # the answer is on its way back
         return record
 
-    agg._read_rewind = slow  # type: ignore[method-assign]
+    agg.committer.read_rewind = slow  # type: ignore[method-assign]
 
 
 class TestRewindWithBarriers:
