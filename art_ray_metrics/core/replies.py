@@ -18,8 +18,28 @@ RefusedKey = tuple[int, str, "str | None", str]
 """A key refused under the limits: ``(step, scope, key, reason)`` (``key`` None: the group)."""
 
 
+class _ReadsAsMap:
+    """Read access by key, as to the plain map earlier versions answered with: a caller of
+    the actor written against that map (``reply["durable"]``, ``reply.get("node_id")``; an
+    older worker client, a script calling the actor directly) keeps working."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+    def keys(self) -> Any:
+        return self.to_dict().keys()
+
+
 @dataclass(frozen=True, slots=True)
-class IngestAck:
+class IngestAck(_ReadsAsMap):
     """The actor's answer to ``ingest``.
 
     Attributes:
@@ -78,7 +98,7 @@ class IngestAck:
 
 
 @dataclass(frozen=True, slots=True)
-class AggregatorStats:
+class AggregatorStats(_ReadsAsMap):
     """The actor's ``stats()``: identity, counters, queues, storage and W&B health.
 
     The fields are the keys of :meth:`to_dict`, the map ``AggregatorHandle.stats()`` returns
