@@ -29,7 +29,8 @@ import art_ray_metrics as arm
 from art_ray_metrics.export.wandb_offline import find_offline_run_files, read_offline_history
 from art_ray_metrics.ops.demo.workload import expected_data_totals
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole file: its demo runs are module fixtures the tests share
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli-demo")]
 
 RUN = "cli-test"
 
