@@ -137,9 +137,15 @@ class LeaseAccount:
     gone: bool = False
 
     @property
+    def balance(self) -> Decimal:
+        """``granted - returned - shipped``: negative when calls cost more than reserved, or
+        when a restart lost grants that batches then shipped (until the producer asks again)."""
+        return _sub(_sub(self.granted, self.returned), self.shipped)
+
+    @property
     def outstanding(self) -> Decimal:
         """What it may still spend, or may have spent that no row counts (never negative)."""
-        left = _sub(_sub(self.granted, self.returned), self.shipped)
+        left = self.balance
         return left if left > 0 else ZERO
 
     def to_wire(self) -> list[Any]:
@@ -309,10 +315,17 @@ class BudgetLedger:
         account.granted = _add(account.granted, amount)
         return Grant(amount, amount < need or amount == 0, self.limit, self.spent, self.committed())
 
+    def replay_grant(self, producer: str, incarnation: str, amount: Decimal, now: float) -> None:
+        """Apply a grant as it was decided (a replayed write-ahead log: the aggregator logs
+        each grant before it answers, so a restart never forgets budget it handed out)."""
+        account = self._account(producer, incarnation, now)
+        account.gone = False
+        account.granted = _add(account.granted, _money(amount, "amount"))
+
     @staticmethod
     def _heal(account: LeaseAccount, held: Decimal) -> None:
         held = _money(held, "held")
-        missing = _sub(held, account.outstanding)
+        missing = _sub(held, account.balance)
         if missing > 0:
             account.granted = _add(account.granted, missing)
 
