@@ -24,11 +24,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from art_ray_metrics.core.buffer import StepBuffer
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
 from art_ray_metrics.core.keys import scope_for_split
 from art_ray_metrics.core.meta import RewindEntry
 from art_ray_metrics.core.rollup import ZERO
-from art_ray_metrics.core.state import AggregatorState, StepBuffer
+from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.core.wire import decode_envelope
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 
 __all__ = [
@@ -165,16 +167,7 @@ def decode_record(data: bytes) -> RewindRecord:
     Raises:
         WireFormatError: malformed, truncated, of an unknown version or with a bad field.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireFormatError(f"Expected bytes but got {type(data).__name__}")
-    try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise WireFormatError(f"Malformed rewind record ({len(data)} bytes): {exc}") from exc
-    if not isinstance(obj, dict) or obj.get("format") != REWIND_FORMAT:
-        raise WireFormatError(
-            f"Expected a rewind record (format {REWIND_FORMAT}) but got {bytes(data)[:40]!r}"
-        )
+    obj = decode_envelope(data, what="a rewind record", versions=(REWIND_FORMAT,))
     if set(obj) != set(_FIELDS):
         raise WireFormatError(f"Expected rewind record fields {_FIELDS} but got {sorted(obj)!r}")
     step, split, cum, last_closed = obj["step"], obj["split"], obj["cum"], obj["last_closed"]
@@ -324,24 +317,57 @@ def apply_rewind(
 
     ``records`` are the decoded objects of ``plan.keys``. Restores cumulative values and last
     closed steps, adds back what each kept close added to the cumulative values (its record
-    minus the one before it), removes the ids the discarded closes added, drops pending buffers of later
-    steps (and late buffers unless ``keep_late``: an implicit rewind keeps them for the
-    re-executed step; an explicit one keeps those recorded for the steps it keeps),
+    minus the one before it), removes the ids the discarded closes added, drops pending buffers
+    of later steps (and late buffers unless ``keep_late``: an implicit rewind keeps them for
+    the re-executed step; an explicit one keeps those recorded for the steps it keeps),
     recomputes the pending paid-response ids and updates the meta fields.
     """
-    meta = state.meta
     before = state.cum.values.get(_CUM_ALL, ZERO)
+    replay = _replay_kept(state, plan, base, records)
+    state.cum.values = replay.cum
+    state.last_closed = replay.last_closed
+    lost = before - replay.cum.get(_CUM_ALL, ZERO)
+    tombstones = _remove_ids(state, replay.gone)
+    dropped = _drop_buffers(state, plan)
+    for buf in dropped:
+        lost += sum((v for k, v in buf.sums.items() if k.startswith("costs/")), ZERO)
+    _rewind_meta(state, plan, replay.kept, lost)
+    return RewindResult(
+        len(plan.discarded), len(dropped), lost, tombstones, plan.keys, tuple(replay.rewritten)
+    )
+
+
+@dataclass(slots=True)
+class _Replay:
+    """The cumulative state after a rewind's base and its kept closes (see :func:`_replay_kept`)."""
+
+    cum: dict[str, Decimal]
+    last_closed: dict[str, int]
+    gone: list[RewindRecord] = field(default_factory=list)
+    """The records of the discarded closes."""
+    kept: list[RewindEntry] = field(default_factory=list)
+    """The window entries of the kept closes, applied again (with new close numbers)."""
+    rewritten: list[tuple[str, bytes]] = field(default_factory=list)
+    """Their rewind objects, ``(key, bytes)``."""
+
+
+def _replay_kept(
+    state: AggregatorState,
+    plan: RewindPlan,
+    base: RewindRecord | None,
+    records: Sequence[RewindRecord],
+) -> _Replay:
+    """Start from ``base`` and add again what each kept close after it added; changes only
+    ``meta.close_seq`` (the kept closes get new rewind objects)."""
+    meta = state.meta
     # before every close kept: the values adopted before the first close (usually none)
     base_cum = base.cum if base else meta.baseline_cum
-    cum = dict(base_cum)
-    last_closed = dict(base.last_closed) if base else {}
-    gone_records: list[RewindRecord] = []
-    kept: list[RewindEntry] = []
-    rewritten: list[tuple[str, bytes]] = []
+    out = _Replay(dict(base_cum), dict(base.last_closed) if base else {})
+    cum, last_closed = out.cum, out.last_closed
     prev = base_cum
     for record in records:
         if record.step > plan.step:
-            gone_records.append(record)
+            out.gone.append(record)
         else:  # a kept close made after a discarded one: what it added, on the new base
             for key, value in record.cum.items():
                 delta = value - prev.get(key, ZERO)
@@ -359,32 +385,47 @@ def apply_rewind(
                 record.scenarios,
                 record.cost_ids,
             )
-            kept.append(RewindEntry(record.step, record.split, key))
-            rewritten.append((key, encode_record(again)))
+            out.kept.append(RewindEntry(record.step, record.split, key))
+            out.rewritten.append((key, encode_record(again)))
         prev = record.cum
-    state.cum.values = cum
-    state.last_closed = last_closed
-    lost = before - cum.get(_CUM_ALL, ZERO)
+    return out
+
+
+def _remove_ids(state: AggregatorState, gone: Sequence[RewindRecord]) -> dict[str, bytes]:
+    """Remove from the ledgers the ids the discarded closes added; their tombstones."""
     tombstones: dict[str, bytes] = {}
-    removed = b"".join(r.scenarios for r in gone_records)
+    removed = b"".join(r.scenarios for r in gone)
     if removed:
         state.cum.scenarios = state.cum.scenarios.without(removed)
         tombstones[TOMBSTONES["scenarios"]] = removed
-    removed = b"".join(r.cost_ids for r in gone_records)
+    removed = b"".join(r.cost_ids for r in gone)
     if removed:
         state.cum.cost_ids = state.cum.cost_ids.without(removed)
         tombstones[TOMBSTONES["cost_ids"]] = removed
+    return tombstones
+
+
+def _drop_buffers(state: AggregatorState, plan: RewindPlan) -> list[StepBuffer]:
+    """Drop the pending and late buffers the plan discards (returned) and recompute the
+    pending paid-response ids."""
     dropped: list[StepBuffer] = [
         buf for k in plan.pending_later if (buf := state.pending.pop(k, None)) is not None
     ]
     # late leaves of the steps kept stay (a run that never failed counts them); those of the
     # discarded steps go with their steps
     dropped.extend(buf for k in plan.late_later if (buf := state.late.pop(k, None)) is not None)
-    for buf in dropped:
-        lost += sum((v for k, v in buf.sums.items() if k.startswith("costs/")), ZERO)
     state.pending_cost_ids = set()
     for buf in (*state.pending.values(), *state.late.values()):
         state.pending_cost_ids |= buf.cost_ids
+    return dropped
+
+
+def _rewind_meta(
+    state: AggregatorState, plan: RewindPlan, kept: list[RewindEntry], lost: Decimal
+) -> None:
+    """Forget the discarded closes in the meta fields and the splits' last closed steps, and
+    count the rewind."""
+    meta = state.meta
     gone = plan.discarded
     meta.last_rows = {sp: r for sp, r in meta.last_rows.items() if (r.step, sp) not in gone}
     meta.outbox = [e for e in meta.outbox if (e.step, e.split) not in gone]
@@ -399,4 +440,3 @@ def apply_rewind(
     meta.rewound.rewinds += 1
     meta.rewound.steps += len(gone)
     meta.rewound.costs_usd += lost
-    return RewindResult(len(gone), len(dropped), lost, tombstones, plan.keys, tuple(rewritten))

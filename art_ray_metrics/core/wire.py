@@ -18,6 +18,12 @@ Values travel as decimal strings (``"0.0012"``) so exact sums stay exact across 
 Snapshot, format version 2 (version 1 is still read): ``["arm-state", 2, state]`` where ``state`` is
 :meth:`AggregatorState.to_wire() <art_ray_metrics.core.state.AggregatorState.to_wire>`.
 
+Every msgpack object this package stores or sends is read through :func:`decode_envelope` (or
+:func:`unpack` for a bare payload): one place that unpacks, maps msgpack's many exception types
+to one typed error, and checks the magic and the format version. Two envelope shapes exist: an
+array ``[magic, version, ...]`` (batches, snapshots) and a map ``{"format": version, ...}``
+(rewind records, the checkpoint pointer and manifests).
+
 Decoding never trusts its input: every field's type is checked, every key goes through
 :func:`~art_ray_metrics.core.validate.validate_key` and every value through
 :func:`~art_ray_metrics.core.validate.check_value`; anything else raises :class:`WireFormatError` naming
@@ -27,7 +33,7 @@ defaults; fields are never reordered or retyped; an unknown version is refused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -38,7 +44,7 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.samples import SampleStats, check_sample_key
-from art_ray_metrics.errors import InvalidMetricError, WireFormatError
+from art_ray_metrics.errors import InvalidMetricError, MetricsError, WireFormatError
 
 __all__ = [
     "BATCH_MAGIC",
@@ -47,9 +53,11 @@ __all__ = [
     "STATE_MAGIC",
     "batch_identity",
     "decode_batch",
+    "decode_envelope",
     "decode_state",
     "encode_batch",
     "encode_state",
+    "unpack",
 ]
 
 FORMAT_VERSION = 3
@@ -89,20 +97,75 @@ def encode_batch(batch: LeafBatch) -> bytes:
     return out
 
 
-def _unpack(data: object, magic: str) -> list[Any]:
+def unpack(data: object, *, what: str, error: type[MetricsError] = WireFormatError) -> Any:
+    """Unpack one msgpack object, mapping every failure to ``error``.
+
+    Args:
+        data: The bytes.
+        what: Names the object in the error ("a rewind record", "the manifest at key 'k'").
+        error: The typed error to raise.
+
+    Raises:
+        MetricsError: ``error``: not bytes, malformed or truncated.
+
+    >>> unpack(b"\\x93\\x01\\x02\\x03", what="a list")
+    [1, 2, 3]
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireFormatError(f"Expected bytes but got {type(data).__name__}")
+        raise error(f"Expected {what} as bytes but got {type(data).__name__}")
     try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+        return msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise WireFormatError(f"Malformed or truncated msgpack ({len(data)} bytes): {exc}") from exc
+        raise error(f"Malformed or truncated msgpack in {what} ({len(data)} bytes): {exc}") from exc
+
+
+def decode_envelope(
+    data: object,
+    *,
+    what: str,
+    versions: Collection[int],
+    magic: str | None = None,
+    error: type[MetricsError] = WireFormatError,
+) -> Any:
+    """The one envelope decoder: unpack, map errors to ``error``, check magic and version.
+
+    Args:
+        data: The bytes.
+        what: Names the object in errors.
+        versions: The format versions this build reads.
+        magic: For an array envelope ``[magic, version, ...]``; None for a map envelope
+            ``{"format": version, ...}``.
+        error: The typed error to raise.
+
+    Returns:
+        The array (a list) or the map (a dict), fields not checked beyond magic and version.
+
+    Raises:
+        MetricsError: ``error``: malformed, of another shape or magic, or an unknown version.
+
+    >>> decode_envelope(msgpack.packb({"format": 1, "a": 2}), what="a map", versions=(1,))
+    {'format': 1, 'a': 2}
+    """
+    obj = unpack(data, what=what, error=error)
+    if magic is None:
+        if not isinstance(obj, dict):
+            raise error(f"Expected {what} as a msgpack map but got {type(obj).__name__}")
+        if obj.get("format") not in versions:
+            readable = " or ".join(str(v) for v in versions)
+            raise error(f"Expected {what} in format {readable} but got {obj.get('format')!r}")
+        return obj
     if not isinstance(obj, list) or len(obj) < 2 or obj[0] != magic:
-        raise WireFormatError(f"Expected a {magic!r} message but got {str(obj)[:80]!r}")
-    if obj[1] not in READABLE_VERSIONS:
-        raise WireFormatError(
+        raise error(f"Expected a {magic!r} message but got {str(obj)[:80]!r}")
+    if obj[1] not in versions:
+        raise error(
             f"Unknown {magic} format version {obj[1]!r}; this build reads versions "
-            f"{READABLE_VERSIONS}"
+            f"{tuple(versions)}"
         )
+    return obj
+
+
+def _unpack(data: object, magic: str) -> list[Any]:
+    obj: list[Any] = decode_envelope(data, what=magic, versions=READABLE_VERSIONS, magic=magic)
     return obj
 
 
@@ -148,6 +211,62 @@ def _samples(raw: object) -> dict[str, SampleStats]:
     return out
 
 
+def _lost(raw: object, acked_upto: int) -> list[tuple[int, int, str, int]]:
+    """The batches a producer declares given up: ``[[seq, step, scope, leaves], ...]``."""
+    if not isinstance(raw, list):
+        raise WireFormatError(f"Expected the lost batches as a list but got {raw!r}")
+    lost = []
+    for entry in raw:
+        if not isinstance(entry, list) or len(entry) != 4:
+            raise WireFormatError(f"Expected [seq, step, scope, leaves] but got {entry!r}")
+        lost_seq = _int(entry[0], "a lost batch's seq", 1)
+        if lost_seq > acked_upto:
+            raise WireFormatError(
+                f"Expected lost batch {lost_seq} to be at most acked_upto={acked_upto}"
+            )
+        scope = _str(entry[2], "a lost batch's scope")
+        try:
+            V.check_split(scope)
+        except InvalidMetricError as exc:
+            raise WireFormatError(f"Invalid scope of a lost batch: {exc}") from exc
+        step = _int(entry[1], "a lost batch's step", 0)
+        lost.append((lost_seq, step, scope, _int(entry[3], "a lost batch's leaves", 0)))
+    return lost
+
+
+def _group(raw: object) -> StepGroup:
+    """One ``[step, scope, sums, keyed, digests(, samples)]`` group, checked."""
+    if not isinstance(raw, list) or len(raw) not in (5, 6):
+        raise WireFormatError(f"Expected a 5- or 6-field group but got {str(raw)[:80]!r}")
+    step = _int(raw[0], "step", 0)
+    scope = _str(raw[1], "scope")
+    try:
+        V.check_split(scope)  # a scope the trainer could never close would stay pending
+    except InvalidMetricError as exc:
+        raise WireFormatError(f"Invalid scope in batch: {exc}") from exc
+    # "val"/"test" from an older client: the scope the val and test barriers close
+    scope = K.scope_for_cost_context(scope)
+    if not isinstance(raw[2], dict) or not isinstance(raw[3], list):
+        raise WireFormatError("Expected group sums as a map and keyed costs as a list")
+    sums = dict(_leaf(k, v) for k, v in raw[2].items())
+    keyed = []
+    for item in raw[3]:
+        if not isinstance(item, list) or len(item) != 3:
+            raise WireFormatError(f"Expected [key, value, response_id] but got {item!r}")
+        key, value = _leaf(item[0], item[1])
+        if not key.startswith("costs/"):
+            raise WireFormatError(f"Expected a costs/ key for a keyed cost but got {key!r}")
+        keyed.append(KeyedCost(key, value, _str(item[2], "response_id")))
+    digests = raw[4]
+    if not isinstance(digests, bytes) or len(digests) % DIGEST_SIZE:
+        raise WireFormatError(
+            f"Expected scenario digests as bytes in multiples of {DIGEST_SIZE} "
+            f"but got {type(digests).__name__} of length {len(digests)}"
+        )
+    samples = _samples(raw[5]) if len(raw) == 6 else {}
+    return StepGroup(step, scope, sums, tuple(keyed), digests, samples)
+
+
 def decode_batch(data: bytes) -> LeafBatch:
     """Parse and validate a batch; raise :class:`WireFormatError` on anything unexpected."""
     obj = _unpack(data, BATCH_MAGIC)
@@ -166,57 +285,11 @@ def decode_batch(data: bytes) -> LeafBatch:
         acked_upto = _int(obj[6], "acked_upto", 0)
         dropped = _int(obj[7], "dropped", 0)
     if want == 9:
-        if not isinstance(obj[8], list):
-            raise WireFormatError(f"Expected the lost batches as a list but got {obj[8]!r}")
-        for entry in obj[8]:
-            if not isinstance(entry, list) or len(entry) != 4:
-                raise WireFormatError(f"Expected [seq, step, scope, leaves] but got {entry!r}")
-            lost_seq = _int(entry[0], "a lost batch's seq", 1)
-            if lost_seq > acked_upto:
-                raise WireFormatError(
-                    f"Expected lost batch {lost_seq} to be at most acked_upto={acked_upto}"
-                )
-            scope = _str(entry[2], "a lost batch's scope")
-            try:
-                V.check_split(scope)
-            except InvalidMetricError as exc:
-                raise WireFormatError(f"Invalid scope of a lost batch: {exc}") from exc
-            step = _int(entry[1], "a lost batch's step", 0)
-            lost.append((lost_seq, step, scope, _int(entry[3], "a lost batch's leaves", 0)))
+        lost = _lost(obj[8], acked_upto)
     raw_groups = obj[4]
     if not isinstance(raw_groups, list):
         raise WireFormatError(f"Expected a list of groups but got {raw_groups!r}")
-    groups = []
-    for raw in raw_groups:
-        if not isinstance(raw, list) or len(raw) not in (5, 6):
-            raise WireFormatError(f"Expected a 5- or 6-field group but got {str(raw)[:80]!r}")
-        step = _int(raw[0], "step", 0)
-        scope = _str(raw[1], "scope")
-        try:
-            V.check_split(scope)  # a scope the trainer could never close would stay pending
-        except InvalidMetricError as exc:
-            raise WireFormatError(f"Invalid scope in batch: {exc}") from exc
-        # "val"/"test" from an older client: the scope the val and test barriers close
-        scope = K.scope_for_cost_context(scope)
-        if not isinstance(raw[2], dict) or not isinstance(raw[3], list):
-            raise WireFormatError("Expected group sums as a map and keyed costs as a list")
-        sums = dict(_leaf(k, v) for k, v in raw[2].items())
-        keyed = []
-        for item in raw[3]:
-            if not isinstance(item, list) or len(item) != 3:
-                raise WireFormatError(f"Expected [key, value, response_id] but got {item!r}")
-            key, value = _leaf(item[0], item[1])
-            if not key.startswith("costs/"):
-                raise WireFormatError(f"Expected a costs/ key for a keyed cost but got {key!r}")
-            keyed.append(KeyedCost(key, value, _str(item[2], "response_id")))
-        digests = raw[4]
-        if not isinstance(digests, bytes) or len(digests) % DIGEST_SIZE:
-            raise WireFormatError(
-                f"Expected scenario digests as bytes in multiples of {DIGEST_SIZE} "
-                f"but got {type(digests).__name__} of length {len(digests)}"
-            )
-        samples = _samples(raw[5]) if len(raw) == 6 else {}
-        groups.append(StepGroup(step, scope, sums, tuple(keyed), digests, samples))
+    groups = [_group(raw) for raw in raw_groups]
     return LeafBatch(
         producer_id, seq, tuple(groups), incarnation, acked_upto, dropped, tuple(lost), version
     )

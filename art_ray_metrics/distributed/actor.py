@@ -23,6 +23,7 @@ from art_ray_metrics.core import adopt as A
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.backoff import LOOP_RESTART, STORAGE_READY
 from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
 from art_ray_metrics.core.rewind import TOMBSTONES
@@ -30,7 +31,6 @@ from art_ray_metrics.core.state import (
     AggregatorState,
     Limits,
     ProducerKey,
-    _Window,
     split_trainer_metrics,
 )
 from art_ray_metrics.core.wire import batch_identity
@@ -59,6 +59,7 @@ from art_ray_metrics.errors import (
     StorageError,
     WireFormatError,
 )
+from art_ray_metrics.export.sink import HistorySink, Sink
 from art_ray_metrics.export.wandb_sink import (
     WandbSink,
     WandbSinkConfig,
@@ -186,6 +187,7 @@ class MetricsAggregator:
             prune_every=self.config.checkpoint_prune_every,
         )
         self.history = HistoryStore(self.store)
+        self.history_sink = HistorySink(self.history, epoch=lambda: self.ckpt.epoch)
         self.state, replayed = self._restore(attempts)
         self.state.limits = Limits(
             max_keys_per_step=self.config.max_keys_per_step,
@@ -202,15 +204,10 @@ class MetricsAggregator:
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
         self.restarted = meta.restarts > 0 or replayed > 0
-        self.durable: dict[ProducerKey, _Window] = {
-            p: _Window(w.watermark, w.above or ()) for p, w in self.state.producers.items()
-        }
+        self.state.producers.assume_durable()  # what the restored state applied is stored
         # (batch bytes, producer, seq, decision: None when applied whole, else see WalDecision)
         self.wal_queue: list[tuple[bytes, ProducerKey, int, WalDecision]] = []
         self.wal_queue_bytes = 0
-        # (producer, seq) -> the acked_upto of a logged batch: once the batch is durable, so
-        # is the header that moved its producer's window past the batches it gave up on
-        self.durable_floor: dict[tuple[ProducerKey, int], int] = {}
         self.closing: dict[tuple[int, str], asyncio.Future[dict[str, float]]] = {}
         self.since_ckpt: list[tuple[ProducerKey, int]] = []
         # group commit: batches queued while a write is in flight go out together in the next
@@ -239,7 +236,7 @@ class MetricsAggregator:
     # -- start-up ---------------------------------------------------------------------------
 
     def _restore(self, max_attempts: int) -> tuple[AggregatorState, int]:
-        delay, attempts = 0.5, 0
+        backoff = STORAGE_READY.start()
         while True:
             try:
                 loaded = self.ckpt.acquire()
@@ -247,12 +244,10 @@ class MetricsAggregator:
             except FencedError:
                 raise
             except StorageError as exc:
-                attempts += 1
-                if attempts >= max_attempts:
+                if backoff.failures + 1 >= max_attempts:
                     raise
                 log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
-                time.sleep(delay)
-                delay *= 2
+                time.sleep(backoff.next_delay())
         if loaded is None:
             return AggregatorState(), 0
         state, replayed = rebuild_state(loaded)
@@ -484,7 +479,7 @@ class MetricsAggregator:
 
     async def _supervised(self, name: str, body: Any) -> None:
         """Run a background loop forever: a loop that raises is logged, counted and restarted."""
-        delay = 0.1
+        backoff = LOOP_RESTART.start()
         while True:
             try:
                 await body()
@@ -493,8 +488,7 @@ class MetricsAggregator:
             except Exception as exc:
                 self.health.loop_restarts += 1
                 log.error("art_ray_metrics: %s loop died (%r); restarting", name, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(backoff.next_delay())
 
     # -- ingest -----------------------------------------------------------------------------
 
@@ -524,8 +518,6 @@ class MetricsAggregator:
             ident = batch_identity(data)
             if ident is not None:  # logged as refused: a replay refuses it again, whatever
                 key = (ident[0], ident[1])  # the limits of the restarted aggregator
-                if key not in self.durable:
-                    self.durable[key] = _Window(ident[3])
                 self.wal_queue.append((data, key, ident[2], refusal_kind(exc)))
                 self.wal_queue_bytes += len(data)
                 self.since_ckpt.append((key, ident[2]))
@@ -540,29 +532,26 @@ class MetricsAggregator:
                 "seq": result.seq,
                 "duplicate": True,
                 "durable": True,
-                "durable_upto": self.state.retired.get(key, 0),
+                "durable_upto": self.state.producers.durable_upto(key),
                 "late_leaves": 0,
                 "conflicts": [],
                 "refused": refused,
             }
-        if key not in self.durable:  # new, or back after confirm dropped its window
-            self.durable[key] = _Window(result.acked_upto)
         if not result.duplicate:
             decided = (result.limit, result.refused) if result.refused else None
             self.wal_queue.append((data, key, result.seq, decided))
             self.wal_queue_bytes += len(data)
             self.since_ckpt.append((key, result.seq))
-            if result.acked_upto > self.durable[key].watermark:
-                self.durable_floor[(key, result.seq)] = result.acked_upto
+            self.state.producers.logged(key, result.seq, result.acked_upto)
         if durable:
             await self._await_wal(key, result.seq)
-        window = self.durable.get(key)
+        windows = self.state.producers
         return {
             "producer_id": result.producer_id,
             "seq": result.seq,
             "duplicate": result.duplicate,
-            "durable": window is not None and window.seen(result.seq),
-            "durable_upto": window.watermark if window is not None else 0,
+            "durable": windows.durable_seen(key, result.seq),
+            "durable_upto": windows.durable_upto(key),
             "late_leaves": result.late_leaves,
             "conflicts": [list(c) for c in result.conflicts],
             "refused": refused,
@@ -571,19 +560,14 @@ class MetricsAggregator:
     async def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
         """A producer holds durable acknowledgements up to ``acked_upto``: forget its window
         when nothing above it was applied (see ``AggregatorState.confirm``)."""
-        window = self.durable.get((producer_id, incarnation))
-        if window is not None and (window.above is not None or window.watermark > acked_upto):
+        if not self.state.producers.durable_confirmable((producer_id, incarnation), acked_upto):
             return False
-        if self.state.confirm(producer_id, incarnation, int(acked_upto)):
-            self.durable.pop((producer_id, incarnation), None)
-            return True
-        return False
+        return self.state.confirm(producer_id, incarnation, int(acked_upto))
 
     async def _await_wal(self, key: ProducerKey, seq: int) -> None:
         """Wait until ``seq`` is durable or a write that should have covered it failed."""
         for _ in range(2):  # the write in flight may predate the batch: then the next one
-            window = self.durable.get(key)
-            if (window is not None and window.seen(seq)) or self.fenced:
+            if self.state.producers.durable_seen(key, seq) or self.fenced:
                 return
             self.inflight += 1
             try:
@@ -601,12 +585,7 @@ class MetricsAggregator:
         return fut
 
     def _mark_durable(self, items: list[tuple[ProducerKey, int]]) -> None:
-        for key, seq in items:
-            upto = self.durable_floor.pop((key, seq), 0)
-            window = self.durable.get(key)
-            if window is not None:  # None: the producer confirmed and its window was dropped
-                window.advance(upto)
-                window.mark(seq)
+        self.state.producers.made_durable(items)
 
     async def _write_wal(self) -> None:
         assert self.wal_lock is not None
@@ -782,8 +761,8 @@ class MetricsAggregator:
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)
         await self._persist()
-        if self.wandb is not None and not self.fenced:
-            self.wandb.log(row, step=step, split=split)
+        for sink in self.row_sinks():
+            sink.log(row, step=step, split=split)
         self.telemetry.observe("barrier_seconds", time.monotonic() - started)
         self._publish_telemetry(force=True)
         return row
@@ -961,12 +940,11 @@ class MetricsAggregator:
             for entry in outbox:
                 try:
                     await asyncio.to_thread(
-                        self.history.write,
-                        entry.step,
-                        entry.split,
+                        self.history_sink.log,
                         entry.row,
-                        datetime.fromisoformat(entry.recorded_at),
-                        epoch=self.ckpt.epoch,
+                        step=entry.step,
+                        split=entry.split,
+                        recorded_at=datetime.fromisoformat(entry.recorded_at),
                     )
                     written.append((entry.step, entry.split))
                 except InvalidMetricError as exc:  # cannot happen for our rows; never blocks
@@ -1099,8 +1077,15 @@ class MetricsAggregator:
         last = max((r.step for r in self.state.meta.last_rows.values()), default=-1)
         self.state.meta.wandb_finished_upto = last
         await self.checkpoint()
-        if self.wandb is not None:
-            await asyncio.to_thread(self.wandb.close, exit_code)
+        for sink in self.row_sinks():
+            await asyncio.to_thread(sink.close, exit_code)
+
+    def row_sinks(self) -> list[Sink]:
+        """The best-effort sinks a closed row goes to right after its commit (W&B, when on);
+        the durable one, the history, is written from the outbox by :meth:`_persist`."""
+        if self.fenced or self.wandb is None:
+            return []
+        return [self.wandb]
 
 
 def _node_id() -> str | None:

@@ -63,6 +63,7 @@ from art_ray_metrics.builder import (
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.backoff import RESEND
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.wire import decode_batch, encode_batch
@@ -170,7 +171,7 @@ class MetricsClient:
         self._big: dict[tuple[int, str, str], Decimal] = {}  # shipped sums of keys with huge values
         self._last_ship = time.monotonic()
         self._resend_after = 0.0
-        self._backoff = 0.1
+        self._backoff = RESEND.start(JITTER)
         self.counters: dict[str, int] = {
             "batches": 0,
             "resends": 0,
@@ -648,7 +649,7 @@ class MetricsClient:
                 declared = self._carried.pop(s, 0)
                 if declared:  # the aggregator holds this header: its declarations are made
                     self._lost_decl = [e for e in self._lost_decl if e[0] > declared]
-            self._backoff = 0.1
+            self._backoff.reset()
 
     def _failed(self, exc: BaseException) -> None:
         self._transport.failed(exc)  # the aggregator died or was replaced: look it up again
@@ -660,8 +661,7 @@ class MetricsClient:
                 log.debug("art_ray_metrics: the failure in full: %s", exc)
         self.last_error = text
         with self._lock:  # exponential backoff with jitter: restarts are not hammered in step
-            self._resend_after = time.monotonic() + self._backoff * JITTER.uniform(0.5, 1.5)
-            self._backoff = min(self._backoff * 2, 5.0)
+            self._resend_after = time.monotonic() + self._backoff.next_delay()
 
     def _resendable(self, lo: int = 1, hi: int | None = None) -> list[tuple[int, bytes]]:
         with self._lock:
@@ -698,7 +698,7 @@ class MetricsClient:
             self._missing_since = None
             with self._lock:  # found (again): what is retained goes now, not after a back-off
                 self._resend_after = 0.0
-                self._backoff = 0.1
+                self._backoff.reset()
             return
         now = time.monotonic()
         if self._missing_since is None:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.backoff import WATCH
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.durable.storage import (
     backend_for,
@@ -242,7 +243,7 @@ class _CredentialsWatcher:
         # only called when the long poll completes (every WATCH_POLL_S, or on a restart).
         ref: Any = None
         fut: concurrent.futures.Future[Any] | None = None
-        delay = 0.05
+        backoff = WATCH.start()
         last_error = ""
         while not self._stop.is_set():
             ray = sys.modules.get("ray")
@@ -260,12 +261,12 @@ class _CredentialsWatcher:
             except Exception as exc:  # the actor died (ask the restarted one), or Ray stops
                 fut = ref = None
                 log.debug("art_ray_metrics: credentials watcher: %s", type(exc).__name__)
-                self._stop.wait(delay)  # first: an error caused by ray.shutdown() is seen as such
-                delay = min(delay * 2, 2.0)
+                # first: an error caused by ray.shutdown() is seen as such
+                self._stop.wait(backoff.next_delay())
                 if self._stop.is_set() or not ray.is_initialized() or self._gone(ray):
                     return
                 continue
-            delay = 0.05
+            backoff.reset()
             handle = self._handle()
             if wanted and handle is not None and not self._stop.is_set():
                 try:

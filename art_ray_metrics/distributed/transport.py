@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from art_ray_metrics.core.backoff import LOOKUP
 from art_ray_metrics.errors import AggregatorUnavailableError
 
 __all__ = ["JITTER", "InProcessTransport", "RayTransport", "Transport", "one_line"]
@@ -39,9 +40,6 @@ __all__ = ["JITTER", "InProcessTransport", "RayTransport", "Transport", "one_lin
 JITTER = random.Random()
 """Back-off jitter from a generator of our own: the process's global ``random`` state (a
 user's seeded experiment, a property test drawing examples) is never touched."""
-
-_LOOKUP_FIRST_S = 0.05
-_LOOKUP_MAX_S = 2.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -107,7 +105,7 @@ class _Lookups:
         self.lookups = 0
         self.failed_lookups = 0
         self._next_at = 0.0
-        self._delay = _LOOKUP_FIRST_S
+        self._backoff = LOOKUP.start(JITTER)
 
     def due(self) -> bool:
         return time.monotonic() >= self._next_at
@@ -115,12 +113,11 @@ class _Lookups:
     def miss(self, why: str) -> None:
         self.failed_lookups += 1
         self.lookup_error = why
-        self._next_at = time.monotonic() + self._delay * JITTER.uniform(0.75, 1.25)
-        self._delay = min(self._delay * 2, _LOOKUP_MAX_S)
+        self._next_at = time.monotonic() + self._backoff.next_delay()
 
     def hit(self) -> None:
         self.lookup_error = None
-        self._delay = _LOOKUP_FIRST_S
+        self._backoff.reset()
         self._next_at = 0.0
 
 

@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from art_ray_metrics.core.backoff import WORKER_ENV, WORKER_ENV_FETCH, Backoff
 from art_ray_metrics.errors import CredentialsRequiredError
 
 __all__ = ["FETCH_TIMEOUT_S", "load_worker_env"]
@@ -35,7 +36,7 @@ call that dies with an instance is made again on the next one within this bound.
 
 _DONE = math.inf
 _next_try: dict[tuple[str, str], float] = {}  # (name, namespace) -> when to try again; inf: done
-_delay: dict[tuple[str, str], float] = {}
+_backoff: dict[tuple[str, str], Backoff] = {}
 _lock = threading.Lock()
 
 
@@ -61,9 +62,8 @@ def load_worker_env(name: str, namespace: str) -> bool:
         try:
             env = _fetch(ray, name, namespace)
         except Exception as exc:
-            delay = _delay.get(key, 0.5) * 2
-            _delay[key] = min(delay, 30.0)
-            _next_try[key] = time.monotonic() + _delay[key]
+            delay = _backoff.setdefault(key, WORKER_ENV.start()).next_delay()
+            _next_try[key] = time.monotonic() + delay
             # no such actor yet: the client's own lookup reports that; anything else is news
             log.log(
                 logging.DEBUG if isinstance(exc, ValueError) else logging.WARNING,
@@ -71,7 +71,7 @@ def load_worker_env(name: str, namespace: str) -> bool:
                 "(%s); trying again in %.0f s",
                 name,
                 type(exc).__name__,
-                _delay[key],
+                delay,
             )
             return False
         for var, value in env.items():
@@ -85,7 +85,7 @@ def _forget() -> None:
     """Forget what was loaded (tests)."""
     with _lock:
         _next_try.clear()
-        _delay.clear()
+        _backoff.clear()
 
 
 def _fetch(ray: Any, name: str, namespace: str) -> dict[str, str]:
@@ -99,7 +99,7 @@ def _fetch(ray: Any, name: str, namespace: str) -> dict[str, str]:
     from ray.exceptions import GetTimeoutError, RayActorError
 
     deadline = time.monotonic() + FETCH_TIMEOUT_S
-    pause = 0.1
+    backoff = WORKER_ENV_FETCH.start()
     while True:
         actor = ray.get_actor(name, namespace=namespace)
         left = deadline - time.monotonic()
@@ -109,7 +109,7 @@ def _fetch(ray: Any, name: str, namespace: str) -> dict[str, str]:
         except GetTimeoutError:
             raise
         except (RayActorError, CredentialsRequiredError):
-            if deadline - time.monotonic() <= pause:
+            pause = backoff.next_delay_within(deadline)
+            if pause is None:
                 raise
             time.sleep(pause)
-            pause = min(pause * 2, 2.0)

@@ -39,7 +39,7 @@ __all__ = ["STEP_METRIC", "WRITER_EPOCH", "HistoryStore", "history_row_metrics"]
 STEP_METRIC = "training_step"
 """The x-axis of every chart; every row carries it."""
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 WRITER_EPOCH = "writer_epoch"
 """Field of a fenced record: the writer epoch of the aggregator that wrote it."""
@@ -219,7 +219,7 @@ class HistoryStore:
                 continue
             match = _NAME_RE.fullmatch(key[plen:])
             if match is None:
-                _log.warning("history: ignoring foreign object %r", key)
+                log.warning("history: ignoring foreign object %r", key)
                 continue
             entries.append((int(match.group(1)), match.group(2), key))
         entries.sort()

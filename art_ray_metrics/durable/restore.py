@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from art_ray_metrics import errors
 from art_ray_metrics.core import wire
 from art_ray_metrics.core.rewind import net_shards
 from art_ray_metrics.core.state import AggregatorState, Decision
@@ -95,7 +96,10 @@ def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
     )
     replayed = 0
     for record in loaded.wal:
-        for entry in msgpack.unpackb(record, raw=False):
+        entries = wire.unpack(
+            record, what="a write-ahead-log record", error=errors.CheckpointCorruptError
+        )
+        for entry in entries:
             decided: Decision | None = None
             if isinstance(entry, list):
                 if entry[1] != PARTIAL:  # refused whole when it arrived: refused again

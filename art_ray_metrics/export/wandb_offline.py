@@ -60,7 +60,7 @@ __all__ = [
     "wait_for_exit_record",
 ]
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32 * 1024
 FILE_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
@@ -84,7 +84,7 @@ def _iter_payloads(data: bytes, name: str) -> Iterator[bytes]:
             pos += left  # trailer padding
             continue
         if pos + _RECORD_HEADER.size > size:
-            _log.warning("%s: truncated record header at offset %d", name, pos)
+            log.warning("%s: truncated record header at offset %d", name, pos)
             return
         crc, length, rtype = _RECORD_HEADER.unpack_from(data, pos)
         if rtype == 0 and length == 0:  # zero-filled rest of block
@@ -93,7 +93,7 @@ def _iter_payloads(data: bytes, name: str) -> Iterator[bytes]:
         start = pos + _RECORD_HEADER.size
         end = start + length
         if end > size:
-            _log.warning("%s: truncated record at offset %d (a run still writing?)", name, pos)
+            log.warning("%s: truncated record at offset %d (a run still writing?)", name, pos)
             return
         payload = data[start:end]
         if zlib.crc32(payload, zlib.crc32(bytes([rtype]))) != crc:
@@ -125,7 +125,7 @@ def _iter_payloads(data: bytes, name: str) -> Iterator[bytes]:
                 f"but got {rtype!r}"
             )
     if pieces is not None:
-        _log.warning("%s: file ends inside a fragmented record", name)
+        log.warning("%s: file ends inside a fragmented record", name)
 
 
 def _resolve_files(run_dir_or_file: str | Path) -> list[Path]:

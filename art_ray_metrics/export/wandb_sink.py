@@ -1,4 +1,5 @@
-"""Weights & Biases: the single writer of a run's rows (it runs inside the aggregator actor).
+"""Weights & Biases: the single writer of a run's rows (it runs inside the aggregator actor),
+a best-effort :class:`~art_ray_metrics.export.sink.Sink`.
 
 Rows are logged without ``step=`` on a ``training_step`` x-axis, so late or replayed rows land
 instead of being dropped; cumulative keys summarise as ``last`` and rate keys as ``mean``. The
@@ -16,9 +17,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from art_ray_metrics.core.backoff import WANDB_INIT
 from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
 
@@ -26,6 +29,12 @@ if TYPE_CHECKING:
     pass
 
 __all__ = [
+    "FINISH_TIMEOUT_S",
+    "INIT_RETRY_BACKOFF_MAX_S",
+    "INIT_RETRY_BACKOFF_S",
+    "INIT_TIMEOUT_S",
+    "MAX_PENDING_ROWS",
+    "RESET_AFTER_FAILURES",
     "WALL_CLOCK_METRIC",
     "WANDB_GLOBS",
     "WANDB_SECRETS",
@@ -34,7 +43,7 @@ __all__ = [
     "WandbSinkConfig",
 ]
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 WANDB_GLOBS: tuple[str, ...] = (
@@ -67,6 +76,19 @@ WANDB_SECRETS: tuple[str, ...] = ("WANDB_API_KEY",)
 
 
 WandbMode = Literal["online", "offline", "disabled"]
+
+INIT_TIMEOUT_S = 60.0
+"""Upper bound W&B may spend in one ``wandb.init``."""
+INIT_RETRY_BACKOFF_S = WANDB_INIT.initial
+"""First delay before retrying a failed init; doubles per consecutive failure ..."""
+INIT_RETRY_BACKOFF_MAX_S = WANDB_INIT.cap
+"""... up to this."""
+RESET_AFTER_FAILURES = 3
+"""Consecutive ``log`` failures after which the run is abandoned and re-attached (same id)."""
+FINISH_TIMEOUT_S = 30.0
+"""Default of :attr:`WandbSinkConfig.finish_timeout_s`."""
+MAX_PENDING_ROWS = 10_000
+"""Default of :attr:`WandbSinkConfig.max_pending_rows`."""
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -79,6 +101,12 @@ def new_run_id() -> str:
 class WandbSinkConfig:
     """What :class:`WandbSink` needs to start or re-attach a run (no credentials here).
 
+    The run's identity and place come from the aggregator's configuration (or ``wandb-sync``'s
+    flags); the two bounds are what an embedder sets to fit its own limits: how long closing
+    may block its shutdown, and how much memory rows may hold while W&B is down. The retry
+    policy (:data:`INIT_RETRY_BACKOFF_S`, :data:`RESET_AFTER_FAILURES`) and W&B's init timeout
+    are constants: no caller had a reason to tune them.
+
     Attributes:
         project: W&B project.
         entity: W&B entity (team or user); ``None`` uses the default of the credentials.
@@ -87,17 +115,10 @@ class WandbSinkConfig:
         mode: ``"online"``, ``"offline"``, ``"disabled"``, or ``None`` to let W&B decide
             (``WANDB_MODE``).
         dir: Parent directory of W&B's ``wandb/`` run directories.
-        group: Run group.
-        tags: Run tags.
         config: Run config (JSON-serialisable values).
-        init_timeout_s: Upper bound W&B may spend in ``wandb.init``.
         finish_timeout_s: Upper bound :meth:`WandbSink.close` waits for ``finish``.
-        retry_backoff_s: First delay before retrying a failed init; doubles per failure.
-        retry_backoff_max_s: Cap of that delay.
         max_pending_rows: Rows kept while W&B is unavailable; older ones are dropped (and
             counted) beyond this, the history still has them.
-        reset_after_failures: Consecutive ``log`` failures after which the run is abandoned
-            and re-attached with the same id.
     """
 
     project: str
@@ -106,15 +127,9 @@ class WandbSinkConfig:
     run_id: str | None = None
     mode: WandbMode | None = None
     dir: str | None = None
-    group: str | None = None
-    tags: tuple[str, ...] = ()
     config: Mapping[str, Any] | None = None
-    init_timeout_s: float = 60.0
-    finish_timeout_s: float = 30.0
-    retry_backoff_s: float = 1.0
-    retry_backoff_max_s: float = 60.0
-    max_pending_rows: int = 10_000
-    reset_after_failures: int = 3
+    finish_timeout_s: float = FINISH_TIMEOUT_S
+    max_pending_rows: int = MAX_PENDING_ROWS
 
 
 def _summary_for(key: str) -> str | None:
@@ -154,8 +169,8 @@ class WandbSink:
     exponential backoff, so :meth:`log` never waits for an init (only for ``run.log``); rows
     logged meanwhile wait in a bounded queue and are sent once the run is up. A row whose
     ``run.log`` raised stays queued and is retried on the next call (it may then appear twice
-    in W&B, never zero times). After ``reset_after_failures`` consecutive failures the run is
-    abandoned and re-attached with the same id.
+    in W&B, never zero times). After :data:`RESET_AFTER_FAILURES` consecutive failures the run
+    is abandoned and re-attached with the same id.
 
     Attributes:
         logged: Rows accepted by ``run.log``.
@@ -163,6 +178,9 @@ class WandbSink:
         dropped: Rows dropped because the pending queue was full.
         last_error: ``repr`` of the latest failure, or ``None``.
     """
+
+    durable = False
+    """A best-effort sink: :meth:`log` never raises (see :mod:`.sink`)."""
 
     def __init__(
         self,
@@ -216,7 +234,7 @@ class WandbSink:
     def _fail(self, what: str, exc: BaseException) -> None:
         self.failures += 1
         self.last_error = f"{what}: {exc!r}"
-        _log.warning("W&B %s failed for run %s: %r", what, self.run_id, exc)
+        log.warning("W&B %s failed for run %s: %r", what, self.run_id, exc)
 
     # -- init ----------------------------------------------------------------------------
 
@@ -229,7 +247,7 @@ class WandbSink:
         settings = wandb.Settings(
             console="off",  # the aggregator's stdout is not the experiment's
             x_disable_stats=True,  # host metrics of the aggregator node would mislead
-            init_timeout=cfg.init_timeout_s,
+            init_timeout=INIT_TIMEOUT_S,
             **({"api_key": self._api_key} if self._api_key else {}),
         )
         run = wandb.init(
@@ -241,8 +259,6 @@ class WandbSink:
             reinit="create_new",
             mode=cfg.mode,
             dir=cfg.dir,
-            group=cfg.group,
-            tags=list(cfg.tags) or None,
             config=self._run_config(),
             settings=settings,
         )
@@ -285,11 +301,7 @@ class WandbSink:
             with self._lock:
                 self._fail("init", exc)
                 self._init_failures += 1
-                delay = min(
-                    self.config.retry_backoff_s * 2 ** (self._init_failures - 1),
-                    self.config.retry_backoff_max_s,
-                )
-                self._next_init_at = self._clock() + delay
+                self._next_init_at = self._clock() + WANDB_INIT.delay(self._init_failures)
             return False
         with self._lock:
             if self._closed:
@@ -355,7 +367,7 @@ class WandbSink:
             except Exception as exc:
                 self._fail("log", exc)
                 self._consecutive_failures += 1
-                if self._consecutive_failures >= self.config.reset_after_failures:
+                if self._consecutive_failures >= RESET_AFTER_FAILURES:
                     self._abandon_run()
                 return
             self._pending.popleft()
@@ -364,7 +376,7 @@ class WandbSink:
 
     def _abandon_run(self) -> None:
         run, self._run = self._run, None
-        _log.warning("W&B run %s keeps failing; re-attaching it", self.run_id)
+        log.warning("W&B run %s keeps failing; re-attaching it", self.run_id)
         self._finishing = threading.Thread(
             target=self._finish_run, args=(run, 1), name="wandb-abandon", daemon=True
         )
@@ -381,16 +393,24 @@ class WandbSink:
             self.dropped += 1
         self._pending.append(payload)
 
-    def log(self, row: Mapping[str, float], *, step: int, split: str) -> None:
+    def log(
+        self,
+        row: Mapping[str, float],
+        *,
+        step: int,
+        split: str,
+        recorded_at: datetime | None = None,
+    ) -> None:
         """Log one row (``run.log(row)``, no ``step=``); never raises.
 
         ``training_step`` is added from ``step`` if the row lacks it. ``split`` is only used
-        in log messages: the keys already carry it.
+        in log messages: the keys already carry it; ``recorded_at`` is not logged (W&B stamps
+        its own time).
         """
         try:
             with self._lock:
                 if self._closed:
-                    _log.warning("W&B sink closed; dropping %s row of step %s", split, step)
+                    log.warning("W&B sink closed; dropping %s row of step %s", split, step)
                     return
                 self._enqueue(row, step)
                 if self._run is None:
@@ -415,7 +435,7 @@ class WandbSink:
             with self._lock:
                 for row in rows:
                     if STEP_METRIC not in row:
-                        _log.warning("W&B relog: skipping a row without %s", STEP_METRIC)
+                        log.warning("W&B relog: skipping a row without %s", STEP_METRIC)
                         continue
                     self._enqueue(history_row_metrics(row), None)
                     count += 1
@@ -450,7 +470,7 @@ class WandbSink:
                 self._flush()
                 run, self._run = self._run, None
                 if self._pending:
-                    _log.warning(
+                    log.warning(
                         "W&B run %s closed with %d rows not logged (they are in the history)",
                         self.run_id,
                         len(self._pending),

@@ -27,6 +27,7 @@ import pytest
 
 import art_ray_metrics as arm
 from art_ray_metrics.export.wandb_offline import find_offline_run_files, read_offline_history
+from art_ray_metrics.ops.demo.workload import expected_data_totals
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +54,12 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
     process may be connected to the shared test cluster).
     """
     from art_ray_metrics.ops import cli as cli_mod
-    from art_ray_metrics.ops import demo
+    from art_ray_metrics.ops.demo import run as demo_run
 
     def started(opts: Any) -> None:
         raise AssertionError("the check let the demo start Ray")
 
-    monkeypatch.setattr(demo, "_init_ray", started)
+    monkeypatch.setattr(demo_run, "_init_ray", started)
 
     def run(*args: str, cwd: Path) -> Any:
         monkeypatch.chdir(cwd)
@@ -133,6 +134,9 @@ class TestDemo:
         assert summary["rows"] == 3
         assert summary["totals"]["costs/cum/all"] > 0
         assert summary["totals"]["data/cum/num_scenarios"] == 9  # 3 steps x 3 rollouts
+        # what the rollouts recorded, exactly as the pure workload says (seed 0, steps 0..2)
+        for key, want in expected_data_totals(0, 3, 2).items():
+            assert summary["totals"][key] == pytest.approx(want, rel=1e-12), key
         assert summary["counters"]["rejected_batches"] == 0
         assert "costs/cum/all" in first_run["proc"].stdout
         out = " ".join(first_run["proc"].stdout.split())

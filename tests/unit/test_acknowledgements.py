@@ -58,7 +58,8 @@ class _InProcessActor:
             result = self.state.ingest_bytes(data)
         except WireFormatError as exc:
             return exc
-        window = self.state.producers.get((result.producer_id, result.incarnation))
+        entry = self.state.producers.get((result.producer_id, result.incarnation))
+        window = entry.applied if entry is not None else None
         return {
             "seq": result.seq,
             "duplicate": result.duplicate,
@@ -297,7 +298,7 @@ class TestWindowsCompact:
             c.ship()
             c.reap()
         assert c.flush().ok
-        window = state.producers[(c.producer_id, c.incarnation)]
+        window = state.producers[(c.producer_id, c.incarnation)].applied
         assert window.above is None
         assert window.watermark == c._seq
         small = len(state.snapshot())
@@ -321,7 +322,7 @@ class TestWindowsCompact:
 
         state.ingest_bytes(v2(1, 0))
         state.ingest_bytes(v2(3, 2))  # seq 2 was given up by the client
-        window = state.producers[("p", "inc")]
+        window = state.producers[("p", "inc")].applied
         assert window.watermark == 1
         assert window.above == {3}
         assert state.counters["dropped_batches"] == 0
@@ -410,7 +411,8 @@ class _Protocol(RuleBasedStateMachine):
 
     @invariant()
     def window_bounded(self) -> None:
-        for window in self.state.producers.values():
+        for entry in self.state.producers.values():
+            window = entry.applied
             assert window.above is None or len(window.above) <= 4
 
 

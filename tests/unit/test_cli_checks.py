@@ -27,6 +27,7 @@ import pytest
 from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.ops import cli as cli_mod
+from art_ray_metrics.ops.cli import cluster, common, launch, storage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,14 +144,14 @@ class TestAutoAddress:
     """``--address auto`` takes a cluster only when it is unambiguous (issue 21, item 5)."""
 
     def test_ray_address_wins(self) -> None:
-        assert cli_mod.resolve_auto("10.0.0.9:6379", "10.0.0.5:6379", ["10.0.0.7:6379"]) == (
+        assert cluster.resolve_auto("10.0.0.9:6379", "10.0.0.5:6379", ["10.0.0.7:6379"]) == (
             "10.0.0.9:6379",
             "RAY_ADDRESS",
         )
 
     @pytest.mark.parametrize("running", [[], ["10.0.0.5:6379"]], ids=["stale?", "running"])
     def test_the_cluster_file_when_no_other_cluster_runs(self, running: list[str]) -> None:
-        address, source = cli_mod.resolve_auto(None, "10.0.0.5:6379", running)
+        address, source = cluster.resolve_auto(None, "10.0.0.5:6379", running)
         assert address == "10.0.0.5:6379"
         assert "cluster file" in source
 
@@ -171,7 +172,7 @@ class TestAutoAddress:
         self, cluster_file: str | None, running: list[str], needles: list[str]
     ) -> None:
         with pytest.raises(cli_mod.CliError) as info:
-            cli_mod.resolve_auto(None, cluster_file, running)
+            cluster.resolve_auto(None, cluster_file, running)
         message = str(info.value)
         assert "--address" in message
         for needle in needles:
@@ -458,14 +459,14 @@ class TestRunAllBenchmarks:
 class TestHelpers:
     def test_demo_limits_scale_with_cpus(self) -> None:
         """8 rollouts and 2 judges per CPU, at least one CPU's worth."""
-        assert cli_mod.demo_limits(2) == (16, 4)
-        assert cli_mod.demo_limits(0.5) == (8, 2)
+        assert launch.demo_limits(2) == (16, 4)
+        assert launch.demo_limits(0.5) == (8, 2)
 
     def test_local_run_dir(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Offline W&B goes under the storage when local, else under ./runs/<name>."""
         monkeypatch.chdir(tmp_path)
-        assert cli_mod.local_run_dir(str(tmp_path / "r")) == str(tmp_path / "r")
-        assert cli_mod.local_run_dir("s3://b/p/run-1") == str(tmp_path / "runs" / "run-1")
+        assert common.local_run_dir(str(tmp_path / "r")) == str(tmp_path / "r")
+        assert common.local_run_dir("s3://b/p/run-1") == str(tmp_path / "runs" / "run-1")
 
 
 class TestDemoMessages:
@@ -482,12 +483,12 @@ class TestDemoMessages:
         self, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Was: "the aggregator checkpointed run ..." though none had started."""
-        from art_ray_metrics.ops import demo
+        from art_ray_metrics.ops.demo import run as demo_run
 
         def interrupted(opts: Any) -> None:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(demo, "_init_ray", interrupted)
+        monkeypatch.setattr(demo_run, "_init_ray", interrupted)
         code = cli_mod.main(["demo", "--run", "r1", "--steps", "1"])
         err = capsys.readouterr().err
         assert code == 130
@@ -499,12 +500,12 @@ class TestDemoMessages:
         self, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """A new run that fails before its first checkpoint removes its directory."""
-        from art_ray_metrics.ops import demo
+        from art_ray_metrics.ops.demo import run as demo_run
 
         def broken(opts: Any) -> None:
             raise RuntimeError("raylet failed to start\nand many more lines")
 
-        monkeypatch.setattr(demo, "_init_ray", broken)
+        monkeypatch.setattr(demo_run, "_init_ray", broken)
         code = cli_mod.main(["demo", "--run", "r2", "--steps", "1"])
         err = capsys.readouterr().err
         assert code == 1
@@ -532,7 +533,7 @@ class TestDemoMessages:
         self, in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Was: nothing printed for the 12+ s a local Ray takes to start."""
-        from art_ray_metrics.ops import demo
+        from art_ray_metrics.ops.demo import run as demo_run
 
         def interrupted(opts: Any) -> None:
             assert "starting a local Ray" in capsys.readouterr().out  # said before, not after
@@ -540,11 +541,9 @@ class TestDemoMessages:
 
         import ray
 
-        monkeypatch.setattr(demo, "_init_ray", interrupted)
+        monkeypatch.setattr(demo_run, "_init_ray", interrupted)
         monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
-        monkeypatch.setattr(
-            ray, "shutdown", lambda: None
-        )  # the demo's finally: not this suite's Ray
+        monkeypatch.setattr(ray, "shutdown", lambda: None)  # never this suite's Ray
         assert cli_mod.main(["demo", "--run", "r3", "--steps", "1"]) == 130
 
     def test_the_summary_does_not_call_a_clean_resume_a_restart(self) -> None:
@@ -595,10 +594,10 @@ class TestDemoMessages:
 
     def test_inspect_prints_counts_whole_and_money_to_the_micro_dollar(self) -> None:
         """Was: every total with six decimals (120,512.000000 tokens)."""
-        assert cli_mod.format_total("data/cum/actor_tokens", 120512.0) == "120,512"
-        assert cli_mod.format_total("data/cum/num_unique_scenarios", 12.0) == "12"
-        assert cli_mod.format_total("costs/cum/all", 1.5) == "$1.500000"
-        assert cli_mod.format_total("time/cum/wall_s", 0.125) == "0.125"
+        assert storage.format_total("data/cum/actor_tokens", 120512.0) == "120,512"
+        assert storage.format_total("data/cum/num_unique_scenarios", 12.0) == "12"
+        assert storage.format_total("costs/cum/all", 1.5) == "$1.500000"
+        assert storage.format_total("time/cum/wall_s", 0.125) == "0.125"
 
     def test_resume_hint_repeats_the_storage(self) -> None:
         """Was: the S3 demo's "continue it" hint omitted --storage."""
@@ -611,10 +610,11 @@ class TestDemoMessages:
     def test_offline_wandb_summary_names_the_files(self, tmp_path: Path) -> None:
         """The summary says where offline W&B wrote and how to upload it."""
         from art_ray_metrics.export.wandb_offline import offline_sync_command
-        from art_ray_metrics.ops.demo import _wandb_summary, default_options
+        from art_ray_metrics.ops.demo import default_options
+        from art_ray_metrics.ops.demo.ui import wandb_summary
 
         opts = default_options(run="r", wandb_mode="offline", wandb_dir=str(tmp_path))
-        assert _wandb_summary(opts, "abc123") == f"offline run abc123, files in {tmp_path}/wandb"
+        assert wandb_summary(opts, "abc123") == f"offline run abc123, files in {tmp_path}/wandb"
         assert offline_sync_command(tmp_path, "abc123") == (
             f"wandb sync {tmp_path}/wandb/offline-run-*"
         )

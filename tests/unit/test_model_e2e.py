@@ -349,8 +349,8 @@ class EndToEnd(RuleBasedStateMachine):
         current = self.agg.lookup() if hasattr(self, "agg") else None
         if current is None:
             return
-        for key, window in list(current.agg.state.producers.items()):
-            gaps = len(window.above or ())
+        for key, entry in list(current.agg.state.producers.items()):
+            gaps = len(entry.applied.above or ())
             assert gaps <= 64, (key, gaps)
 
 

@@ -211,8 +211,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
 
     def _durable(self, key: tuple[str, int]) -> bool:
         assert self.agg is not None
-        window = self.agg.durable.get(key[0])
-        return window is not None and window.seen(key[1])
+        return self.agg.state.producers.durable_seen(key[0], key[1])
 
     def _deliver(self, key: tuple[str, int], *, durable: bool, after_restore: bool = False) -> None:
         assert self.agg is not None
@@ -464,8 +463,8 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
         state, _ = rebuild_state(loaded) if loaded is not None else (AggregatorState(), 0)
         expected = copy.deepcopy(self.committed)
         for key in self.since_commit:
-            window = state.producers.get(key[0])
-            replayed = window is not None and window.seen(key[1])
+            entry = state.producers.get(key[0])
+            replayed = entry is not None and entry.applied.seen(key[1])
             assert replayed or not self._durable(key), f"durable batch {key} not replayed"
             if replayed:
                 expected.apply(key, self.sent[key][1])

@@ -68,8 +68,8 @@ class TestIncarnations:
         with pytest.raises(WireFormatError):
             s.ingest_bytes(bad)
         s.ingest(_batch("p", "i", 3))
-        assert s.producers[("p", "i")].watermark == 3
-        assert s.producers[("p", "i")].above is None
+        assert s.producers[("p", "i")].applied.watermark == 3
+        assert s.producers[("p", "i")].applied.above is None
         assert s.counters["rejected_batches"] == 1
 
     def test_dropped_batches_are_counted(self) -> None:
@@ -77,7 +77,7 @@ class TestIncarnations:
         s = AggregatorState()
         s.ingest(LeafBatch("p", 5, (), "i", 4, 4))
         assert s.counters["dropped_batches"] == 4
-        assert s.producers[("p", "i")].watermark == 5
+        assert s.producers[("p", "i")].applied.watermark == 5
 
     def test_dropped_batches_of_format_2_are_counted_as_declared(self) -> None:
         s = AggregatorState()

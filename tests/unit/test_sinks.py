@@ -1,4 +1,4 @@
-"""Tests of the JSONL history store and the in-memory sink."""
+"""Tests of the JSONL history store and of the history as a durable sink."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 
 from art_ray_metrics.durable import storage
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
-from art_ray_metrics.errors import InvalidMetricError, WireFormatError
+from art_ray_metrics.errors import FencedError, InvalidMetricError, WireFormatError
+from art_ray_metrics.export.sink import HistorySink, Sink
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
 
@@ -267,3 +268,35 @@ class TestExport:
         history.write(4, "train", _row(4, **{"costs/all": 1.5}))
         (record,) = history.read()
         assert history_row_metrics(record) == {"training_step": 4.0, "costs/all": 1.5}
+
+
+class TestHistorySink:
+    def test_a_durable_sink_writing_fenced_rows(self, history: HistoryStore) -> None:
+        """log writes the row with the writer epoch asked at that moment; read drops it."""
+        epoch = [3]
+        sink = HistorySink(history, epoch=lambda: epoch[0])
+        assert isinstance(sink, Sink)
+        assert sink.durable is True
+        sink.log(_row(1, **{"loss/train": 0.5}), step=1, split="train", recorded_at=T0)
+        (record,) = history.read()
+        assert record == {
+            "step": 1,
+            "split": "train",
+            "training_step": 1,
+            "recorded_at": "2025-01-02T03:04:05.000006+00:00",
+            "loss/train": 0.5,
+        }
+        assert sink.stats() == {"written": 1.0}
+        epoch[0] = 2  # a stale aggregator: its write of the same row is refused
+        with pytest.raises(FencedError):
+            sink.log(_row(1, **{"loss/train": 9.0}), step=1, split="train")
+        assert next(history.read())["loss/train"] == 0.5
+        assert sink.stats() == {"written": 1.0}
+
+    def test_a_row_it_cannot_store_raises_and_writes_nothing(self, history: HistoryStore) -> None:
+        """The caller keeps what was not stored: a durable sink says so by raising."""
+        sink = HistorySink(history, epoch=lambda: 1)
+        with pytest.raises(InvalidMetricError, match="loss"):
+            sink.log({"loss": math.nan}, step=0, split="train")
+        assert list(history.read()) == []
+        sink.close()  # nothing to end

@@ -152,7 +152,7 @@ class TestIdempotency:
         s = AggregatorState()
         for seq in (3, 1, 2, 2, 3, 1):
             s.ingest(make_batch("p", seq, 1, "train", {"data/step_x": 1}))
-        assert s.producers[("p", "")].watermark == 3
+        assert s.producers[("p", "")].applied.watermark == 3
         assert _close(s, 1)["data/step_x"] == 3.0
 
     def test_response_id_applied_once_per_run(self) -> None:

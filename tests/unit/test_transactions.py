@@ -69,7 +69,7 @@ class TestPoisonRefusedAtIngest:
         assert (step, scope, key) == (0, "train", "reward/x")
         assert "beyond" in reason
         assert s.counters["rejected_batches"] == 0
-        assert s.producers[("b", "")].seen(1)  # a resend is a duplicate
+        assert s.producers[("b", "")].applied.seen(1)  # a resend is a duplicate
         report = s.close_step(0)
         assert report.row["reward/x"] == 1e300
         assert report.row["reward/y"] == 2.0

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from art_ray_metrics.errors import WireFormatError
+from art_ray_metrics.export.sink import Sink
 from art_ray_metrics.export.wandb_offline import (
     BLOCK_SIZE,
     FILE_HEADER,
@@ -24,7 +25,13 @@ from art_ray_metrics.export.wandb_offline import (
     read_offline_summary,
     wait_for_exit_record,
 )
-from art_ray_metrics.export.wandb_sink import WANDB_GLOBS, WandbSink, WandbSinkConfig
+from art_ray_metrics.export.wandb_sink import (
+    INIT_RETRY_BACKOFF_S,
+    RESET_AFTER_FAILURES,
+    WANDB_GLOBS,
+    WandbSink,
+    WandbSinkConfig,
+)
 
 wandb = pytest.importorskip("wandb")
 
@@ -73,6 +80,17 @@ def _finished_files(wandb_dir: str | Path | None, run_id: str) -> list[Path]:
 def _metric_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Drop W&B's own underscore keys."""
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in history]
+
+
+class TestSinkProtocol:
+    def test_a_best_effort_sink(self, make_sink: Callable[..., WandbSink]) -> None:
+        """WandbSink is a Sink whose log never raises, even once closed."""
+        sink = make_sink(mode="disabled")
+        assert isinstance(sink, Sink)
+        assert sink.durable is False
+        sink.close()
+        sink.log(_row(0), step=0, split="train")  # dropped, not raised
+        assert sink.stats()["telemetry/wandb/logged"] == 0.0
 
 
 class TestOfflineRoundTrip:
@@ -271,8 +289,9 @@ class TestFailures:
     def test_run_reattached_after_repeated_failures(
         self, make_sink: Callable[..., WandbSink], monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """After reset_after_failures failures the run is re-attached with the same id."""
-        sink = make_sink(reset_after_failures=2)
+        """After RESET_AFTER_FAILURES failures the run is re-attached with the same id."""
+        assert RESET_AFTER_FAILURES == 3
+        sink = make_sink()
         run_id = sink.start()
 
         def broken(*args: Any, **kwargs: Any) -> None:
@@ -281,13 +300,15 @@ class TestFailures:
         monkeypatch.setattr(sink._run, "log", broken)
         sink.log(_row(0), step=0, split="train")
         sink.log(_row(1), step=1, split="train")
+        assert sink.ready  # two failures: not yet
+        sink.log(_row(2), step=2, split="train")
         assert not sink.ready
-        sink.log(_row(2), step=2, split="train")  # starts the background re-attach
+        sink.log(_row(3), step=3, split="train")  # starts the background re-attach
         assert sink.wait_until_ready(30)
-        assert (sink.logged, sink.pending, sink.failures) == (3, 0, 2)
+        assert (sink.logged, sink.pending, sink.failures) == (4, 0, 3)
         sink.close()
         files = _finished_files(sink.config.dir, run_id)
-        assert [r["training_step"] for r in read_offline_history(files[-1])] == [0, 1, 2]
+        assert [r["training_step"] for r in read_offline_history(files[-1])] == [0, 1, 2, 3]
 
     def test_failed_init_retried_with_backoff(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -304,14 +325,15 @@ class TestFailures:
             return real_init(*args, **kwargs)
 
         monkeypatch.setattr(wandb, "init", flaky_init)
-        cfg = WandbSinkConfig(project="p", dir=str(tmp_path), run_id="fixedid1", retry_backoff_s=5)
+        cfg = WandbSinkConfig(project="p", dir=str(tmp_path), run_id="fixedid1")
         sink = WandbSink(cfg, clock=lambda: now[0])
         try:
             assert sink.start() == "fixedid1"
             assert (sink.ready, sink.failures) == (False, 1)
+            now[0] += INIT_RETRY_BACKOFF_S * 0.9
             sink.log(_row(0, **{"reward/mean": 1.0}), step=0, split="train")
             assert calls[0] == 1  # still inside the backoff: no attempt
-            now[0] += 5
+            now[0] += INIT_RETRY_BACKOFF_S * 0.1
             started = time.monotonic()
             sink.log(_row(1, **{"reward/mean": 2.0}), step=1, split="train")
             assert time.monotonic() - started < 1.0  # init runs in the background
@@ -343,7 +365,7 @@ class TestFailures:
         try:
             sink.start()
             assert (sink.ready, sink.failures) == (False, 1)
-            now[0] += cfg.retry_backoff_s
+            now[0] += INIT_RETRY_BACKOFF_S
             sink.log(_row(0, **{"reward/mean": 1.0}), step=0, split="train")
             assert sink.wait_until_ready(30)
             assert (sink.logged, sink.pending) == (1, 0)
