@@ -17,14 +17,16 @@ that add up every closed step of the run (shared by all scopes)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.budget import BudgetLedger
 from art_ray_metrics.core.buffer import CumulativeState, StepBuffer
+from art_ray_metrics.core.outcome import FateMemory, FateTable, outcome_row
 from art_ray_metrics.core.rollup import EXACT, ZERO, cost_rollups, to_decimal
 from art_ray_metrics.core.samples import sample_row
 from art_ray_metrics.errors import InvalidMetricError
@@ -135,6 +137,8 @@ class StepReport:
 class ClosingState(Protocol):
     """What :func:`close_step` reads and changes of an aggregator's state."""
 
+    budget: BudgetLedger
+    fates: FateMemory
     cum: CumulativeState
     pending: dict[Slot, StepBuffer]
     late: dict[Slot, StepBuffer]
@@ -177,6 +181,7 @@ def close_step(
     step: int,
     split: str = "train",
     metrics: Mapping[str, float] | None = None,
+    group_fates: Mapping[Any, str] | None = None,
 ) -> StepReport:
     """Close ``(step, split)`` of ``state`` and return its row.
 
@@ -186,18 +191,29 @@ def close_step(
     and the row gets ``training_step``. A transaction: the whole row is computed and
     checked first (every value a finite float, no reserved history field), and a close that
     raises :class:`InvalidMetricError` leaves the state as it was.
+
+    The row also splits its spend by the fates ``group_fates`` gives (``{group_id: fate}``,
+    :mod:`~art_ray_metrics.core.outcome`) and carries the run budget's keys
+    (:meth:`~art_ray_metrics.core.budget.BudgetLedger.row`).
     """
     V.check_step(step)
     V.check_split(split)
     managed, passthrough = split_trainer_metrics(metrics)
+    fates = FateTable.from_trainer(group_fates)  # raises InvalidMetricError
     scope = K.scope_for_split(split)
     # a transaction: build the row on a fresh buffer, commit only once nothing can fail
     buf, late, older = _gather(state, step, scope)
     for key, value in managed:
         buf.add(key, value, strict=False)
     computed, updates = plan_close(buf, state.cum)  # raises InvalidMetricError
+    spend_row = _plan_outcomes(state, buf, fates, updates)
+    computed.update({k: V.finite_float(k, v) for k, v in spend_row.items()})
     routed = _routed_row({**passthrough, **computed}, step, split)
     _commit(state, (step, scope), split, buf, (late, older), updates)
+    state.fates.remember(fates)
+    state.budget.on_trainer_cost(_cost_total(managed))
+    budget_row = state.budget.row(train_close=split == "train")
+    routed.update({K.route_key(k, split): float(v) for k, v in budget_row.items()})
     return StepReport(
         step,
         split,
@@ -207,6 +223,36 @@ def close_step(
         frozenset(buf.producers),
         buf.lost_leaves,
     )
+
+
+def _cost_total(leaves: Iterable[tuple[str, Decimal]]) -> Decimal:
+    total = ZERO
+    for key, value in leaves:
+        if key.startswith("costs/"):
+            total = _add(total, value)
+    return total
+
+
+def _plan_outcomes(
+    state: ClosingState, buf: StepBuffer, fates: FateTable, updates: dict[str, Decimal]
+) -> dict[str, Decimal]:
+    """The row's outcome keys (:func:`~art_ray_metrics.core.outcome.outcome_row`); their
+    cumulative values join ``updates``."""
+    costs = [(k, v) for k, v in buf.sums.items() if k.startswith("costs/")]
+    new_scenarios = 0
+    if buf.scenarios:
+        found = state.cum.scenarios.contains_many(list(buf.scenarios))
+        new_scenarios = sum(1 for f in found if not f)
+    row, cum_updates = outcome_row(
+        _cost_total(costs) if costs else None,
+        buf.group_spend,
+        fates,
+        new_unique_scenarios=new_scenarios,
+        cum={**state.cum.values, **updates},
+        memory=state.fates,
+    )
+    updates.update(cum_updates)
+    return row
 
 
 def _gather(

@@ -51,7 +51,6 @@ from art_ray_metrics.core.rollup import EXACT, ZERO
 from art_ray_metrics.errors import InvalidMetricError, WireFormatError
 
 __all__ = [
-    "DERIVED_COST_NAMES",
     "FATES",
     "FATE_MEMORY",
     "GIVEN_FATES",
@@ -72,18 +71,6 @@ FATES: Final = (*GIVEN_FATES, "unknown")
 OUTCOME_PREFIX: Final = "costs/outcome/"
 PER_TRAINABLE_GROUP_KEY: Final = "costs/per_trainable_group"
 PER_NEW_UNIQUE_SCENARIO_KEY: Final = "costs/per_new_unique_scenario"
-DERIVED_COST_NAMES: Final = frozenset(
-    {
-        "outcome",
-        "per_trainable_group",
-        "per_new_unique_scenario",
-        "budget_remaining",
-        "projected_total",
-        "unreconciled",
-    }
-)
-"""Second segments of ``costs/`` keys the aggregator computes (as ``cum`` is): producers and
-trainers may not record under them, so a derived key never lands in ``costs/all``."""
 FATE_MEMORY: Final = 65_536
 """Fates remembered for late group spend (about 100 bytes each)."""
 
