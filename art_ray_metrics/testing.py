@@ -231,12 +231,21 @@ class InProcessAggregator:
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
         on_timeout: Literal["close", "raise"] = "close",
+        group_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row (``AggregatorHandle.log``)."""
+        fates = {str(g): f for g, f in (group_fates or {}).items()}
         row: dict[str, float] = self._call(
-            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout
+            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout, fates
         )
         return row
+
+    def set_budget(
+        self, budget_usd: float | None, budget_soft: float | None = None
+    ) -> dict[str, Any]:
+        """``AggregatorHandle.set_budget``."""
+        out: dict[str, Any] = self._call("set_budget", budget_usd, budget_soft)
+        return out
 
     def rewind(self, step: int) -> dict[str, Any]:
         """``AggregatorHandle.rewind``."""

@@ -188,6 +188,7 @@ class BudgetLedger:
         "accounts",
         "closes",
         "limit",
+        "live",
         "planned_steps",
         "silence_timeout_s",
         "soft",
@@ -228,6 +229,9 @@ class BudgetLedger:
         self.closes = 0
         """Train rows closed (the projection's denominator)."""
         self._reported_unreconciled = ZERO
+        self.live = False
+        """The limits were set on the live run (:meth:`set_limit` with ``live``): a restarted
+        aggregator keeps them instead of its configuration's."""
 
     # -- the book ----------------------------------------------------------------------------
 
@@ -395,7 +399,11 @@ class BudgetLedger:
     # -- limits ----------------------------------------------------------------------------
 
     def set_limit(
-        self, limit: Decimal | float | int | None, soft: Decimal | float | None = None
+        self,
+        limit: Decimal | float | int | None,
+        soft: Decimal | float | None = None,
+        *,
+        live: bool = False,
     ) -> None:
         """Change the limits of a live run. A limit raised back above the soft threshold
         re-arms the soft alert; lowering it below what is committed stops grants (leases
@@ -403,6 +411,7 @@ class BudgetLedger:
         self.limit = check_limit(limit)
         if soft is not None:
             self.soft = check_soft(soft)
+        self.live = self.live or live
         threshold = self.soft_threshold()
         if threshold is None or self.spent < threshold:
             self.soft_crossed = False
@@ -472,6 +481,7 @@ class BudgetLedger:
             "soft_crossed": self.soft_crossed,
             "closes": self.closes,
             "reported": str(self._reported_unreconciled),
+            "live": self.live,
             "accounts": [[p, i, a.to_wire()] for (p, i), a in sorted(self.accounts.items())],
         }
 
@@ -492,6 +502,7 @@ class BudgetLedger:
         ledger.soft_crossed = bool(raw["soft_crossed"])
         ledger.closes = int(raw["closes"])
         ledger._reported_unreconciled = Decimal(raw["reported"])
+        ledger.live = bool(raw.get("live", False))
         ledger.accounts = {
             (str(p), str(i)): LeaseAccount.from_wire(a, now) for p, i, a in raw["accounts"]
         }
@@ -506,8 +517,10 @@ class BudgetLedger:
         planned_steps: int | None,
     ) -> None:
         """Apply the configuration of a (re)started aggregator to a restored ledger: the
-        spend and the leases are kept, the limits are the configuration's."""
-        self.set_limit(limit, soft)
+        spend and the leases are kept; the limits are the configuration's unless they were
+        set on the live run (then the live ones stay)."""
+        if not self.live:
+            self.set_limit(limit, soft)
         if not silence_timeout_s > 0:
             raise ConfigError(f"Expected a positive silence timeout but got {silence_timeout_s!r}")
         self.silence_timeout_s = float(silence_timeout_s)

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from art_ray_metrics.config import AggregatorConfig
@@ -26,6 +27,7 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.backoff import LOOP_RESTART, STORAGE_READY
 from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
+from art_ray_metrics.core.outcome import FateTable
 from art_ray_metrics.core.rewind import TOMBSTONES
 from art_ray_metrics.core.state import (
     AggregatorState,
@@ -193,6 +195,13 @@ class MetricsAggregator:
             max_keys_per_step=self.config.max_keys_per_step,
             max_keys_per_run=self.config.max_keys_per_run,
             max_open_scopes=self.config.max_open_scopes,
+        )
+        cfg = self.config
+        self.state.budget.configure(
+            limit=None if cfg.budget_usd is None else Decimal(repr(cfg.budget_usd)),
+            soft=Decimal(repr(cfg.budget_soft)),
+            silence_timeout_s=cfg.budget_silence_timeout_s,
+            planned_steps=cfg.budget_planned_steps,
         )
         meta = self.state.meta
         # every start claims the next writer epoch, durably, before anything else: so epoch - 1
@@ -664,6 +673,7 @@ class MetricsAggregator:
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
         on_timeout: str = "close",
+        group_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
         if on_timeout not in ("close", "raise"):
@@ -674,6 +684,7 @@ class MetricsAggregator:
         V.check_step(step)
         V.check_split(split)
         split_trainer_metrics(metrics)  # invalid metrics raise before anything happens
+        FateTable.from_trainer(group_fates)  # and so do invalid fates
         last = self.state.meta.last_rows.get(split)
         if last is not None and last.step == step:
             return dict(last.row)  # a retried barrier call: same row, nothing closed twice
@@ -684,7 +695,13 @@ class MetricsAggregator:
         self.closing[(step, split)] = future
         try:
             row = await self._close(
-                step, split, metrics, expect_producers, timeout_s, on_timeout == "raise"
+                step,
+                split,
+                metrics,
+                expect_producers,
+                timeout_s,
+                on_timeout == "raise",
+                group_fates,
             )
         except BaseException as exc:
             future.set_exception(exc)
@@ -703,6 +720,7 @@ class MetricsAggregator:
         expect_producers: int | list[str] | None,
         timeout_s: float | None,
         strict: bool = False,
+        group_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         started = time.monotonic()
         assert self.barrier_lock is not None
@@ -726,7 +744,7 @@ class MetricsAggregator:
             if gpu is not None and "costs/gpu" not in metrics:
                 metrics["costs/gpu"] = gpu
         async with self.barrier_lock:  # never while a rewind reads its records
-            return await self._close_now(step, split, metrics, started, now)
+            return await self._close_now(step, split, metrics, started, now, group_fates)
 
     async def _close_now(
         self,
@@ -735,11 +753,19 @@ class MetricsAggregator:
         metrics: dict[str, float],
         started: float,
         now: float,
+        group_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close, record and commit; the state changes in one synchronous stretch."""
         ledgers = (self.state.cum.scenarios, self.state.cum.cost_ids)
         before = [len(ledger.journal_bytes()) for ledger in ledgers]
-        report = self.state.close_step(step, split, metrics)  # raises InvalidMetricError
+        for producer, incarnation in self.state.budget.sweep(time.monotonic()):
+            log.warning(
+                "art_ray_metrics: producer %s (incarnation %s) silent with budget leased: "
+                "its lease is reported as costs/unreconciled",
+                producer,
+                incarnation,
+            )
+        report = self.state.close_step(step, split, metrics, group_fates)  # InvalidMetricError
         if self.config.rewind_window > 0:
             added = [ledger.journal_bytes()[n:] for ledger, n in zip(ledgers, before, strict=True)]
             key, data, evicted = R.record_close(
@@ -757,6 +783,8 @@ class MetricsAggregator:
             row[f"{K.TELEMETRY_PREFIX}lost_leaves_in_row"] = float(report.lost_leaves)
             row[f"{K.TELEMETRY_PREFIX}conflicts_in_row"] = float(len(report.conflicts))
             row[f"{K.TELEMETRY_PREFIX}producers_in_row"] = float(len(report.producers))
+        if self.state.budget.cross_soft():
+            self._soft_limit_crossed()
         recorded_at = datetime.now(UTC).isoformat()
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)
@@ -766,6 +794,79 @@ class MetricsAggregator:
         self.telemetry.observe("barrier_seconds", time.monotonic() - started)
         self._publish_telemetry(force=True)
         return row
+
+    def _soft_limit_crossed(self) -> None:
+        """One log line and one W&B alert when the spend first reaches the soft limit."""
+        budget = self.state.budget
+        text = (
+            f"Run {self.config.run_name!r} spent ${budget.spent:.2f} of its ${budget.limit} "
+            f"budget (soft limit {budget.soft:%}); calls are refused past the limit"
+        )
+        log.warning("art_ray_metrics: %s", text)
+        if self.wandb is not None:
+            self.wandb.alert("art_ray_metrics: budget soft limit", text)
+
+    # -- the run budget (leases; see core/budget.py) -----------------------------------------
+
+    async def budget_grant(
+        self, producer: str, incarnation: str, want: str, need: str, held: str
+    ) -> list[Any]:
+        """Grant budget to a producer incarnation: ``[amount, exhausted, limit, spent,
+        committed]`` (amounts as decimal strings, ``limit`` None without one)."""
+        await self._await_boot()
+        grant = self.state.budget.grant(
+            producer,
+            incarnation,
+            want=Decimal(want),
+            need=Decimal(need),
+            held=Decimal(held),
+            now=time.monotonic(),
+        )
+        limit = None if grant.limit is None else str(grant.limit)
+        return [str(grant.amount), grant.exhausted, limit, str(grant.spent), str(grant.committed)]
+
+    async def budget_info(self) -> str | None:
+        """The run's hard limit as a decimal string (``None``: no budget)."""
+        await self._await_boot()
+        limit = self.state.budget.limit
+        return None if limit is None else str(limit)
+
+    async def budget_return(self, producer: str, incarnation: str, amount: str) -> None:
+        """A producer incarnation gives unused budget back (idle, or closing)."""
+        await self._await_boot()
+        self.state.budget.give_back(producer, incarnation, Decimal(amount), now=time.monotonic())
+
+    async def budget_gone(self, producer: str, incarnation: str) -> bool:
+        """Take a producer incarnation for gone (its process died): its lease is reported as
+        ``costs/unreconciled`` on the next row. Returns whether it held any."""
+        await self._await_boot()
+        return self.state.budget.declare_gone(producer, incarnation)
+
+    async def set_budget(
+        self, budget_usd: float | str | None, budget_soft: float | str | None = None
+    ) -> dict[str, Any]:
+        """Change the run's limits while it runs (kept over restarts); see
+        :meth:`AggregatorHandle.set_budget`."""
+        await self._await_boot()
+        budget = self.state.budget
+        budget.set_limit(
+            None if budget_usd is None else Decimal(str(budget_usd)),
+            None if budget_soft is None else Decimal(str(budget_soft)),
+            live=True,
+        )
+        await self._persist()
+        return self._budget_stats()
+
+    def _budget_stats(self) -> dict[str, Any]:
+        budget = self.state.budget
+        return {
+            "limit": None if budget.limit is None else float(budget.limit),
+            "soft": float(budget.soft),
+            "spent": float(budget.spent),
+            "committed": float(budget.committed()),
+            "unreconciled": float(budget.unreconciled()),
+            "leases": len(budget.accounts),
+        }
 
     # -- resume from an older step ----------------------------------------------------------
 
@@ -1054,6 +1155,7 @@ class MetricsAggregator:
             "wandb_run_id": self.state.meta.wandb_run_id,
             "unique_scenarios": len(self.state.cum.scenarios),
             "rewound": self.state.meta.rewound.to_dict(),
+            "budget": self._budget_stats(),
             "cum": {k: float(v) for k, v in self.state.cum.values.items()},
             "uptime_s": time.time() - self.started_at,
             "pid": os.getpid(),

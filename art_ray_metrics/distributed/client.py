@@ -67,9 +67,11 @@ from art_ray_metrics.core.backoff import RESEND
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.wire import decode_batch, encode_batch
+from art_ray_metrics.distributed.budget import ClientBudget
 from art_ray_metrics.distributed.transport import JITTER, RayTransport, Transport, one_line
 from art_ray_metrics.distributed.workerenv import load_worker_env
 from art_ray_metrics.errors import WireFormatError
+from art_ray_metrics.spend.admission import Admission
 from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = [
@@ -138,6 +140,14 @@ class MetricsClient:
     def _start(self) -> None:
         """Fresh per-process state: a new incarnation, sequence and background thread."""
         self.incarnation = _new_incarnation()
+        self.budget = ClientBudget(
+            self._transport,
+            self.producer_id,
+            self.incarnation,
+            lease_calls=self.config.budget_lease_calls,
+            wait_s=self.config.budget_wait_s,
+            default_max_tokens=self.config.default_max_tokens,
+        )
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._tape.clear()  # in a forked child: the parent ships what it recorded
@@ -396,8 +406,10 @@ class MetricsClient:
     def _build(self) -> tuple[int, bytes] | None:
         """Encode everything pending as the next batch (under the lock). The seq is consumed
         only once the bytes exist: nothing accepted can wedge the sequence."""
+        admitted = self.budget.take_admitted()  # before the drain: its leaves are on the tape
         self._drain()
         if not self._pending:
+            self.budget.untake(admitted)
             self._last_ship = time.monotonic()
             return None
         groups = tuple(
@@ -428,11 +440,13 @@ class MetricsClient:
             self._acked_upto(),
             self._dropped_unreported,
             lost,
+            admitted=admitted,
         )
         drained, self._drained = self._drained, []
         try:
             data = encode_batch(batch)
         except Exception as exc:  # validation should make this impossible: report, never wedge
+            self.budget.untake(admitted)
             self._pending.clear()
             self._pending_leaves = 0
             self._items_size -= sum(len(chunk) for chunk in drained)
@@ -722,6 +736,7 @@ class MetricsClient:
                     self._stop_quietly()
                     return
                 self._lookup()
+                self.budget.tick()
                 if self._inflight:
                     self.reap()
                 now = time.monotonic()
@@ -1322,6 +1337,10 @@ class WorkerBuilder(LeafRecorder):
 
     def _pricing(self) -> PricingRegistry:
         return self.client.pricing
+
+    def _admission(self) -> Admission | None:
+        """The process's admission under the run budget (``None``: no budget)."""
+        return self.client.budget.active()
 
     def for_cost_context(
         self, cost_context: str, *, buffer_scope: str | None = None

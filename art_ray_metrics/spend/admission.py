@@ -244,6 +244,12 @@ class Admission:
         with self._lock:
             return self.lease.take_admitted()
 
+    def untake(self, amount: Decimal) -> None:
+        """A batch that took ``amount`` was not built: the next one carries it."""
+        if amount:
+            with self._lock:
+                self.lease.admitted += amount
+
     def give_back(self, idle_s: float) -> Decimal:
         """The balance to return if no call settled for ``idle_s`` (as seen by earlier calls
         of this method: call it periodically) and nothing is in flight or unshipped; zero
