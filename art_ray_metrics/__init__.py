@@ -15,14 +15,9 @@ from importlib.metadata import PackageNotFoundError, version
 from art_ray_metrics.builder import MetricsBuilder
 from art_ray_metrics.config import AggregatorConfig, ClientConfig
 from art_ray_metrics.distributed.actor import MetricsAggregator
-from art_ray_metrics.distributed.client import (
-    FlushResult,
-    WorkerBuilder,
-    close_clients,
-    connect,
-    get_client,
-)
+from art_ray_metrics.distributed.client import FlushResult, close_clients, get_client
 from art_ray_metrics.distributed.handle import AggregatorHandle, start_aggregator
+from art_ray_metrics.distributed.record import WorkerBuilder, connect
 from art_ray_metrics.errors import (
     AggregatorUnavailableError,
     BackPressureError,

@@ -35,23 +35,21 @@ from typing import Any
 from art_ray_metrics.core import active as _active
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DigestLedger, digest
-from art_ray_metrics.core.records import KeyedCost
-from art_ray_metrics.core.rollup import exact_sum, to_decimal
-from art_ray_metrics.core.samples import SampleStats, check_sample_key
+from art_ray_metrics.core.rollup import to_decimal
+from art_ray_metrics.core.samples import check_sample_key
 from art_ray_metrics.core.state import CumulativeState, StepBuffer, close_buffer
-from art_ray_metrics.errors import InvalidMetricError, MetricConflictError
+from art_ray_metrics.core.tape import Number, PendingLeaves
+from art_ray_metrics.errors import InvalidMetricError
 from art_ray_metrics.spend.pricing import PricingRegistry
 from art_ray_metrics.spend.track import ApiCostMixin
 
-__all__ = ["LeafRecorder", "MetricsBuilder", "PendingLeaves"]
-
-Number = float | int | Decimal
+__all__ = ["LeafRecorder", "MetricsBuilder", "Number", "PendingLeaves"]
 
 UNPRICED_CALLS_KEY = "data/step_unpriced_api_calls"
 """Counts API calls whose cost could not be determined (cumulative: data/cum/unpriced_api_calls)."""
 
 
-def _scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
+def scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
     if isinstance(scenario_ids, (str, bytes)):
         raise InvalidMetricError(
             f"Expected scenario_ids as a list of ids but got a single string {scenario_ids!r}"
@@ -64,7 +62,7 @@ def _scenario_digests(scenario_ids: Iterable[Any]) -> list[bytes]:
         ) from None
 
 
-def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
+def resolve_alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     """One of ``name`` (ours, ART 0.5.18's) and ``alias`` (ART's newer keyword for it).
 
     Raises:
@@ -80,117 +78,7 @@ def _alias(name: str, value: Any, alias: str, alias_value: Any) -> Any:
     return alias_value
 
 
-class PendingLeaves:
-    """The unclosed leaves of one ``(step, scope)`` of one producer.
-
-    One dict, :attr:`slots`, holds the pending leaves and their proper ancestors below the
-    section: a leaf maps to its raw value (a number, or a ``list`` of them once it is written
-    again), an ancestor maps to one leaf under it (a ``str``). Every ancestor's own ancestors
-    are registered with it, so a new key whose parent is known costs two probes, and a
-    leaf/ancestor conflict raises at the call, as in ART. Values are summed exactly, each
-    distinct value converted once, when the step is closed or shipped (:meth:`sums`).
-    """
-
-    __slots__ = ("cost_ids", "keyed", "samples", "scenarios", "slots")
-
-    def __init__(self) -> None:
-        self.slots: dict[str, Any] = {}
-        self.samples: dict[str, list[float]] = {}  # add_sample values, averaged at the barrier
-        self.scenarios: set[bytes] = set()
-        self.keyed: list[KeyedCost] = []  # producer side: applied once per id by the actor
-        self.cost_ids: set[bytes] = set()  # in-process: response ids already applied here
-
-    def record(self, key: str, value: Number) -> None:
-        """Add a validated value to ``key``.
-
-        Raises:
-            MetricConflictError: ``key`` is an ancestor or a descendant of a pending leaf;
-                nothing is changed.
-        """
-        slots = self.slots
-        held = slots.get(key)
-        if held is None:
-            if self.samples and key in self.samples:
-                raise MetricConflictError(
-                    f"Cannot log {key!r} with add_metric: it is recorded with add_sample"
-                )
-            section_end = key.find("/")
-            cut = key.rfind("/")
-            if cut != section_end:
-                parent = key[:cut]
-                above = slots.get(parent)
-                if above.__class__ is not str:
-                    # the parent is not a known ancestor: walk up to one, or to the section
-                    new = []
-                    while above is None:
-                        new.append(parent)
-                        cut = key.rfind("/", 0, cut)
-                        if cut == section_end:
-                            break
-                        parent = key[:cut]
-                        above = slots.get(parent)
-                    if above is not None and above.__class__ is not str:
-                        raise MetricConflictError(
-                            f"Cannot log {key!r} as a leaf: {parent!r} is already a leaf ancestor"
-                        )
-                    for parent in new:  # known ancestors' own ancestors are known too
-                        slots[parent] = key
-            slots[key] = value
-        else:
-            kind = held.__class__
-            if kind is list:
-                held.append(value)
-            elif kind is str:
-                raise MetricConflictError(
-                    f"Cannot log {key!r} as a leaf: it is an ancestor of {held!r}"
-                )
-            else:
-                slots[key] = [held, value]
-
-    def record_sample(self, key: str, value: float) -> None:
-        """Add one validated per-rollout value of ``key`` (averaged at the barrier).
-
-        Raises:
-            MetricConflictError: ``key`` is a pending summed leaf; nothing is changed.
-        """
-        values = self.samples.get(key)
-        if values is None:
-            if key in self.slots:
-                raise MetricConflictError(
-                    f"Cannot record {key!r} with add_sample: it is logged with add_metric"
-                )
-            self.samples[key] = [value]
-        else:
-            values.append(value)
-
-    def sample_stats(self) -> dict[str, SampleStats]:
-        """The exact summaries of the sampled values so far (the raw values stay)."""
-        return {key: SampleStats.of(values) for key, values in self.samples.items()}
-
-    def sums(self) -> dict[str, Decimal]:
-        """The exact per-key sums so far (the raw values stay)."""
-        sums = {}
-        for key, held in self.slots.items():
-            kind = held.__class__
-            if kind is list:
-                sums[key] = exact_sum(held)
-            elif kind is not str:
-                sums[key] = to_decimal(held)
-        return sums
-
-    def to_buffer(self) -> StepBuffer:
-        """The exact step buffer of these leaves (consumes this object)."""
-        buf = StepBuffer()
-        buf.sums = self.sums()
-        buf.samples = self.sample_stats()
-        buf.scenarios = self.scenarios
-        buf.cost_ids = self.cost_ids
-        self.slots = {}
-        self.samples = {}
-        return buf
-
-
-_COST_KEYS: dict[str, str] = {}
+COST_KEYS: dict[str, str] = {}
 """Validated ``costs/<path>`` keys by path (paths repeat: the hot path is one dict lookup)."""
 
 
@@ -262,13 +150,13 @@ class LeafRecorder(ApiCostMixin):
 
     def add_cost(self, path: str, usd: float) -> None:
         """Record ``usd`` dollars under ``costs/<path>``, e.g. ``train/llm_judge/correctness``."""
-        key = _COST_KEYS.get(path) if type(path) is str else None
+        key = COST_KEYS.get(path) if type(path) is str else None
         if key is None:
             if not isinstance(path, str) or not path.strip("/"):
                 raise InvalidMetricError(f"Expected a non-empty cost path but got {path!r}")
             key = V.validate_key(f"costs/{path}")
-            if len(_COST_KEYS) < 65_536:
-                _COST_KEYS[path] = key
+            if len(COST_KEYS) < 65_536:
+                COST_KEYS[path] = key
         self.add_metric(key, usd)
 
     def add_data(
@@ -283,10 +171,10 @@ class LeafRecorder(ApiCostMixin):
 
         ``step_rollout_tokens`` (ART's name after 0.5.18) records ``data/step_actor_tokens``.
         """
-        step_actor_tokens = _alias(
+        step_actor_tokens = resolve_alias(
             "step_actor_tokens", step_actor_tokens, "step_rollout_tokens", step_rollout_tokens
         )
-        digests = _scenario_digests(scenario_ids) if scenario_ids is not None else None
+        digests = scenario_digests(scenario_ids) if scenario_ids is not None else None
         if step_num_scenarios is not None:
             self.add_metric("data/step_num_scenarios", step_num_scenarios)
         if step_actor_tokens is not None:
@@ -306,7 +194,7 @@ class LeafRecorder(ApiCostMixin):
 
         ``step_rollout_s`` (ART's name after 0.5.18) records ``time/step_actor_s``.
         """
-        step_actor_s = _alias("step_actor_s", step_actor_s, "step_rollout_s", step_rollout_s)
+        step_actor_s = resolve_alias("step_actor_s", step_actor_s, "step_rollout_s", step_rollout_s)
         for key, value in (
             ("time/step_wall_s", step_wall_s),
             ("time/step_actor_s", step_actor_s),
@@ -327,7 +215,7 @@ class LeafRecorder(ApiCostMixin):
         ``step_rollout_idle_s`` (ART's name after 0.5.18) records
         ``throughput/step_actor_idle_s``.
         """
-        step_actor_idle_s = _alias(
+        step_actor_idle_s = resolve_alias(
             "step_actor_idle_s", step_actor_idle_s, "step_rollout_idle_s", step_rollout_idle_s
         )
         if step_trainer_idle_s is not None:

@@ -21,9 +21,11 @@ from typing import Any, Literal
 from art_ray_metrics.config import AggregatorConfig, ClientConfig
 from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.core.rollup import EXACT, to_decimal
 from art_ray_metrics.core.samples import SampleStats
 from art_ray_metrics.distributed import client as _client
+from art_ray_metrics.distributed import record as _record
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.distributed.transport import AggregatorGoneError, InProcessTransport
 
@@ -202,9 +204,9 @@ class InProcessAggregator:
         *,
         split: str | None = None,
         producer_id: str | None = None,
-    ) -> _client.WorkerBuilder:
+    ) -> _record.WorkerBuilder:
         """:func:`art_ray_metrics.connect` for this aggregator."""
-        return _client.connect(
+        return _record.connect(
             step,
             cost_context,
             split=split,
@@ -240,6 +242,12 @@ class InProcessAggregator:
         )
         return row
 
+    def budget(self) -> dict[str, Any]:
+        """The run budget's figures: ``limit``, ``soft``, ``spent``, ``committed`` (spend plus
+        the leases workers hold), ``unreconciled`` (the crash bound) and ``leases``."""
+        out: dict[str, Any] = self._call("budget_stats")
+        return out
+
     def set_budget(
         self, budget_usd: float | None, budget_soft: float | None = None
     ) -> dict[str, Any]:
@@ -253,9 +261,8 @@ class InProcessAggregator:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """The actor's ``stats()``."""
-        out: dict[str, Any] = self._call("stats")
-        return out
+        """The actor's ``stats()``, as the map ``AggregatorHandle.stats()`` returns."""
+        return AggregatorStats.as_map(self._call("stats"))
 
     def checkpoint(self) -> dict[str, Any]:
         """Commit a checkpoint now."""

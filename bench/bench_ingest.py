@@ -410,11 +410,11 @@ def _per_call(fn: Any, n: int, repeats: int = 5) -> float:
 
 def hot_spots(bench: Bench, n: int) -> list[list[str]]:
     """µs per call of each layer a worker-side leaf goes through (driver process, real client)."""
-    from art_ray_metrics.builder import PendingLeaves
     from art_ray_metrics.core import validate as V
     from art_ray_metrics.core.dedupe import digest
     from art_ray_metrics.core.rollup import to_decimal
-    from art_ray_metrics.distributed.client import WorkerBuilder
+    from art_ray_metrics.core.tape import PendingLeaves
+    from art_ray_metrics.distributed.record import WorkerBuilder
 
     bench.step += 1
     step = bench.step

@@ -73,4 +73,5 @@ def install(agg: Any) -> FaultyStore:
     agg.store = faulty
     agg.ckpt._store = faulty
     agg.history._store = faulty
+    agg.committer.store = faulty
     return faulty

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from art_ray_metrics.core import keytree
 from art_ray_metrics.core.dedupe import DigestLedger, split_digests
 from art_ray_metrics.core.outcome import GroupSpend
 from art_ray_metrics.core.rollup import EXACT
 from art_ray_metrics.core.samples import SampleStats
-from art_ray_metrics.errors import MetricConflictError
 
 __all__ = ["UNATTRIBUTED", "CumulativeState", "StepBuffer"]
 
@@ -86,34 +86,19 @@ class StepBuffer:
         if current is not None:
             sums[key] = _add(current, value)
             return
-        ancestors = self._ancestors
-        below = ancestors.get(key)
-        if below is not None:
+        clash = keytree.admit(key, sums, self._ancestors)
+        while clash is not None:
             if strict:
-                raise MetricConflictError(
-                    f"Cannot log {key!r} as a leaf: it is an ancestor of {below!r}"
-                )
-            self.conflicts.append((key, below))
-            self.add(f"{key}/{UNATTRIBUTED}", value, strict=False)
-            return
-        # one pass over the proper prefixes below the section (a section alone is never a
-        # leaf): a pending leaf among them is a conflict; then register them as ancestors
-        prefixes = []
-        cut = key.find("/", key.find("/") + 1)
-        while cut != -1:
-            parent = key[:cut]
-            if parent in sums:
-                if strict:
-                    raise MetricConflictError(
-                        f"Cannot log {key!r} as a leaf: {parent!r} is already a leaf ancestor"
-                    )
-                self.conflicts.append((parent, key))
-                self.add(f"{parent}/{UNATTRIBUTED}", sums.pop(parent), strict=False)
-            prefixes.append(parent)
-            cut = key.find("/", cut + 1)
-        for parent in prefixes:
-            if parent not in ancestors:
-                ancestors[parent] = key
+                raise keytree.conflict_error(key, clash)
+            self.conflicts.append(clash)
+            above = clash[0]
+            if above == key:  # an ancestor of a pending leaf: the value goes beside it
+                self.add(f"{key}/{UNATTRIBUTED}", value, strict=False)
+                return
+            # a pending leaf above ``key``: its value moves under it (so it becomes an
+            # ancestor), then ``key`` is admitted below it
+            self.add(f"{above}/{UNATTRIBUTED}", sums.pop(above), strict=False)
+            clash = keytree.admit(key, sums, self._ancestors)
         sums[key] = value
 
     def merge(self, other: StepBuffer) -> None:

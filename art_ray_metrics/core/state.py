@@ -52,6 +52,7 @@ from art_ray_metrics.core.close import (
     plan_close,
     split_trainer_metrics,
 )
+from art_ray_metrics.core.counters import STATE_COUNTERS, row_values
 from art_ray_metrics.core.dedupe import DigestLedger, digest, split_digests
 from art_ray_metrics.core.ingest import (
     MAX_RETIRED,
@@ -90,18 +91,8 @@ __all__ = [
 ]
 
 
-COUNTER_NAMES = (
-    "batches",
-    "duplicate_batches",
-    "rejected_batches",
-    "limit_rejections",
-    "leaves",
-    "late_leaves",
-    "conflicts",
-    "duplicate_costs",
-    "rows",
-    "dropped_batches",
-)
+COUNTER_NAMES = STATE_COUNTERS
+"""The state's counters (declared in :mod:`~art_ray_metrics.core.counters`)."""
 
 
 class AggregatorState:
@@ -352,10 +343,8 @@ class AggregatorState:
 
     def telemetry(self) -> dict[str, float]:
         """The core's counters as ``telemetry/...`` row keys."""
-        out = {f"{K.TELEMETRY_PREFIX}{name}": float(v) for name, v in self.counters.items()}
-        out[f"{K.TELEMETRY_PREFIX}pending_steps"] = float(len(self.pending))
-        out[f"{K.TELEMETRY_PREFIX}producers"] = float(len(self.producers))
-        return out
+        sizes = {"pending_steps": len(self.pending), "producers": len(self.producers)}
+        return row_values("state", {**self.counters, **sizes}, K.TELEMETRY_PREFIX)
 
     # -- persistence ----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.backoff import WATCH
+from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.durable.storage import (
     backend_for,
@@ -117,6 +118,12 @@ class AggregatorHandle:
         )
         return row
 
+    def budget(self) -> dict[str, Any]:
+        """The run budget's figures: ``limit``, ``soft``, ``spent``, ``committed`` (spend plus
+        the leases workers hold), ``unreconciled`` (the crash bound) and ``leases``."""
+        out: dict[str, Any] = self._call("budget_stats")
+        return out
+
     def set_budget(
         self, budget_usd: float | None, budget_soft: float | None = None
     ) -> dict[str, Any]:
@@ -194,9 +201,9 @@ class AggregatorHandle:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """The actor's :meth:`MetricsAggregator.stats` (retried while the actor restarts)."""
-        out: dict[str, Any] = self._call("stats")
-        return out
+        """The actor's :meth:`MetricsAggregator.stats` as a map (retried while the actor
+        restarts): its keys are the fields of :class:`~art_ray_metrics.core.replies.AggregatorStats`."""
+        return AggregatorStats.as_map(self._call("stats"))
 
     def checkpoint(self) -> dict[str, Any]:
         """Commit a checkpoint now (retried while the actor restarts)."""
@@ -361,37 +368,65 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
     :class:`~art_ray_metrics.errors.ConfigMismatchError` instead of being reused silently.
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     base = config or AggregatorConfig()
     cfg = AggregatorConfig.model_validate({**base.model_dump(), **fields}).resolved()
     if not ray.is_initialized():
         ray.init(namespace=cfg.namespace)
-    fingerprint = cfg.fingerprint()
     unset = [k for k in cfg.worker_env if not os.environ.get(k)]
     if unset:
         log.warning("art_ray_metrics: worker_env names %s not set here: not sent", unset)
-
-    def attach() -> AggregatorHandle | None:
-        try:
-            actor = ray.get_actor(cfg.name, namespace=cfg.namespace)
-        except ValueError:
-            return None
-        running: str = ray.get(actor.config_fingerprint.remote())  # type: ignore[assignment]
-        if running != fingerprint:
-            raise ConfigMismatchError(
-                f"An aggregator named {cfg.name!r} (namespace {cfg.namespace!r}) already runs with "
-                f"a different configuration (fingerprint {running} != {fingerprint}); shut it "
-                "down first (AggregatorHandle.shutdown or ray.kill) or use another name"
-            )
-        attached = AggregatorHandle(actor, cfg)
-        attached.set_credentials()
-        return attached
-
-    handle = attach()
+    handle = _attach(cfg)
     if handle is not None:
         return handle
     _probe_remote_storage(cfg)
+    try:
+        actor: Any = (
+            ray.remote(MetricsAggregator)
+            .options(**_actor_options(cfg))
+            .remote(cfg.model_dump_json(), await_credentials=True)
+        )
+    except ValueError:  # created concurrently by another driver
+        handle = _attach(cfg)
+        if handle is None:
+            raise
+        return handle
+    handle = AggregatorHandle(actor, cfg)
+    try:
+        handle.set_credentials()  # opens, checks and restores the storage: ready afterwards
+    except BaseException:
+        ray.kill(actor, no_restart=True)  # frees the name; the error says why it cannot run
+        raise
+    return handle
+
+
+def _attach(cfg: AggregatorConfig) -> AggregatorHandle | None:
+    """A handle on the running aggregator of that name (None: none runs), which must run
+    with this configuration; it is sent this driver's credentials."""
+    import ray
+
+    try:
+        actor = ray.get_actor(cfg.name, namespace=cfg.namespace)
+    except ValueError:
+        return None
+    fingerprint = cfg.fingerprint()
+    running: str = ray.get(actor.config_fingerprint.remote())  # type: ignore[assignment]
+    if running != fingerprint:
+        raise ConfigMismatchError(
+            f"An aggregator named {cfg.name!r} (namespace {cfg.namespace!r}) already runs with "
+            f"a different configuration (fingerprint {running} != {fingerprint}); shut it "
+            "down first (AggregatorHandle.shutdown or ray.kill) or use another name"
+        )
+    attached = AggregatorHandle(actor, cfg)
+    attached.set_credentials()
+    return attached
+
+
+def _actor_options(cfg: AggregatorConfig) -> dict[str, Any]:
+    """The Ray options of the aggregator actor: named, detached, restarted by Ray."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     options: dict[str, Any] = {
         "name": cfg.name,
         "namespace": cfg.namespace,
@@ -407,21 +442,4 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
     if cfg.on_driver_node and not cfg.actor_resources:
         node = ray.get_runtime_context().get_node_id()
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
-    try:
-        actor: Any = (
-            ray.remote(MetricsAggregator)
-            .options(**options)
-            .remote(cfg.model_dump_json(), await_credentials=True)
-        )
-    except ValueError:  # created concurrently by another driver
-        handle = attach()
-        if handle is None:
-            raise
-        return handle
-    handle = AggregatorHandle(actor, cfg)
-    try:
-        handle.set_credentials()  # opens, checks and restores the storage: ready afterwards
-    except BaseException:
-        ray.kill(actor, no_restart=True)  # frees the name; the error says why it cannot run
-        raise
-    return handle
+    return options

@@ -1,7 +1,8 @@
 """The aggregator's own health as Ray metrics (``ray.util.metrics``), for Ray's dashboard,
 Prometheus and Grafana.
 
-Created inside the actor; every metric carries the tags ``aggregator`` (the actor name) and
+The metrics are those the counter registry (:mod:`art_ray_metrics.core.counters`) declares
+for ``ray``. Created inside the actor; every metric carries the tags ``aggregator`` (the actor name) and
 ``namespace``. Ray exports them from each node's metrics endpoint with a ``ray_`` prefix (and a
 ``_total`` suffix on counters). Counters are published as deltas of the aggregator's own
 counters, at most once per :data:`PUBLISH_INTERVAL_S` from the actor's WAL loop and at every
@@ -17,6 +18,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+from art_ray_metrics.core.counters import ray_table
+
 __all__ = ["COUNTERS", "FAILURES", "GAUGES", "HISTOGRAMS", "PREFIX", "AggregatorTelemetry"]
 
 log = logging.getLogger(__name__)
@@ -24,34 +27,22 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "art_metrics_"
 PUBLISH_INTERVAL_S: Final = 1.0
 
+_TABLE: Final = tuple(ray_table())
+
 COUNTERS: Final[Mapping[str, str]] = {
-    "batches": "Leaf batches applied (each (producer, seq) once)",
-    "leaves": "Leaves in the applied batches",
-    "duplicate_batches": "Batches received again (a resend) and acknowledged without applying",
-    "rejected_batches": "Batches rejected as malformed or of an unknown wire version",
-    "late_leaves": "Leaves that arrived for a step already closed (folded into the next row)",
-    "conflicts": "Leaves whose key conflicts with an existing key (renamed)",
-    "duplicate_costs": "Cost leaves skipped because their response id was already applied",
-    "rows": "Rows produced (steps closed)",
+    m.name: m.description for m in _TABLE if m.kind == "counter" and m.owner == "state"
 }
 """Counter name (after :data:`PREFIX`) → description; fed from the aggregator's counters."""
 
 FAILURES: Final[Mapping[str, str]] = {
-    "storage_failures": "Failed object-storage writes, by operation (wal, checkpoint, history)",
-    "wandb_failures": "Failed W&B calls (init, define_metric, log, finish)",
+    m.name: m.description for m in _TABLE if m.kind == "counter" and m.owner != "state"
 }
+"""Failure counters of the actor's storage (tagged by ``operation``) and of W&B."""
 
-GAUGES: Final[Mapping[str, str]] = {
-    "producers": "Producers (workers) that have sent at least one batch in this run",
-    "pending_steps": "Steps with received leaves that are not closed yet",
-    "unique_scenarios": "Unique scenario ids in the run",
-    "wal_queue_batches": "Applied batches not yet in the write-ahead log",
-}
+GAUGES: Final[Mapping[str, str]] = {m.name: m.description for m in _TABLE if m.kind == "gauge"}
 
 HISTOGRAMS: Final[Mapping[str, str]] = {
-    "wal_commit_seconds": "Time to append one write-ahead-log record to storage",
-    "checkpoint_commit_seconds": "Time to commit one checkpoint to storage",
-    "barrier_seconds": "Time of one step barrier (handle.log): close, checkpoint, history",
+    m.name: m.description for m in _TABLE if m.kind == "histogram"
 }
 
 _BOUNDARIES: Final = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -76,22 +67,20 @@ class AggregatorTelemetry:
             tags = {"aggregator": aggregator, "namespace": namespace}
             keys = tuple(tags)
             made: dict[str, Any] = {}
-            for name, doc in COUNTERS.items():
-                made[name] = ray_metrics.Counter(PREFIX + name, description=doc, tag_keys=keys)
-            made["storage_failures"] = ray_metrics.Counter(
-                PREFIX + "storage_failures",
-                description=FAILURES["storage_failures"],
-                tag_keys=(*keys, "operation"),
-            )
-            made["wandb_failures"] = ray_metrics.Counter(
-                PREFIX + "wandb_failures", description=FAILURES["wandb_failures"], tag_keys=keys
-            )
-            for name, doc in GAUGES.items():
-                made[name] = ray_metrics.Gauge(PREFIX + name, description=doc, tag_keys=keys)
-            for name, doc in HISTOGRAMS.items():
-                made[name] = ray_metrics.Histogram(
-                    PREFIX + name, description=doc, boundaries=_BOUNDARIES, tag_keys=keys
-                )
+            for m in _TABLE:
+                tag_keys = (*keys, "operation") if m.tagged else keys
+                if m.kind == "histogram":
+                    made[m.name] = ray_metrics.Histogram(
+                        PREFIX + m.name,
+                        description=m.description,
+                        boundaries=_BOUNDARIES,
+                        tag_keys=tag_keys,
+                    )
+                else:
+                    kind = ray_metrics.Counter if m.kind == "counter" else ray_metrics.Gauge
+                    made[m.name] = kind(
+                        PREFIX + m.name, description=m.description, tag_keys=tag_keys
+                    )
             for metric in made.values():
                 metric.set_default_tags(tags)
         except Exception as exc:

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from art_ray_metrics.core import counters
 from art_ray_metrics.core.backoff import WANDB_INIT
 from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
@@ -223,13 +224,8 @@ class WandbSink:
         return len(self._pending)
 
     def stats(self) -> dict[str, float]:
-        """Counters for the ``telemetry/`` section."""
-        return {
-            "telemetry/wandb/logged": float(self.logged),
-            "telemetry/wandb/failures": float(self.failures),
-            "telemetry/wandb/dropped": float(self.dropped),
-            "telemetry/wandb/pending": float(len(self._pending)),
-        }
+        """Counters for the ``telemetry/`` section (declared in :mod:`~art_ray_metrics.core.counters`)."""
+        return {f"telemetry/wandb/{k}": v for k, v in counters.read("wandb", self).items()}
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self.failures += 1

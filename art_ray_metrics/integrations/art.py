@@ -50,8 +50,8 @@ from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.records import KeyedCost
-from art_ray_metrics.distributed.client import WorkerBuilder, connect
 from art_ray_metrics.distributed.handle import AggregatorHandle
+from art_ray_metrics.distributed.record import WorkerBuilder, connect
 from art_ray_metrics.errors import InvalidMetricError
 from art_ray_metrics.spend.pricing import PricingRegistry
 

@@ -53,6 +53,9 @@ def main() -> None:
     # a loaded CI machine can take longer than the defaults to start the raylet and its agent
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    # workers export their metrics every 10 s by default: the poll below waited that out; 1 s
+    # is the shortest Ray allows
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     import ray
 
     import art_ray_metrics as arm

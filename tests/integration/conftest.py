@@ -52,11 +52,18 @@ def ray_cluster() -> Iterator[Any]:
 
     closer = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
     closer.start()
-    closer.join(60)
-    if closer.is_alive():
-        atexit.unregister(ray_worker.shutdown)
-        print("ray.shutdown() did not return within 60 s; the test cluster is stopped anyway")
-    cluster.shutdown()
+    closer.join(30)
+    if not closer.is_alive():
+        cluster.shutdown()
+        return
+    # the stuck shutdown holds Ray's connect/shutdown lock, which Cluster.shutdown() would
+    # wait on too: stop the nodes' processes directly instead (the stuck call then fails)
+    atexit.unregister(ray_worker.shutdown)
+    print("ray.shutdown() did not return within 30 s; the test cluster's processes are killed")
+    for node in [*cluster.worker_nodes, cluster.head_node]:
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    closer.join(10)
 
 
 @pytest.fixture

@@ -151,7 +151,7 @@ class TestRetriesAndResends:
             actor = ray.get_actor(run_config["name"], namespace="art_ray_metrics")
             data = encode_batch(make_batch("raw", 1, 0, "train", {"costs/train/x": 0.75}))
             first, second = ray.get([actor.ingest.remote(data), actor.ingest.remote(data)])
-            assert sorted([first["duplicate"], second["duplicate"]]) == [False, True]
+            assert sorted([first.duplicate, second.duplicate]) == [False, True]
             row = handle.log(0)
             assert row["costs/all"] == 0.75
             assert handle.stats()["counters"]["duplicate_batches"] == 1
@@ -170,8 +170,8 @@ class TestRetriesAndResends:
                     ray.get(handle.actor.ingest.remote(data))
             # a refused batch moves its producer's window past its seq: a new seq is applied
             good2 = encode_batch(make_batch("raw", 2, 0, "train", {"costs/train/x": 1.0}))
-            assert ray.get(handle.actor.ingest.remote(good))["duplicate"] is True
-            assert ray.get(handle.actor.ingest.remote(good2))["duplicate"] is False
+            assert ray.get(handle.actor.ingest.remote(good)).duplicate is True
+            assert ray.get(handle.actor.ingest.remote(good2)).duplicate is False
             row = handle.log(0)
             assert row["costs/all"] == 1.0
             assert row["telemetry/rejected_batches"] == 4.0

@@ -32,7 +32,7 @@ from art_ray_metrics.export.wandb_offline import (
     read_offline_history,
     wait_for_exit_record,
 )
-from art_ray_metrics.testing import make_batch
+from art_ray_metrics.testing import InProcessAggregator, make_batch
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = [
@@ -111,8 +111,37 @@ def run_step(
         batch = make_batch(
             f"raw-{attempt}", 1, 6, keyed_costs=[("costs/train/judge_raw", 0.5, "resp-raw-6")]
         )
-        assert not ray.get(handle.actor.ingest.remote(encode_batch(batch), True))["duplicate"]
+        assert not ray.get(handle.actor.ingest.remote(encode_batch(batch), True)).duplicate
     return dict(handle.log(step, metrics={"loss": 0.5 - step / 100}))
+
+
+def reference_run(storage_uri: str, steps: int) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """The fault-free run of ``run_step``'s workload for steps ``0..steps-1``: its rows and
+    final ``stats()``, its history in ``storage_uri``.
+
+    In this process, through :class:`~art_ray_metrics.testing.InProcessAggregator` (the actor
+    class over real storage): a reference the faulty Ray runs are compared with needs no Ray,
+    and on the shared cluster it cost 20-70 s per test (Ray tasks, worker start-up).
+    """
+    with InProcessAggregator(storage_uri=storage_uri, wandb_mode="disabled") as agg:
+        rows = []
+        for step in range(steps):
+            for i in range(4):
+                b = agg.connect(step)
+                record_rollout(b, step, i)
+                assert b.flush(timeout_s=90).ok
+            if step == 6:  # as run_step: the paid response sent through the raw actor API
+                batch = make_batch(
+                    "raw-", 1, 6, keyed_costs=[("costs/train/judge_raw", 0.5, "resp-raw-6")]
+                )
+                instance = agg.lookup()
+                assert instance is not None
+                assert not instance.submit("ingest", encode_batch(batch), True).result()[
+                    "duplicate"
+                ]
+            rows.append(dict(agg.log(step, metrics={"loss": 0.5 - step / 100})))
+        stats = agg.stats()
+    return rows, stats
 
 
 def no_telemetry(row: dict[str, Any]) -> dict[str, Any]:
@@ -394,11 +423,13 @@ class TestActorKilled:
     def test_random_kills_match_the_fault_free_run(
         self, run_config: dict[str, Any], tmp_path: Path, wandb_dir: Path
     ) -> None:
-        """30 steps, 4 producers, the actor killed at random: same totals, history and W&B."""
-        steps = 30
-        ref_cfg = {**run_config, "name": run_config["name"] + "-ref"}
-        ref_cfg["storage_uri"] = str(tmp_path / "ref")
-        ref_rows, ref_stats, _ = _run(ref_cfg, steps, kills=0, seed=0)
+        """15 steps, 4 producers, the actor killed at random: same totals, history and W&B.
+
+        Seed 1234 kills at steps 2, 6, 7, 12 and 13 (all five kills): the 30 steps this ran
+        before made the same kills and then 15 fault-free steps (half its 30 s)."""
+        steps = 15
+        ref_uri = str(tmp_path / "ref")
+        ref_rows, ref_stats = reference_run(ref_uri, steps)
         cfg = {**run_config, "wandb_mode": "offline", "wandb_dir": str(wandb_dir)}
         rows, stats, kills = _run(cfg, steps, kills=5, seed=1234)
         assert kills >= 3
@@ -408,7 +439,7 @@ class TestActorKilled:
         assert [no_telemetry(r) for r in rows] == [no_telemetry(r) for r in ref_rows]
         history = history_rows(cfg["storage_uri"])
         assert [(r["step"], r["split"]) for r in history] == [(s, "train") for s in range(steps)]
-        ref_history = history_rows(ref_cfg["storage_uri"])
+        ref_history = history_rows(ref_uri)
         assert [no_telemetry(r) for r in history] == [no_telemetry(r) for r in ref_history]
         # W&B: every committed row at least once (a resumed offline run has several files)
         logged = wandb_rows(wandb_dir, stats["wandb_run_id"])
@@ -510,14 +541,8 @@ class TestResumeFromOlderStep:
         self, run_config: dict[str, Any], tmp_path: Path
     ) -> None:
         """Steps 0..7, resume from 4, re-run 5..9: rows, totals, ids and history as without it."""
-        ref_cfg = {**run_config, "name": run_config["name"] + "-ref"}
-        ref_cfg["storage_uri"] = str(tmp_path / "ref")
-        ref = arm.start_aggregator(**ref_cfg)
-        try:
-            ref_rows = [run_step(ref, ref_cfg["name"], s) for s in range(10)]
-            ref_stats = ref.stats()
-        finally:
-            ref.shutdown()
+        ref_uri = str(tmp_path / "ref")
+        ref_rows, ref_stats = reference_run(ref_uri, 10)
         handle = arm.start_aggregator(**run_config)
         try:
             for s in range(8):
@@ -539,7 +564,7 @@ class TestResumeFromOlderStep:
             assert got["unique_scenarios"] == ref_stats["unique_scenarios"]
         history = history_rows(run_config["storage_uri"])
         assert [no_telemetry(r) for r in history] == [
-            no_telemetry(r) for r in history_rows(ref_cfg["storage_uri"])
+            no_telemetry(r) for r in history_rows(ref_uri)
         ]
         fresh = arm.start_aggregator(**{**run_config, "name": run_config["name"] + "-fresh"})
         try:
@@ -590,13 +615,17 @@ class TestResumeFromOlderStep:
 ROOT = Path(__file__).resolve().parents[2]
 
 DRIVER = """
-import json, sys
+import json, sys, time
 sys.path.insert(0, {root!r})
 import ray
 import art_ray_metrics as arm
 from tests.integration.test_durability import run_step
 
 ray.init(address={address!r}, namespace="restart-test", log_to_driver=False)
+deadline = time.monotonic() + 90  # both nodes alive (the worker joins while this starts)
+while sum(n["Alive"] for n in ray.nodes()) < 2:
+    assert time.monotonic() < deadline, ray.nodes()
+    time.sleep(0.2)
 handle = arm.start_aggregator(**{config!r})
 rows = [run_step(handle, {name!r}, step) for step in range({start}, {stop})]
 stats = handle.stats()
@@ -634,6 +663,10 @@ class RayStartCluster:
         self.env.pop("WANDB_SERVICE", None)
         self.procs: list[subprocess.Popen[bytes]] = []
 
+    def _log(self, index: int) -> Path:
+        """Where ``ray start`` number ``index`` writes (next to the temp dir: kept after it)."""
+        return self.temp_dir.parent / f"{self.temp_dir.name}-ray-start-{index}.log"
+
     def _start(self, args: list[str]) -> None:
         common = [
             "--node-ip-address=127.0.0.1",
@@ -645,7 +678,7 @@ class RayStartCluster:
             f"--runtime-env-agent-port={_free_port()}",
             f"--metrics-export-port={_free_port()}",
         ]
-        log = open(self.temp_dir.parent / f"ray-start-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log = open(self._log(len(self.procs)), "wb")  # noqa: SIM115
         # `ray start --address` refuses to join with 0, and a head started with 0 listens on
         # loopback only; every node IP is given explicitly, so 1 changes nothing else here.
         env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
@@ -660,6 +693,9 @@ class RayStartCluster:
         )
 
     def start(self) -> None:
+        """The head, then the worker once the head is up. That the worker joined is waited for
+        by the driver (:meth:`drive`), which connects anyway: a probe process per poll
+        (``import ray``, ``ray.init``) cost seconds each on the loaded 2-core machine."""
         self._start(
             [
                 "--head",
@@ -669,31 +705,23 @@ class RayStartCluster:
                 f"--ray-client-server-port={_free_port()}",
             ]
         )
-        self._wait_nodes(1)
+        self._wait_head()
         # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (needed to join) `ray start` rewrites a
         # 127.0.0.1 address to the host's interface IP; 127.0.0.2 is loopback too and is kept.
         self._start([f"--address=127.0.0.2:{self.port}", "--num-cpus=2"])
-        self._wait_nodes(2)
 
-    def _wait_nodes(self, count: int) -> None:
-        probe = (
-            "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))"
-        )
-        deadline = time.monotonic() + 90
+    def _wait_head(self) -> None:
+        """Until ``ray start --head`` says its runtime started (within 120 s). A worker started
+        earlier registers while the head is still busy and can time out doing so."""
+        log = self._log(0)
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            out = subprocess.run(
-                [sys.executable, "-c", probe, self.address],
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            if self.procs[0].poll() is not None:
+                raise AssertionError(f"`ray start --head` exited: {log.read_text()[-2000:]}")
+            if b"Ray runtime started" in log.read_bytes():
                 return
-            time.sleep(0.5)
-        raise AssertionError(f"ray start cluster at {self.address} did not reach {count} nodes")
+            time.sleep(0.2)
+        raise AssertionError(f"ray start cluster at {self.address}: the head did not start")
 
     def kill(self) -> None:
         """SIGKILL every process of both process groups (a crash, not a clean stop)."""
@@ -738,14 +766,8 @@ class TestFullClusterRestart:
         """Steps 0..4, cluster killed, a new cluster and driver continue 5..9 exactly."""
         import tempfile
 
-        ref_cfg = {**run_config, "name": run_config["name"] + "-ref"}
-        ref_cfg["storage_uri"] = str(tmp_path / "ref")
-        ref = arm.start_aggregator(**ref_cfg)
-        try:
-            ref_rows = [run_step(ref, ref_cfg["name"], s) for s in range(10)]
-            ref_stats = ref.stats()
-        finally:
-            ref.shutdown()
+        ref_uri = str(tmp_path / "ref")
+        ref_rows, ref_stats = reference_run(ref_uri, 10)
         cfg = {
             **run_config,
             "wandb_mode": "offline",

@@ -189,12 +189,12 @@ class TestNeverStartsRay:
             handle = arm.start_aggregator(**{run_config!r})
             # the idle confirm goes out flush_interval_s after the last ship: after shutdown
             b = arm.connect(0, config=ClientConfig(name={run_config["name"]!r},
-                                                   flush_interval_s=3.0))
+                                                   flush_interval_s=1.0))
             b.add_cost("train/judge", 1.0)
             assert b.flush(timeout_s=30).ok
             handle.shutdown()
             ray.shutdown()
-            time.sleep(6.0)  # two confirm intervals
+            time.sleep(2.5)  # two confirm intervals and a half
             print("initialized_after", ray.is_initialized())
             """
         )

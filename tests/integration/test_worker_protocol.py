@@ -199,7 +199,7 @@ class TestNothingWedgesAProducer:
             b.add_metric("reward/good_before", 1.0)
             client = get_client(b.client.config)
             with client._lock:  # bypass validation: what a bug or a version skew would send
-                client._pending_now()[(0, "train")].slots["reward/bad"] = float("inf")
+                client._pending_now()[(0, "train")].leaves["reward/bad"] = float("inf")
             first = b.flush(timeout_s=60)
             assert not first.ok
             assert first.error is not None

@@ -23,7 +23,8 @@ from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.records import LeafBatch, StepGroup
 from art_ray_metrics.core.state import AggregatorState, Limits
 from art_ray_metrics.core.wire import encode_batch
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.errors import WireFormatError
 
 
@@ -43,7 +44,8 @@ class _Call:
 
 
 class _InProcessActor:
-    """The actor's ingest/confirm contract over a real state; applied means durable."""
+    """The actor's ingest/confirm contract over a real state; applied means durable. It answers
+    with plain maps, as aggregators before typed replies did: the client reads both."""
 
     def __init__(self, state: AggregatorState) -> None:
         self.state = state
@@ -131,7 +133,7 @@ def _client(actor: _InProcessActor, **config: Any) -> MetricsClient:
         **config,
     }
     c = MetricsClient(ClientConfig(**fields), transport=_Direct(actor))
-    c._stop.set()  # no background thread: the test drives every ship
+    c.stopped.set()  # no background thread: the test drives every ship
     c._thread.join()
     return c
 
@@ -141,7 +143,7 @@ def clients() -> Iterator[list[MetricsClient]]:
     made: list[MetricsClient] = []
     yield made
     for c in made:
-        c._stop.set()
+        c.stopped.set()
 
 
 def _costs(row: dict[str, float], key: str = "costs/all") -> Decimal:
@@ -345,7 +347,7 @@ class _Protocol(RuleBasedStateMachine):
         self.promised: set[int] = set()
 
     def teardown(self) -> None:
-        self.client._stop.set()
+        self.client.stopped.set()
 
     @rule(cents=st.integers(1, 500))
     def record(self, cents: int) -> None:
@@ -454,17 +456,58 @@ class TestTheActorShell:
             return first, over, again, copy, row
 
         first, over, again, copy, row = asyncio.run(run())
-        assert first["durable"]
-        assert first["durable_upto"] == 4  # the declared give-ups count as settled
-        assert over["durable"]
-        assert [r[2] for r in over["refused"]] == ["reward/c"]
-        assert "max_keys_per_step=2" in over["refused"][0][3]
-        assert again["duplicate"]
-        assert again["refused"] == over["refused"]  # a resend is told again
-        assert copy["duplicate"]
-        assert copy["durable"]
+        assert first.durable
+        assert first.durable_upto == 4  # the declared give-ups count as settled
+        assert over.durable
+        assert [r[2] for r in over.refused] == ["reward/c"]
+        assert "max_keys_per_step=2" in over.refused[0][3]
+        assert again.duplicate
+        assert again.refused == over.refused  # a resend is told again
+        assert copy.duplicate
+        assert copy.durable
         assert row["reward/a"] == 2.0
         assert "reward/c" not in row
         assert row["telemetry/dropped_batches"] == 3
         assert row["telemetry/lost_leaves_in_row"] == 5  # 4 given up + 1 refused
         assert row["telemetry/producers"] == 0  # the window was confirmed away
+
+
+def test_a_refusal_decided_again_after_a_restart_is_charged() -> None:
+    """A batch whose first answer refused one key is lost with the actor (not yet written
+    to the write-ahead log); the restarted actor decides its resend again, with a step that
+    filled up meanwhile, and refuses another key. That rollout's flush must not say ok (it
+    did: the client charged refusals once per batch). Found by the e2e model suite."""
+    from art_ray_metrics.distributed.actor import MetricsAggregator
+    from art_ray_metrics.testing import InProcessAggregator
+    from tests.faults import FaultyStore, install
+
+    class Flaky(InProcessAggregator):
+        store: FaultyStore
+
+        def _new_agg(self) -> MetricsAggregator:
+            agg = super()._new_agg()
+            self.store = install(agg)
+            return agg
+
+    with Flaky(max_keys_per_step=1, checkpoint_interval_s=3600, install=False) as agg:
+        config = ClientConfig(name=agg.name, flush_interval_s=1e6)
+        p0, p1 = agg.client("p0", config), agg.client("p1", config)
+        try:
+            a = WorkerBuilder(p0, 0, "train", "train")
+            b = WorkerBuilder(p0, 0, "train", "train")
+            a.add_cost("train/a", 1.0)
+            b.add_cost("train/b", 2.0)
+            agg.store.down = True  # the write-ahead log cannot take it
+            p0.ship()  # not durable: applied, then lost with the actor
+            p0.reap(timeout_s=5, block=True)
+            assert "refused" in (b.flush(timeout_s=0.1).error or "")  # the step holds a
+            agg.crash()  # the restart opens the storage (up again) and never saw the batch
+            c = WorkerBuilder(p1, 0, "train", "train")
+            c.add_cost("train/c", 4.0)
+            assert c.flush(timeout_s=10).ok  # c now holds the step's one key
+            result = a.flush(timeout_s=10)  # the resend is decided again: a is refused now
+            row = agg.log(0)
+            assert ("costs/train/a" in row) == result.ok, (result, row)
+        finally:
+            p0.close(timeout_s=1)
+            p1.close(timeout_s=1)

@@ -22,11 +22,11 @@ class TestGpuCost:
     def test_configured_gpus_are_charged_per_train_barrier(self) -> None:
         """costs/gpu = wall seconds x hourly price x count / 3600, in costs/all and costs/cum."""
         agg = _actor(gpu_type="H100", gpu_count=2, gpu_hourly_usd=3.0)
-        assert agg._gpu_cost(1800.0) == pytest.approx(3.0)
+        assert agg.gpu.cost(1800.0) == pytest.approx(3.0)
 
         async def steps() -> dict[str, float]:
             await agg.log(0)
-            agg.last_train_barrier -= 3600.0  # an hour of training
+            agg.gpu.since -= 3600.0  # an hour of training
             return await agg.log(1, metrics={"costs/train/judge": 1.0})
 
         row = asyncio.run(steps())
@@ -36,13 +36,13 @@ class TestGpuCost:
 
     def test_price_table_and_unknown_hardware(self) -> None:
         """The table prices known types; unknown hardware gives no cost."""
-        assert _actor(gpu_type="H100", gpu_count=1)._gpu_cost(3600.0) == pytest.approx(2.99)
-        assert _actor(gpu_type="TPUv9", gpu_count=4)._gpu_cost(3600.0) is None
+        assert _actor(gpu_type="H100", gpu_count=1).gpu.cost(3600.0) == pytest.approx(2.99)
+        assert _actor(gpu_type="TPUv9", gpu_count=4).gpu.cost(3600.0) is None
 
     def test_auto_without_ray_charges_nothing(self) -> None:
         """gpu_type='auto' with no Ray GPUs detected: no cost, no error."""
-        assert _actor(gpu_type="auto")._gpu_cost(3600.0) is None
-        assert _actor()._gpu_cost(3600.0) is None
+        assert _actor(gpu_type="auto").gpu.cost(3600.0) is None
+        assert _actor().gpu.cost(3600.0) is None
 
 
 class TestRestarts:

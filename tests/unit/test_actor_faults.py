@@ -127,7 +127,7 @@ class TestSupervisedLoops:
     def test_a_loop_that_dies_is_restarted_and_counted(self) -> None:
         """The checkpoint loop raising once does not stop checkpoints for good."""
         agg = _actor(_config(checkpoint_interval_s=0.02, wal_interval_s=0.02))
-        real = agg._persist
+        real = agg.committer.persist
         calls = {"n": 0}
 
         async def flaky() -> None:
@@ -136,7 +136,7 @@ class TestSupervisedLoops:
                 raise RuntimeError("boom")
             await real()
 
-        agg._persist = flaky  # type: ignore[method-assign]
+        agg.committer.persist = flaky  # type: ignore[method-assign]
 
         async def run() -> None:
             await agg.ingest(_batch("w", 1, 0, leaves={"reward/x": 1}))
@@ -168,14 +168,14 @@ class TestBackPressure:
                 except BackPressureError:
                     refused += 1
             assert refused > 0
-            assert agg.wal_queue_bytes <= 2000 + len(data[0])
+            assert agg.wal.queue_bytes <= 2000 + len(data[0])
             assert agg.health.backpressure == refused
             applied = agg.state.counters["batches"]
             assert applied == len(data) - refused
             faulty.down = False
             await agg.checkpoint()
-            assert agg.wal_queue == []
-            assert agg.wal_queue_bytes == 0
+            assert agg.wal.queue == []
+            assert agg.wal.queue_bytes == 0
             for d in data:  # the client's resend
                 await agg.ingest(d, True)
             await _stop(agg)
@@ -199,7 +199,7 @@ class TestBackPressure:
             await _stop(old)
 
         asyncio.run(run())
-        assert old.wal_queue == []
+        assert old.wal.queue == []
 
 
 class TestOneRestorePath:

@@ -64,6 +64,7 @@ class TestPublicApi:
 
 
 class TestImportBoundary:
+    @pytest.mark.slow  # a fresh interpreter each (test_layers checks the imports statically)
     @pytest.mark.parametrize(
         "module",
         [

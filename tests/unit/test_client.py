@@ -11,8 +11,10 @@ import pytest
 from art_ray_metrics import InvalidMetricError, MetricConflictError
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.dedupe import digest
+from art_ray_metrics.core.tape import MAX_REGISTRIES
 from art_ray_metrics.core.wire import decode_batch, encode_batch
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def client() -> Iterator[MetricsClient]:
     """A client whose background thread never ships (no actor is needed)."""
     c = MetricsClient(ClientConfig(flush_interval_s=1e6, max_batch_leaves=10**9))
     yield c
-    c._stop.set()
+    c.stopped.set()
 
 
 class TestWorkerBuilder:
@@ -189,13 +191,13 @@ class TestConnectCache:
     def _no_worker_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """The cache, not worker_env: a process where Ray runs (the rest of the suite) and no
         aggregator of these names exists would otherwise keep connect from caching."""
-        from art_ray_metrics.distributed import client
+        from art_ray_metrics.distributed import record
 
-        monkeypatch.setattr(client, "load_worker_env", lambda name, namespace: True)
+        monkeypatch.setattr(record, "load_worker_env", lambda name, namespace: True)
 
     def test_cached_arguments_still_check_the_step(self) -> None:
         """The second connect with the same arguments skips their checks, not the step's."""
-        from art_ray_metrics.distributed.client import _CONNECTED, connect
+        from art_ray_metrics.distributed.record import _CONNECTED, connect
 
         name = "cache-test"
         first = connect(1, " train ", name=name, namespace="ns")
@@ -210,14 +212,14 @@ class TestConnectCache:
             with pytest.raises(InvalidMetricError, match="cost_context"):
                 connect(1, ["train"], name=name, namespace="ns")  # type: ignore[arg-type]
         finally:
-            first.client._stop.set()
+            first.client.stopped.set()
         # a closed client is not handed out again: connect goes through get_client
         fresh = connect(3, " train ", name=name, namespace="ns")
         try:
             assert fresh.client is not first.client
             assert _CONNECTED[(" train ", None, name, "ns", None)][0] is fresh.client
         finally:
-            fresh.client._stop.set()
+            fresh.client.stopped.set()
 
 
 class TestTape:
@@ -303,7 +305,7 @@ class TestTape:
                 assert lo <= seq <= hi, (lo, seq, hi)
             assert len(client._retained) > 10, client.counters  # shipped from both kinds of thread
         finally:
-            client._stop.set()
+            client.stopped.set()
 
     def test_recording_leaves_nothing_for_the_cyclic_gc(self, client: MetricsClient) -> None:
         """A tuple per leaf on the tape made the GC collect every ~60 rollouts."""
@@ -346,7 +348,7 @@ class TestTape:
                 {"costs/train/judge": Decimal("0.25")},
             ]
         finally:
-            client._stop.set()
+            client.stopped.set()
 
     def test_registries_and_rollouts_stay_bounded(self) -> None:
         """A long run: key registries are kept for the latest steps only, and rollouts whose
@@ -357,13 +359,13 @@ class TestTape:
         try:
             first = WorkerBuilder(client, 0, "train", "train")
             first.add_cost("train/judge", 0.5)
-            for step in range(1, 3 * C._MAX_REGISTRIES):
+            for step in range(1, 3 * MAX_REGISTRIES):
                 for _ in range(40):
                     WorkerBuilder(client, step, "train", "train").add_cost("train/judge", 0.5)
                 seq = client.ship()
                 assert seq is not None
                 client._acked(seq, {"durable": True, "durable_upto": seq})
-            assert len(client._keys) <= C._MAX_REGISTRIES
+            assert len(client._keys.entries) <= MAX_REGISTRIES
             assert len(client._his) <= 2 * C._PRUNE_HIS_AT
             assert first._rollout[0] not in client._his  # forgotten: all durable
             lo, hi = client.rollout_range(first._ctx)
@@ -376,7 +378,7 @@ class TestTape:
                 "costs/train/judge": Decimal("0.25")
             }
         finally:
-            client._stop.set()
+            client.stopped.set()
 
     def test_rollout_table_is_capped_while_nothing_becomes_durable(self) -> None:
         """An unreachable actor: nothing is acknowledged, rollouts keep coming. The table stays
@@ -398,7 +400,7 @@ class TestTape:
             assert client.rollout_range(first._ctx) == (1, client._seq + 1)
             assert client.rollout_range(last._ctx) == (client._seq + 1, client._seq + 1)
         finally:
-            client._stop.set()
+            client.stopped.set()
 
     def test_ids_from_an_iterator_survive_the_general_path(self, client: MetricsClient) -> None:
         """A count that needs the general checks (a Decimal) with ids from a generator: the

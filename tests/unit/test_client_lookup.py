@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from art_ray_metrics.config import ClientConfig
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 
 ray = pytest.importorskip("ray")
 
@@ -40,7 +41,7 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Calls]:
     yield calls
     while _MADE:
         made = _MADE.pop()
-        made._stop.set()
+        made.stopped.set()
         made._thread.join(timeout=5)
 
 
@@ -61,7 +62,7 @@ def test_a_batch_that_fills_never_waits_for_a_lookup(lookups: _Calls) -> None:
             worst = max(worst, time.monotonic() - started)
         assert worst < 0.1, f"a recording call took {worst:.3f} s"
     finally:
-        client._stop.set()
+        client.stopped.set()
 
 
 def test_flush_returns_within_its_timeout(lookups: _Calls) -> None:
@@ -76,7 +77,7 @@ def test_flush_returns_within_its_timeout(lookups: _Calls) -> None:
         assert took < 1.0, f"flush(timeout_s=0.5) took {took:.3f} s"
         assert "no aggregator actor 'nobody'" in (result.error or "")
     finally:
-        client._stop.set()
+        client.stopped.set()
 
 
 def test_aflush_keeps_its_timeout_and_the_loop_runs(lookups: _Calls) -> None:
@@ -109,7 +110,7 @@ def test_aflush_keeps_its_timeout_and_the_loop_runs(lookups: _Calls) -> None:
         assert took < 1.5, f"aflush(timeout_s=1) took {took:.3f} s"
         assert worst_gap < 0.5, f"the event loop stalled {worst_gap:.3f} s"
     finally:
-        client._stop.set()
+        client.stopped.set()
 
 
 def test_failed_lookups_back_off(lookups: _Calls) -> None:
@@ -124,13 +125,13 @@ def test_failed_lookups_back_off(lookups: _Calls) -> None:
         # 0.2 s per lookup plus back-off doubling from 50 ms (cap 2 s): a handful in 2 s
         assert 2 <= len(lookups) <= 7, len(lookups)
     finally:
-        client._stop.set()
+        client.stopped.set()
 
 
 def test_flush_error_is_one_line_without_the_remote_traceback() -> None:
     """Minor of issue 19: a Ray task error reaches FlushResult.error as its cause, one line."""
     client = MetricsClient(ClientConfig(flush_interval_s=1e6))
-    client._stop.set()
+    client.stopped.set()
     client._thread.join()
     trace = (
         'Traceback (most recent call last):\n  File "actor.py", line 1, in ingest\n'

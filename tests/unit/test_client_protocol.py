@@ -15,7 +15,8 @@ from art_ray_metrics import InvalidMetricError
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.wire import decode_batch
 from art_ray_metrics.distributed import client as client_mod
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 
 
 class _Method:
@@ -47,10 +48,10 @@ def client() -> Iterator[MetricsClient]:
         ),
         actor=_FakeActor(),
     )
-    c._stop.set()  # no background thread: it would ray.wait on the fake refs
+    c.stopped.set()  # no background thread: it would ray.wait on the fake refs
     c._thread.join()
     yield c
-    c._stop.set()
+    c.stopped.set()
 
 
 class TestRefusedAtTheCall:
@@ -153,6 +154,7 @@ class TestShipping:
 
 
 class TestExit:
+    @pytest.mark.slow  # a fresh interpreter that imports Ray
     def test_close_without_ray_never_starts_ray(self) -> None:
         """In a fresh process (this one may have joined the session's cluster): closing a client
         with pending leaves, and interpreter exit, leave Ray uninitialised."""
@@ -161,7 +163,8 @@ class TestExit:
             "# registered first, so it runs last: after the client's own exit handler\n"
             "atexit.register(lambda: print('ray_initialized_at_exit', ray.is_initialized()))\n"
             "from art_ray_metrics.config import ClientConfig\n"
-            "from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder\n"
+            "from art_ray_metrics.distributed.client import MetricsClient\n"
+            "from art_ray_metrics.distributed.record import WorkerBuilder\n"
             "c = MetricsClient(ClientConfig(lookup_timeout_s=1.0))\n"
             "WorkerBuilder(c, 0, 'train', 'train').add_metric('reward/a', 1.0)\n"
             "c.close()\n"

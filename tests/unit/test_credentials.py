@@ -91,7 +91,7 @@ def test_a_restarted_actor_holds_ingest_until_the_driver_sends_credentials(
         wanted, ack, took, later = asyncio.run(run())
         assert wanted is True
         assert later is False
-        assert ack["durable"] is True
+        assert ack.durable is True
         assert took < actor_module.CREDENTIALS_WAIT_S
         assert agg.state.pending  # the batch was applied
 
@@ -173,6 +173,7 @@ def test_worker_env_before_any_driver_sent_it_is_refused_not_empty(
     """A restarted instance no driver has reached yet does not answer an empty environment
     (the worker would take it as final): it waits, then refuses, and the worker asks later."""
     monkeypatch.setattr(actor_module, "CREDENTIALS_WAIT_S", 0.2)
+    monkeypatch.setattr(actor_module, "WORKER_ENV_WAIT_S", 0.2)  # was waited out: 15 s
     cfg = AggregatorConfig(
         storage_uri="memory://worker-env-wait", wandb_mode="disabled", worker_env=("X_KEY",)
     )

@@ -13,7 +13,8 @@ import pytest
 
 import art_ray_metrics
 from art_ray_metrics.config import ClientConfig
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.distributed.transport import InProcessTransport, one_line
 from art_ray_metrics.testing import InProcessAggregator
 
@@ -113,9 +114,9 @@ class TestInProcessAggregator:
         assert b.flush(timeout_s=10).ok
         a.close()
         deadline = time.monotonic() + 2
-        while not b.client._stop.is_set() and time.monotonic() < deadline:
+        while not b.client.stopped.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert b.client._stop.is_set()  # the transport's world ended: the client stopped
+        assert b.client.stopped.is_set()  # the transport's world ended: the client stopped
         assert not isinstance(
             art_ray_metrics.get_client(
                 ClientConfig(name=a.name, namespace=a.namespace, lookup_timeout_s=1)

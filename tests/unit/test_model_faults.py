@@ -191,6 +191,7 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
     def _boot(self) -> None:
         agg = MetricsAggregator(self.config)  # restores through durable.restore.rebuild_state
         agg.store = agg.ckpt._store = agg.history._store = self.store  # type: ignore[assignment]
+        agg.committer.store = self.store
         self.agg = agg
 
     def _crash(self) -> None:
@@ -220,13 +221,13 @@ class AggregatorUnderFaults(RuleBasedStateMachine):
         try:
             ack = self._run(self.agg.ingest(data, durable))
         except BackPressureError:
-            assert self.agg.wal_queue  # only a full queue pushes back
+            assert self.agg.wal.queue  # only a full queue pushes back
             return
         if key in self.ref.applied:
-            assert after_restore or ack["duplicate"], f"{key} applied twice"
+            assert after_restore or ack.duplicate, f"{key} applied twice"
         else:
             # after a restore a record whose append raised may have been replayed: a duplicate
-            assert after_restore or not ack["duplicate"], f"{key} was never applied"
+            assert after_restore or not ack.duplicate, f"{key} was never applied"
             self.ref.apply(key, leaves)
             self.since_commit.append(key)
         self._after_call(before)

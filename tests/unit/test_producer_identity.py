@@ -16,7 +16,8 @@ from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.records import LeafBatch
 from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import decode_batch, encode_batch
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.testing import make_group
 from tests.hypothesis_profiles import examples
@@ -98,16 +99,20 @@ class TestBoundedProducers:
             s.close_step(step)
         return s
 
-    @pytest.mark.slow  # 600,000 batches through the state: ~10 s of CPU
-    def test_100k_producers_checkpoint_within_2x_of_100(self) -> None:
-        """Producers that confirmed their acknowledgements leave nothing behind."""
+    @pytest.mark.slow  # 60,000 batches through the state: ~3 s of CPU
+    def test_10k_producers_checkpoint_within_2x_of_100(self) -> None:
+        """Producers that confirmed their acknowledgements leave nothing behind.
+
+        100 times more producers than the baseline: state kept per producer would make the
+        checkpoint about 100 times larger, far past the 2x bound (was 100,000 producers: 40 s
+        of the suite's time for the same check)."""
         small = self._run(100)
-        large = self._run(100_000)
+        large = self._run(10_000)
         size_small = len(small.checkpoint_parts()[0])
         size_large = len(large.checkpoint_parts()[0])
         assert not large.producers
         assert size_large <= 2 * size_small
-        assert large.cum.values["costs/cum/all"] == Decimal("600.000")
+        assert large.cum.values["costs/cum/all"] == Decimal("60.000")
 
     def test_confirm_keeps_a_window_with_unconfirmed_batches(self) -> None:
         s = AggregatorState()
@@ -202,4 +207,4 @@ class TestForkedClient:
             assert child[2:4] == ["0", "0"]
             assert c._pending_now()  # the parent still has its leaves
         finally:
-            c._stop.set()
+            c.stopped.set()

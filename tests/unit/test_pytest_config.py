@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PLUGIN = """
@@ -41,6 +43,7 @@ def test_our_own_deprecation_still_fails():
 """
 
 
+@pytest.mark.slow  # a pytest run in a fresh interpreter
 def test_a_plugin_warning_at_configure_time_is_not_an_internal_error(tmp_path: Path) -> None:
     """With the repository's pytest config, the plugin's warning is ignored; ours still fail."""
     package = tmp_path / "site" / "pytest_asyncio"

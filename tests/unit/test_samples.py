@@ -279,7 +279,8 @@ class TestBuilders:
 
     def test_client_ships_samples_as_summaries(self) -> None:
         """The worker builder ships one exact summary per key (no Ray needed to build it)."""
-        from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+        from art_ray_metrics.distributed.client import MetricsClient
+        from art_ray_metrics.distributed.record import WorkerBuilder
 
         sent: list[bytes] = []
 
@@ -316,4 +317,4 @@ class TestBuilders:
                 2, "train", samples={"reward/a": SampleStats.of([0.25, 0.75, 1.0])}
             )
         finally:
-            client._stop.set()
+            client.stopped.set()

@@ -96,6 +96,7 @@ class TestPublish:
         t.publish({"batches": 2}, {}, force=True)
         t.observe("barrier_seconds", 0.1)
 
+    @pytest.mark.slow  # a fresh interpreter (this one may have imported Ray)
     def test_disabled_outside_ray(self) -> None:
         """Constructed where Ray is not running (unit tests, tools), it is a silent no-op."""
         code = (

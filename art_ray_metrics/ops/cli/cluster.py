@@ -20,6 +20,7 @@ from typing import Any
 
 from rich.table import Table
 
+from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.errors import AggregatorUnavailableError
 from art_ray_metrics.ops import rayprobe
 from art_ray_metrics.ops.cli.common import CliError, one_line, table_console
@@ -224,7 +225,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         actor = _get_aggregator(args, address)
         try:
-            stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=args.timeout)
+            stats: dict[str, Any] = AggregatorStats.as_map(
+                ray.get(actor.stats.remote(), timeout=args.timeout)
+            )
         except Exception as exc:
             raise AggregatorUnavailableError(
                 f"Expected the aggregator {args.name!r} to answer within {args.timeout}s but "
@@ -270,7 +273,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
         graceful = True
         detail = ""
         try:
-            stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=args.timeout)
+            stats: dict[str, Any] = AggregatorStats.as_map(
+                ray.get(actor.stats.remote(), timeout=args.timeout)
+            )
             ray.get(actor.shutdown.remote(), timeout=args.timeout)
         except Exception as exc:
             graceful = False

@@ -12,7 +12,7 @@ from typing import Any
 import ray
 
 from art_ray_metrics.config import ClientConfig
-from art_ray_metrics.distributed.client import connect
+from art_ray_metrics.distributed.record import connect
 from art_ray_metrics.ops.demo.judges import JudgeClients, judge_calls
 from art_ray_metrics.ops.demo.workload import RolloutPlan, plan_rollout, record_rollout
 from art_ray_metrics.ops.fakellm import FakeLLMServer
