@@ -243,8 +243,7 @@ class InProcessAggregator:
         return row
 
     def budget(self) -> dict[str, Any]:
-        """The run budget's figures: ``limit``, ``soft``, ``spent``, ``committed`` (spend plus
-        the leases workers hold), ``unreconciled`` (the crash bound) and ``leases``."""
+        """``AggregatorHandle.budget``."""
         out: dict[str, Any] = self._call("budget_stats")
         return out
 

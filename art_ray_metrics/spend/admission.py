@@ -38,7 +38,9 @@ from art_ray_metrics.spend.estimate import DEFAULT_MAX_TOKENS
 __all__ = ["DEFAULT_LEASE_CALLS", "Admission", "LocalBudget", "Request", "Reservation"]
 
 DEFAULT_LEASE_CALLS: Final = 8
-"""A lease holds this many of the largest recent estimates; a top-up is asked at half."""
+"""A lease holds this many of the largest recent estimates; a top-up is asked at half (with a
+lease of one call, never ahead: a call short of budget asks, so a process holds at most about
+two reservations, and the crash bound is tight within one)."""
 
 _RETRY_S: Final = 0.2
 """Pause before asking again after a failed request."""
@@ -134,7 +136,7 @@ class Admission:
             lease = self.lease
             if estimate > self._largest:
                 self._largest = estimate
-                self._low = estimate * (self._lease_calls // 2 or 1)
+                self._low = estimate * (self._lease_calls // 2)  # 1 call: never ahead
             if not lease.try_reserve(estimate):
                 return None
             if lease.balance < self._low and not self._asking:
@@ -281,12 +283,14 @@ class LocalBudget:
         lease_calls: int = DEFAULT_LEASE_CALLS,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         clock: Callable[[], float] = time.monotonic,
+        lock: threading.Lock | None = None,
     ) -> None:
+        """``lock``: shared by every LocalBudget of one ledger (several producers)."""
         self.ledger = ledger
         self.producer = producer
         self.incarnation = incarnation
         self._clock = clock
-        self._lock = threading.Lock()  # the ledger is not thread-safe
+        self._lock = lock or threading.Lock()  # the ledger is not thread-safe
         self.admission = Admission(
             self._request,
             lease_calls=lease_calls,

@@ -425,12 +425,17 @@ class _CallSpec:
             return self.max_cost_usd
         request = kwargs if self.request_getter is None else self.request_getter(*args, **kwargs)
         bound = request_bound(request, default_max_tokens=admission.default_max_tokens)
-        pricing = self._registry_of(builder).resolve_pricing(
-            self.provider,
-            self.model_name,
-            self.overrides,
-            total_input_tokens=Decimal(bound.input_tokens),
-        )
+        registry = self._registry_of(builder)
+        pricing = registry.registered_pricing(self.model_name)
+        if pricing is not None or not self.overrides.is_complete:  # the full lookup order
+            pricing = registry.resolve_pricing(
+                self.provider,
+                self.model_name,
+                self.overrides,
+                total_input_tokens=Decimal(bound.input_tokens),
+            )
+        else:  # the call's own prices: no price source is consulted on the hot path
+            pricing = self.overrides.apply(None)
         if pricing is None:
             raise PricingError(
                 f"Cannot estimate a call of model {self.model_name!r} (provider "

@@ -240,8 +240,9 @@ def test_the_decorator_admits_before_and_settles_to_the_recorded_cost(active: _B
         return _response(10)  # $0.01 at $1000 per million
 
     # estimate: (1 + 16 + 4) tokens -> $0.021 each; real $0.01. Nothing is shipped here, so
-    # the ledger holds the leases granted: 0.021 + 0.021, then a top-up of the 0.008 left;
-    # the balance (0.012 returned by settles + 0.008) is short of a fourth estimate.
+    # the ledger holds the leases granted: 0.021 + 0.021 (a one-call lease never tops up
+    # ahead); the balance (0.012 returned by settles) is short of a fourth estimate and the
+    # 0.008 left under the limit does not cover what it needs.
     for _ in range(3):
         judge(prompt="x", max_tokens=4)
     assert active.leaves == [("train/judge", D("0.01"))] * 3
@@ -249,11 +250,11 @@ def test_the_decorator_admits_before_and_settles_to_the_recorded_cost(active: _B
         judge(prompt="x", max_tokens=4)
     assert len(sent) == 3  # the refused call was never made
     assert info.value.estimate == D("0.021")
-    assert info.value.committed == D("0.05")
+    assert info.value.committed == D("0.042")
     lease = active.budget.admission.lease  # type: ignore[union-attr]
     assert lease.admitted == D("0.03")
     assert lease.open == 0
-    assert lease.balance == D("0.020")
+    assert lease.balance == D("0.012")
 
 
 def test_a_call_that_raises_gives_its_reservation_back(active: _Builder) -> None:

@@ -14,7 +14,8 @@ import pytest
 
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core.active import reset_active_builder, set_active_builder
-from art_ray_metrics.distributed.client import MetricsClient, WorkerBuilder
+from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.errors import BudgetExceededError
 from art_ray_metrics.spend.track import track_api_cost
 from art_ray_metrics.testing import InProcessAggregator
