@@ -30,7 +30,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Final
 
-from art_ray_metrics.core.budget import BudgetLedger, Grant, LocalLease
+from art_ray_metrics.core.budget import BudgetLedger, Grant
+from art_ray_metrics.core.lease import LocalLease
 from art_ray_metrics.core.rollup import ZERO
 from art_ray_metrics.errors import AggregatorUnavailableError, BudgetExceededError, ConfigError
 from art_ray_metrics.spend.estimate import DEFAULT_MAX_TOKENS

@@ -29,10 +29,10 @@ from art_ray_metrics.core.budget import (
     UNRECONCILED_CUM_KEY,
     UNRECONCILED_KEY,
     BudgetLedger,
-    LocalLease,
     check_limit,
     check_soft,
 )
+from art_ray_metrics.core.lease import LocalLease
 from art_ray_metrics.errors import ConfigError
 from tests.hypothesis_profiles import examples
 
