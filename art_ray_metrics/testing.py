@@ -234,12 +234,13 @@ class InProcessAggregator:
         timeout_s: float | None = None,
         on_timeout: Literal["close", "raise"] = "close",
         group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row (``AggregatorHandle.log``)."""
         fates = {str(g): f for g, f in (group_fates or {}).items()}
-        row: dict[str, float] = self._call(
-            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout, fates
-        )
+        derived = {str(g): f for g, f in (derived_fates or {}).items()}
+        args: tuple[Any, ...] = (step, split, dict(metrics or {}), expect_producers, timeout_s)
+        row: dict[str, float] = self._call("log", *args, on_timeout, fates, derived)
         return row
 
     def budget(self) -> dict[str, Any]:

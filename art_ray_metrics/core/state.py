@@ -335,11 +335,12 @@ class AggregatorState:
         split: str = "train",
         metrics: Mapping[str, float] | None = None,
         group_fates: Mapping[Any, str] | None = None,
+        derived_fates: Mapping[Any, str] | None = None,
     ) -> StepReport:
         """Close ``(step, split)`` and return its row: see
         :func:`~art_ray_metrics.core.close.close_step` (a transaction: a close that raises
         :class:`~art_ray_metrics.errors.InvalidMetricError` leaves the state as it was)."""
-        return close_step(self, step, split, metrics, group_fates)
+        return close_step(self, step, split, metrics, group_fates, derived_fates)
 
     def telemetry(self) -> dict[str, float]:
         """The core's counters as ``telemetry/...`` row keys."""

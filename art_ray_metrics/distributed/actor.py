@@ -543,6 +543,7 @@ class MetricsAggregator:
         timeout_s: float | None = None,
         on_timeout: str = "close",
         group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
         if on_timeout not in ("close", "raise"):
@@ -551,7 +552,14 @@ class MetricsAggregator:
             )
         self._ensure_tasks()
         return await self.barriers.close(
-            step, split, metrics, expect_producers, timeout_s, on_timeout, group_fates
+            step,
+            split,
+            metrics,
+            expect_producers,
+            timeout_s,
+            on_timeout,
+            group_fates,
+            derived_fates,
         )
 
     # -- the run budget (leases; see core/budget.py) -----------------------------------------

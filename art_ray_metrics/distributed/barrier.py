@@ -96,12 +96,14 @@ class Barriers:
         timeout_s: float | None,
         on_timeout: str,
         group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
         V.check_step(step)
         V.check_split(split)
         split_trainer_metrics(metrics)  # invalid metrics raise before anything happens
         FateTable.from_trainer(group_fates)  # and so do invalid fates
+        FateTable.from_trainer(derived_fates)
         last = self.state.meta.last_rows.get(split)
         if last is not None and last.step == step:
             return dict(last.row)  # a retried barrier call: same row, nothing closed twice
@@ -119,6 +121,7 @@ class Barriers:
                 timeout_s,
                 on_timeout == "raise",
                 group_fates,
+                derived_fates,
             )
         except BaseException as exc:
             future.set_exception(exc)
@@ -138,6 +141,7 @@ class Barriers:
         timeout_s: float | None,
         strict: bool = False,
         group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         started = time.monotonic()
         assert self.lock is not None
@@ -161,7 +165,9 @@ class Barriers:
             if gpu is not None and "costs/gpu" not in metrics:
                 metrics["costs/gpu"] = gpu
         async with self.lock:  # never while a rewind reads its records
-            return await self._close_now(step, split, metrics, started, now, group_fates)
+            return await self._close_now(
+                step, split, metrics, started, now, group_fates, derived_fates
+            )
 
     async def _close_now(
         self,
@@ -171,6 +177,7 @@ class Barriers:
         started: float,
         now: float,
         group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close, record and commit; the state changes in one synchronous stretch."""
         ledgers = (self.state.cum.scenarios, self.state.cum.cost_ids)
@@ -182,7 +189,9 @@ class Barriers:
                 producer,
                 incarnation,
             )
-        report = self.state.close_step(step, split, metrics, group_fates)  # InvalidMetricError
+        report = self.state.close_step(  # raises InvalidMetricError
+            step, split, metrics, group_fates, derived_fates
+        )
         if self.config.rewind_window > 0:
             added = [ledger.journal_bytes()[n:] for ledger, n in zip(ledgers, before, strict=True)]
             key, data, evicted = R.record_close(

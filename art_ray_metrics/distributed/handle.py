@@ -94,12 +94,16 @@ class AggregatorHandle:
         timeout_s: float | None = None,
         on_timeout: Literal["close", "raise"] = "close",
         group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """The step barrier: close ``(step, split)``, merge ``metrics``, return the logged row.
 
         ``group_fates`` (``{group_id: fate}``, fates ``trained``, ``zero_variance``, ``stale``,
         ``errored``, ``discarded``) splits the row's spend into ``costs/outcome/<fate>`` (see
         the README's "Controlling spend"); spend without a fate is ``costs/outcome/unknown``.
+        ``derived_fates`` are fates an integration derived itself (the ART adapter passes
+        them): attributed the same way (``group_fates`` win for a group in both), but they do
+        not turn the outcome keys on for a run whose spend carries no group id.
 
         ``expect_producers`` waits (up to ``timeout_s``) until that many producers, or that set
         of producer ids, reported for the step. When they don't, the step is closed with what
@@ -113,9 +117,9 @@ class AggregatorHandle:
         V.check_split(split)
         self._sync_credentials()
         fates = {str(g): f for g, f in (group_fates or {}).items()}
-        row: dict[str, float] = self._call(
-            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout, fates
-        )
+        derived = {str(g): f for g, f in (derived_fates or {}).items()}
+        args: tuple[Any, ...] = (step, split, dict(metrics or {}), expect_producers, timeout_s)
+        row: dict[str, float] = self._call("log", *args, on_timeout, fates, derived)
         return row
 
     def budget(self) -> dict[str, Any]:
@@ -173,6 +177,7 @@ class AggregatorHandle:
         timeout_s: float | None = None,
         on_timeout: Literal["close", "raise"] = "close",
         group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """:meth:`log` for asyncio trainers."""
         return await asyncio.to_thread(
@@ -184,6 +189,7 @@ class AggregatorHandle:
             timeout_s=timeout_s,
             on_timeout=on_timeout,
             group_fates=group_fates,
+            derived_fates=derived_fates,
         )
 
     def rewind(self, step: int) -> dict[str, Any]:

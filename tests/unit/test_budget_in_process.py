@@ -101,7 +101,7 @@ def test_concurrent_producers_are_admitted_before_the_call_and_stop_at_the_limit
         row = agg.log(0)
         assert row["costs/all"] == pytest.approx(len(sent) * 0.03)
         assert row["costs/budget_remaining"] == pytest.approx(1 - len(sent) * 0.03)
-        assert row["costs/outcome/unknown"] == row["costs/all"]
+        assert "costs/outcome/unknown" not in row  # no group ids: no outcome keys
         # raised on the live run: calls go through again, and the limit survives a restart
         assert agg.set_budget(2.0)["limit"] == 2.0
         agg.crash()

@@ -58,7 +58,8 @@ def test_outcomes_in_rows_sum_to_costs_all_to_the_cent(
         state.ingest_bytes(encode_batch(batch))  # through the wire, as the actor does
     metrics = {} if trainer_cost is None else {"costs/gpu": trainer_cost}
     row = state.close_step(1, "train", metrics, group_fates=fates).row
-    if "costs/all" not in row:
+    tagged = any(spend for _, spend, _ in batches)
+    if "costs/all" not in row or not (tagged or fates):
         assert not any(k.startswith("costs/outcome/") for k in row)
         return
     outcomes = {f: D(repr(row[f"costs/outcome/{f}"])) for f in FATES}
@@ -95,10 +96,70 @@ def test_new_unique_scenarios_price_each_first_seen_scenario() -> None:
     digests = group_digest("s1") + group_digest("s2")
     group = StepGroup(1, "train", {"costs/train/judge": D(3)}, scenario_digests=digests)
     state.ingest(LeafBatch("w", 1, (group,), "i"))
-    assert state.close_step(1).row["costs/per_new_unique_scenario"] == 1.5
-    group = StepGroup(2, "train", {"costs/train/judge": D(3)}, scenario_digests=digests)
+    assert "costs/per_new_unique_scenario" not in state.close_step(1).row  # outcomes off
+    group = StepGroup(
+        2,
+        "train",
+        {"costs/train/judge": D(3)},
+        scenario_digests=group_digest("s3") + group_digest("s4"),
+        group_spend={group_digest("s3"): D(1)},
+    )
     state.ingest(LeafBatch("w", 2, (group,), "i"))
-    assert "costs/per_new_unique_scenario" not in state.close_step(2).row  # none new
+    assert state.close_step(2).row["costs/per_new_unique_scenario"] == 1.5
+    group = StepGroup(3, "train", {"costs/train/judge": D(3)}, scenario_digests=digests)
+    state.ingest(LeafBatch("w", 3, (group,), "i"))
+    assert "costs/per_new_unique_scenario" not in state.close_step(3).row  # none new
+
+
+def _spend_keys(row: dict[str, float]) -> set[str]:
+    derived = ("costs/outcome/", "costs/cum/outcome/", "costs/per_", "costs/budget_")
+    named = {"costs/projected_total", "costs/unreconciled", "costs/cum/unreconciled"}
+    return {k for k in row if k.startswith(derived) or k in named}
+
+
+def test_a_run_without_budget_or_groups_gets_no_spend_keys() -> None:
+    """Rows as they were before outcomes and budgets: no key appears unasked (ART parity);
+    fates an integration derived (``derived_fates``) do not turn the outcomes on either."""
+    state = AggregatorState()
+    for step in (1, 2):
+        group = StepGroup(
+            step, "train", {"costs/train/judge": D(2)}, scenario_digests=group_digest(f"s{step}")
+        )
+        state.ingest(LeafBatch("w", step, (group,), "i"))
+        row = state.close_step(step, "train", {"costs/gpu": 0.5}, derived_fates={"s1": "trained"})
+        assert row.row["costs/all"] == 2.5
+        assert _spend_keys(row.row) == set()
+    again = AggregatorState.restore(state.snapshot())
+    again.ingest(LeafBatch("w", 3, (StepGroup(3, "train", {"costs/train/judge": D(1)}),), "i"))
+    assert _spend_keys(again.close_step(3).row) == set()
+
+
+def test_outcomes_turn_on_at_the_first_tagged_row_and_stay_on_over_a_restart() -> None:
+    state = AggregatorState()
+    state.ingest(LeafBatch("w", 1, (StepGroup(1, "train", {"costs/train/judge": D(2)}),), "i"))
+    assert _spend_keys(state.close_step(1).row) == set()
+    state.ingest(LeafBatch("w", 2, (_group(2, {"a": D(1)}, extra=D("0.5")),), "i"))
+    row2 = state.close_step(2, derived_fates={"a": "zero_variance"}).row
+    assert row2["costs/outcome/zero_variance"] == 1.0
+    assert row2["costs/outcome/unknown"] == 0.5
+    # the twins add up to costs/cum/all: the spend before the outcomes were on is unknown
+    assert row2["costs/cum/outcome/unknown"] == 2.5
+    assert sum(row2[f"costs/cum/outcome/{f}"] for f in FATES) == row2["costs/cum/all"] == 3.5
+    restored = AggregatorState.restore(state.snapshot())  # a restart keeps them on
+    plain = StepGroup(3, "train", {"costs/train/judge": D("0.25")})
+    restored.ingest(LeafBatch("w", 3, (plain,), "i"))
+    row3 = restored.close_step(3).row
+    assert row3["costs/outcome/unknown"] == 0.25
+    assert sum(row3[f"costs/outcome/{f}"] for f in FATES) == row3["costs/all"]
+    assert sum(row3[f"costs/cum/outcome/{f}"] for f in FATES) == row3["costs/cum/all"] == 3.75
+
+
+def test_fates_given_at_a_barrier_turn_the_outcomes_on() -> None:
+    state = AggregatorState()
+    state.ingest(LeafBatch("w", 1, (StepGroup(1, "train", {"costs/train/judge": D(2)}),), "i"))
+    row = state.close_step(1, group_fates={"g": "trained"}).row
+    assert row["costs/outcome/unknown"] == 2.0
+    assert row["costs/per_trainable_group"] == 2.0
 
 
 def test_the_budget_is_in_the_checkpoint_and_counts_batches_once() -> None:
