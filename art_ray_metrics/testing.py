@@ -204,6 +204,7 @@ class InProcessAggregator:
         *,
         split: str | None = None,
         producer_id: str | None = None,
+        group: object = None,
     ) -> _record.WorkerBuilder:
         """:func:`art_ray_metrics.connect` for this aggregator."""
         return _record.connect(
@@ -214,6 +215,7 @@ class InProcessAggregator:
             namespace=self.namespace,
             producer_id=producer_id,
             config=self.client_config,
+            group=group,
         )
 
     # -- the trainer's calls ----------------------------------------------------------------

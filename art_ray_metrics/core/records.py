@@ -44,6 +44,9 @@ class StepGroup:
     group_spend: dict[bytes, Decimal] = field(default_factory=dict)
     """Spend of this group's cost leaves that carried a group id, by group digest (a part of
     the sums, not added to them: :mod:`~art_ray_metrics.core.outcome`)."""
+    keyed_groups: dict[int, bytes] = field(default_factory=dict)
+    """The group digest of a keyed cost, by its index in :attr:`keyed_costs` (added to the
+    group's spend only when the cost is applied, once per response id)."""
 
     @property
     def leaf_count(self) -> int:

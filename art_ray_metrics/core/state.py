@@ -259,7 +259,8 @@ class AggregatorState:
         costs = group.keyed_costs
         ids = [digest(cost.response_id) for cost in costs]
         applied = self.cum.cost_ids.contains_many(ids) if costs else []
-        for cost, d, seen in zip(costs, ids, applied, strict=True):
+        keyed_groups = group.keyed_groups
+        for i, (cost, d, seen) in enumerate(zip(costs, ids, applied, strict=True)):
             if seen or d in self.pending_cost_ids:
                 self.counters["duplicate_costs"] += 1
                 continue
@@ -267,6 +268,8 @@ class AggregatorState:
             buf.cost_ids.add(d)
             buf.add(cost.key, cost.value, strict=False)
             total = _add(total, cost.value)
+            if keyed_groups and i in keyed_groups:  # its group's spend: once, as the cost
+                buf.group_spend.add(keyed_groups[i], cost.value)
         if group.scenario_digests:
             buf.scenarios.update(split_digests(group.scenario_digests))
         if group.samples:

@@ -65,8 +65,10 @@ __all__ = [
 FORMAT_VERSION = 3
 SPEND_VERSION = 4
 """A format-3 batch plus a tenth field, the spend it carries for the run budget and the
-outcomes: ``[admitted, [[group index, [[group digest, dollars], ...]], ...]]``. Written only
-by a batch that carries any (so runs without budgets or group ids write format 3)."""
+outcomes: ``[admitted, [[group index, [[group digest, dollars], ...]], ...]]``; a group entry
+may carry a third item, ``[[keyed cost index, group digest], ...]``, the groups of its keyed
+costs (a reader takes entries of two or three items). Written only by a batch that carries any
+(so runs without budgets or group ids write format 3)."""
 READABLE_VERSIONS = (1, 2, 3, 4)
 BATCH_MAGIC = "arm-batch"
 STATE_MAGIC = "arm-state"
@@ -106,11 +108,13 @@ def encode_batch(batch: LeafBatch) -> bytes:
 
 def _spend_field(batch: LeafBatch) -> list[Any]:
     """The format-4 tenth field, or nothing (see :data:`SPEND_VERSION`)."""
-    spend = [
-        [i, [[d, str(v)] for d, v in sorted(g.group_spend.items())]]
-        for i, g in enumerate(batch.groups)
-        if g.group_spend
-    ]
+    spend: list[Any] = []
+    for i, g in enumerate(batch.groups):
+        if g.group_spend or g.keyed_groups:
+            entry: list[Any] = [i, [[d, str(v)] for d, v in sorted(g.group_spend.items())]]
+            if g.keyed_groups:
+                entry.append([[k, d] for k, d in sorted(g.keyed_groups.items())])
+            spend.append(entry)
     if not spend and not batch.admitted:
         return []
     return [[str(batch.admitted), spend]]
@@ -122,13 +126,26 @@ def _decode_spend(raw: object, groups: list[StepGroup]) -> Decimal:
         raise WireFormatError(f"Expected [admitted, group spend] but got {raw!r}")
     admitted = _decimal(raw[0], "admitted")
     for entry in raw[1]:
-        if not isinstance(entry, list) or len(entry) != 2:
+        if not isinstance(entry, list) or len(entry) not in (2, 3):
             raise WireFormatError(f"Expected [group index, spend] but got {entry!r}")
         index = _int(entry[0], "group index", 0)
         if index >= len(groups):
             raise WireFormatError(f"Group spend for group {index} of {len(groups)}")
         spend = GroupSpend.from_wire(entry[1]).sums
-        groups[index] = replace(groups[index], group_spend=spend)
+        keyed: dict[int, bytes] = {}
+        if len(entry) == 3:
+            count = len(groups[index].keyed_costs)
+            if not isinstance(entry[2], list):
+                raise WireFormatError(f"Expected the groups of keyed costs, got {entry[2]!r}")
+            for item in entry[2]:
+                if not isinstance(item, list) or len(item) != 2:
+                    raise WireFormatError(f"Expected [keyed cost index, group] but got {item!r}")
+                at = _int(item[0], "keyed cost index", 0)
+                group = item[1]
+                if at >= count or not isinstance(group, bytes) or len(group) != DIGEST_SIZE:
+                    raise WireFormatError(f"Bad group of keyed cost {at} of {count}: {group!r}")
+                keyed[at] = group
+        groups[index] = replace(groups[index], group_spend=spend, keyed_groups=keyed)
     return admitted
 
 

@@ -197,6 +197,9 @@ class worker_context:  # lower case: used like a function, ``with worker_context
     :class:`~art_ray_metrics.WorkerBuilder`. Built with :func:`~art_ray_metrics.connect`, so the
     first one in a worker process also sets the API keys the driver shares
     (``AggregatorConfig.worker_env``) that the process lacks, before the block runs.
+    ``group`` names the rollout's trajectory group (:meth:`~art_ray_metrics.WorkerBuilder.
+    set_group`; the attached model's ``log`` derives its fate), by default the scenario id
+    the block records with ``add_data(scenario_ids=[id])``.
     """
 
     def __init__(
@@ -207,9 +210,12 @@ class worker_context:  # lower case: used like a function, ``with worker_context
         split: str | None = None,
         name: str | None = None,
         namespace: str | None = None,
+        group: object = None,
     ) -> None:
         art = _art()
-        self.builder = connect(step, cost_context, split=split, name=name, namespace=namespace)
+        self.builder = connect(
+            step, cost_context, split=split, name=name, namespace=namespace, group=group
+        )
         self.art_builder = _bridge_type()(self.builder, _worker_flush)
         self._art_var: ContextVar[Any] = art.metrics._active_builder
         self._tokens: list[tuple[Token[Any], Token[Any]]] = []
