@@ -166,6 +166,8 @@ class Grant:
         limit: The hard limit (``None``: no limit).
         spent: The run's spend so far.
         committed: Spend plus every outstanding lease, after this grant.
+        seq: The grant's number in the run (``0`` when nothing was granted): the aggregator
+            logs a grant under it before answering (:meth:`BudgetLedger.replay_grant`).
     """
 
     amount: Decimal
@@ -173,6 +175,7 @@ class Grant:
     limit: Decimal | None
     spent: Decimal
     committed: Decimal
+    seq: int = 0
 
 
 class BudgetLedger:
@@ -186,6 +189,7 @@ class BudgetLedger:
         "_reported_unreconciled",
         "accounts",
         "closes",
+        "grant_seq",
         "limit",
         "live",
         "planned_steps",
@@ -227,6 +231,8 @@ class BudgetLedger:
         self.soft_crossed = False
         self.closes = 0
         """Train rows closed (the projection's denominator)."""
+        self.grant_seq = 0
+        """Grants decided in the run (each numbered, so a replayed log applies each once)."""
         self._reported_unreconciled = ZERO
         self.live = False
         """The limits were set on the live run (:meth:`set_limit` with ``live``): a restarted
@@ -316,14 +322,29 @@ class BudgetLedger:
         else:
             amount = ZERO
         account.granted = _add(account.granted, amount)
-        return Grant(amount, amount < need or amount == 0, self.limit, self.spent, self.committed())
+        seq = 0
+        if amount > 0:
+            self.grant_seq += 1
+            seq = self.grant_seq
+        exhausted = amount < need or amount == 0
+        return Grant(amount, exhausted, self.limit, self.spent, self.committed(), seq)
 
-    def replay_grant(self, producer: str, incarnation: str, amount: Decimal, now: float) -> None:
+    def replay_grant(
+        self, producer: str, incarnation: str, amount: Decimal, now: float, seq: int = 0
+    ) -> bool:
         """Apply a grant as it was decided (a replayed write-ahead log: the aggregator logs
-        each grant before it answers, so a restart never forgets budget it handed out)."""
+        each grant before it answers, so a restart never forgets budget it handed out).
+
+        A numbered grant (``seq``) the ledger already holds (``seq <= grant_seq``: the
+        checkpoint it was restored from counts it) is skipped. Returns whether it applied."""
+        if seq:
+            if seq <= self.grant_seq:
+                return False
+            self.grant_seq = seq
         account = self._account(producer, incarnation, now)
         account.gone = False
         account.granted = _add(account.granted, _money(amount, "amount"))
+        return True
 
     @staticmethod
     def _heal(account: LeaseAccount, held: Decimal) -> None:
@@ -481,6 +502,7 @@ class BudgetLedger:
             "closes": self.closes,
             "reported": str(self._reported_unreconciled),
             "live": self.live,
+            "grants": self.grant_seq,
             "accounts": [[p, i, a.to_wire()] for (p, i), a in sorted(self.accounts.items())],
         }
 
@@ -502,6 +524,7 @@ class BudgetLedger:
         ledger.closes = int(raw["closes"])
         ledger._reported_unreconciled = Decimal(raw["reported"])
         ledger.live = bool(raw.get("live", False))
+        ledger.grant_seq = int(raw.get("grants", 0))
         ledger.accounts = {
             (str(p), str(i)): LeaseAccount.from_wire(a, now) for p, i, a in raw["accounts"]
         }

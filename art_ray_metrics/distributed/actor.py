@@ -584,6 +584,16 @@ class MetricsAggregator:
             held=Decimal(held),
             now=time.monotonic(),
         )
+        if grant.seq:  # logged before the answer: a restart never grants it twice
+            self._ensure_tasks()
+            self.wal.log_grant((producer, incarnation, str(grant.amount), grant.seq))
+            if not await self.wal.await_grant(grant.seq):
+                log.warning(
+                    "art_ray_metrics: budget grant %s to %s is not in the write-ahead log yet "
+                    "(storage failing); answered anyway, the next checkpoint holds it",
+                    grant.seq,
+                    producer,
+                )
         limit = None if grant.limit is None else str(grant.limit)
         return [str(grant.amount), grant.exhausted, limit, str(grant.spent), str(grant.committed)]
 

@@ -284,9 +284,7 @@ class MetricsClient:
         del tape[:n]  # entries added meanwhile stay for the next drain
         self._ledger.note_drain(items)  # which rollout recorded what
         his = self._his
-        self._pending_leaves += drain_tape(
-            items, self._pending, his, self._seq + 1, self._groups
-        )
+        self._pending_leaves += drain_tape(items, self._pending, his, self._seq + 1, self._groups)
         if len(his) > self._prune_his_at:  # forget rollouts whose batches are all durable
             upto = self._acked_upto()
             his = {r: h for r, h in his.items() if h > upto}
@@ -1012,6 +1010,7 @@ def named_config(name: str | None, namespace: str | None) -> ClientConfig:
         fields = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
         config = _NAMED_CONFIGS[(name, namespace)] = ClientConfig(**fields)
     return config
+
 
 MAX_GROUPS = 65_536
 """Rollouts whose group a client remembers (:meth:`MetricsClient.set_group`); beyond, the

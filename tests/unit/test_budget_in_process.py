@@ -149,3 +149,31 @@ def test_group_fates_split_the_row(agg: InProcessAggregator) -> None:
         assert "costs/per_trainable_group" in row
     finally:
         client.close(timeout_s=2)
+
+
+def test_grants_are_logged_before_the_answer_so_a_restart_never_grants_twice() -> None:
+    """No checkpoint between a grant and a crash: the restarted aggregator replays the grant
+    from the write-ahead log, so the budget it hands out over both lives stays within the
+    limit (and a checkpoint that already counts a grant does not count it again)."""
+    a = InProcessAggregator(
+        name=f"unit-{uuid.uuid4().hex[:8]}",
+        wal_interval_s=0.02,
+        checkpoint_interval_s=3600,
+        budget_usd=1.0,
+    )
+    try:
+        first = a._call("budget_grant", "w1", "i1", "0.6", "0.6", "0")
+        assert Decimal(first[0]) == Decimal("0.6")
+        a.crash()
+        assert a.budget()["committed"] == pytest.approx(0.6)
+        refused = a._call("budget_grant", "w2", "i2", "0.5", "0.5", "0")
+        assert Decimal(refused[0]) == 0  # only $0.40 left: nothing granted
+        assert refused[1]
+        second = a._call("budget_grant", "w2", "i2", "0.4", "0.4", "0")
+        assert Decimal(second[0]) == Decimal("0.4")
+        a.checkpoint()
+        a.crash()  # the checkpoint counts both; the log's copies are skipped
+        assert a.budget()["committed"] == pytest.approx(1.0)
+        assert Decimal(a._call("budget_grant", "w3", "i3", "0.1", "0.1", "0")[0]) == 0
+    finally:
+        a.close()
