@@ -229,6 +229,14 @@ class ClientConfig(BaseModel):
     budget_wait_s: float = Field(
         30.0, gt=0, description="A call short of budget waits this long for the aggregator."
     )
+    budget_first_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="A worker process's first paid call waits this long for the aggregator to "
+        "say whether the run has a budget (then it is admitted under it). Past it, calls go "
+        "unadmitted until the answer arrives (the README's overshoot bound counts them); the "
+        "process waits once.",
+    )
     default_max_tokens: int = Field(
         4096,
         ge=1,

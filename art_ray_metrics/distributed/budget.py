@@ -4,10 +4,13 @@ One :class:`ClientBudget` per :class:`~art_ray_metrics.distributed.client.Metric
 incarnation. It holds the process's :class:`~art_ray_metrics.spend.admission.Admission` and
 asks the aggregator for budget (``budget_grant``) through the client's transport without
 waiting: the answer arrives on the transport's completion callback. Whether the run has a budget
-is learned from the aggregator's first answer (asked for at the first paid call): until then,
-and when the run has no ``budget_usd``, calls are not admitted and nothing changes for them
-(a paid call before the first answer counts in the README's overshoot bound as cost recorded
-without admission). Under a budget, each batch carries the real cost of the admitted calls
+is learned from the aggregator's first answer, asked for at the process's first paid call,
+which waits for it (at most ``first_wait_s``, ``ClientConfig.budget_first_wait_s``) and is then
+admitted under the budget like every later call. When the run has no ``budget_usd``, calls are
+not admitted and nothing changes for them. Only if the aggregator does not answer in time (not
+found yet, unreachable) do calls go unadmitted until the answer arrives; the process waits only
+once, and such calls count in the README's overshoot bound as cost recorded without admission.
+Under a budget, each batch carries the real cost of the admitted calls
 whose leaves it holds (taken before the tape is drained), and an idle process gives its lease
 back from the client's background thread.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from decimal import Decimal
 from typing import Any, Final
 
@@ -44,8 +48,11 @@ class ClientBudget:
         lease_calls: int,
         wait_s: float,
         default_max_tokens: int,
+        first_wait_s: float = 5.0,
     ) -> None:
         self._transport = transport
+        self._first_wait_s = first_wait_s
+        self._waited = False  # the first paid call waited for the answer (only once)
         self.producer_id = producer_id
         self.incarnation = incarnation
         self.admission = Admission(
@@ -58,15 +65,40 @@ class ClientBudget:
         """``None`` until the aggregator answered; then whether the run has a hard limit."""
         self._probing = False
         self._lock = threading.Lock()
+        self._answered_cond = threading.Condition(self._lock)
 
     def active(self) -> Admission | None:
-        """The admission to reserve from, or ``None`` (no budget, or not known yet: then the
-        aggregator is asked in the background)."""
+        """The admission to reserve from, or ``None`` (no budget). The process's first paid
+        call waits for the aggregator to say whether the run has a budget (at most
+        ``first_wait_s``); if it has not said in time, this and later calls are not admitted
+        (and the aggregator is asked again in the background) until it answers."""
         if self.enabled:
             return self.admission
         if self.enabled is None:
             self._probe()
+            if not self._waited:
+                self._wait_first()
+                if self.enabled:
+                    return self.admission
         return None
+
+    def _wait_first(self) -> None:
+        """Wait for the first answer, asking again while the aggregator is not found yet."""
+        deadline = time.monotonic() + self._first_wait_s
+        while self.enabled is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "art_ray_metrics: no answer from the aggregator about the run budget in "
+                    "%.1f s; paid calls are not admitted until it answers",
+                    self._first_wait_s,
+                )
+                break
+            with self._answered_cond:
+                if self.enabled is None:
+                    self._answered_cond.wait(min(left, 0.05))
+            self._probe()  # a no-op while a probe is in flight
+        self._waited = True
 
     def _probe(self) -> None:
         with self._lock:
@@ -99,7 +131,9 @@ class ClientBudget:
             with self._lock:
                 self._probing = False  # asked again at the next paid call
             return
-        self.enabled = limit is not None
+        with self._answered_cond:
+            self.enabled = limit is not None
+            self._answered_cond.notify_all()
 
     def _request(self, want: Decimal, need: Decimal, held: Decimal) -> None:
         future = self._resolved().call(

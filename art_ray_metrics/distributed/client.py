@@ -162,6 +162,7 @@ class MetricsClient:
             lease_calls=self.config.budget_lease_calls,
             wait_s=self.config.budget_wait_s,
             default_max_tokens=self.config.default_max_tokens,
+            first_wait_s=self.config.budget_first_wait_s,
         )
         self._pid = os.getpid()
         self._lock = threading.RLock()

@@ -177,3 +177,52 @@ def test_grants_are_logged_before_the_answer_so_a_restart_never_grants_twice() -
         assert Decimal(a._call("budget_grant", "w3", "i3", "0.1", "0.1", "0")[0]) == 0
     finally:
         a.close()
+
+
+def test_a_processs_first_paid_call_waits_for_the_answer_and_is_admitted(
+    agg: InProcessAggregator,
+) -> None:
+    sent.clear()
+    client = _client(agg, "first")
+    try:
+        assert client.budget.enabled is None  # nobody asked yet
+        builder = WorkerBuilder(client, 0, "train", "train")
+        token = set_active_builder(builder)
+        try:
+            judge("first")  # the very first call: admitted under a lease
+        finally:
+            reset_active_builder(token)
+        assert builder.flush(timeout_s=10).ok
+        figures = agg.budget()
+        assert figures["leases"] == 1
+        assert figures["spent"] == pytest.approx(0.03)
+        assert figures["committed"] > figures["spent"]  # the lease it holds
+    finally:
+        client.close(timeout_s=2)
+
+
+class _Unreachable:
+    lookup_error = "not found"
+
+    def ready(self) -> bool:
+        return False
+
+
+def test_the_first_wait_is_bounded_and_happens_once() -> None:
+    from art_ray_metrics.distributed.budget import ClientBudget
+
+    budget = ClientBudget(
+        _Unreachable(),
+        "w",
+        "i",
+        lease_calls=2,
+        wait_s=1.0,
+        default_max_tokens=16,
+        first_wait_s=0.2,
+    )
+    started = time.monotonic()
+    assert budget.active() is None  # no answer in time: not admitted
+    assert 0.2 <= time.monotonic() - started < 2.0
+    started = time.monotonic()
+    assert budget.active() is None
+    assert time.monotonic() - started < 0.1  # the process waits once
