@@ -16,7 +16,9 @@ protocol's, not the network's):
    under 5 µs, no round trip). The estimate is computed from a request with ``messages`` and
    ``max_tokens``, as a judge would send.
 
-Usage: ``python bench/bench_budget.py [--producers 4 --threads 8 --budget 5.0 --calls 200000]``.
+Usage: ``python bench/bench_budget.py [--producers 4 --threads 8 --budget 5.0 --calls 200000]``;
+``--quick`` is a smoke run with small sizes (2 producers x 2 threads, a $0.50 budget, 3 rounds
+of 2,000 calls): it checks the script works, its figures are not the ones to report.
 Do not run it while others use the machine for tests (the lead runs it).
 """
 
@@ -174,7 +176,13 @@ def main() -> None:
     parser.add_argument("--real-share", type=float, default=0.3)
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run with small sizes (figures not reported)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.producers, args.threads, args.budget = 2, 2, Decimal("0.5")
+        args.calls, args.rounds = 2_000, 3
     for share in (args.real_share, 1.0):
         overshoot(args.producers, args.threads, args.budget, share)
     admission_cost(args.calls, args.rounds)
