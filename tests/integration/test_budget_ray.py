@@ -91,7 +91,7 @@ class TestBudgetOnRay:
             row = handle.log(0)
             assert row["costs/all"] == pytest.approx(sent * ESTIMATE)
             assert row["costs/budget_remaining"] == pytest.approx(1.0 - sent * ESTIMATE)
-            assert row["costs/outcome/unknown"] == pytest.approx(row["costs/all"], abs=0.005)
+            assert not any(k.startswith("costs/outcome/") for k in row)  # no groups: no keys
             handle.set_budget(2.0)
             ray.kill(handle.actor, no_restart=False)  # a restart keeps the raised limit
             time.sleep(1)
