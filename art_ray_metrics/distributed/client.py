@@ -170,7 +170,6 @@ class MetricsClient:
         self._gen = getattr(self, "_gen", 0) + 1  # rollouts begun before a fork are older
         self._his: dict[int, int] = {}  # rollout id -> seq of the batch with its last leaves
         self._groups: dict[int, bytes] = {}  # rollout id -> group digest (set_group)
-        self._explicit: set[int] = set()  # rollouts whose group was named, not defaulted
         self._prune_his_at = _PRUNE_HIS_AT
         self._keys = KeyRegistries()  # see open_rollout and _register
         self._pending: dict[Slot, PendingLeaves] = {}
@@ -259,20 +258,15 @@ class MetricsClient:
         id) never replaces a group already set; a named one replaces a default. The newest
         :data:`MAX_GROUPS` rollouts are remembered."""
         rid = ctx[1]
+        if not explicit and rid in self._groups:  # the common repeat: no lock
+            return
         with self._lock:
             if not explicit and rid in self._groups:
-                return
-            if explicit:
-                if rid in self._explicit and self._groups.get(rid) == group:
-                    return
-                self._explicit.add(rid)
-            elif rid in self._explicit:
                 return
             self._groups[rid] = group
             if len(self._groups) > MAX_GROUPS:
                 for old in list(self._groups)[: MAX_GROUPS // 2]:
                     del self._groups[old]
-                    self._explicit.discard(old)
 
     def _drain(self) -> None:
         """Move the tape into ``_pending`` (under the lock). Each drained rollout learns the
