@@ -438,3 +438,34 @@ TestBudgetProtocol = BudgetProtocol.TestCase
 TestBudgetProtocol.settings = settings(
     max_examples=examples(150), stateful_step_count=40, deadline=None
 )
+
+
+def test_numbered_grants_replay_once() -> None:
+    """A grant the checkpoint already counts is skipped; a newer one applies (and numbers
+    the next grant after it)."""
+    ledger = BudgetLedger(limit=Decimal(10))
+    first = ledger.grant("w", "i", want=Decimal(2), need=Decimal(1), now=0.0)
+    assert first.seq == 1
+    restored = BudgetLedger.from_wire(ledger.to_wire(), now=0.0)
+    assert not restored.replay_grant("w", "i", Decimal(2), 0.0, seq=1)  # in the checkpoint
+    assert restored.replay_grant("w", "i", Decimal(3), 0.0, seq=2)  # logged after it
+    assert restored.committed() == Decimal(5)
+    assert restored.grant("v", "j", want=Decimal(1), need=Decimal(1), now=0.0).seq == 3
+    refused = restored.grant("v", "j", want=Decimal(9), need=Decimal(9), now=0.0)
+    assert refused.seq == 0  # nothing granted: nothing to log
+
+
+def test_the_write_ahead_log_replays_grants_after_the_checkpoint() -> None:
+    from art_ray_metrics.core.state import AggregatorState
+    from art_ray_metrics.durable.reader import LoadedCheckpoint
+    from art_ray_metrics.durable.restore import encode_wal_record, rebuild_state
+
+    state = AggregatorState()
+    state.budget.set_limit(Decimal(10))
+    state.budget.grant("w", "i", want=Decimal(2), need=Decimal(1), now=0.0)
+    blob, shards, _ = state.checkpoint_parts()
+    wal = [encode_wal_record([], [("w", "i", "2", 1), ("x", "k", "4", 2)])]
+    loaded = LoadedCheckpoint(blob, shards, epoch=1, seq=1, wal=wal, manifest="m")
+    rebuilt, _ = rebuild_state(loaded)
+    assert rebuilt.budget.committed() == Decimal(6)
+    assert rebuilt.budget.grant_seq == 2
