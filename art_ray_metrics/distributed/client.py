@@ -162,7 +162,8 @@ class MetricsClient:
             lease_calls=self.config.budget_lease_calls,
             wait_s=self.config.budget_wait_s,
             default_max_tokens=self.config.default_max_tokens,
-            first_wait_s=self.config.budget_first_wait_s,
+            # a config pickled by a build without the field has none: its default
+            first_wait_s=getattr(self.config, "budget_first_wait_s", 5.0),
         )
         self._pid = os.getpid()
         self._lock = threading.RLock()
