@@ -34,6 +34,7 @@ from art_ray_metrics.errors import (
     FencedError,
 )
 from tests import s3server
+from tests.wandb_env import forget_wandb_settings
 
 
 class ConditionIgnoringStore:
@@ -208,6 +209,7 @@ class TestStaleWritesAreFenced:
     ) -> None:
         """The newer aggregator rewrites step 1 between the stale one's commit and its history
         write: the stored row stays the newer one's, the stale one is fenced and stops W&B."""
+        forget_wandb_settings()  # an earlier test's, so the environment below is what counts
         for var, value in {
             "WANDB_MODE": "offline",  # W&B keeps process-wide settings: isolate them
             "WANDB_SILENT": "true",
@@ -251,12 +253,7 @@ class TestStaleWritesAreFenced:
         asyncio.run(old.log(2, metrics={"loss/x": 3.0}))
         assert sink.logged == 1  # step 0 only: not the fenced row 1, nothing after
         sink.close()
-        # forget the process-wide W&B settings of this test without waiting for W&B's service
-        # (wandb.teardown() waits for every run of the process, which can hang a long session)
-        from wandb.sdk import wandb_setup
-
-        with wandb_setup._singleton_lock:
-            wandb_setup._singleton = None
+        forget_wandb_settings()  # this test's process-wide W&B settings
 
     def test_rewind_objects_of_two_epochs_never_share_a_key(self) -> None:
         """A stale close cannot overwrite the rewind object a newer aggregator names."""

@@ -32,13 +32,16 @@ from art_ray_metrics.export.wandb_sink import (
     WandbSink,
     WandbSinkConfig,
 )
+from tests.wandb_env import forget_wandb_settings
 
 wandb = pytest.importorskip("wandb")
 
 
 @pytest.fixture(autouse=True)
-def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Run W&B offline and silent inside tmp_path, with no credentials."""
+def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Run W&B offline and silent inside tmp_path, with no credentials (W&B's process-wide
+    settings forgotten before and after: sinks here leave the mode to W&B)."""
+    forget_wandb_settings()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -46,6 +49,8 @@ def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    yield
+    forget_wandb_settings()
 
 
 @pytest.fixture
