@@ -171,7 +171,7 @@ class MetricsClient:
         self._ledger = RolloutLedger(_MAX_HIS)  # which rollouts each batch carries; losses
         self._lost_decl: list[tuple[int, int, str, int]] = []  # given up, not yet declared
         self._carried: dict[int, int] = {}  # seq -> the newest given-up seq its header declares
-        self._sending = 0  # sends between their retained check and being in flight
+        self._sending: dict[int, int] = {}  # seq -> sends between retained check and in flight
         self._dropped_unreported = 0
         self._confirmed = 0
         self._big: dict[tuple[int, str, str], Decimal] = {}  # shipped sums of keys with huge values
@@ -453,19 +453,28 @@ class MetricsClient:
         with self._lock:
             if seq not in self._retained:  # settled since it was picked: a copy is stale, and
                 return None  # after a confirm the aggregator may no longer know it applied it
-            self._sending += 1  # no confirm until this call is in flight (see _confirm)
+            # no confirm until this call is in flight (see _confirm), and no flush resends it
+            self._sending[seq] = self._sending.get(seq, 0) + 1
         try:
             ref = self._transport.send(data, durable)
         except Exception as exc:  # Ray is gone, or the handle is broken: resend later
             with self._lock:
-                self._sending -= 1
+                self._sent(seq)
             self._failed(exc)
             self._wake.set()
             return None
         with self._lock:
             self._inflight[ref] = (seq, durable)
-            self._sending -= 1
+            self._sent(seq)
         return ref
+
+    def _sent(self, seq: int) -> None:
+        """A send of ``seq`` left :meth:`_send` (under the lock)."""
+        left = self._sending[seq] - 1
+        if left:
+            self._sending[seq] = left
+        else:
+            del self._sending[seq]
 
     def _wait_for_room(self) -> None:
         deadline = time.monotonic() + self.config.flush_timeout_s
@@ -560,11 +569,12 @@ class MetricsClient:
 
     def _resendable(self, lo: int = 1, hi: int | None = None) -> list[tuple[int, bytes]]:
         with self._lock:
-            inflight = {s for s, _ in self._inflight.values()}
+            busy = {s for s, _ in self._inflight.values()}
+            busy.update(self._sending)
             return [
                 (s, d)
                 for s, d in sorted(self._retained.items())
-                if s not in inflight and s >= lo and (hi is None or s <= hi)
+                if s not in busy and s >= lo and (hi is None or s <= hi)
             ]
 
     def _resend(self, *, durable: bool = False, lo: int = 1, hi: int | None = None) -> None:
@@ -658,12 +668,13 @@ class MetricsClient:
 
     # -- flushing --------------------------------------------------------------------------
 
-    def _flush_state(self, lo: int, hi: int) -> tuple[bool, list[Any]]:
-        """(all of [lo, hi] durable, refs in flight for them)."""
+    def _flush_state(self, lo: int, hi: int) -> tuple[bool, list[Any], bool]:
+        """(all of [lo, hi] durable, refs in flight for them, one of them being sent now)."""
         with self._lock:
             done = self._seq >= hi and not any(lo <= s <= hi for s in self._retained)
             refs = [r for r, (s, _) in self._inflight.items() if lo <= s <= hi]
-        return done, refs
+            sending = any(lo <= s <= hi for s in self._sending)
+        return done, refs, sending
 
     def _result(
         self, done: bool, lo: int = 1, hi: int | None = None, rid: int | None = None
@@ -742,13 +753,15 @@ class MetricsClient:
                 yield ahead, 1, left
             hi = self._ship_for(hi)
         while True:
-            done, refs = self._flush_state(lo, hi)
+            done, refs, sending = self._flush_state(lo, hi)
             left = deadline - time.monotonic()
             if done or left <= 0 or self._transport.gone():
                 answer.append(self._unreachable(done, lo, hi, rid))
                 return
             if refs:
                 yield refs, len(refs), left
+            elif sending:  # another thread is starting its call: wait for it, never a copy
+                yield min(_SENDING_POLL_S, left)
             elif self._no_route():
                 yield min(_POLL_S, left)
             else:
@@ -871,6 +884,11 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 _POLL_S = 0.02
 """How often a flush with no aggregator resolved checks whether the background thread found
 one (it never looks up itself)."""
+
+
+_SENDING_POLL_S = 0.0005
+"""How often a flush whose batch another thread is sending looks whether its call is in
+flight yet (a send takes well under a millisecond)."""
 
 
 _FlushWait = tuple[list[Any], int, float] | float | None

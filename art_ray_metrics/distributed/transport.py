@@ -153,13 +153,27 @@ def _as_future(ref: Any) -> concurrent.futures.Future[Any]:
 def _wait_futures(calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
     """The futures among ``calls`` done within ``timeout_s`` (at least ``num_returns`` of them
     unless timed out), in the order given."""
-    when = (
-        concurrent.futures.ALL_COMPLETED
-        if num_returns >= len(calls)
-        else concurrent.futures.FIRST_COMPLETED
-    )
-    done, _ = concurrent.futures.wait(calls, timeout=max(0.0, timeout_s), return_when=when)
-    return [c for c in calls if c in done]
+    if num_returns >= len(calls):  # all of them: on each future's own condition, no waiters
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        for call in calls:
+            if call.done():
+                continue
+            try:
+                call.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            except concurrent.futures.CancelledError:
+                continue
+        return [c for c in calls if c.done()]
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        done, _ = concurrent.futures.wait(
+            calls,
+            timeout=max(0.0, deadline - time.monotonic()),
+            return_when=concurrent.futures.FIRST_COMPLETED,
+        )
+        if len(done) >= num_returns or time.monotonic() >= deadline:
+            return [c for c in calls if c in done]
 
 
 def _future_outcome(call: concurrent.futures.Future[Any]) -> Any:
