@@ -554,7 +554,7 @@ class MetricsAggregator:
 
     def _publish_telemetry(self, *, force: bool = False) -> None:
         """Push the counters and gauges declared for Ray (see :mod:`.telemetry`)."""
-        if not self.telemetry.enabled:
+        if not self.telemetry.enabled or not (force or self.telemetry.due()):
             return
         sources = self._counted()
         totals = counters.ray_values(sources, "counter")

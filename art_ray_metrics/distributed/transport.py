@@ -38,7 +38,15 @@ from typing import Any, Protocol
 from art_ray_metrics.core.backoff import LOOKUP
 from art_ray_metrics.errors import AggregatorUnavailableError
 
-__all__ = ["JITTER", "InProcessTransport", "RayTransport", "Transport", "one_line"]
+__all__ = [
+    "JITTER",
+    "InProcessTransport",
+    "RayTransport",
+    "Transport",
+    "future_outcome",
+    "one_line",
+    "wait_futures",
+]
 
 JITTER = random.Random()
 """Back-off jitter from a generator of our own: the process's global ``random`` state (a
@@ -75,7 +83,10 @@ class Transport(Protocol):
         Returns :meth:`ready`. Called only from the client's background thread."""
 
     def send(self, data: bytes, durable: bool) -> Any:
-        """Start an ``ingest`` call; return its call object (no lookup).
+        """Start an ``ingest`` call; return it (no lookup). A ``concurrent.futures.Future``
+        of the answer is chained to the client's own future of the call; any other call
+        object is waited on through :meth:`wait` and :meth:`outcome` (by the client's
+        background thread unless it finished at once).
 
         Raises:
             AggregatorUnavailableError: No aggregator is resolved.
@@ -150,7 +161,7 @@ def _as_future(ref: Any) -> concurrent.futures.Future[Any]:
     return future()  # type: ignore[no-any-return]
 
 
-def _wait_futures(calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
+def wait_futures(calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
     """The futures among ``calls`` done within ``timeout_s`` (at least ``num_returns`` of them
     unless timed out), in the order given."""
     if num_returns >= len(calls):  # all of them: on each future's own condition, no waiters
@@ -176,7 +187,7 @@ def _wait_futures(calls: list[Any], num_returns: int, timeout_s: float) -> list[
             return [c for c in calls if c in done]
 
 
-def _future_outcome(call: concurrent.futures.Future[Any]) -> Any:
+def future_outcome(call: concurrent.futures.Future[Any]) -> Any:
     """A finished call's reply, or its exception (returned, never raised)."""
     try:
         return call.result(timeout=0)
@@ -251,14 +262,14 @@ class RayTransport(_Lookups):
         while True:
             if not _ray_connected():
                 return []
-            ready = _wait_futures(
+            ready = wait_futures(
                 calls, num_returns, min(_WAIT_SLICE_S, deadline - time.monotonic())
             )
             if len(ready) >= min(num_returns, len(calls)) or time.monotonic() >= deadline:
                 return ready
 
     def outcome(self, call: Any) -> Any:
-        return _future_outcome(call)
+        return future_outcome(call)
 
     async def aoutcome(self, call: Any) -> Any:
         try:
@@ -333,10 +344,10 @@ class InProcessTransport(_Lookups):
         return True
 
     def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
-        return _wait_futures(calls, num_returns, timeout_s)
+        return wait_futures(calls, num_returns, timeout_s)
 
     def outcome(self, call: Any) -> Any:
-        return _future_outcome(call)
+        return future_outcome(call)
 
     async def aoutcome(self, call: Any) -> Any:
         try:

@@ -219,9 +219,9 @@ class _SlowSendTransport:
         return True
 
     def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
-        from art_ray_metrics.distributed.transport import _wait_futures
+        from art_ray_metrics.distributed.transport import wait_futures
 
-        return _wait_futures(calls, num_returns, timeout_s)
+        return wait_futures(calls, num_returns, timeout_s)
 
     def outcome(self, call: Any) -> Any:
         return call.result()
