@@ -628,6 +628,7 @@ class MetricsAggregator:
         self._ensure_tasks()
         await self.wal.write()
         await self.committer.persist()
+        await self.committer.settled()
         return {"checkpoints": self.health.checkpoints, "fenced": self.fenced}
 
     async def config_fingerprint(self) -> str:

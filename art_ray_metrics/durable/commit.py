@@ -379,6 +379,11 @@ class Committer:
                 # garbage collection: never on a barrier's path (see prune_deferred)
                 self.pruning = asyncio.get_running_loop().create_task(self._prune())
 
+    async def settled(self) -> None:
+        """Wait for a deferred pruning still running (an explicit checkpoint, a shutdown)."""
+        if self.pruning is not None:
+            await self.pruning
+
     async def _prune(self) -> None:
         try:
             await asyncio.to_thread(self.ckpt.prune_deferred)
