@@ -25,6 +25,9 @@ DEFAULT_NAMESPACE = "art_ray_metrics"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
+_BUDGET_FIELDS = ("budget_usd", "budget_soft", "budget_planned_steps", "budget_silence_timeout_s")
+
+
 class AggregatorConfig(BaseModel):
     """Everything the aggregator actor needs; its fingerprint guards against silent reuse."""
 
@@ -119,6 +122,30 @@ class AggregatorConfig(BaseModel):
         "They never go through Ray's runtime env, the storage or W&B. Names only here.",
     )
 
+    budget_usd: float | None = Field(
+        None,
+        ge=0,
+        description="Hard limit of the run's spend in dollars: a paid call made through the "
+        "project (track_api_cost, the stream taps) whose estimate does not fit raises "
+        "BudgetExceededError before it is sent. None: no limit (leases still bound the spend "
+        "of crashed workers). Raise it on a live run with handle.set_budget().",
+    )
+    budget_soft: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Fraction of budget_usd whose crossing logs one line and sends one W&B alert.",
+    )
+    budget_planned_steps: int | None = Field(
+        None, ge=1, description="Planned train steps, for costs/projected_total."
+    )
+    budget_silence_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A worker process silent this long while holding budget is taken for gone: "
+        "its lease becomes costs/unreconciled.",
+    )
+
     @field_validator("worker_env")
     @classmethod
     def _env_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -153,8 +180,14 @@ class AggregatorConfig(BaseModel):
         return self.model_copy(update={"storage_uri": uri})
 
     def fingerprint(self) -> str:
-        """A stable hash of the configuration (what a second driver must agree on)."""
-        data = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A stable hash of the configuration (what a second driver must agree on). Budget
+        fields left at their defaults are not hashed, so configurations from before the
+        budget existed keep their fingerprint."""
+        dump = self.model_dump(mode="json")
+        for name in _BUDGET_FIELDS:
+            if dump[name] == type(self).model_fields[name].default:
+                del dump[name]
+        data = json.dumps(dump, sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
     def wandb_enabled_mode(self) -> Literal["online", "offline", "disabled"]:
@@ -187,3 +220,26 @@ class ClientConfig(BaseModel):
         "with back-off, on the background thread; no call waits for them).",
     )
     flush_timeout_s: float = Field(60.0, gt=0, description="An explicit flush waits this long.")
+    budget_lease_calls: int = Field(
+        8,
+        ge=1,
+        description="Under a run budget, a worker process holds budget for this many of its "
+        "largest calls and asks for more (without waiting) at half.",
+    )
+    budget_wait_s: float = Field(
+        30.0, gt=0, description="A call short of budget waits this long for the aggregator."
+    )
+    budget_first_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="A worker process's first paid call waits this long for the aggregator to "
+        "say whether the run has a budget (then it is admitted under it). Past it, calls go "
+        "unadmitted until the answer arrives (the README's overshoot bound counts them); the "
+        "process waits once.",
+    )
+    default_max_tokens: int = Field(
+        4096,
+        ge=1,
+        description="Output tokens assumed for a request that names no max_tokens when its "
+        "cost is estimated under a budget (not a bound).",
+    )

@@ -21,6 +21,7 @@ ART raises ``ValueError`` for the same input, ours also derives from ``ValueErro
     ├── AggregatorUnavailableError           the aggregator actor cannot be reached
     │   └── CredentialsRequiredError         it cannot open its storage with what it has
     ├── BackPressureError                    the aggregator is full: resend the batch later
+    ├── BudgetExceededError                  a paid call refused before it was sent
     └── BarrierTimeoutError (TimeoutError)   expected producers did not report in time
 
 This module has no dependencies so the pure core can raise these errors.
@@ -28,10 +29,14 @@ This module has no dependencies so the pure core can raise these errors.
 
 from __future__ import annotations
 
+from decimal import Decimal
+from typing import Any
+
 __all__ = [
     "AggregatorUnavailableError",
     "BackPressureError",
     "BarrierTimeoutError",
+    "BudgetExceededError",
     "CheckpointCorruptError",
     "ConditionalWritesUnsupportedError",
     "ConfigError",
@@ -125,6 +130,46 @@ class AggregatorUnavailableError(MetricsError):
 class BackPressureError(MetricsError):
     """The aggregator's write-ahead queue is full (storage is slow or down); the batch was not
     applied and the client resends it later."""
+
+
+class BudgetExceededError(MetricsError):
+    """A paid call was refused before it was sent: the run's budget cannot cover its estimate.
+
+    Nothing was sent and nothing was recorded. Raised where the call was made (inside the
+    rollout), so the rollout can stop, skip the judge, or end the run.
+
+    Attributes:
+        budget: The run's hard limit in dollars.
+        spent: The run's spend the aggregator knew of when it refused.
+        estimate: The call's upper-bound estimate in dollars.
+        committed: Spend plus the budget leased to producers and not yet spent.
+    """
+
+    def __init__(
+        self,
+        budget: Decimal | None,
+        spent: Decimal,
+        estimate: Decimal,
+        committed: Decimal | None = None,
+        detail: str = "",
+    ) -> None:
+        self.budget = budget
+        self.spent = spent
+        self.estimate = estimate
+        self.committed = spent if committed is None else committed
+        self.detail = detail
+        message = (
+            f"Run budget exceeded: the call's estimate ${estimate:.6f} does not fit under the "
+            f"budget ${budget} (spent ${spent:.6f}, committed ${self.committed:.6f} including "
+            "leases other producers hold); the call was not sent"
+        )
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray with its fields
+        return (
+            type(self),
+            (self.budget, self.spent, self.estimate, self.committed, self.detail),
+        )
 
 
 class CredentialsRequiredError(AggregatorUnavailableError):

@@ -204,6 +204,7 @@ class InProcessAggregator:
         *,
         split: str | None = None,
         producer_id: str | None = None,
+        group: object = None,
     ) -> _record.WorkerBuilder:
         """:func:`art_ray_metrics.connect` for this aggregator."""
         return _record.connect(
@@ -214,6 +215,7 @@ class InProcessAggregator:
             namespace=self.namespace,
             producer_id=producer_id,
             config=self.client_config,
+            group=group,
         )
 
     # -- the trainer's calls ----------------------------------------------------------------
@@ -233,12 +235,27 @@ class InProcessAggregator:
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
         on_timeout: Literal["close", "raise"] = "close",
+        group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row (``AggregatorHandle.log``)."""
-        row: dict[str, float] = self._call(
-            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout
-        )
+        fates = {str(g): f for g, f in (group_fates or {}).items()}
+        derived = {str(g): f for g, f in (derived_fates or {}).items()}
+        args: tuple[Any, ...] = (step, split, dict(metrics or {}), expect_producers, timeout_s)
+        row: dict[str, float] = self._call("log", *args, on_timeout, fates, derived)
         return row
+
+    def budget(self) -> dict[str, Any]:
+        """``AggregatorHandle.budget``."""
+        out: dict[str, Any] = self._call("budget_stats")
+        return out
+
+    def set_budget(
+        self, budget_usd: float | None, budget_soft: float | None = None
+    ) -> dict[str, Any]:
+        """``AggregatorHandle.set_budget``."""
+        out: dict[str, Any] = self._call("set_budget", budget_usd, budget_soft)
+        return out
 
     def rewind(self, step: int) -> dict[str, Any]:
         """``AggregatorHandle.rewind``."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from art_ray_metrics.core import keytree
 from art_ray_metrics.core.dedupe import DigestLedger, split_digests
+from art_ray_metrics.core.outcome import GroupSpend
 from art_ray_metrics.core.rollup import EXACT
 from art_ray_metrics.core.samples import SampleStats
 
@@ -38,6 +39,7 @@ class StepBuffer:
         "_ancestors",
         "conflicts",
         "cost_ids",
+        "group_spend",
         "late_leaves",
         "lost_leaves",
         "producers",
@@ -58,6 +60,8 @@ class StepBuffer:
         """Leaves of this step a producer lost: refused at ingest, or in a batch it gave up
         on at its retained-batch cap (counted on the row; never in the sums)."""
         self.samples: dict[str, SampleStats] = {}
+        self.group_spend = GroupSpend()
+        """Spend of the cost leaves that carried a group id, by group (outcomes)."""
 
     def __bool__(self) -> bool:
         return bool(self.sums or self.scenarios or self.samples)
@@ -108,11 +112,13 @@ class StepBuffer:
         self.late_leaves += other.late_leaves
         self.lost_leaves += other.lost_leaves
         self.conflicts.extend(other.conflicts)
+        self.group_spend.merge(other.group_spend)
 
     def to_wire(self) -> list[Any]:
         """Plain msgpack-able form (see :mod:`art_ray_metrics.core.wire`); sample summaries are
         appended as a seventh field only when there are any (or lost leaves follow), lost
-        leaves as an eighth only when there are any (older builds wrote six or seven)."""
+        leaves as an eighth only when there are any (or group spend follows), group spend as
+        a ninth only when there is any (older builds wrote six, seven or eight)."""
         out: list[Any] = [
             {k: str(v) for k, v in self.sums.items()},
             b"".join(sorted(self.scenarios)),
@@ -121,10 +127,12 @@ class StepBuffer:
             self.late_leaves,
             [list(c) for c in self.conflicts],
         ]
-        if self.samples or self.lost_leaves:
+        if self.samples or self.lost_leaves or self.group_spend:
             out.append({k: v.to_wire() for k, v in sorted(self.samples.items())})
-        if self.lost_leaves:
+        if self.lost_leaves or self.group_spend:
             out.append(self.lost_leaves)
+        if self.group_spend:
+            out.append(self.group_spend.to_wire())
         return out
 
     @classmethod
@@ -141,6 +149,8 @@ class StepBuffer:
         buf.producers = set(producers)
         buf.late_leaves = int(late_leaves)
         buf.lost_leaves = int(raw[7]) if len(raw) > 7 else 0
+        if len(raw) > 8:
+            buf.group_spend = GroupSpend.from_wire(raw[8])
         buf.conflicts = [(str(a), str(b)) for a, b in conflicts]
         return buf
 

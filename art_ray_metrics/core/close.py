@@ -17,24 +17,28 @@ that add up every closed step of the run (shared by all scopes)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.budget import BudgetLedger
 from art_ray_metrics.core.buffer import CumulativeState, StepBuffer
+from art_ray_metrics.core.outcome import FateMemory, FateTable, outcome_row
 from art_ray_metrics.core.rollup import EXACT, ZERO, cost_rollups, to_decimal
 from art_ray_metrics.core.samples import sample_row
 from art_ray_metrics.errors import InvalidMetricError
 
 __all__ = [
+    "OUTCOMES_ON_KEY",
     "ClosingState",
     "StepReport",
     "close_buffer",
     "close_step",
     "commit_close",
+    "outcomes_on",
     "plan_close",
     "split_trainer_metrics",
 ]
@@ -135,6 +139,8 @@ class StepReport:
 class ClosingState(Protocol):
     """What :func:`close_step` reads and changes of an aggregator's state."""
 
+    budget: BudgetLedger
+    fates: FateMemory
     cum: CumulativeState
     pending: dict[Slot, StepBuffer]
     late: dict[Slot, StepBuffer]
@@ -177,6 +183,8 @@ def close_step(
     step: int,
     split: str = "train",
     metrics: Mapping[str, float] | None = None,
+    group_fates: Mapping[Any, str] | None = None,
+    derived_fates: Mapping[Any, str] | None = None,
 ) -> StepReport:
     """Close ``(step, split)`` of ``state`` and return its row.
 
@@ -186,18 +194,35 @@ def close_step(
     and the row gets ``training_step``. A transaction: the whole row is computed and
     checked first (every value a finite float, no reserved history field), and a close that
     raises :class:`InvalidMetricError` leaves the state as it was.
+
+    The row also splits its spend by the fates ``group_fates`` gives (``{group_id: fate}``,
+    :mod:`~art_ray_metrics.core.outcome`) and carries the run budget's keys
+    (:meth:`~art_ray_metrics.core.budget.BudgetLedger.row`, only under a budget).
+    ``derived_fates`` are fates an integration derived itself (the ART adapter's); they are
+    attributed as ``group_fates`` are (which win for the same group) but do not turn the
+    outcome keys on: those appear from the first row whose spend carried a group id or whose
+    barrier was given ``group_fates``, and then on every row with a cost
+    (:func:`outcomes_on`), so a run that uses neither keeps its rows as they were.
     """
     V.check_step(step)
     V.check_split(split)
     managed, passthrough = split_trainer_metrics(metrics)
+    given = FateTable.from_trainer(group_fates)  # raises InvalidMetricError
+    fates = FateTable({**FateTable.from_trainer(derived_fates).fates, **given.fates})
     scope = K.scope_for_split(split)
     # a transaction: build the row on a fresh buffer, commit only once nothing can fail
     buf, late, older = _gather(state, step, scope)
     for key, value in managed:
         buf.add(key, value, strict=False)
     computed, updates = plan_close(buf, state.cum)  # raises InvalidMetricError
+    spend_row = _plan_outcomes(state, buf, fates, updates, given=bool(given.fates))
+    computed.update({k: V.finite_float(k, v) for k, v in spend_row.items()})
     routed = _routed_row({**passthrough, **computed}, step, split)
     _commit(state, (step, scope), split, buf, (late, older), updates)
+    state.fates.remember(fates)
+    state.budget.on_trainer_cost(_cost_total(managed))
+    budget_row = state.budget.row(train_close=split == "train")
+    routed.update({K.route_key(k, split): float(v) for k, v in budget_row.items()})
     return StepReport(
         step,
         split,
@@ -207,6 +232,60 @@ def close_step(
         frozenset(buf.producers),
         buf.lost_leaves,
     )
+
+
+OUTCOMES_ON_KEY = "costs/cum/outcome/unknown"
+_CUM_ALL = "costs/cum/all"
+
+
+def _cost_total(leaves: Iterable[tuple[str, Decimal]]) -> Decimal:
+    total = ZERO
+    for key, value in leaves:
+        if key.startswith("costs/"):
+            total = _add(total, value)
+    return total
+
+
+def outcomes_on(cum: Mapping[str, Decimal]) -> bool:
+    """Whether the run's rows carry the outcome keys: from the first row that had them on, the
+    cumulative ``costs/cum/outcome/unknown`` is in the run's cumulative values (so the
+    checkpoint keeps it, and a rewind to before that row turns them off again)."""
+    return OUTCOMES_ON_KEY in cum
+
+
+def _plan_outcomes(
+    state: ClosingState,
+    buf: StepBuffer,
+    fates: FateTable,
+    updates: dict[str, Decimal],
+    *,
+    given: bool,
+) -> dict[str, Decimal]:
+    """The row's outcome keys (:func:`~art_ray_metrics.core.outcome.outcome_row`), once they
+    are on (:func:`outcomes_on`, or this row turns them on); their cumulative values join
+    ``updates``. The row that turns them on seeds ``costs/cum/outcome/unknown`` with the
+    run's earlier spend, so the cumulative twins add up to ``costs/cum/all`` too."""
+    cum = {**state.cum.values, **updates}
+    if not outcomes_on(state.cum.values):
+        if not (buf.group_spend or given):
+            return {}
+        cum[OUTCOMES_ON_KEY] = state.cum.values.get(_CUM_ALL, ZERO)
+    costs = [(k, v) for k, v in buf.sums.items() if k.startswith("costs/")]
+    new_scenarios = 0
+    if buf.scenarios:
+        found = state.cum.scenarios.contains_many(list(buf.scenarios))
+        new_scenarios = sum(1 for f in found if not f)
+    row, cum_updates = outcome_row(
+        _cost_total(costs) if costs else None,
+        buf.group_spend,
+        fates,
+        new_unique_scenarios=new_scenarios,
+        cum=cum,
+        memory=state.fates,
+    )
+    updates.update(cum_updates)
+    updates.setdefault(OUTCOMES_ON_KEY, cum[OUTCOMES_ON_KEY])  # on from this row, even costless
+    return row
 
 
 def _gather(

@@ -25,6 +25,7 @@ __all__ = [
     "BACKEND_KEY_MAP",
     "COMPUTED_CUMULATIVE_SECTIONS",
     "CUMULATIVE_SECTIONS",
+    "DERIVED_COST_NAMES",
     "IDLE_CUMULATIVE_KEYS",
     "SECTIONS",
     "SPLITS",
@@ -47,6 +48,19 @@ COMPUTED_CUMULATIVE_SECTIONS: Final = CUMULATIVE_SECTIONS | {"throughput"}
 """Sections whose ``<section>/cum/...`` keys the aggregator computes: a trainer may not pass
 them (``throughput/cum/*_idle_s`` are the idle cumulatives). A trainer's ``cum`` key in another
 section (ART's pipeline trainer logs ``discarded/cum/stale_groups``) passes through unchanged."""
+DERIVED_COST_NAMES: Final = frozenset(
+    {
+        "outcome",
+        "per_trainable_group",
+        "per_new_unique_scenario",
+        "budget_remaining",
+        "projected_total",
+        "unreconciled",
+    }
+)
+"""Second segments of ``costs/`` keys the aggregator computes (as ``cum`` is: the outcomes and
+the run budget's keys): nobody records under them, so a derived key never adds to
+``costs/all``."""
 TELEMETRY_PREFIX: Final = "telemetry/"
 """Aggregator health counters are added to every row under this prefix (documented in README)."""
 

@@ -41,6 +41,12 @@ class StepGroup:
     keyed_costs: tuple[KeyedCost, ...] = ()
     scenario_digests: bytes = b""
     samples: dict[str, SampleStats] = field(default_factory=dict)
+    group_spend: dict[bytes, Decimal] = field(default_factory=dict)
+    """Spend of this group's cost leaves that carried a group id, by group digest (a part of
+    the sums, not added to them: :mod:`~art_ray_metrics.core.outcome`)."""
+    keyed_groups: dict[int, bytes] = field(default_factory=dict)
+    """The group digest of a keyed cost, by its index in :attr:`keyed_costs` (added to the
+    group's spend only when the cost is applied, once per response id)."""
 
     @property
     def leaf_count(self) -> int:
@@ -66,6 +72,9 @@ class LeafBatch:
     """``(seq, step, scope, leaves)`` of the batches the producer gave up on, per group,
     until a batch declaring them is acknowledged (format 3): counted on their steps' rows."""
     version: int = 3
+    admitted: Decimal = Decimal(0)
+    """Real cost of the calls admitted under the producer's budget lease whose cost leaves
+    this batch carries (:mod:`~art_ray_metrics.core.budget`)."""
     """The wire format it was read from. From format 3 on, ``acked_upto`` advances the
     producer's window past the batches it gave up on (older batches replay as they did)."""
 

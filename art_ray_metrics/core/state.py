@@ -36,11 +36,13 @@ Invariants of :class:`AggregatorState`:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from art_ray_metrics.core import keys as K
+from art_ray_metrics.core.budget import BudgetLedger
 from art_ray_metrics.core.buffer import UNATTRIBUTED, CumulativeState, StepBuffer
 from art_ray_metrics.core.close import (
     StepReport,
@@ -64,9 +66,13 @@ from art_ray_metrics.core.ingest import (
     replay_decision,
 )
 from art_ray_metrics.core.meta import AggregatorMeta
+from art_ray_metrics.core.outcome import FateMemory
 from art_ray_metrics.core.records import IngestResult, LeafBatch, StepGroup
+from art_ray_metrics.core.rollup import EXACT, ZERO
 from art_ray_metrics.core.wire import batch_identity, decode_batch, decode_state, encode_state
 from art_ray_metrics.errors import WireFormatError
+
+_add = EXACT.add
 
 __all__ = [
     "MAX_RETIRED",
@@ -116,6 +122,13 @@ class AggregatorState:
         self.conflict_names: dict[str, int] = {}
         self.meta = AggregatorMeta()
         """Opaque, msgpack-able fields the shell persists with the state (run id, epoch, …)."""
+        self.budget = BudgetLedger()
+        """The run budget: spend, leases per producer incarnation (:mod:`~art_ray_metrics.
+        core.budget`); configured by the shell (``configure``), kept in the checkpoint."""
+        self.fates = FateMemory()
+        """Fates given at recent barriers, for group spend that arrives late."""
+        self.clock: Callable[[], float] = time.monotonic
+        """The budget's clock (silences of producer incarnations)."""
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -143,7 +156,8 @@ class AggregatorState:
             refused = replay_decision(batch, decided, self.run_keys)
         limit = any(r.limit for r in refused.values())
         self.counters["limit_rejections"] += int(limit)
-        late, lost_leaves, conflicts, refusals = self._apply_groups(batch, refused)
+        late, lost_leaves, conflicts, refusals, cost = self._apply_groups(batch, refused)
+        self.budget.on_batch(pid, inc, cost=cost, admitted=batch.admitted, now=self.clock())
         window.mark(batch.seq)
         if refusals:
             self.refusals.setdefault((pid, inc), {})[batch.seq] = tuple(refusals)
@@ -194,9 +208,10 @@ class AggregatorState:
 
     def _apply_groups(
         self, batch: LeafBatch, refused: Mapping[int, Refusal]
-    ) -> tuple[int, int, list[tuple[str, str]], list[tuple[int, str, str | None, str]]]:
+    ) -> tuple[int, int, list[tuple[str, str]], list[tuple[int, str, str | None, str]], Decimal]:
         """Apply what was admitted of each group: (late leaves, lost leaves, conflicts,
-        refusals as ``(step, scope, key or None, reason)``)."""
+        refusals as ``(step, scope, key or None, reason)``, dollars of cost applied)."""
+        cost = ZERO
         late = 0
         lost_leaves = 0
         conflicts: list[tuple[str, str]] = []
@@ -213,13 +228,13 @@ class AggregatorState:
             if refusal is not None:
                 buf.lost_leaves += refusal.leaves
             before = len(buf.conflicts)
-            self._apply(buf, group)
+            cost = _add(cost, self._apply(buf, group))
             buf.producers.add(batch.producer_id)
             if is_late:
                 buf.late_leaves += group.leaf_count
                 late += group.leaf_count
             conflicts.extend(buf.conflicts[before:])
-        return late, lost_leaves, conflicts, refusals
+        return late, lost_leaves, conflicts, refusals, cost
 
     def _buffer_for(self, group: StepGroup) -> tuple[StepBuffer, bool]:
         key = (group.step, group.scope)
@@ -234,23 +249,34 @@ class AggregatorState:
             buf = self.pending[key] = StepBuffer()
         return buf, False
 
-    def _apply(self, buf: StepBuffer, group: StepGroup) -> None:
+    def _apply(self, buf: StepBuffer, group: StepGroup) -> Decimal:
+        """Apply one group to its buffer; returns the dollars of cost it added."""
+        total = ZERO
         for key, value in group.sums.items():
             buf.add(key, value, strict=False)
+            if key.startswith("costs/"):
+                total = _add(total, value)
         costs = group.keyed_costs
         ids = [digest(cost.response_id) for cost in costs]
         applied = self.cum.cost_ids.contains_many(ids) if costs else []
-        for cost, d, seen in zip(costs, ids, applied, strict=True):
+        keyed_groups = group.keyed_groups
+        for i, (cost, d, seen) in enumerate(zip(costs, ids, applied, strict=True)):
             if seen or d in self.pending_cost_ids:
                 self.counters["duplicate_costs"] += 1
                 continue
             self.pending_cost_ids.add(d)
             buf.cost_ids.add(d)
             buf.add(cost.key, cost.value, strict=False)
+            total = _add(total, cost.value)
+            if keyed_groups and i in keyed_groups:  # its group's spend: once, as the cost
+                buf.group_spend.add(keyed_groups[i], cost.value)
         if group.scenario_digests:
             buf.scenarios.update(split_digests(group.scenario_digests))
         if group.samples:
             buf.add_samples(group.samples)
+        for group_id, value in group.group_spend.items():
+            buf.group_spend.add(group_id, value)
+        return total
 
     def ingest_bytes(self, data: bytes, decided: Decision | None = None) -> IngestResult:
         """Decode and apply a wire batch; malformed bytes are counted and change nothing.
@@ -311,11 +337,13 @@ class AggregatorState:
         step: int,
         split: str = "train",
         metrics: Mapping[str, float] | None = None,
+        group_fates: Mapping[Any, str] | None = None,
+        derived_fates: Mapping[Any, str] | None = None,
     ) -> StepReport:
         """Close ``(step, split)`` and return its row: see
         :func:`~art_ray_metrics.core.close.close_step` (a transaction: a close that raises
         :class:`~art_ray_metrics.errors.InvalidMetricError` leaves the state as it was)."""
-        return close_step(self, step, split, metrics)
+        return close_step(self, step, split, metrics, group_fates, derived_fates)
 
     def telemetry(self) -> dict[str, float]:
         """The core's counters as ``telemetry/...`` row keys."""
@@ -345,6 +373,8 @@ class AggregatorState:
             "conflict_names": dict(self.conflict_names),
             "meta": self.meta.to_dict(),
             "keys": sorted(self.run_keys),
+            "budget": self.budget.to_wire(),
+            "fates": self.fates.to_wire(),
         }
         if include_ledgers:
             out["scenarios"] = self.cum.scenarios.to_bytes()
@@ -393,6 +423,9 @@ class AggregatorState:
                     held = state.last_closed_split.get(scope, step)
                     state.last_closed_split[scope] = max(held, step)
         state.run_keys = {str(k) for k in raw.get("keys", ())}
+        if "budget" in raw:  # older snapshots kept no budget
+            state.budget = BudgetLedger.from_wire(raw["budget"], now=state.clock())
+            state.fates = FateMemory.from_wire(raw.get("fates", ()))
         for buf in (*state.pending.values(), *state.late.values()):
             state.pending_cost_ids |= buf.cost_ids
         return state

@@ -82,7 +82,16 @@ class PendingLeaves:
     step is closed or shipped (:meth:`sums`).
     """
 
-    __slots__ = ("ancestors", "cost_ids", "keyed", "leaves", "samples", "scenarios")
+    __slots__ = (
+        "ancestors",
+        "cost_ids",
+        "group_spend",
+        "keyed",
+        "keyed_groups",
+        "leaves",
+        "samples",
+        "scenarios",
+    )
 
     def __init__(self) -> None:
         self.leaves: dict[str, Any] = {}
@@ -91,6 +100,12 @@ class PendingLeaves:
         self.scenarios: set[bytes] = set()
         self.keyed: list[KeyedCost] = []  # producer side: applied once per id by the actor
         self.cost_ids: set[bytes] = set()  # in-process: response ids already applied here
+        self.group_spend: dict[bytes, list[Number]] = {}
+        """Raw values of the cost leaves recorded inside a rollout with a group id, by group
+        digest (a part of :attr:`leaves`, for the outcomes: :mod:`.outcome`)."""
+        self.keyed_groups: dict[int, bytes] = {}
+        """The group digest of a keyed cost, by its index in :attr:`keyed` (the aggregator
+        adds it to the group's spend only if the cost is applied: once per response id)."""
 
     def record(self, key: str, value: Number | bool) -> None:
         """Add a validated value to ``key`` (a key registry records ``True``).
@@ -142,6 +157,18 @@ class PendingLeaves:
             key: exact_sum(held) if held.__class__ is list else to_decimal(held)
             for key, held in self.leaves.items()
         }
+
+    def add_group_spend(self, group: bytes, value: Number) -> None:
+        """Note that ``value`` dollars of a cost leaf belong to ``group`` (a digest)."""
+        held = self.group_spend.get(group)
+        if held is None:
+            self.group_spend[group] = [value]
+        else:
+            held.append(value)
+
+    def group_sums(self) -> dict[bytes, Decimal]:
+        """The exact spend per group digest so far (keyed costs are not in it)."""
+        return {group: exact_sum(values) for group, values in self.group_spend.items()}
 
     def to_buffer(self) -> StepBuffer:
         """The exact step buffer of these leaves (consumes this object)."""
@@ -197,11 +224,16 @@ class KeyRegistries:
 
 
 def drain_tape(
-    items: list[Any], pending: dict[Slot, PendingLeaves], his: dict[int, int], seq: int
+    items: list[Any],
+    pending: dict[Slot, PendingLeaves],
+    his: dict[int, int],
+    seq: int,
+    groups: dict[int, bytes] | None = None,
 ) -> int:
     """Add tape ``items`` to the ``pending`` leaves of their slots; note in ``his`` that
     batch ``seq`` carries each rollout's last leaves. Returns the number of leaves added
-    (scenario digests included, builder creation marks not).
+    (scenario digests included, builder creation marks not). A ``costs/`` leaf of a rollout
+    that ``groups`` (rollout id to group digest) names is also added to its group's spend.
 
     No conflict check here: the key registries made it (a builder still holding a forgotten
     step's registry could pass one; the aggregator then keeps both values, the ancestor's as
@@ -235,6 +267,10 @@ def drain_tape(
             held.append(value)
         else:
             leaves[key] = [held, value]
+        if groups and key.startswith("costs/"):
+            group = groups.get(rid)
+            if group is not None:
+                into.add_group_spend(group, value)  # type: ignore[union-attr]
     return len(items) // ENTRY - markers
 
 

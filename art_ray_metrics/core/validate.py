@@ -12,7 +12,7 @@ import re
 from decimal import Decimal
 from typing import Final
 
-from art_ray_metrics.core.keys import is_cumulative
+from art_ray_metrics.core.keys import DERIVED_COST_NAMES, is_cumulative
 from art_ray_metrics.errors import InvalidMetricError
 
 __all__ = [
@@ -95,6 +95,11 @@ def validate_key(key: object) -> str:
         raise InvalidMetricError(
             f"Metric key {key=!r} uses the reserved cumulative namespace '<section>/cum/...'; "
             "cumulative values are computed by the aggregator"
+        )
+    if key.startswith("costs/") and key.split("/", 2)[1] in DERIVED_COST_NAMES:
+        raise InvalidMetricError(
+            f"Metric key {key=!r} is computed by the aggregator (costs/outcome/..., the run "
+            f"budget's keys); reserved names under costs/: {sorted(DERIVED_COST_NAMES)}"
         )
     if len(_VALID_KEYS) < _VALID_KEYS_MAX:
         _VALID_KEYS.add(key)
@@ -237,4 +242,8 @@ def check_cost_context(context: object) -> str:
     text = context.strip() if isinstance(context, str) else ""
     if not text:
         raise InvalidMetricError(f"Expected a non-empty cost_context but got {context!r}")
+    if text.partition("/")[0] in DERIVED_COST_NAMES or text.partition("/")[0] == "cum":
+        raise InvalidMetricError(
+            f"Expected a cost_context that is not computed by the aggregator but got {text!r}"
+        )
     return check_text("cost_context", text)

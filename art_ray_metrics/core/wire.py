@@ -34,6 +34,7 @@ defaults; fields are never reordered or retyped; an unknown version is refused.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -42,6 +43,7 @@ import msgpack
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.dedupe import DIGEST_SIZE
+from art_ray_metrics.core.outcome import GroupSpend
 from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
 from art_ray_metrics.core.samples import SampleStats, check_sample_key
 from art_ray_metrics.errors import InvalidMetricError, MetricsError, WireFormatError
@@ -61,7 +63,13 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SPEND_VERSION = 4
+"""A format-3 batch plus a tenth field, the spend it carries for the run budget and the
+outcomes: ``[admitted, [[group index, [[group digest, dollars], ...]], ...]]``; a group entry
+may carry a third item, ``[[keyed cost index, group digest], ...]``, the groups of its keyed
+costs (a reader takes entries of two or three items). Written only by a batch that carries any
+(so runs without budgets or group ids write format 3)."""
+READABLE_VERSIONS = (1, 2, 3, 4)
 BATCH_MAGIC = "arm-batch"
 STATE_MAGIC = "arm-state"
 
@@ -83,7 +91,7 @@ def encode_batch(batch: LeafBatch) -> bytes:
     out: bytes = msgpack.packb(
         [
             BATCH_MAGIC,
-            FORMAT_VERSION,
+            SPEND_VERSION if _spend_field(batch) else FORMAT_VERSION,
             batch.producer_id,
             batch.seq,
             groups,
@@ -91,10 +99,54 @@ def encode_batch(batch: LeafBatch) -> bytes:
             batch.acked_upto,
             batch.dropped,
             [list(entry) for entry in batch.lost],
+            *_spend_field(batch),
         ],
         use_bin_type=True,
     )
     return out
+
+
+def _spend_field(batch: LeafBatch) -> list[Any]:
+    """The format-4 tenth field, or nothing (see :data:`SPEND_VERSION`)."""
+    spend: list[Any] = []
+    for i, g in enumerate(batch.groups):
+        if g.group_spend or g.keyed_groups:
+            entry: list[Any] = [i, [[d, str(v)] for d, v in sorted(g.group_spend.items())]]
+            if g.keyed_groups:
+                entry.append([[k, d] for k, d in sorted(g.keyed_groups.items())])
+            spend.append(entry)
+    if not spend and not batch.admitted:
+        return []
+    return [[str(batch.admitted), spend]]
+
+
+def _decode_spend(raw: object, groups: list[StepGroup]) -> Decimal:
+    """Apply a format-4 spend field to ``groups``; returns the admitted dollars."""
+    if not isinstance(raw, list) or len(raw) != 2 or not isinstance(raw[1], list):
+        raise WireFormatError(f"Expected [admitted, group spend] but got {raw!r}")
+    admitted = _decimal(raw[0], "admitted")
+    for entry in raw[1]:
+        if not isinstance(entry, list) or len(entry) not in (2, 3):
+            raise WireFormatError(f"Expected [group index, spend] but got {entry!r}")
+        index = _int(entry[0], "group index", 0)
+        if index >= len(groups):
+            raise WireFormatError(f"Group spend for group {index} of {len(groups)}")
+        spend = GroupSpend.from_wire(entry[1]).sums
+        keyed: dict[int, bytes] = {}
+        if len(entry) == 3:
+            count = len(groups[index].keyed_costs)
+            if not isinstance(entry[2], list):
+                raise WireFormatError(f"Expected the groups of keyed costs, got {entry[2]!r}")
+            for item in entry[2]:
+                if not isinstance(item, list) or len(item) != 2:
+                    raise WireFormatError(f"Expected [keyed cost index, group] but got {item!r}")
+                at = _int(item[0], "keyed cost index", 0)
+                group = item[1]
+                if at >= count or not isinstance(group, bytes) or len(group) != DIGEST_SIZE:
+                    raise WireFormatError(f"Bad group of keyed cost {at} of {count}: {group!r}")
+                keyed[at] = group
+        groups[index] = replace(groups[index], group_spend=spend, keyed_groups=keyed)
+    return admitted
 
 
 def unpack(data: object, *, what: str, error: type[MetricsError] = WireFormatError) -> Any:
@@ -173,6 +225,17 @@ def _int(value: object, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise WireFormatError(f"Expected {what} as an int >= {minimum} but got {value!r}")
     return value
+
+
+def _decimal(value: object, what: str) -> Decimal:
+    """A finite non-negative decimal string."""
+    try:
+        amount = Decimal(value) if isinstance(value, str) else None
+    except InvalidOperation:
+        amount = None
+    if amount is None or not amount.is_finite() or amount < 0:
+        raise WireFormatError(f"Expected {what} as a non-negative decimal string, got {value!r}")
+    return amount
 
 
 def _str(value: object, what: str) -> str:
@@ -271,7 +334,7 @@ def decode_batch(data: bytes) -> LeafBatch:
     """Parse and validate a batch; raise :class:`WireFormatError` on anything unexpected."""
     obj = _unpack(data, BATCH_MAGIC)
     version = obj[1]
-    want = {1: 5, 2: 8}.get(version, 9)
+    want = {1: 5, 2: 8, 3: 9}.get(version, 10)
     if len(obj) != want:
         raise WireFormatError(f"Expected {want} batch fields but got {len(obj)}")
     producer_id = _str(obj[2], "producer_id")
@@ -284,14 +347,23 @@ def decode_batch(data: bytes) -> LeafBatch:
         incarnation = obj[5]
         acked_upto = _int(obj[6], "acked_upto", 0)
         dropped = _int(obj[7], "dropped", 0)
-    if want == 9:
+    if want >= 9:
         lost = _lost(obj[8], acked_upto)
     raw_groups = obj[4]
     if not isinstance(raw_groups, list):
         raise WireFormatError(f"Expected a list of groups but got {raw_groups!r}")
     groups = [_group(raw) for raw in raw_groups]
+    admitted = _decode_spend(obj[9], groups) if want == 10 else Decimal(0)
     return LeafBatch(
-        producer_id, seq, tuple(groups), incarnation, acked_upto, dropped, tuple(lost), version
+        producer_id,
+        seq,
+        tuple(groups),
+        incarnation,
+        acked_upto,
+        dropped,
+        tuple(lost),
+        version,
+        admitted,
     )
 
 

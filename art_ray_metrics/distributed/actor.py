@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from art_ray_metrics.config import AggregatorConfig
@@ -176,6 +177,13 @@ class MetricsAggregator:
             max_keys_per_step=self.config.max_keys_per_step,
             max_keys_per_run=self.config.max_keys_per_run,
             max_open_scopes=self.config.max_open_scopes,
+        )
+        cfg = self.config
+        self.state.budget.configure(
+            limit=None if cfg.budget_usd is None else Decimal(repr(cfg.budget_usd)),
+            soft=Decimal(repr(cfg.budget_soft)),
+            silence_timeout_s=cfg.budget_silence_timeout_s,
+            planned_steps=cfg.budget_planned_steps,
         )
         meta = self.state.meta
         # every start claims the next writer epoch, durably, before anything else: so epoch - 1
@@ -534,6 +542,8 @@ class MetricsAggregator:
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
         on_timeout: str = "close",
+        group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
         if on_timeout not in ("close", "raise"):
@@ -542,8 +552,91 @@ class MetricsAggregator:
             )
         self._ensure_tasks()
         return await self.barriers.close(
-            step, split, metrics, expect_producers, timeout_s, on_timeout
+            step,
+            split,
+            metrics,
+            expect_producers,
+            timeout_s,
+            on_timeout,
+            group_fates,
+            derived_fates,
         )
+
+    # -- the run budget (leases; see core/budget.py) -----------------------------------------
+
+    async def budget_info(self) -> str | None:
+        """The run's hard limit as a decimal string (``None``: no budget)."""
+        await self._await_boot()
+        limit = self.state.budget.limit
+        return None if limit is None else str(limit)
+
+    async def budget_grant(
+        self, producer: str, incarnation: str, want: str, need: str, held: str
+    ) -> list[Any]:
+        """Grant budget to a producer incarnation: ``[amount, exhausted, limit, spent,
+        committed]`` (amounts as decimal strings, ``limit`` None without one)."""
+        await self._await_boot()
+        grant = self.state.budget.grant(
+            producer,
+            incarnation,
+            want=Decimal(want),
+            need=Decimal(need),
+            held=Decimal(held),
+            now=time.monotonic(),
+        )
+        if grant.seq:  # logged before the answer: a restart never grants it twice
+            self._ensure_tasks()
+            self.wal.log_grant((producer, incarnation, str(grant.amount), grant.seq))
+            if not await self.wal.await_grant(grant.seq):
+                log.warning(
+                    "art_ray_metrics: budget grant %s to %s is not in the write-ahead log yet "
+                    "(storage failing); answered anyway, the next checkpoint holds it",
+                    grant.seq,
+                    producer,
+                )
+        limit = None if grant.limit is None else str(grant.limit)
+        return [str(grant.amount), grant.exhausted, limit, str(grant.spent), str(grant.committed)]
+
+    async def budget_return(self, producer: str, incarnation: str, amount: str) -> None:
+        """A producer incarnation gives unused budget back (idle, or closing)."""
+        await self._await_boot()
+        self.state.budget.give_back(producer, incarnation, Decimal(amount), now=time.monotonic())
+
+    async def budget_gone(self, producer: str, incarnation: str) -> bool:
+        """Take a producer incarnation for gone (its process died): its lease is reported as
+        ``costs/unreconciled`` on the next row. Returns whether it held any."""
+        await self._await_boot()
+        return self.state.budget.declare_gone(producer, incarnation)
+
+    async def set_budget(
+        self, budget_usd: float | str | None, budget_soft: float | str | None = None
+    ) -> dict[str, Any]:
+        """Change the run's limits while it runs (kept over restarts); see
+        :meth:`AggregatorHandle.set_budget`."""
+        await self._await_boot()
+        self.state.budget.set_limit(
+            None if budget_usd is None else Decimal(str(budget_usd)),
+            None if budget_soft is None else Decimal(str(budget_soft)),
+            live=True,
+        )
+        await self.committer.persist()
+        return self._budget_figures()
+
+    async def budget_stats(self) -> dict[str, Any]:
+        """The run budget's figures (:meth:`AggregatorHandle.budget`)."""
+        await self._await_boot()
+        return self._budget_figures()
+
+    def _budget_figures(self) -> dict[str, Any]:
+        budget = self.state.budget
+        return {
+            "limit": None if budget.limit is None else float(budget.limit),
+            "soft": float(budget.soft),
+            "spent": float(budget.spent),
+            "committed": float(budget.committed()),
+            "unreconciled": float(budget.unreconciled()),
+            "leases": len(budget.accounts),
+        }
 
     async def rewind(self, step: int) -> dict[str, Any]:
         """The trainer resumed from its checkpoint of ``step``; see the module docstring."""

@@ -24,6 +24,7 @@ from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import rewind as R
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.meta import Health, LastRow, OutboxEntry
+from art_ray_metrics.core.outcome import FateTable
 from art_ray_metrics.core.state import AggregatorState, split_trainer_metrics
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.commit import Committer
@@ -94,11 +95,15 @@ class Barriers:
         expect_producers: int | list[str] | None,
         timeout_s: float | None,
         on_timeout: str,
+        group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close ``(step, split)`` and return its row; see :meth:`AggregatorHandle.log`."""
         V.check_step(step)
         V.check_split(split)
         split_trainer_metrics(metrics)  # invalid metrics raise before anything happens
+        FateTable.from_trainer(group_fates)  # and so do invalid fates
+        FateTable.from_trainer(derived_fates)
         last = self.state.meta.last_rows.get(split)
         if last is not None and last.step == step:
             return dict(last.row)  # a retried barrier call: same row, nothing closed twice
@@ -109,7 +114,14 @@ class Barriers:
         self.closing[(step, split)] = future
         try:
             row = await self._close(
-                step, split, metrics, expect_producers, timeout_s, on_timeout == "raise"
+                step,
+                split,
+                metrics,
+                expect_producers,
+                timeout_s,
+                on_timeout == "raise",
+                group_fates,
+                derived_fates,
             )
         except BaseException as exc:
             future.set_exception(exc)
@@ -128,6 +140,8 @@ class Barriers:
         expect_producers: int | list[str] | None,
         timeout_s: float | None,
         strict: bool = False,
+        group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         started = time.monotonic()
         assert self.lock is not None
@@ -151,7 +165,9 @@ class Barriers:
             if gpu is not None and "costs/gpu" not in metrics:
                 metrics["costs/gpu"] = gpu
         async with self.lock:  # never while a rewind reads its records
-            return await self._close_now(step, split, metrics, started, now)
+            return await self._close_now(
+                step, split, metrics, started, now, group_fates, derived_fates
+            )
 
     async def _close_now(
         self,
@@ -160,11 +176,22 @@ class Barriers:
         metrics: dict[str, float],
         started: float,
         now: float,
+        group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """Close, record and commit; the state changes in one synchronous stretch."""
         ledgers = (self.state.cum.scenarios, self.state.cum.cost_ids)
         before = [len(ledger.journal_bytes()) for ledger in ledgers]
-        report = self.state.close_step(step, split, metrics)  # raises InvalidMetricError
+        for producer, incarnation in self.state.budget.sweep(time.monotonic()):
+            log.warning(
+                "art_ray_metrics: producer %s (incarnation %s) went silent holding budget: "
+                "its lease is reported as costs/unreconciled",
+                producer,
+                incarnation,
+            )
+        report = self.state.close_step(  # raises InvalidMetricError
+            step, split, metrics, group_fates, derived_fates
+        )
         if self.config.rewind_window > 0:
             added = [ledger.journal_bytes()[n:] for ledger, n in zip(ledgers, before, strict=True)]
             key, data, evicted = R.record_close(
@@ -185,6 +212,8 @@ class Barriers:
                 "producers_in_row": len(report.producers),
             }
             row.update(counters.row_values("close", in_row, K.TELEMETRY_PREFIX))
+        if self.state.budget.cross_soft():
+            self._soft_limit_crossed()
         recorded_at = datetime.now(UTC).isoformat()
         self.state.meta.outbox.append(OutboxEntry(step, split, row, recorded_at))
         self.state.meta.last_rows[split] = LastRow(step, row)
@@ -194,6 +223,19 @@ class Barriers:
         self.telemetry.observe("barrier_seconds", time.monotonic() - started)
         self.published()
         return row
+
+    def _soft_limit_crossed(self) -> None:
+        """One log line and one W&B alert when the spend first reaches the soft limit."""
+        budget = self.state.budget
+        text = (
+            f"Run {self.config.run_name!r} spent ${budget.spent:.2f} of its ${budget.limit} "
+            f"budget (soft limit {budget.soft:%}); calls are refused past the limit"
+        )
+        log.warning("art_ray_metrics: %s", text)
+        for sink in self.row_sinks():
+            alert = getattr(sink, "alert", None)
+            if alert is not None:
+                alert("art_ray_metrics: budget soft limit", text)
 
     async def _implicit_rewind(self, step: int, split: str) -> None:
         try:

@@ -77,6 +77,7 @@ from art_ray_metrics.core.tape import (
     drain_tape,
 )
 from art_ray_metrics.core.wire import decode_batch, encode_batch
+from art_ray_metrics.distributed.budget import ClientBudget
 from art_ray_metrics.distributed.transport import (
     JITTER,
     AggregatorGoneError,
@@ -90,6 +91,7 @@ from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = [
+    "MAX_GROUPS",
     "FlushResult",
     "MetricsClient",
     "close_clients",
@@ -162,11 +164,22 @@ class MetricsClient:
     def _start(self) -> None:
         """Fresh per-process state: a new incarnation, sequence and background thread."""
         self.incarnation = _new_incarnation()
+        self.budget = ClientBudget(
+            self._transport,
+            self.producer_id,
+            self.incarnation,
+            lease_calls=self.config.budget_lease_calls,
+            wait_s=self.config.budget_wait_s,
+            default_max_tokens=self.config.default_max_tokens,
+            # a config pickled by a build without the field has none: its default
+            first_wait_s=getattr(self.config, "budget_first_wait_s", 5.0),
+        )
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self.tape.clear()  # in a forked child: the parent ships what it recorded
         self._gen = getattr(self, "_gen", 0) + 1  # rollouts begun before a fork are older
         self._his: dict[int, int] = {}  # rollout id -> seq of the batch with its last leaves
+        self._groups: dict[int, bytes] = {}  # rollout id -> group digest (set_group)
         self._prune_his_at = _PRUNE_HIS_AT
         self._keys = KeyRegistries()  # see open_rollout and _register
         self._pending: dict[Slot, PendingLeaves] = {}
@@ -249,6 +262,23 @@ class MetricsClient:
         """
         self._keys.register(slot, key)
 
+    def set_group(self, ctx: RolloutCtx, group: bytes, *, explicit: bool = True) -> None:
+        """Tag the rollout of ``ctx`` with a group digest: its cost leaves recorded from now
+        on, and those still on the tape (not yet drained into a batch), count as that
+        group's spend (the outcomes). A default (``explicit`` False: the rollout's scenario
+        id) never replaces a group already set; a named one replaces a default. The newest
+        :data:`MAX_GROUPS` rollouts are remembered."""
+        rid = ctx[1]
+        if not explicit and rid in self._groups:  # the common repeat: no lock
+            return
+        with self._lock:
+            if not explicit and rid in self._groups:
+                return
+            self._groups[rid] = group
+            if len(self._groups) > MAX_GROUPS:
+                for old in list(self._groups)[: MAX_GROUPS // 2]:
+                    del self._groups[old]
+
     def _drain(self) -> None:
         """Move the tape into ``_pending`` (under the lock). Each drained rollout learns the
         seq of the batch that will carry its leaves: the next one."""
@@ -260,7 +290,7 @@ class MetricsClient:
         del tape[:n]  # entries added meanwhile stay for the next drain
         self._ledger.note_drain(items)  # which rollout recorded what
         his = self._his
-        self._pending_leaves += drain_tape(items, self._pending, his, self._seq + 1)
+        self._pending_leaves += drain_tape(items, self._pending, his, self._seq + 1, self._groups)
         if len(his) > self._prune_his_at:  # forget rollouts whose batches are all durable
             upto = self._acked_upto()
             his = {r: h for r, h in his.items() if h > upto}
@@ -335,7 +365,11 @@ class MetricsClient:
         """Add a cost applied at most once per response id (by the aggregator)."""
         V.check_text("response_id", rid)
         with self._lock:
-            self._slot(ctx[0]).keyed.append(KeyedCost(key, value, rid))
+            pending = self._slot(ctx[0])
+            group = self._groups.get(ctx[1]) if self._groups else None
+            if group is not None:
+                pending.keyed_groups[len(pending.keyed)] = group
+            pending.keyed.append(KeyedCost(key, value, rid))
             self._ledger.note_entry([ctx[0], ctx[1], key, value])
             self._his[ctx[1]] = self._seq + 1
             self._pending_leaves += 1
@@ -361,8 +395,10 @@ class MetricsClient:
     def _build(self) -> tuple[int, bytes] | None:
         """Encode everything pending as the next batch (under the lock). The seq is consumed
         only once the bytes exist: nothing accepted can wedge the sequence."""
+        admitted = self.budget.take_admitted()  # before the drain: its leaves are on the tape
         self._drain()
         if not self._pending:
+            self.budget.untake(admitted)
             self._last_ship = time.monotonic()
             return None
         groups = tuple(
@@ -373,6 +409,8 @@ class MetricsClient:
                 tuple(p.keyed),
                 b"".join(sorted(p.scenarios)),
                 p.sample_stats(),
+                p.group_sums(),
+                dict(p.keyed_groups),
             )
             for (step, scope), p in sorted(self._pending.items())
         )
@@ -393,11 +431,13 @@ class MetricsClient:
             self._acked_upto(),
             self._dropped_unreported,
             lost,
+            admitted=admitted,
         )
         drained = self._ledger.take_drained()
         try:
             data = encode_batch(batch)
         except Exception as exc:  # validation should make this impossible: report, never wedge
+            self.budget.untake(admitted)
             self._pending.clear()
             self._pending_leaves = 0
             self.counters["rejected"] += 1
@@ -670,6 +710,7 @@ class MetricsClient:
                 self._lookup()
                 if self._foreign:
                     self._reap_foreign()
+                self.budget.tick()
                 if self._inflight:
                     self.reap()
                 now = time.monotonic()
@@ -1049,3 +1090,8 @@ def named_config(name: str | None, namespace: str | None) -> ClientConfig:
         fields = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
         config = _NAMED_CONFIGS[(name, namespace)] = ClientConfig(**fields)
     return config
+
+
+MAX_GROUPS = 65_536
+"""Rollouts whose group a client remembers (:meth:`MetricsClient.set_group`); beyond, the
+oldest half is forgotten (a rollout that long-lived records untagged spend: ``unknown``)."""

@@ -93,8 +93,17 @@ class AggregatorHandle:
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
         on_timeout: Literal["close", "raise"] = "close",
+        group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """The step barrier: close ``(step, split)``, merge ``metrics``, return the logged row.
+
+        ``group_fates`` (``{group_id: fate}``, fates ``trained``, ``zero_variance``, ``stale``,
+        ``errored``, ``discarded``) splits the row's spend into ``costs/outcome/<fate>`` (see
+        the README's "Controlling spend"); spend without a fate is ``costs/outcome/unknown``.
+        ``derived_fates`` are fates an integration derived itself (the ART adapter passes
+        them): attributed the same way (``group_fates`` win for a group in both), but they do
+        not turn the outcome keys on for a run whose spend carries no group id.
 
         ``expect_producers`` waits (up to ``timeout_s``) until that many producers, or that set
         of producer ids, reported for the step. When they don't, the step is closed with what
@@ -107,10 +116,33 @@ class AggregatorHandle:
         V.check_step(step)
         V.check_split(split)
         self._sync_credentials()
-        row: dict[str, float] = self._call(
-            "log", step, split, dict(metrics or {}), expect_producers, timeout_s, on_timeout
-        )
+        fates = {str(g): f for g, f in (group_fates or {}).items()}
+        derived = {str(g): f for g, f in (derived_fates or {}).items()}
+        args: tuple[Any, ...] = (step, split, dict(metrics or {}), expect_producers, timeout_s)
+        row: dict[str, float] = self._call("log", *args, on_timeout, fates, derived)
         return row
+
+    def budget(self) -> dict[str, Any]:
+        """The run budget's figures: ``limit``, ``soft``, ``spent``, ``committed`` (spend plus
+        the leases workers hold), ``unreconciled`` (the crash bound) and ``leases``."""
+        out: dict[str, Any] = self._call("budget_stats")
+        return out
+
+    def set_budget(
+        self, budget_usd: float | None, budget_soft: float | None = None
+    ) -> dict[str, Any]:
+        """Change the run's hard limit (and soft fraction) while it runs; kept over restarts.
+
+        Raising it lets refused calls through again and re-arms the soft alert; lowering it
+        below what is committed stops new grants (leases already held stay spendable).
+        Returns the budget's figures (``limit``, ``soft``, ``spent``, ``committed``,
+        ``unreconciled``, ``leases``).
+
+        Raises:
+            ConfigError: a negative or non-finite limit, or a soft fraction outside (0, 1].
+        """
+        out: dict[str, Any] = self._call("set_budget", budget_usd, budget_soft)
+        return out
 
     def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         """Call a remote method; retry while the actor restarts (about 50 s at most).
@@ -144,6 +176,8 @@ class AggregatorHandle:
         expect_producers: int | list[str] | None = None,
         timeout_s: float | None = None,
         on_timeout: Literal["close", "raise"] = "close",
+        group_fates: Mapping[str, str] | None = None,
+        derived_fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
         """:meth:`log` for asyncio trainers."""
         return await asyncio.to_thread(
@@ -154,6 +188,8 @@ class AggregatorHandle:
             expect_producers=expect_producers,
             timeout_s=timeout_s,
             on_timeout=on_timeout,
+            group_fates=group_fates,
+            derived_fates=derived_fates,
         )
 
     def rewind(self, step: int) -> dict[str, Any]:

@@ -30,10 +30,12 @@ from art_ray_metrics.builder import COST_KEYS, LeafRecorder, resolve_alias, scen
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
+from art_ray_metrics.core.outcome import group_digest
 from art_ray_metrics.core.tape import Number
 from art_ray_metrics.distributed.client import FlushResult, MetricsClient, get_client, named_config
 from art_ray_metrics.distributed.workerenv import load_worker_env
 from art_ray_metrics.errors import InvalidMetricError
+from art_ray_metrics.spend.admission import Admission
 from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = ["WorkerBuilder", "connect"]
@@ -200,6 +202,8 @@ class WorkerBuilder(LeafRecorder):
         # after the counts, as on the general path
         # (once: scenario_ids may be an iterator)
         digests = scenario_digests(scenario_ids) if scenario_ids is not None else None
+        if digests and len(set(digests)) == 1:  # the rollout's one scenario: its default group
+            self.client.set_group(self._ctx, digests[0], explicit=False)
         if not self._put_fixed(_DATA_KEYS, (step_num_scenarios, step_actor_tokens)):
             super().add_data(step_num_scenarios, step_actor_tokens)  # checks; may raise
             if digests:
@@ -234,6 +238,23 @@ class WorkerBuilder(LeafRecorder):
         if not self._put_fixed(_IDLE_KEYS, (step_trainer_idle_s, step_actor_idle_s)):
             super().add_idle_times(step_trainer_idle_s, step_actor_idle_s)
 
+    def set_group(self, group_id: object) -> WorkerBuilder:
+        """Name the trajectory group this rollout belongs to (any id; compared as a string).
+
+        Its cost leaves then count as that group's spend, which the barrier splits by the fate
+        the trainer gives the group (``handle.log(step, group_fates={group_id: fate})``:
+        ``costs/outcome/<fate>``). Covers the rollout's views (``for_step``,
+        ``for_cost_context``) and its leaves recorded from now on (and those not yet drained
+        into a batch): set it before the rollout's first paid call, or pass
+        ``connect(step, group=...)``. Without it, a rollout's group is the scenario id it
+        records with ``add_data(scenario_ids=[id])`` (one id), from then on. Returns ``self``.
+
+        Raises:
+            InvalidMetricError: ``None``, a bool or an empty id.
+        """
+        self.client.set_group(self._ctx, group_digest(group_id))
+        return self
+
     def _record(self, key: str, value: Number) -> None:
         if -V.MAX_MAGNITUDE < value < V.MAX_MAGNITUDE:
             self.client.record_into(self._ctx, key, value)
@@ -251,6 +272,10 @@ class WorkerBuilder(LeafRecorder):
 
     def _pricing(self) -> PricingRegistry:
         return self.client.pricing
+
+    def _admission(self) -> Admission | None:
+        """The process's admission under the run budget (``None``: no budget)."""
+        return self.client.budget.active()
 
     def for_cost_context(
         self, cost_context: str, *, buffer_scope: str | None = None
@@ -296,6 +321,7 @@ def connect(
     namespace: str | None = None,
     producer_id: str | None = None,
     config: ClientConfig | None = None,
+    group: object = None,
 ) -> WorkerBuilder:
     """A builder for one step in a worker, recording into the named aggregator.
 
@@ -306,8 +332,19 @@ def connect(
     ``.``) raises :class:`InvalidMetricError`, since no barrier could close its leaves. The
     actor is looked up lazily, on the first send. The first call in a Ray worker process
     also sets the variables the driver shares with ``AggregatorConfig.worker_env`` (API keys)
-    that the process lacks, in ``os.environ``.
+    that the process lacks, in ``os.environ``. ``group`` names the rollout's trajectory group
+    (:meth:`WorkerBuilder.set_group`).
     """
+    if group is not None:
+        return connect(
+            step,
+            cost_context,
+            split=split,
+            name=name,
+            namespace=namespace,
+            producer_id=producer_id,
+            config=config,
+        ).set_group(group)
     cache_key = (cost_context, split, name, namespace, producer_id)
     cacheable = config is None
     if config is None:

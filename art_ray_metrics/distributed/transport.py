@@ -95,6 +95,13 @@ class Transport(Protocol):
     def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
         """Send a ``confirm`` (fire and forget); False when it was not sent."""
 
+    def call(self, method: str, *args: Any) -> concurrent.futures.Future[Any]:
+        """Start a call of another remote method (the run budget's); its future (no lookup).
+
+        Raises:
+            AggregatorUnavailableError: No aggregator is resolved.
+        """
+
     def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
         """The calls among ``calls`` that finished (at least ``num_returns`` unless timed out)."""
 
@@ -249,6 +256,16 @@ class RayTransport(_Lookups):
             raise AggregatorUnavailableError("Ray is not initialized in this process")
         return _as_future(actor.ingest.remote(data, durable))
 
+    def call(self, method: str, *args: Any) -> concurrent.futures.Future[Any]:
+        """Call another remote method without waiting (the run budget's grants)."""
+        actor = self._actor
+        if actor is None:
+            raise AggregatorUnavailableError(self.lookup_error or "the aggregator is not found yet")
+        if not _ray_connected():
+            raise AggregatorUnavailableError("Ray is not initialized in this process")
+        future: concurrent.futures.Future[Any] = getattr(actor, method).remote(*args).future()
+        return future
+
     def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
         actor = self._actor
         if actor is None or not _ray_connected():
@@ -332,6 +349,14 @@ class InProcessTransport(_Lookups):
         if target is None:
             raise AggregatorUnavailableError(self.lookup_error or "the aggregator is not found yet")
         return target.submit("ingest", data, durable)
+
+    def call(self, method: str, *args: Any) -> concurrent.futures.Future[Any]:
+        """Call another method of the aggregator without waiting."""
+        target = self._target
+        if target is None:
+            raise AggregatorUnavailableError(self.lookup_error or "the aggregator is not found yet")
+        future: concurrent.futures.Future[Any] = target.submit(method, *args)
+        return future
 
     def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
         target = self._target

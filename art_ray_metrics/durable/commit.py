@@ -38,7 +38,7 @@ from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import batch_identity
 from art_ray_metrics.durable.checkpoint import CheckpointManager, CheckpointParts
 from art_ray_metrics.durable.history import HistoryStore
-from art_ray_metrics.durable.restore import WalDecision, encode_wal_record
+from art_ray_metrics.durable.restore import GrantEntry, WalDecision, encode_wal_record
 from art_ray_metrics.durable.storage import ObjectStore
 from art_ray_metrics.errors import (
     FencedError,
@@ -131,6 +131,8 @@ class WalWriter:
         self.wake: asyncio.Event | None = None
         self.lock: asyncio.Lock | None = None
         self.inflight = 0  # durable calls waiting for a write
+        self.grants: list[GrantEntry] = []  # run-budget grants to log (before their answer)
+        self.grants_durable = 0  # the newest grant seq a write logged
         fence.listen(self.clear)
 
     def start(self) -> None:
@@ -166,6 +168,24 @@ class WalWriter:
             self.since_ckpt.append((key, result.seq))
             self.windows.logged(key, result.seq, result.acked_upto)
 
+    def log_grant(self, grant: GrantEntry) -> None:
+        """Queue a run-budget grant; the aggregator answers it once :meth:`await_grant`
+        returns (so a restart replays every grant a producer may hold)."""
+        self.grants.append(grant)
+
+    async def await_grant(self, seq: int) -> bool:
+        """Wait until grant ``seq`` is in the log (or a write that should have logged it
+        failed, or the writer is fenced). Returns whether it is logged."""
+        for _ in range(2):  # the write in flight may predate the grant: then the next one
+            if self.grants_durable >= seq or self.fence:
+                break
+            self.inflight += 1
+            try:
+                await asyncio.shield(self._future())
+            finally:
+                self.inflight -= 1
+        return self.grants_durable >= seq
+
     def ack(self, result: IngestResult) -> IngestAck:
         """The answer to a batch, with what its producer's durable window says now."""
         key = (result.producer_id, result.incarnation)
@@ -186,6 +206,7 @@ class WalWriter:
     def clear(self) -> None:
         """Drop the queue (fenced: nothing more is written)."""
         self.queue.clear()
+        self.grants.clear()
         self.queue_bytes = 0
 
     # -- durability -------------------------------------------------------------------------
@@ -245,11 +266,12 @@ class WalWriter:
                     fut.set_result(None)
 
     async def _write_locked(self) -> None:
-        if not self.queue or self.fence:
+        if not (self.queue or self.grants) or self.fence:
             return
         batch, self.queue = self.queue, []
+        grants, self.grants = self.grants, []
         self.queue_bytes = 0
-        record = encode_wal_record([(d, refused) for d, _, _, refused in batch])
+        record = encode_wal_record([(d, refused) for d, _, _, refused in batch], grants)
         started = time.monotonic()
         try:
             await asyncio.to_thread(self.ckpt.append_wal, record)
@@ -258,12 +280,15 @@ class WalWriter:
             return
         except StorageError as exc:
             self.queue[:0] = batch  # keep for the next attempt or the next checkpoint
+            self.grants[:0] = grants
             self.count_bytes()
             self.health.wal_failures += 1
             self.health.storage_failed(exc)
             return
         self.health.wal_writes += 1
         self.observe("wal_commit_seconds", time.monotonic() - started)
+        if grants:
+            self.grants_durable = max(self.grants_durable, max(g[3] for g in grants))
         self.mark_durable([(p, s) for _, p, s, _ in batch])
 
     async def run(self, interval_s: float, tick: Callable[[], None]) -> None:
@@ -277,7 +302,7 @@ class WalWriter:
                 pass
             self.wake.clear()
             tick()
-            if self.queue or self.done:
+            if self.queue or self.grants or self.done:
                 await self.write()
 
 

@@ -12,13 +12,17 @@ it refused whole (``kind`` is :data:`REFUSED_LIMIT` or :data:`REFUSED_INVALID`),
 repeats each decision: an applied batch is applied (no limit is checked again), a refused one is
 counted and skipped, and a partial one is applied without the keys it names, whatever the
 limits of the process replaying. Records written before refusals were marked hold bytes only;
-their batches are decided again, with no limits.
+their batches are decided again, with no limits. An entry ``["grant", producer, incarnation,
+amount, seq]`` is a run-budget grant, logged before the producer was answered
+(:data:`GRANT`); replay applies each numbered grant once (one a checkpoint already counts is
+skipped), so a restart never grants the same budget twice.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import msgpack
@@ -34,9 +38,11 @@ from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.errors import LimitExceededError, WireFormatError
 
 __all__ = [
+    "GRANT",
     "PARTIAL",
     "REFUSED_INVALID",
     "REFUSED_LIMIT",
+    "GrantEntry",
     "RunInfo",
     "WalDecision",
     "encode_wal_record",
@@ -45,6 +51,8 @@ __all__ = [
     "refusal_kind",
 ]
 
+GRANT = "grant"
+"""WAL mark of a run-budget grant (:meth:`~art_ray_metrics.core.budget.BudgetLedger.grant`)."""
 REFUSED_LIMIT = "limit"
 """WAL mark of a batch refused by a configured limit (:class:`LimitExceededError`)."""
 REFUSED_INVALID = "invalid"
@@ -59,15 +67,24 @@ whole), or a :data:`~art_ray_metrics.core.state.Decision` (applied without the k
 log = logging.getLogger(__name__)
 
 
+GrantEntry = tuple[str, str, str, int]
+"""A logged grant: ``(producer, incarnation, amount as a decimal string, seq)``."""
+
+
 def refusal_kind(exc: WireFormatError) -> str:
     """How a refused batch is marked in the write-ahead log."""
     return REFUSED_LIMIT if isinstance(exc, LimitExceededError) else REFUSED_INVALID
 
 
-def encode_wal_record(entries: list[tuple[bytes, WalDecision]]) -> bytes:
-    """One WAL record: ``(batch bytes, decision)`` in decision order (see the module)."""
+def encode_wal_record(
+    entries: list[tuple[bytes, WalDecision]], grants: list[GrantEntry] | None = None
+) -> bytes:
+    """One WAL record: ``(batch bytes, decision)`` in decision order, then the run-budget
+    grants (see the module)."""
     out: bytes = msgpack.packb(
-        [_wal_entry(data, decided) for data, decided in entries], use_bin_type=True
+        [_wal_entry(data, decided) for data, decided in entries]
+        + [[GRANT, *grant] for grant in grants or ()],
+        use_bin_type=True,
     )
     return out
 
@@ -101,6 +118,12 @@ def rebuild_state(loaded: LoadedCheckpoint) -> tuple[AggregatorState, int]:
         )
         for entry in entries:
             decided: Decision | None = None
+            if isinstance(entry, list) and entry and entry[0] == GRANT:
+                _, producer, incarnation, amount, seq = entry
+                state.budget.replay_grant(
+                    str(producer), str(incarnation), Decimal(amount), state.clock(), int(seq)
+                )
+                continue
             if isinstance(entry, list):
                 if entry[1] != PARTIAL:  # refused whole when it arrived: refused again
                     data, kind = entry

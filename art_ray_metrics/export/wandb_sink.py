@@ -416,6 +416,19 @@ class WandbSink:
         except Exception as exc:  # defensive: telemetry never crashes the caller
             self._fail("log", exc)
 
+    def alert(self, title: str, text: str) -> bool:
+        """Send one W&B alert (``run.alert``) if the run is open; never raises. Returns
+        whether it was sent."""
+        try:
+            with self._lock:
+                if self._closed or self._run is None:
+                    return False
+                self._run.alert(title=title, text=text)
+                return True
+        except Exception as exc:  # defensive: telemetry never crashes the caller
+            self._fail("alert", exc)
+            return False
+
     def relog(self, rows: Iterable[Mapping[str, float]]) -> int:
         """Re-log rows (e.g. from the history) that W&B may have lost; never raises.
 

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar, Token
 from datetime import datetime
 from decimal import Decimal
@@ -197,6 +197,9 @@ class worker_context:  # lower case: used like a function, ``with worker_context
     :class:`~art_ray_metrics.WorkerBuilder`. Built with :func:`~art_ray_metrics.connect`, so the
     first one in a worker process also sets the API keys the driver shares
     (``AggregatorConfig.worker_env``) that the process lacks, before the block runs.
+    ``group`` names the rollout's trajectory group (:meth:`~art_ray_metrics.WorkerBuilder.
+    set_group`; the attached model's ``log`` derives its fate), by default the scenario id
+    the block records with ``add_data(scenario_ids=[id])``.
     """
 
     def __init__(
@@ -207,9 +210,12 @@ class worker_context:  # lower case: used like a function, ``with worker_context
         split: str | None = None,
         name: str | None = None,
         namespace: str | None = None,
+        group: object = None,
     ) -> None:
         art = _art()
-        self.builder = connect(step, cost_context, split=split, name=name, namespace=namespace)
+        self.builder = connect(
+            step, cost_context, split=split, name=name, namespace=namespace, group=group
+        )
         self.art_builder = _bridge_type()(self.builder, _worker_flush)
         self._art_var: ContextVar[Any] = art.metrics._active_builder
         self._tokens: list[tuple[Token[Any], Token[Any]]] = []
@@ -382,13 +388,20 @@ class _Attached:
             return  # ART logs nothing either
         if step is None:
             step = await model.get_step() if model.trainable else 0
+        fates: dict[str, str] = {}
+        if trajectories is not None:
+            trajectories = model._normalize_trajectory_groups(trajectories)  # read it once
+            if split == "train":
+                fates = group_fates(trajectories)
         capture: dict[str, Any] = {}
         token = _CAPTURE.set(capture)
         try:
             await self.original_log(model, trajectories, split, metrics=metrics, step=step)
         finally:
             _CAPTURE.reset(token)
-        await self.close(step, split, capture.get("metrics", {}), capture.get("pending"))
+        await self.close(
+            step, split, capture.get("metrics", {}), capture.get("pending"), fates or None
+        )
 
     async def close(
         self,
@@ -396,8 +409,10 @@ class _Attached:
         split: str,
         metrics: Mapping[str, float],
         pending: PendingLeaves | None,
+        fates: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
-        """Ship the trainer's leaves of the step, close it on the aggregator, append history."""
+        """Ship the trainer's leaves of the step, close it on the aggregator (with the fates
+        derived from its trajectory groups), append history."""
         cfg = self.handle.config
         if pending is not None:
             builder = connect(step, split=split, name=cfg.name, namespace=cfg.namespace)
@@ -421,7 +436,7 @@ class _Attached:
             else dict(metrics)
         )
         routed["time/wall_clock_sec"] = wall
-        row = await self.handle.alog(step, split, routed)
+        row = await self.handle.alog(step, split, routed, derived_fates=fates)
         self.write_history(row, step)
         return row
 
@@ -434,6 +449,45 @@ class _Attached:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "history.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def group_fates(groups: Iterable[Any]) -> dict[str, str]:
+    """The fate of each of ART's trajectory groups, by group id, as ``attach`` passes them.
+
+    A group's id is its scenario id as ART reads it (the group's metadata, else its
+    trajectories': ``scenario_id``), the id a worker's cost leaves carry by default
+    (``add_data(scenario_ids=[id])``, or ``worker_context(step, group=id)``). A group with
+    exceptions is ``errored``; else one whose rewards do not vary (as ART decides trainability:
+    fewer than two trajectories, or all rewards equal) is ``zero_variance``; else ``trained``.
+    Groups without an id are left out (their spend stays ``unknown``); of several groups with
+    one id, the first in ``trained``, ``zero_variance``, ``errored`` order wins.
+    """
+    rank = {"trained": 0, "zero_variance": 1, "errored": 2}
+    out: dict[str, str] = {}
+    for group in groups:
+        group_id = _scenario_id(group)
+        if group_id is None:
+            continue
+        rewards = {trajectory.reward for trajectory in group.trajectories}
+        if group.exceptions:
+            fate = "errored"
+        elif len(group.trajectories) > 1 and len(rewards) > 1:
+            fate = "trained"
+        else:
+            fate = "zero_variance"
+        held = out.get(str(group_id))
+        if held is None or rank[fate] < rank[held]:
+            out[str(group_id)] = fate
+    return out
+
+
+def _scenario_id(group: Any) -> str | None:
+    """A trajectory group's scenario id as ART 0.5.18 reads it (``metrics_taxonomy``)."""
+    for metadata in (group.metadata, *(t.metadata for t in group.trajectories)):
+        scenario_id = (metadata or {}).get("scenario_id")
+        if scenario_id is not None:
+            return str(scenario_id)
+    return None
 
 
 def _route(key: str, split: str, sections: Any) -> str:

@@ -55,14 +55,16 @@ import functools
 import inspect
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextvars import copy_context
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from art_ray_metrics.core.active import get_active_builder
 from art_ray_metrics.errors import InvalidMetricError, PricingError
-from art_ray_metrics.spend.base import StreamUsage
+from art_ray_metrics.spend.admission import Admission, Reservation
+from art_ray_metrics.spend.base import ZERO, StreamUsage, to_decimal
+from art_ray_metrics.spend.estimate import estimate_cost, request_bound
 from art_ray_metrics.spend.pricing import (
     CostExtractor,
     PriceOverrides,
@@ -75,6 +77,7 @@ from art_ray_metrics.spend.providers import STREAM_OBSERVERS
 
 __all__ = [
     "ApiCostMixin",
+    "RequestGetter",
     "ResponseGetter",
     "UnpricedCallWarning",
     "UnpricedModelWarning",
@@ -87,6 +90,9 @@ R = TypeVar("R")
 
 ResponseGetter = Callable[[Any], Any]
 """Maps the decorated function's result to the API response to price."""
+RequestGetter = Callable[..., Mapping[str, Any]]
+"""Called with the decorated function's arguments; returns the API request's keyword arguments
+(``messages``, ``max_tokens``, ...) to estimate the call from under a run budget."""
 
 _FALLBACK_REGISTRY = PricingRegistry(max_response_ids=1)
 
@@ -253,9 +259,11 @@ class _CallSpec:
     __slots__ = (
         "_checked",
         "check_pricing",
+        "max_cost_usd",
         "model_name",
         "overrides",
         "provider",
+        "request_getter",
         "response_getter",
         "source",
         "strict",
@@ -271,7 +279,11 @@ class _CallSpec:
         overrides: PriceOverrides,
         strict: bool,
         check_pricing: bool,
+        max_cost_usd: Decimal | None = None,
+        request_getter: RequestGetter | None = None,
     ) -> None:
+        self.max_cost_usd = max_cost_usd
+        self.request_getter = request_getter
         self.source = source
         self.provider = provider
         self.model_name = model_name
@@ -325,51 +337,63 @@ class _CallSpec:
             stacklevel=4,
         )
 
-    def record(self, builder: Any, response: Any) -> None:
-        """Price and record a response; never raise unless strict."""
+    def record(self, builder: Any, response: Any) -> Decimal | None:
+        """Price and record a response; never raise unless strict. Returns the dollars
+        recorded (``0`` for a response recorded before), ``None`` for an unpriced call."""
         try:
             if isinstance(builder, ApiCostMixin):
-                builder._record_response_cost(
+                return builder._record_response_cost(
                     self._path(builder),
                     response,
                     provider=self.provider,
                     model_name=self.model_name,
                     overrides=self.overrides,
                 )
-            else:
-                o = self.overrides
-                builder.add_response_cost(
-                    self.source,
-                    response,
-                    provider=self.provider,
-                    model_name=self.model_name,
-                    prompt_price_per_million=o.prompt,
-                    completion_price_per_million=o.completion,
-                    cached_prompt_price_per_million=o.cached_prompt,
-                    cache_creation_price_per_million=o.cache_creation,
-                    cache_read_price_per_million=o.cache_read,
-                )
+            o = self.overrides
+            usd = builder.add_response_cost(
+                self.source,
+                response,
+                provider=self.provider,
+                model_name=self.model_name,
+                prompt_price_per_million=o.prompt,
+                completion_price_per_million=o.completion,
+                cached_prompt_price_per_million=o.cached_prompt,
+                cache_creation_price_per_million=o.cache_creation,
+                cache_read_price_per_million=o.cache_read,
+            )
+            return None if usd is None else Decimal(repr(float(usd)))
         except Exception as exc:
             self._failed(builder, exc, counted=True)
+            return None
 
-    def record_result(self, builder: Any, result: Any) -> Any:
-        """Record a finished call's result, or tap it if it is a stream; return what to return."""
+    def record_result(
+        self, builder: Any, result: Any, reservation: Reservation | None = None
+    ) -> Any:
+        """Record a finished call's result, or tap it if it is a stream; return what to return.
+
+        ``reservation`` (the call's admission under a budget) is settled to the cost recorded,
+        at once or when the stream ends."""
         if self.response_getter is None:
             target = result
         else:
             try:
                 target = self.response_getter(result)
             except Exception as exc:
+                _settle(reservation, None)
                 self._failed(builder, exc, counted=False)
                 return result
         kind = _stream_kind(target)
         if kind is None:
-            self.record(builder, target)
+            cost: Decimal | None = None
+            try:
+                cost = self.record(builder, target)
+            finally:
+                _settle(reservation, cost)
             return result
-        tapped = _tap(target, kind, _StreamRecorder(self, builder))
+        tapped = _tap(target, kind, _StreamRecorder(self, builder, reservation))
         return tapped if target is result else result
 
-    def record_stream_end(self, builder: Any, accumulated: StreamUsage) -> None:
+    def record_stream_end(self, builder: Any, accumulated: StreamUsage) -> Decimal | None:
         response = accumulated.response()
         if response is None:
             self._failed(
@@ -380,29 +404,94 @@ class _CallSpec:
                 ),
                 counted=False,
             )
-            return
-        self.record(builder, response)
+            return None
+        return self.record(builder, response)
+
+    # admission ------------------------------------------------------------------------------
+
+    def admission_of(self, builder: Any) -> Admission | None:
+        """The builder's admission under a run budget, if it has one."""
+        hook = getattr(builder, "_admission", None)
+        return hook() if hook is not None else None
+
+    def estimate(self, builder: Any, admission: Admission, args: Any, kwargs: Any) -> Decimal:
+        """The call's upper-bound estimate in dollars (see :mod:`~art_ray_metrics.spend.
+        estimate`).
+
+        Raises:
+            PricingError: Neither ``max_cost_usd`` nor a token price covers the model.
+        """
+        if self.max_cost_usd is not None:
+            return self.max_cost_usd
+        request = kwargs if self.request_getter is None else self.request_getter(*args, **kwargs)
+        bound = request_bound(request, default_max_tokens=admission.default_max_tokens)
+        registry = self._registry_of(builder)
+        pricing = registry.registered_pricing(self.model_name)
+        if pricing is not None or not self.overrides.is_complete:  # the full lookup order
+            pricing = registry.resolve_pricing(
+                self.provider,
+                self.model_name,
+                self.overrides,
+                total_input_tokens=Decimal(bound.input_tokens),
+            )
+        else:  # the call's own prices: no price source is consulted on the hot path
+            pricing = self.overrides.apply(None)
+        if pricing is None:
+            raise PricingError(
+                f"Cannot estimate a call of model {self.model_name!r} (provider "
+                f"{self.provider!r}, source {self.source!r}) under the run budget: no token "
+                "price is known. Register its pricing or decorate with max_cost_usd=<dollars "
+                "per call>; the call was not sent."
+            )
+        return estimate_cost(pricing, bound)
+
+    def admit(self, builder: Any, args: Any, kwargs: Any) -> Reservation | None:
+        """Reserve the call's estimate before it is sent (``None``: no budget)."""
+        admission = self.admission_of(builder)
+        if admission is None:
+            return None
+        return admission.reserve(self.estimate(builder, admission, args, kwargs))
+
+    async def aadmit(self, builder: Any, args: Any, kwargs: Any) -> Reservation | None:
+        """:meth:`admit` for coroutines (a wait for budget does not block the event loop)."""
+        admission = self.admission_of(builder)
+        if admission is None:
+            return None
+        return await admission.areserve(self.estimate(builder, admission, args, kwargs))
+
+
+def _settle(reservation: Reservation | None, cost: Decimal | None) -> None:
+    if reservation is not None:
+        reservation.settle(cost)
 
 
 # --------------------------------------------------------------------------- streams
 
 
 class _StreamRecorder:
-    """Observes chunks and records the cost exactly once when the stream finishes."""
+    """Observes chunks and records the cost exactly once when the stream finishes (settling
+    the call's reservation under a budget to it)."""
 
-    __slots__ = ("_builder", "_done", "_spec", "usage")
+    __slots__ = ("_builder", "_done", "_reservation", "_spec", "usage")
 
-    def __init__(self, spec: _CallSpec, builder: Any) -> None:
+    def __init__(
+        self, spec: _CallSpec, builder: Any, reservation: Reservation | None = None
+    ) -> None:
         self._spec = spec
         self._builder = builder
         self._done = False
+        self._reservation = reservation
         self.usage = StreamUsage(STREAM_OBSERVERS)
 
     def finish(self) -> None:
         if self._done:
             return
         self._done = True
-        self._spec.record_stream_end(self._builder, self.usage)
+        cost: Decimal | None = None
+        try:
+            cost = self._spec.record_stream_end(self._builder, self.usage)
+        finally:
+            _settle(self._reservation, cost)
 
 
 _SDK_MODULES = ("openai", "anthropic")
@@ -554,6 +643,8 @@ def track_api_cost(
     cache_read_price_per_million: float | Decimal | None = None,
     strict: bool = False,
     check_pricing: bool = True,
+    max_cost_usd: float | Decimal | None = None,
+    request_getter: RequestGetter | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function that calls an LLM API so each call's cost is recorded.
 
@@ -574,6 +665,12 @@ def track_api_cost(
         cache_read_price_per_million: Override of R (Anthropic cache read).
         strict: Raise pricing failures that happen after the call instead of warning.
         check_pricing: Check pricing at decoration and before each call (fail before paying).
+        max_cost_usd: Under a run budget, the most one call can cost (reserved before it is
+            sent); without it the estimate is computed from the request and the model's
+            prices (:mod:`~art_ray_metrics.spend.estimate`).
+        request_getter: Under a run budget, maps the function's arguments to the API
+            request's keyword arguments to estimate from; by default the function's own
+            keyword arguments are read (``messages``, ``max_tokens``, ...).
 
     Returns:
         The decorator; the wrapped function keeps its signature and sync/async nature.
@@ -582,6 +679,8 @@ def track_api_cost(
         InvalidMetricError: ``source`` is empty (at decoration).
         PricingError: Empty provider/model, or an invalid price (at decoration); no pricing for
             the model (before the call).
+        BudgetExceededError: Under a run budget, the call's estimate does not fit under the
+            hard limit (before the call: nothing is sent).
     """
     spec = _CallSpec(
         source=_normalize_source(source),
@@ -597,6 +696,8 @@ def track_api_cost(
         ),
         strict=strict,
         check_pricing=check_pricing,
+        max_cost_usd=None if max_cost_usd is None else to_decimal(max_cost_usd, "max_cost_usd"),
+        request_getter=request_getter,
     )
     if check_pricing and not spec.can_price(get_active_builder()):
         warnings.warn(
@@ -627,8 +728,13 @@ def _wrap_sync(func: Callable[P, R], spec: _CallSpec) -> Callable[P, R]:
         if builder is None:
             return func(*args, **kwargs)
         spec.check_before_call(builder)
-        result = func(*args, **kwargs)
-        return cast(R, spec.record_result(builder, result))
+        reservation = spec.admit(builder, args, kwargs)
+        try:
+            result = func(*args, **kwargs)
+        except BaseException:
+            _settle(reservation, ZERO)  # nothing came back: nothing to record
+            raise
+        return cast(R, spec.record_result(builder, result, reservation))
 
     return wrapper
 
@@ -640,8 +746,13 @@ def _wrap_async(func: Callable[P, Any], spec: _CallSpec) -> Callable[P, Any]:
         if builder is None:
             return await func(*args, **kwargs)
         spec.check_before_call(builder)
-        result = await func(*args, **kwargs)
-        return spec.record_result(builder, result)
+        reservation = await spec.aadmit(builder, args, kwargs)
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException:
+            _settle(reservation, ZERO)
+            raise
+        return spec.record_result(builder, result, reservation)
 
     return wrapper
 
@@ -654,7 +765,7 @@ def _wrap_generator(func: Callable[P, Iterator[Any]], spec: _CallSpec) -> Callab
             yield from func(*args, **kwargs)
             return
         spec.check_before_call(builder)
-        recorder = _StreamRecorder(spec, builder)
+        recorder = _StreamRecorder(spec, builder, spec.admit(builder, args, kwargs))
         getter = spec.response_getter
         try:
             for item in func(*args, **kwargs):
@@ -677,7 +788,7 @@ def _wrap_async_generator(
                 yield item
             return
         spec.check_before_call(builder)
-        recorder = _StreamRecorder(spec, builder)
+        recorder = _StreamRecorder(spec, builder, await spec.aadmit(builder, args, kwargs))
         getter = spec.response_getter
         try:
             async for item in func(*args, **kwargs):

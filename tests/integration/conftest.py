@@ -1,5 +1,8 @@
 """One real multi-node Ray cluster per test session: a head and two worker nodes on 127.0.0.1.
 
+Under pytest-xdist each worker process is a session of its own, so each worker that runs a Ray
+test starts its own cluster (on ports Ray picks, so they never meet).
+
 Nodes carry custom resources so tests can place producers: ``head``, ``node_a``, ``node_b``.
 Tests that remove nodes add their own extra node first and remove only that one.
 """
@@ -22,6 +25,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 NODE_ARGS: dict[str, Any] = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+#: a disconnect that works takes 1-3 s here; a stuck one never returns (see ray_cluster)
+SHUTDOWN_WAIT_S = 10
 
 
 @pytest.fixture(scope="session")
@@ -52,14 +57,17 @@ def ray_cluster() -> Iterator[Any]:
 
     closer = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
     closer.start()
-    closer.join(30)
+    closer.join(SHUTDOWN_WAIT_S)
     if not closer.is_alive():
         cluster.shutdown()
         return
     # the stuck shutdown holds Ray's connect/shutdown lock, which Cluster.shutdown() would
     # wait on too: stop the nodes' processes directly instead (the stuck call then fails)
     atexit.unregister(ray_worker.shutdown)
-    print("ray.shutdown() did not return within 30 s; the test cluster's processes are killed")
+    print(
+        f"ray.shutdown() did not return within {SHUTDOWN_WAIT_S} s; "
+        "the test cluster's processes are killed"
+    )
     for node in [*cluster.worker_nodes, cluster.head_node]:
         if node is not None:
             node.kill_all_processes(check_alive=False, allow_graceful=False)

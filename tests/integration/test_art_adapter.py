@@ -590,3 +590,64 @@ class TestArtsNextRelease:
                 handle.log(4, "train", {"costs/cum/all": 1.0})
         finally:
             handle.shutdown()
+
+
+def fated_rollout(name: str, step: int, scenario: str, idx: int, reward: float) -> Any:
+    """A rollout of ``scenario`` paying $0.01 per idx + 1 (its default group: the scenario id
+    it records), or raising when ``reward`` is negative (after paying)."""
+    import art
+
+    from art_ray_metrics.art import worker_context
+
+    with worker_context(step, name=name) as builder:
+        builder.add_data(scenario_ids=[scenario])
+        builder.add_cost("train/judge", 0.01 * (idx + 1))
+        if reward < 0:
+            return RuntimeError(f"rollout {scenario}/{idx} failed")
+        return art.Trajectory(
+            messages_and_choices=[{"role": "user", "content": scenario}],
+            reward=reward,
+            metadata={"scenario_id": scenario},
+        )
+
+
+fated_task = ray.remote(num_cpus=0)(fated_rollout)
+
+
+class TestOutcomeFates:
+    def test_attach_derives_each_groups_fate_from_model_log(
+        self, run_config: dict[str, Any], tmp_path: Path
+    ) -> None:
+        """Rewards that vary: trained; equal rewards: zero_variance; an exception: errored.
+        Each group's spend (tagged with its scenario id in the Ray tasks) lands under its
+        fate, and the outcomes add up to costs/all."""
+        import art
+
+        from art_ray_metrics.art import attach
+
+        handle = arm.start_aggregator(**run_config)
+        try:
+            model = art.Model(name="fates", project="p", base_path=str(tmp_path), report_metrics=[])
+            attach(model, handle)
+            plan = {"s-var": [0.0, 1.0], "s-flat": [0.5, 0.5], "s-err": [1.0, -1.0]}
+            refs = {
+                s: [fated_task.remote(run_config["name"], 1, s, i, r) for i, r in enumerate(rs)]
+                for s, rs in plan.items()
+            }
+            groups = []
+            for got in ([ray.get(r) for r in rs] for rs in refs.values()):
+                trajectories = [t for t in got if isinstance(t, art.Trajectory)]
+                errors = [t for t in got if isinstance(t, BaseException)]
+                groups.append(art.TrajectoryGroup(trajectories, exceptions=errors))
+            asyncio.run(model.log(groups, split="train", step=1, metrics={"costs/gpu": 0.5}))
+            row = _history(model)[-1]
+            assert row["costs/outcome/trained"] == pytest.approx(0.03)
+            assert row["costs/outcome/zero_variance"] == pytest.approx(0.03)
+            assert row["costs/outcome/errored"] == pytest.approx(0.03)
+            assert row["costs/outcome/unknown"] == pytest.approx(0.5)  # the trainer's GPU
+            fates = ("trained", "zero_variance", "stale", "errored", "discarded", "unknown")
+            total = sum(row[f"costs/outcome/{f}"] for f in fates)
+            assert round(total, 9) == round(row["costs/all"], 9) == 0.59
+            assert row["costs/per_trainable_group"] == pytest.approx(0.59)
+        finally:
+            handle.shutdown()

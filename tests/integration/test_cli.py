@@ -29,7 +29,8 @@ import art_ray_metrics as arm
 from art_ray_metrics.export.wandb_offline import find_offline_run_files, read_offline_history
 from art_ray_metrics.ops.demo.workload import expected_data_totals
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole file: its demo runs are module fixtures the tests share
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli-demo")]
 
 RUN = "cli-test"
 
@@ -165,6 +166,22 @@ class TestDemo:
         ]
         # the demo explains its kill itself (Ray's own report may suggest the OOM killer)
         assert "not a memory problem" in " ".join(resumed_run["proc"].stdout.split())
+
+    def test_rows_split_the_spend_by_outcome(self, resumed_run: dict[str, Any]) -> None:
+        """Every row's costs/outcome/* add up to costs/all (the judges' spend is tagged with
+        the rollouts' scenario ids, the trainer gives fates); step 4 (seed 0, 3 rollouts)
+        has a zero-variance group."""
+        rows = {}
+        for path in (resumed_run["dir"] / "history").glob("*.json"):
+            record = json.loads(path.read_text().splitlines()[0])
+            rows[record["step"]] = record
+        fates = ("trained", "zero_variance", "stale", "errored", "discarded", "unknown")
+        for step, row in rows.items():
+            total = sum(row[f"costs/outcome/{f}"] for f in fates)
+            assert total == pytest.approx(row["costs/all"], abs=1e-9), step
+            assert row["costs/outcome/trained"] > 0
+        assert rows[4]["costs/outcome/zero_variance"] > 0
+        assert all(rows[s]["costs/outcome/zero_variance"] == 0 for s in (0, 1, 2, 3))
 
     def test_refuses_to_overwrite_an_existing_run(
         self, first_run: dict[str, Any], workdir: Path, run_cli: Any

@@ -662,6 +662,8 @@ class RayStartCluster:
         # new cluster, the aggregator's wandb.init would wait on that service forever
         self.env.pop("WANDB_SERVICE", None)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     def _log(self, index: int) -> Path:
         """Where ``ray start`` number ``index`` writes (next to the temp dir: kept after it)."""
@@ -708,7 +710,22 @@ class RayStartCluster:
         self._wait_head()
         # With RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (needed to join) `ray start` rewrites a
         # 127.0.0.1 address to the host's interface IP; 127.0.0.2 is loopback too and is kept.
-        self._start([f"--address=127.0.0.2:{self.port}", "--num-cpus=2"])
+        worker = [f"--address=127.0.0.2:{self.port}", "--num-cpus=2"]
+        self._start(worker)
+        self._watchdog = threading.Thread(target=self._keep_worker, args=(worker,), daemon=True)
+        self._watchdog.start()
+
+    def _keep_worker(self, args: list[str]) -> None:
+        """Start the worker node again if its ``ray start`` exits (twice at most). Ray gives a
+        node a fixed 30 s to register with the GCS (``ray/_private/node.py``); on a loaded
+        machine a worker can miss that and exit, which is Ray's start-up, not what is tested."""
+        for _ in range(2):
+            proc = self.procs[-1]
+            while proc.poll() is None and not self._stopping.wait(0.5):
+                pass
+            if self._stopping.is_set():
+                return
+            self._start(args)
 
     def _wait_head(self) -> None:
         """Until ``ray start --head`` says its runtime started (within 120 s). A worker started
@@ -725,6 +742,9 @@ class RayStartCluster:
 
     def kill(self) -> None:
         """SIGKILL every process of both process groups (a crash, not a clean stop)."""
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
         for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -98,9 +98,11 @@ class TestNoAggregator:
         result = b.flush(timeout_s=0.5)
         flushing = time.monotonic() - started
         print(f"recording {recording:.3f} s, flush(timeout_s=0.5) {flushing:.3f} s")
-        assert recording < 0.2
+        # bounds far under the 3.2 s the lookups inside these calls took, far over what a
+        # loaded machine adds to a call that does not wait
+        assert recording < 1.0
         assert not result.ok
-        assert 0.45 <= flushing < 1.2
+        assert 0.45 <= flushing < 2.0
         assert "no aggregator actor" in (result.error or "")
 
     def test_aflush_keeps_its_timeout_and_never_blocks_the_loop(self, ray_cluster: Any) -> None:
@@ -128,8 +130,8 @@ class TestNoAggregator:
         took, worst_gap, ok = asyncio.run(main())
         print(f"aflush(timeout_s=1) {took:.3f} s, longest event-loop stall {worst_gap:.3f} s")
         assert not ok
-        assert took < 1.6
-        assert worst_gap < 0.5
+        assert took < 2.5
+        assert worst_gap < 1.0
 
     def test_failed_lookups_are_remembered(self, ray_cluster: Any) -> None:
         client = arm.get_client(_nobody(flush_interval_s=0.01))

@@ -595,6 +595,34 @@ class TestDemoMessages:
         finally:
             plt.close(fig)
 
+    def test_the_chart_stacks_each_steps_spend_by_outcome(self) -> None:
+        """Rows with outcomes: one bar segment per fate that held spend; rows before the
+        outcomes were on: a costs/all bar."""
+        import matplotlib.pyplot as plt
+
+        from art_ray_metrics.ops.demo import chart_figure
+
+        rows: list[dict[str, Any]] = [
+            {"training_step": 0, "costs/all": 0.3, "costs/cum/all": 0.3},
+            {"training_step": 1, "costs/all": 0.4, "costs/cum/all": 0.7,
+             "costs/outcome/trained": 0.3, "costs/outcome/zero_variance": 0.1,
+             "costs/outcome/unknown": 0.0, "costs/outcome/stale": 0.0},
+        ]  # fmt: skip
+        fig = chart_figure(rows, "t")
+        try:
+            labels = {c.get_label(): c for c in fig.axes[0].containers}
+            assert set(labels) == {
+                "costs/all (per step)",
+                "costs/outcome/trained",
+                "costs/outcome/zero_variance",
+            }
+            heights = [p.get_height() for p in labels["costs/outcome/zero_variance"].patches]
+            assert heights == [0.0, 0.1]
+            bottoms = [p.get_y() for p in labels["costs/outcome/zero_variance"].patches]
+            assert bottoms == [0.0, 0.3]
+        finally:
+            plt.close(fig)
+
     def test_chart_events_are_kept_across_sessions(self, tmp_path: Path) -> None:
         """The resume of each session and the --chaos step stay marked in later charts."""
         from art_ray_metrics.ops.demo import default_options, record_events

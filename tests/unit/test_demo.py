@@ -15,9 +15,11 @@ from art_ray_metrics.builder import MetricsBuilder
 from art_ray_metrics.ops.demo import default_options
 from art_ray_metrics.ops.demo import run as demo_run
 from art_ray_metrics.ops.demo.workload import (
+    compare_totals,
     expected_data_totals,
     plan_rollout,
     record_rollout,
+    step_fates,
 )
 
 
@@ -42,6 +44,23 @@ class TestWorkloadOracle:
         totals = expected_data_totals(0, 2, 60)
         assert totals["data/cum/num_scenarios"] == 122
         assert totals["data/cum/num_unique_scenarios"] == 6
+
+
+class TestOutcomes:
+    def test_a_zero_variance_group_now_and_then(self) -> None:
+        """Every rollout's group gets a fate; over a run some are zero-variance, most are
+        trained, and the fates are a pure function of (seed, step)."""
+        fates = [step_fates(0, step, 4) for step in range(12)]
+        for step, given in enumerate(fates):
+            assert set(given) == {plan_rollout(0, step, i, 4).scenario_id for i in range(4)}
+        counts = [f for given in fates for f in given.values()]
+        assert 0 < counts.count("zero_variance") < counts.count("trained")
+        assert step_fates(0, 5, 4) == fates[5]
+
+    def test_chaos_compares_no_outcome_totals(self) -> None:
+        """The in-process reference is given no fates: its rows have no outcome keys."""
+        row = {"costs/cum/all": 1.0, "costs/cum/outcome/trained": 0.7}
+        assert [key for key, *_ in compare_totals(row, {"costs/cum/all": 1.0})] == ["costs/cum/all"]
 
 
 class TestRayOwnership:

@@ -55,12 +55,13 @@ def test_a_plugin_warning_at_configure_time_is_not_an_internal_error(tmp_path: P
     (work / "test_sample.py").write_text(TESTS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CI"))}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env.get("PYTHONPATH", "")])
-    # only the plugins named here: pytest-timeout because the config sets its `timeout` option
+    # only the plugins named here: pytest-timeout because the config sets its `timeout` option,
+    # pytest-xdist because its addopts name `-n` (overridden by `-n 0`: one process is enough)
     env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     proc = subprocess.run(
         [
             sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-            "-p", "pytest_timeout", "-p", "pytest_asyncio.plugin",
+            "-p", "pytest_timeout", "-p", "xdist.plugin", "-p", "pytest_asyncio.plugin", "-n", "0",
             "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(work), str(work),
         ],
         cwd=work,

@@ -41,6 +41,7 @@ from art_ray_metrics.ops.demo.options import DemoError, DemoInterrupted, DemoOpt
 from art_ray_metrics.ops.demo.workers import ChaosLatch, Judge, rollout, warm_up
 from art_ray_metrics.ops.demo.workload import (
     compare_totals,
+    step_fates,
     trainer_loss,
 )
 
@@ -301,6 +302,7 @@ def _loop(
                     "loss": trainer_loss(session.seed, step),
                     "reward/mean": sum(scores) / len(scores),
                 },
+                group_fates=step_fates(session.seed, step, session.rollouts),
             )
             done.append(
                 {

@@ -105,7 +105,9 @@ def write_chart(
     title: str,
     events: Sequence[Mapping[str, Any]] = (),
 ) -> list[str]:
-    """Plot ``costs/cum/all`` and ``reward/mean`` against ``training_step``; return the paths.
+    """Plot ``costs/cum/all``, each step's spend by outcome (``costs/outcome/<fate>``
+    stacked; ``costs/all`` for rows without outcomes) and ``reward/mean`` against
+    ``training_step``; return the paths.
 
     ``events`` (``{"step": s, "what": "resumed"}``, see :data:`~.files.EVENTS_KEY`) are marked with a
     dashed vertical line at their step, labelled.
@@ -133,9 +135,8 @@ def chart_figure(
 
     steps = [float(r["training_step"]) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
-    per_step = [float(r.get("costs/all", 0.0)) for r in rows]
     cum = [float(r.get("costs/cum/all", 0.0)) for r in rows]
-    ax.bar(steps, per_step, width=0.6, color="#c6dbef", label="costs/all (per step)")
+    _spend_bars(ax, steps, rows)
     ax.plot(steps, cum, marker="o", color="#08519c", label="costs/cum/all")
     ax.set_xlabel("training_step")
     ax.set_ylabel("judge spend (USD)")
@@ -165,6 +166,43 @@ def chart_figure(
         )
     fig.tight_layout()
     return fig
+
+
+_OUTCOME_COLORS = {
+    "trained": "#9ecae1",
+    "zero_variance": "#fdae6b",
+    "stale": "#bcbddc",
+    "errored": "#fc9272",
+    "discarded": "#d9d9d9",
+    "unknown": "#c7e9c0",
+}
+"""Bar colours of the ``costs/outcome/<fate>`` keys, in stacking order."""
+
+
+def _spend_bars(ax: Any, steps: list[float], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Each step's spend as bars: stacked by outcome where a row has them (the fates that
+    ever held spend), else ``costs/all``."""
+    fates = [
+        fate
+        for fate in _OUTCOME_COLORS
+        if any(float(r.get(f"costs/outcome/{fate}", 0.0)) > 0 for r in rows)
+    ]
+    has = [any(f"costs/outcome/{f}" in r for f in _OUTCOME_COLORS) for r in rows]
+    plain = [0.0 if h else float(r.get("costs/all", 0.0)) for r, h in zip(rows, has, strict=True)]
+    if any(plain) or not fates:
+        ax.bar(steps, plain, width=0.6, color="#c6dbef", label="costs/all (per step)")
+    bottom = [0.0] * len(rows)
+    for fate in fates:
+        values = [float(r.get(f"costs/outcome/{fate}", 0.0)) for r in rows]
+        ax.bar(
+            steps,
+            values,
+            width=0.6,
+            bottom=bottom,
+            color=_OUTCOME_COLORS[fate],
+            label=f"costs/outcome/{fate}",
+        )
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
 
 
 def print_summary(

@@ -30,8 +30,9 @@ class Judge:
         self.clients = JudgeClients(self.server)
 
     def judge(self, step: int, plan: RolloutPlan) -> float:
-        """Judge one rollout; its API spend is durable at the aggregator when this returns."""
-        builder = connect(step, name=self.name, namespace=self.namespace)
+        """Judge one rollout; its API spend is durable at the aggregator when this returns,
+        tagged with the rollout's group (its scenario id), whose fate the trainer gives."""
+        builder = connect(step, name=self.name, namespace=self.namespace, group=plan.scenario_id)
         with builder.activate_context(), builder.measure("time/step_eval_s"):
             score = judge_calls(self.clients, plan)
         builder.flush(timeout_s=120)

@@ -21,16 +21,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPARED_PREFIXES",
+    "UNCOMPARED_PREFIXES",
+    "ZERO_VARIANCE_SHARE",
     "RolloutPlan",
     "compare_totals",
     "expected_data_totals",
     "plan_rollout",
     "record_rollout",
+    "step_fates",
     "trainer_loss",
 ]
 
 COMPARED_PREFIXES = ("costs/cum/", "data/cum/")
 """The totals ``--chaos`` compares with the in-process reference (timings are wall-clock)."""
+UNCOMPARED_PREFIXES = ("costs/cum/outcome/",)
+"""Totals the reference has no counterpart of (its builder is given no fates)."""
+ZERO_VARIANCE_SHARE = 0.2
+"""About this share of a step's groups get the fate ``zero_variance`` (their judge spend
+shows under ``costs/outcome/zero_variance``)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,21 @@ def record_rollout(builder: LeafRecorder, plan: RolloutPlan, score: float) -> No
     builder.add_sample("reward/judge_score", score)  # averaged over the step's rollouts
 
 
+def step_fates(seed: int, step: int, rollouts: int) -> dict[str, str]:
+    """The fate the trainer gives each group (a rollout's scenario id) of ``step``: now and
+    then ``zero_variance`` (as if its rewards had not varied), else ``trained``.
+
+    >>> set(step_fates(0, 1, 8).values()) <= {"trained", "zero_variance"}
+    True
+    """
+    fates: dict[str, str] = {}
+    for index in range(rollouts):
+        group = plan_rollout(seed, step, index, rollouts).scenario_id
+        draw = random.Random(f"fate:{seed}:{step}:{group}").random()
+        fates[group] = "zero_variance" if draw < ZERO_VARIANCE_SHARE else "trained"
+    return fates
+
+
 def trainer_loss(seed: int, step: int) -> float:
     """A made-up, decreasing training loss."""
     return round(2.0 * 0.85**step + random.Random(f"loss:{seed}:{step}").uniform(0, 0.05), 6)
@@ -118,8 +141,13 @@ def expected_data_totals(seed: int, rollouts: int, last_step: int) -> dict[str, 
 def compare_totals(
     row: Mapping[str, float], reference: Mapping[str, float]
 ) -> list[tuple[str, float | None, float | None, bool]]:
-    """``(key, aggregator, reference, equal)`` for every compared cumulative key of either row."""
-    keys = sorted(k for k in {*row, *reference} if k.startswith(COMPARED_PREFIXES))
+    """``(key, aggregator, reference, equal)`` for every compared cumulative key of either row
+    (not the outcomes: :data:`UNCOMPARED_PREFIXES`)."""
+    keys = sorted(
+        k
+        for k in {*row, *reference}
+        if k.startswith(COMPARED_PREFIXES) and not k.startswith(UNCOMPARED_PREFIXES)
+    )
     out = []
     for key in keys:
         got, want = row.get(key), reference.get(key)

@@ -1,0 +1,169 @@
+"""An upper bound of what one API call can cost, from its request, before it is sent.
+
+Admission under a run budget (:mod:`art_ray_metrics.spend.admission`) reserves this bound and
+settles it to the real cost afterwards. The bound is::
+
+    input_bound × max(input prices) + max_tokens × completion price      (per million tokens)
+
+* **Input.** Byte-level BPE tokenizers (OpenAI, Anthropic, Llama 3, Qwen) never make more
+  tokens than the UTF-8 bytes they read, so the input is bounded by the bytes of the request's
+  text (``messages``/``input``/``prompt``/``system``/``instructions``/``tools``, read from the
+  call's keyword arguments) plus :data:`MESSAGE_OVERHEAD_TOKENS` per message for the chat
+  template and :data:`CALL_OVERHEAD_TOKENS` per call. Input tokens are priced at the highest of
+  the model's input prices (prompt, cache write, cache read), so caching never breaks the bound.
+  Parts that are not text (images, audio, files) are not bounded: each counts
+  :data:`MEDIA_PART_TOKENS`, which is a guess.
+* **Output.** ``max_tokens`` (Chat Completions, Anthropic, most servers),
+  ``max_completion_tokens`` (OpenAI, reasoning included) or ``max_output_tokens`` (Responses).
+  A request that names none is given ``default_max_tokens``: then the estimate is not a bound,
+  and a call that outputs more adds its excess to the budget's overshoot (README).
+* ``n`` completions multiply the output bound.
+
+Strings are measured without copying when they are ASCII (``len``); others are encoded once.
+
+>>> pricing = TokenPricing.create(prompt_per_million=2, completion_per_million=8)
+>>> request = request_bound({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100})
+>>> request
+RequestBound(input_tokens=30, output_tokens=100)
+>>> estimate_cost(pricing, request)
+Decimal('0.00086')
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final
+
+from art_ray_metrics.spend.base import TokenPricing
+
+__all__ = [
+    "CALL_OVERHEAD_TOKENS",
+    "DEFAULT_MAX_TOKENS",
+    "MEDIA_PART_TOKENS",
+    "MESSAGE_OVERHEAD_TOKENS",
+    "RequestBound",
+    "estimate_cost",
+    "max_input_price",
+    "request_bound",
+]
+
+MESSAGE_OVERHEAD_TOKENS: Final = 8
+"""Chat-template tokens around one message (role markers, separators); OpenAI's are 3-4."""
+CALL_OVERHEAD_TOKENS: Final = 16
+"""Tokens a call adds once (the assistant's priming, a system preamble)."""
+MEDIA_PART_TOKENS: Final = 2_000
+"""What one image/audio/file part is assumed to cost in input tokens (not a bound)."""
+DEFAULT_MAX_TOKENS: Final = 4_096
+"""Output tokens assumed for a request that names no ``max_tokens`` (not a bound)."""
+
+_TEXT_FIELDS: Final = ("messages", "input", "prompt", "system", "instructions", "tools")
+_OUTPUT_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_MILLION: Final = Decimal(1_000_000)
+_MEDIA_TYPES: Final = ("image", "input_image", "audio", "input_audio", "file", "input_file")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBound:
+    """Token bounds of one request.
+
+    Attributes:
+        input_tokens: At most this many input tokens (text measured; media guessed).
+        output_tokens: At most this many output tokens (``max_tokens`` × ``n``, or the
+            default when the request names none).
+    """
+
+    input_tokens: int
+    output_tokens: int
+
+
+def _measure(value: Any, acc: list[int], depth: int = 0) -> None:
+    """Add a request field's ``[bytes, messages, media parts]`` to ``acc`` (strings, lists,
+    dicts, SDK objects). Plain types are tested by identity first: ABC checks are slow."""
+    kind = type(value)
+    if kind is str:
+        acc[0] += len(value) if value.isascii() else len(value.encode("utf-8"))
+    elif kind is list or kind is tuple:
+        if depth < 8:
+            for item in value:
+                if type(item) is str:
+                    acc[0] += len(item) if item.isascii() else len(item.encode("utf-8"))
+                else:
+                    _measure(item, acc, depth + 1)
+    elif kind is dict or isinstance(value, Mapping):
+        part = value.get("type")
+        if isinstance(part, str) and part.startswith(_MEDIA_TYPES):
+            acc[2] += 1
+            return
+        if "role" in value:
+            acc[1] += 1
+        if depth < 8:
+            for item in value.values():
+                if type(item) is str:
+                    acc[0] += len(item) if item.isascii() else len(item.encode("utf-8"))
+                else:
+                    _measure(item, acc, depth + 1)
+    elif value is None or kind is bool or kind is int or kind is float:
+        return
+    else:
+        dump = getattr(value, "model_dump", None)  # an SDK pydantic object passed as a field
+        if callable(dump):
+            _measure(dump(), acc, depth + 1)
+            return
+        try:
+            acc[0] += len(json.dumps(value, default=str).encode("utf-8"))
+        except (TypeError, ValueError):
+            return
+
+
+def request_bound(
+    kwargs: Mapping[str, Any], *, default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> RequestBound:
+    """Bound the tokens of a request given as the API call's keyword arguments.
+
+    >>> request_bound({"input": "héllo", "max_output_tokens": 10, "n": 2})
+    RequestBound(input_tokens=22, output_tokens=20)
+    """
+    acc = [0, 0, 0]
+    for name in _TEXT_FIELDS:
+        value = kwargs.get(name)
+        if value is not None:
+            _measure(value, acc)
+    size, messages, media = acc
+    input_tokens = (
+        size + messages * MESSAGE_OVERHEAD_TOKENS + media * MEDIA_PART_TOKENS + CALL_OVERHEAD_TOKENS
+    )
+    output = None
+    for name in _OUTPUT_FIELDS:
+        value = kwargs.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            output = value if output is None else max(output, value)
+    if output is None:
+        output = default_max_tokens
+    n = kwargs.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        output *= n
+    return RequestBound(input_tokens, output)
+
+
+def max_input_price(pricing: TokenPricing) -> Decimal:
+    """The highest price an input token can be billed at (prompt, cache write, cache read)."""
+    price = pricing.prompt_per_million
+    for other in (
+        pricing.cached_prompt_per_million,
+        pricing.cache_creation_per_million,
+        pricing.cache_read_per_million,
+    ):
+        if other is not None and other > price:
+            price = other
+    return price
+
+
+def estimate_cost(pricing: TokenPricing, request: RequestBound) -> Decimal:
+    """The dollar bound of a request at ``pricing`` (exact)."""
+    return (
+        request.input_tokens * max_input_price(pricing)
+        + request.output_tokens * pricing.completion_per_million
+    ) / _MILLION

@@ -1,0 +1,45 @@
+"""The ART adapter's fate of each trajectory group (``group_fates``), from openpipe-art's own
+``TrajectoryGroup`` (installed with the ``[art]`` extra, which CI installs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+art = pytest.importorskip("art")
+
+from art_ray_metrics.integrations.art import group_fates  # noqa: E402
+
+
+def _t(reward: float, scenario: str | None = None) -> Any:
+    meta = {} if scenario is None else {"scenario_id": scenario}
+    return art.Trajectory(
+        messages_and_choices=[{"role": "user", "content": "q"}], reward=reward, metadata=meta
+    )
+
+
+def test_fates_follow_rewards_and_exceptions() -> None:
+    groups = [
+        art.TrajectoryGroup([_t(0.0, "a"), _t(1.0, "a")]),
+        art.TrajectoryGroup([_t(0.5, "b"), _t(0.5, "b")]),
+        art.TrajectoryGroup([_t(0.5, "c")]),  # one trajectory: nothing to compare
+        art.TrajectoryGroup([_t(0.0, "d"), _t(1.0)], exceptions=[RuntimeError("x")]),
+        art.TrajectoryGroup([_t(0.0), _t(1.0)]),  # no id: left out
+        art.TrajectoryGroup([_t(0.0), _t(1.0)], metadata={"scenario_id": 7}),
+    ]
+    assert group_fates(groups) == {
+        "a": "trained",
+        "b": "zero_variance",
+        "c": "zero_variance",
+        "d": "errored",
+        "7": "trained",
+    }
+
+
+def test_a_trained_group_wins_over_another_of_the_same_id() -> None:
+    groups = [
+        art.TrajectoryGroup([_t(0.5, "a"), _t(0.5, "a")]),
+        art.TrajectoryGroup([_t(0.0, "a"), _t(1.0, "a")]),
+    ]
+    assert group_fates(groups) == {"a": "trained"}
