@@ -27,7 +27,9 @@ rollups, cumulative values and exact unique counts. The row is appended to ART's
 ``history.jsonl`` (ART reads it to pick checkpoints to keep) and written to W&B only by the
 aggregator. ART's ``state.json`` no longer carries the builder state: the aggregator's
 checkpoint does. An existing ART run moves over: a fresh aggregator adopts the totals of the
-model's ``state.json`` at ``attach`` and logs to the model's W&B run (see :func:`attach`).
+model's ``state.json`` at ``attach`` and logs to the model's W&B run (see :func:`attach`;
+the code is in :mod:`~art_ray_metrics.integrations.art_run`). The fates of a step's trajectory
+groups (:mod:`~art_ray_metrics.integrations.art_fates`) split the row's spend by outcome.
 """
 
 from __future__ import annotations
@@ -36,23 +38,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from datetime import datetime
-from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
-from art_ray_metrics.builder import LeafRecorder, Number, PendingLeaves
+from art_ray_metrics.builder import LeafRecorder, PendingLeaves
 from art_ray_metrics.core import active as _active
-from art_ray_metrics.core import adopt as A
 from art_ray_metrics.core import keys as K
-from art_ray_metrics.core import validate as V
-from art_ray_metrics.core.dedupe import digest
-from art_ray_metrics.core.records import KeyedCost
 from art_ray_metrics.distributed.handle import AggregatorHandle
 from art_ray_metrics.distributed.record import WorkerBuilder, connect
-from art_ray_metrics.errors import InvalidMetricError
+from art_ray_metrics.integrations.art_fates import group_fates
+from art_ray_metrics.integrations.art_leaves import TrainerLeaves, merge_pending, ship_pending
+from art_ray_metrics.integrations.art_run import ADOPTED_KEY as ADOPTED_KEY  # re-exported
+from art_ray_metrics.integrations.art_run import adopt_art_state, use_art_wandb_run
 from art_ray_metrics.spend.pricing import PricingRegistry
 
 __all__ = ["ART_VERSION", "attach", "worker_context"]
@@ -92,6 +92,10 @@ def _bridge_type() -> type:
     ART's pricing (``add_response_cost``, used by ``track_api_cost`` and RULER), ``add_cost``,
     timings and ``measure`` all end in ``add_metric``/``add_data``, which forward; so costs are
     priced exactly as ART prices them and validated as we validate them.
+
+    It is one unit because ART's base class is only known after the lazy import, so the class
+    statement (whose ``super()`` and self-referencing ``for_cost_context`` need a real class
+    body) must run inside this function; its methods are one-line forwards of ART's signatures.
     """
     global _BRIDGE_TYPE
     if _BRIDGE_TYPE is not None:
@@ -259,72 +263,8 @@ class worker_context:  # lower case: used like a function, ``with worker_context
 # -- trainer side ---------------------------------------------------------------------------
 
 
-class _TrainerLeaves(LeafRecorder):
-    """The trainer's own leaves between two ``model.log`` calls, per buffer scope, as ART's
-    private builder keeps them (shared by every cost-context view)."""
-
-    def __init__(
-        self,
-        cost_context: str,
-        scope: str,
-        pending: dict[str, PendingLeaves],
-        pricing: PricingRegistry,
-    ) -> None:
-        self.cost_context = V.check_cost_context(cost_context)
-        self.scope = scope
-        self.pending = pending
-        self.pricing = pricing
-
-    def _slot(self) -> PendingLeaves:
-        slot = self.pending.get(self.scope)
-        if slot is None:
-            slot = self.pending[self.scope] = PendingLeaves()
-        return slot
-
-    def _record(self, key: str, value: Number) -> None:
-        self._slot().record(key, value)
-
-    def _record_scenarios(self, digests: list[bytes]) -> None:
-        self._slot().scenarios.update(digests)
-
-    def _record_keyed_cost(self, key: str, value: Decimal, response_id: str) -> None:
-        self._slot().keyed.append(KeyedCost(key, value, response_id))
-
-    def _record_sample(self, key: str, value: float) -> None:
-        self._slot().record_sample(key, value)
-
-    def _pricing(self) -> PricingRegistry:
-        return self.pricing
-
-    def for_cost_context(
-        self, cost_context: str, *, buffer_scope: str | None = None
-    ) -> _TrainerLeaves:
-        context = V.check_cost_context(cost_context)
-        # a scope some barrier closes: model.metrics_builder("val") records into eval, which
-        # the next val or test log ships (in ART its leaves would wait in "val" forever)
-        scope = K.scope_for_cost_context(
-            buffer_scope.strip() if buffer_scope is not None else context
-        )
-        if context == self.cost_context and scope == self.scope:
-            return self
-        return _TrainerLeaves(context, scope, self.pending, self.pricing)
-
-
 _CAPTURE: ContextVar[dict[str, Any] | None] = ContextVar("art_ray_metrics_art_log", default=None)
 """What ART's ``Model.log`` handed over during one attached call: its row and its leaves."""
-
-
-def _ship(builder: WorkerBuilder, pending: PendingLeaves) -> None:
-    """Replay the trainer's pending leaves of one scope into a worker builder (exact values)."""
-    for key, value in pending.sums().items():
-        builder._record(key, value)
-    if pending.scenarios:
-        builder._record_scenarios(sorted(pending.scenarios))
-    for cost in pending.keyed:
-        builder._record_keyed_cost(cost.key, cost.value, cost.response_id)
-    for key, values in pending.samples.items():
-        for v in values:
-            builder._record_sample(key, v)
 
 
 class _Attached:
@@ -334,7 +274,7 @@ class _Attached:
         self.model = model
         self.handle = handle
         self.pending: dict[str, PendingLeaves] = {}
-        self.leaves = _TrainerLeaves("train", "train", self.pending, PricingRegistry())
+        self.leaves = TrainerLeaves("train", "train", self.pending, PricingRegistry())
         self.original_log = type(model).log
         self.original_auto = type(model)._collect_automatic_backend_metrics
 
@@ -345,7 +285,7 @@ class _Attached:
         pending = self.pending.pop(scope, None)
         if capture is not None and pending is not None:
             held = capture.setdefault("pending", PendingLeaves())
-            _merge_pending(held, pending)
+            merge_pending(held, pending)
         elif pending is not None:  # flushed outside model.log (user code): keep for the next row
             self.pending.setdefault(scope, pending)
         return {}
@@ -367,7 +307,7 @@ class _Attached:
         """ART's ``update_wandb_config`` (merge, refuse a changed value), then the aggregator's
         W&B run gets the model's config. Only the W&B part never raises."""
         type(self.model).update_wandb_config(self.model, config)
-        _use_art_wandb_run(self.model, self.handle, adopt=False)
+        use_art_wandb_run(self.model, self.handle, adopt=False)
 
     def automatic_metrics(self, **kwargs: Any) -> dict[str, float]:
         metrics: dict[str, float] = self.original_auto(self.model, **kwargs)
@@ -416,7 +356,7 @@ class _Attached:
         cfg = self.handle.config
         if pending is not None:
             builder = connect(step, split=split, name=cfg.name, namespace=cfg.namespace)
-            _ship(builder, pending)
+            ship_pending(builder, pending)
             result = await builder.aflush()
             if not result.ok:
                 log.warning(
@@ -451,45 +391,6 @@ class _Attached:
             f.write(json.dumps(record) + "\n")
 
 
-def group_fates(groups: Iterable[Any]) -> dict[str, str]:
-    """The fate of each of ART's trajectory groups, by group id, as ``attach`` passes them.
-
-    A group's id is its scenario id as ART reads it (the group's metadata, else its
-    trajectories': ``scenario_id``), the id a worker's cost leaves carry by default
-    (``add_data(scenario_ids=[id])``, or ``worker_context(step, group=id)``). A group with
-    exceptions is ``errored``; else one whose rewards do not vary (as ART decides trainability:
-    fewer than two trajectories, or all rewards equal) is ``zero_variance``; else ``trained``.
-    Groups without an id are left out (their spend stays ``unknown``); of several groups with
-    one id, the first in ``trained``, ``zero_variance``, ``errored`` order wins.
-    """
-    rank = {"trained": 0, "zero_variance": 1, "errored": 2}
-    out: dict[str, str] = {}
-    for group in groups:
-        group_id = _scenario_id(group)
-        if group_id is None:
-            continue
-        rewards = {trajectory.reward for trajectory in group.trajectories}
-        if group.exceptions:
-            fate = "errored"
-        elif len(group.trajectories) > 1 and len(rewards) > 1:
-            fate = "trained"
-        else:
-            fate = "zero_variance"
-        held = out.get(str(group_id))
-        if held is None or rank[fate] < rank[held]:
-            out[str(group_id)] = fate
-    return out
-
-
-def _scenario_id(group: Any) -> str | None:
-    """A trajectory group's scenario id as ART 0.5.18 reads it (``metrics_taxonomy``)."""
-    for metadata in (group.metadata, *(t.metadata for t in group.trajectories)):
-        scenario_id = (metadata or {}).get("scenario_id")
-        if scenario_id is not None:
-            return str(scenario_id)
-    return None
-
-
 def _route(key: str, split: str, sections: Any) -> str:
     """ART's prefixing of a key logged for ``split`` (one of train/val/test)."""
     head, sep, _ = key.partition("/")
@@ -512,99 +413,6 @@ def _warn_unknown_options(options: Mapping[str, Any]) -> None:
             name,
             ART_VERSION,
         )
-
-
-def _merge_pending(into: PendingLeaves, other: PendingLeaves) -> None:
-    for key, value in other.sums().items():
-        into.record(key, value)
-    into.scenarios |= other.scenarios
-    into.keyed.extend(other.keyed)
-    for key, values in other.samples.items():
-        for v in values:
-            into.record_sample(key, v)
-
-
-ADOPTED_KEY = "art_ray_metrics"
-"""Key of ``state.json`` where :func:`attach` notes which aggregator adopted ART's totals."""
-
-
-def _art_builder_state(model: Any) -> tuple[dict[str, Decimal], list[str]] | None:
-    """ART's builder state in the model's ``state.json``: cumulative values and unique
-    scenario ids (``None``: there is none).
-
-    Raises:
-        InvalidMetricError: the state is not in ART's format (naming the key and value).
-    """
-    state = model.read_state() or {}
-    key = getattr(_art().model, "METRICS_BUILDER_STATE_KEY", "_metrics_builder_state")
-    raw = state.get(key)
-    if raw is None:
-        return None
-    where = os.path.join(model._get_output_dir(), "state.json")
-    cum, ids = (
-        (raw.get("cum_state", {}), raw.get("unique_scenario_ids", []))
-        if isinstance(raw, dict)
-        else (None, None)
-    )
-    if not isinstance(cum, dict) or not isinstance(ids, list):
-        raise InvalidMetricError(
-            f"Expected ART's builder state in {where} ({key!r}: a map with 'cum_state' and "
-            f"'unique_scenario_ids') but got {raw!r:.200}"
-        )
-    try:
-        values = A.check_cumulative(cum)
-    except InvalidMetricError as exc:
-        raise InvalidMetricError(f"{where}: {exc}") from None
-    return values, [str(i) for i in ids]
-
-
-def _adopt_art_state(model: Any, handle: AggregatorHandle) -> dict[str, Any] | None:
-    """Move the model's ART totals into a fresh aggregator, once; report a mismatch in one
-    line when the aggregator already has a state of its own."""
-    found = _art_builder_state(model)
-    if found is None:
-        return None
-    values, ids = found
-    where = os.path.join(model._get_output_dir(), "state.json")
-    target = handle.config.storage_uri
-    digests = b"".join(digest(i) for i in sorted(set(ids)))
-    out: dict[str, Any] = handle._call(
-        "adopt_cumulative", {k: str(v) for k, v in values.items()}, digests, where
-    )
-    note = (model.read_state() or {}).get(ADOPTED_KEY)
-    moved = isinstance(note, dict) and note.get("adopted_by") == target
-    if out["adopted"]:
-        model.merge_state({ADOPTED_KEY: {"adopted_by": target}})
-        if not out["durable"]:
-            log.warning(
-                "art_ray_metrics: the totals adopted from %s are not checkpointed yet; they "
-                "are with the next checkpoint",
-                where,
-            )
-    elif out["mismatch"] and not moved:  # moved: the aggregator's totals went on from these
-        log.warning(
-            "art_ray_metrics: %s differs from the aggregator's state, which is kept: %s",
-            where,
-            out["mismatch"],
-        )
-    return out
-
-
-def _use_art_wandb_run(model: Any, handle: AggregatorHandle, adopt: bool) -> None:
-    """The aggregator logs to the model's W&B run (as ART: project, name and id from the
-    model, entity from ``WANDB_ENTITY``), with the model's W&B config. Never raises."""
-    try:
-        identity: tuple[Any, ...] = (
-            (model.project, model.name, model.name, os.environ.get("WANDB_ENTITY"))
-            if adopt
-            else (None, None, None, None)
-        )
-        config = dict(getattr(model, "_wandb_config", None) or {})
-        out = handle._call("use_wandb_run", *identity, config)
-        if out["note"]:
-            log.warning("art_ray_metrics: W&B: %s", out["note"])
-    except Exception as exc:  # telemetry: training goes on without it
-        log.warning("art_ray_metrics: W&B run of model %r not set up: %r", model.name, exc)
 
 
 def attach(model: Any, handle: AggregatorHandle, *, wandb_run: bool = True) -> None:
@@ -645,8 +453,9 @@ def attach(model: Any, handle: AggregatorHandle, *, wandb_run: bool = True) -> N
         raise TypeError(f"Expected an AggregatorHandle but got {type(handle).__name__}")
     if "_arm_attached" in model.__dict__:
         raise TypeError(f"Model {model.name!r} is already attached to an aggregator")
-    _adopt_art_state(model, handle)  # before the first row; bad input raises here
-    _use_art_wandb_run(model, handle, wandb_run)
+    state_key = getattr(art.model, "METRICS_BUILDER_STATE_KEY", "_metrics_builder_state")
+    adopt_art_state(model, handle, state_key)  # before the first row; bad input raises here
+    use_art_wandb_run(model, handle, wandb_run)
     state = _Attached(model, handle)
     bridge = _bridge_type()(state.leaves, state.flush_hook)
     for attr, value in (

@@ -552,10 +552,10 @@ class TestOlderFormats:
 class TestTrainerSideContexts:
     def test_attached_models_val_builder_records_into_eval(self) -> None:
         """model.metrics_builder("val") on an attached trainer: the val/test log ships it."""
-        from art_ray_metrics.integrations.art import _TrainerLeaves
+        from art_ray_metrics.integrations.art_leaves import TrainerLeaves
         from art_ray_metrics.spend.pricing import PricingRegistry
 
-        leaves = _TrainerLeaves("train", "train", {}, PricingRegistry())
+        leaves = TrainerLeaves("train", "train", {}, PricingRegistry())
         assert leaves.for_cost_context("val").scope == "eval"
         assert leaves.for_cost_context("eval", buffer_scope="eval").scope == "eval"
         assert leaves.for_cost_context("judge").scope == "judge"
