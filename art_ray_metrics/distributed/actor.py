@@ -647,7 +647,7 @@ class MetricsAggregator:
 
     def _publish_telemetry(self, *, force: bool = False) -> None:
         """Push the counters and gauges declared for Ray (see :mod:`.telemetry`)."""
-        if not self.telemetry.enabled:
+        if not self.telemetry.enabled or not (force or self.telemetry.due()):
             return
         sources = self._counted()
         totals = counters.ray_values(sources, "counter")
@@ -721,6 +721,7 @@ class MetricsAggregator:
         self._ensure_tasks()
         await self.wal.write()
         await self.committer.persist()
+        await self.committer.settled()
         return {"checkpoints": self.health.checkpoints, "fenced": self.fenced}
 
     async def config_fingerprint(self) -> str:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import logging
 import os
 import socket
@@ -77,7 +78,15 @@ from art_ray_metrics.core.tape import (
 )
 from art_ray_metrics.core.wire import decode_batch, encode_batch
 from art_ray_metrics.distributed.budget import ClientBudget
-from art_ray_metrics.distributed.transport import JITTER, RayTransport, Transport, one_line
+from art_ray_metrics.distributed.transport import (
+    JITTER,
+    AggregatorGoneError,
+    RayTransport,
+    Transport,
+    future_outcome,
+    one_line,
+    wait_futures,
+)
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
@@ -180,11 +189,12 @@ class MetricsClient:
         """Tape items that make a full batch: a builder that reaches it calls :meth:`ship`."""
         self._seq = 0
         self._retained: dict[int, bytes] = {}
-        self._inflight: dict[Any, tuple[int, bool]] = {}  # ObjectRef -> (seq, durable)
+        # call -> (seq, durable); a call is in here from before its send starts (see _send)
+        self._inflight: dict[concurrent.futures.Future[Any], tuple[int, bool]] = {}
+        self._foreign: dict[Any, concurrent.futures.Future[Any]] = {}  # see _adopt
         self._ledger = RolloutLedger(_MAX_HIS)  # which rollouts each batch carries; losses
         self._lost_decl: list[tuple[int, int, str, int]] = []  # given up, not yet declared
         self._carried: dict[int, int] = {}  # seq -> the newest given-up seq its header declares
-        self._sending = 0  # sends between their retained check and being in flight
         self._dropped_unreported = 0
         self._confirmed = 0
         self._big: dict[tuple[int, str, str], Decimal] = {}  # shipped sums of keys with huge values
@@ -485,34 +495,38 @@ class MetricsClient:
         log.error("art_ray_metrics: dropped %d unacknowledged batches (cap reached)", excess)
 
     def _send(self, seq: int, data: bytes, *, durable: bool) -> Any:
-        """Start the call carrying batch ``seq``. Never looks the aggregator up: with none
-        resolved yet the batch stays retained and the background thread sends it."""
+        """Start the call carrying batch ``seq``; return it (a future of the answer). Never
+        looks the aggregator up: with none resolved yet the batch stays retained and the
+        background thread sends it.
+
+        The call is in flight from before the transport's send starts (which can take
+        milliseconds on a busy process): flushes arriving meanwhile wait for it (group commit)
+        instead of sending batches of their own or a copy of this one."""
         if not self._transport.ready():  # not found yet: no failure, the lookup is under way
             self._wake.set()
             return None
+        call: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if seq not in self._retained:  # settled since it was picked: a copy is stale, and
                 return None  # after a confirm the aggregator may no longer know it applied it
-            self._sending += 1  # no confirm until this call is in flight (see _confirm)
+            self._inflight[call] = (seq, durable)  # and no confirm until it is answered
         try:
-            ref = self._transport.send(data, durable)
+            self._adopt(self._transport.send(data, durable), call)
         except Exception as exc:  # Ray is gone, or the handle is broken: resend later
             with self._lock:
-                self._sending -= 1
+                self._inflight.pop(call, None)  # the waiters' _complete is then a no-op
+            call.set_exception(exc)
             self._failed(exc)
             self._wake.set()
             return None
-        with self._lock:
-            self._inflight[ref] = (seq, durable)
-            self._sending -= 1
-        return ref
+        return call
 
     def _wait_for_room(self) -> None:
         deadline = time.monotonic() + self.config.flush_timeout_s
         while len(self._inflight) >= self.config.max_in_flight and time.monotonic() < deadline:
             refs = list(self._inflight)
             if refs:
-                self._reap_refs(self._transport.wait(refs, 1, 0.5))
+                self._reap_refs(self._wait_calls(refs, 1, 0.5))
             if self._transport.gone():
                 return
 
@@ -522,13 +536,50 @@ class MetricsClient:
             refs = list(self._inflight)
         if not refs:
             return 0
-        ready = self._transport.wait(refs, 1 if block else len(refs), timeout_s)
+        ready = self._wait_calls(refs, 1 if block else len(refs), timeout_s)
         self._reap_refs(ready)
         return len(ready)
 
     def _reap_refs(self, ready: list[Any]) -> None:
         for ref in ready:
-            self._complete(ref, self._transport.outcome(ref))
+            self._complete(ref, future_outcome(ref))
+
+    def _wait_calls(self, calls: list[Any], n: int, timeout_s: float) -> list[Any]:
+        """The calls among ``calls`` (this client's futures) answered within ``timeout_s``, at
+        least ``n`` unless timed out; in slices, so a transport whose world ended (the answer
+        would never come) is noticed."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            ready = wait_futures(calls, n, min(_WAIT_SLICE_S, deadline - time.monotonic()))
+            if (
+                len(ready) >= min(n, len(calls))
+                or time.monotonic() >= deadline
+                or self._transport.gone()
+            ):
+                return ready
+
+    def _adopt(self, source: Any, call: concurrent.futures.Future[Any]) -> None:
+        """Complete ``call`` with the answer of the transport's call ``source``: chained when
+        it is a future; else through the transport's ``wait`` and ``outcome`` (at once if it
+        finished, or by the background thread)."""
+        if isinstance(source, concurrent.futures.Future):
+            _chain(source, call)
+            return
+        if self._transport.wait([source], 1, 0.0):
+            call.set_result(self._transport.outcome(source))  # an ack, or the exception
+            return
+        with self._lock:
+            self._foreign[source] = call
+
+    def _reap_foreign(self) -> None:
+        """Answers of transport calls that are not futures (see :meth:`_adopt`)."""
+        with self._lock:
+            sources = list(self._foreign)
+        for source in self._transport.wait(sources, len(sources), 0.0):
+            with self._lock:
+                call = self._foreign.pop(source, None)
+            if call is not None:
+                call.set_result(self._transport.outcome(source))
 
     def _complete(self, ref: Any, outcome: Any) -> None:
         """Account for one finished call (``outcome`` is its ack or its exception); idempotent."""
@@ -600,11 +651,11 @@ class MetricsClient:
 
     def _resendable(self, lo: int = 1, hi: int | None = None) -> list[tuple[int, bytes]]:
         with self._lock:
-            inflight = {s for s, _ in self._inflight.values()}
+            busy = {s for s, _ in self._inflight.values()}
             return [
                 (s, d)
                 for s, d in sorted(self._retained.items())
-                if s not in inflight and s >= lo and (hi is None or s <= hi)
+                if s not in busy and s >= lo and (hi is None or s <= hi)
             ]
 
     def _resend(self, *, durable: bool = False, lo: int = 1, hi: int | None = None) -> None:
@@ -615,7 +666,7 @@ class MetricsClient:
     def _confirm(self) -> None:
         """Tell the actor every batch up to here is acknowledged, so it can drop our window."""
         with self._lock:
-            if self._pending or self.tape or self._inflight or self._sending:
+            if self._pending or self.tape or self._inflight:
                 return
             upto = self._acked_upto()
         if upto > self._confirmed and self._transport.confirm(
@@ -657,6 +708,8 @@ class MetricsClient:
                     self._stop_quietly()
                     return
                 self._lookup()
+                if self._foreign:
+                    self._reap_foreign()
                 self.budget.tick()
                 if self._inflight:
                     self.reap()
@@ -687,6 +740,7 @@ class MetricsClient:
         self.stopped.set()
         with self._lock:
             self._inflight.clear()
+            self._foreign.clear()
             unsent = len(self._retained) + len(self._pending) + len(self.tape)
         if unsent:
             log.warning(
@@ -700,7 +754,7 @@ class MetricsClient:
     # -- flushing --------------------------------------------------------------------------
 
     def _flush_state(self, lo: int, hi: int) -> tuple[bool, list[Any]]:
-        """(all of [lo, hi] durable, refs in flight for them)."""
+        """(all of [lo, hi] durable, calls in flight for them)."""
         with self._lock:
             done = self._seq >= hi and not any(lo <= s <= hi for s in self._retained)
             refs = [r for r, (s, _) in self._inflight.items() if lo <= s <= hi]
@@ -807,7 +861,7 @@ class MetricsClient:
         for wait in self._flush_steps(lo, hi, timeout_s, rid, answer):
             if isinstance(wait, tuple):
                 calls, n, timeout = wait
-                self._reap_refs(self._transport.wait(calls, n, timeout))
+                self._reap_refs(self._wait_calls(calls, n, timeout))
             elif wait is not None:
                 time.sleep(wait)
         return answer[0]
@@ -820,7 +874,7 @@ class MetricsClient:
         for wait in self._flush_steps(lo, hi, timeout_s, rid, answer):
             if isinstance(wait, tuple):
                 calls, n, timeout = wait
-                futs = {asyncio.ensure_future(self._transport.aoutcome(c)): c for c in calls}
+                futs = {asyncio.ensure_future(_aoutcome(c)): c for c in calls}
                 until = asyncio.FIRST_COMPLETED if n < len(calls) else asyncio.ALL_COMPLETED
                 finished, _ = await asyncio.wait(futs, timeout=timeout, return_when=until)
                 for f in finished:
@@ -912,6 +966,36 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 _POLL_S = 0.02
 """How often a flush with no aggregator resolved checks whether the background thread found
 one (it never looks up itself)."""
+
+
+_WAIT_SLICE_S = 0.5
+"""A flush waits for its calls in slices this long, checking the transport is still there."""
+
+
+async def _aoutcome(call: concurrent.futures.Future[Any]) -> Any:
+    """A call's answer or exception (returned, never raised), awaited on an event loop."""
+    try:
+        return await asyncio.wrap_future(call)
+    except asyncio.CancelledError:
+        if call.cancelled():
+            return AggregatorGoneError("the aggregator died while the call was in flight")
+        raise
+    except Exception as exc:
+        return exc
+
+
+def _chain(source: Any, call: concurrent.futures.Future[Any]) -> None:
+    """Complete ``call`` as the transport's future ``source`` completes."""
+
+    def copy(done: concurrent.futures.Future[Any]) -> None:
+        if done.cancelled():
+            call.cancel()
+        elif (exc := done.exception()) is not None:
+            call.set_exception(exc)
+        else:
+            call.set_result(done.result())
+
+    source.add_done_callback(copy)
 
 
 _FlushWait = tuple[list[Any], int, float] | float | None

@@ -93,6 +93,11 @@ class AggregatorTelemetry:
         """Whether metrics are exported."""
         return bool(self._metrics)
 
+    def due(self) -> bool:
+        """An unforced :meth:`publish` now would publish (the interval has passed): callers
+        skip gathering the values otherwise (the WAL writer asks at every wake-up)."""
+        return time.monotonic() - self._last_publish >= PUBLISH_INTERVAL_S
+
     def baseline(self, counters: Mapping[str, float]) -> None:
         """Values already counted before this process started (restored): not re-published."""
         self._published.update(counters)

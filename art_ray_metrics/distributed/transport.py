@@ -3,7 +3,10 @@
 The client owns batching, sequence numbers, retention and resends; a transport only finds the
 aggregator and carries calls to it. Two exist:
 
-- :class:`RayTransport`: the named Ray actor (``ray.get_actor``, ``ingest.remote``, object refs).
+- :class:`RayTransport`: the named Ray actor (``ray.get_actor``, ``ingest.remote``); each call is
+  the ``concurrent.futures.Future`` of its object ref (``ObjectRef.future()``): Ray completes it
+  once, from its own callback, so any number of flushing threads wait on it without a
+  ``ray.wait``/``ray.get`` each.
 - :class:`InProcessTransport`: a :class:`~art_ray_metrics.testing.InProcessAggregator` in this
   process (the real actor class over real storage, on its own event loop; no Ray).
 
@@ -35,7 +38,15 @@ from typing import Any, Protocol
 from art_ray_metrics.core.backoff import LOOKUP
 from art_ray_metrics.errors import AggregatorUnavailableError
 
-__all__ = ["JITTER", "InProcessTransport", "RayTransport", "Transport", "one_line"]
+__all__ = [
+    "JITTER",
+    "InProcessTransport",
+    "RayTransport",
+    "Transport",
+    "future_outcome",
+    "one_line",
+    "wait_futures",
+]
 
 JITTER = random.Random()
 """Back-off jitter from a generator of our own: the process's global ``random`` state (a
@@ -72,7 +83,10 @@ class Transport(Protocol):
         Returns :meth:`ready`. Called only from the client's background thread."""
 
     def send(self, data: bytes, durable: bool) -> Any:
-        """Start an ``ingest`` call; return its call object (no lookup).
+        """Start an ``ingest`` call; return it (no lookup). A ``concurrent.futures.Future``
+        of the answer is chained to the client's own future of the call; any other call
+        object is waited on through :meth:`wait` and :meth:`outcome` (by the client's
+        background thread unless it finished at once).
 
         Raises:
             AggregatorUnavailableError: No aggregator is resolved.
@@ -141,6 +155,55 @@ def _ray_connected() -> bool:
         return False
 
 
+_WAIT_SLICE_S = 0.5
+"""A Ray call's future is waited on in slices this long, checking that Ray is still up."""
+
+
+def _as_future(ref: Any) -> concurrent.futures.Future[Any]:
+    """The future of a Ray object ref, completed by Ray's callback with the reply, or with the
+    exception ``ray.get`` would raise (a stand-in ref without ``future()`` never completes)."""
+    future = getattr(ref, "future", None)
+    if future is None:
+        return concurrent.futures.Future()
+    return future()  # type: ignore[no-any-return]
+
+
+def wait_futures(calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
+    """The futures among ``calls`` done within ``timeout_s`` (at least ``num_returns`` of them
+    unless timed out), in the order given."""
+    if num_returns >= len(calls):  # all of them: on each future's own condition, no waiters
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        for call in calls:
+            if call.done():
+                continue
+            try:
+                call.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            except concurrent.futures.CancelledError:
+                continue
+        return [c for c in calls if c.done()]
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        done, _ = concurrent.futures.wait(
+            calls,
+            timeout=max(0.0, deadline - time.monotonic()),
+            return_when=concurrent.futures.FIRST_COMPLETED,
+        )
+        if len(done) >= num_returns or time.monotonic() >= deadline:
+            return [c for c in calls if c in done]
+
+
+def future_outcome(call: concurrent.futures.Future[Any]) -> Any:
+    """A finished call's reply, or its exception (returned, never raised)."""
+    try:
+        return call.result(timeout=0)
+    except concurrent.futures.CancelledError:
+        return AggregatorGoneError("the aggregator died while the call was in flight")
+    except Exception as exc:
+        return exc
+
+
 class RayTransport(_Lookups):
     """The named aggregator actor, through Ray. Never initialises Ray: every call first checks
     that this process is connected."""
@@ -191,7 +254,7 @@ class RayTransport(_Lookups):
             raise AggregatorUnavailableError(self.lookup_error or "the aggregator is not found yet")
         if not _ray_connected():
             raise AggregatorUnavailableError("Ray is not initialized in this process")
-        return actor.ingest.remote(data, durable)
+        return _as_future(actor.ingest.remote(data, durable))
 
     def call(self, method: str, *args: Any) -> concurrent.futures.Future[Any]:
         """Call another remote method without waiting (the run budget's grants)."""
@@ -211,22 +274,23 @@ class RayTransport(_Lookups):
         return True
 
     def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
-        if not _ray_connected():
-            return []
-        ready, _ = _ray().wait(
-            calls, num_returns=num_returns, timeout=max(0.0, timeout_s), fetch_local=True
-        )
-        return list(ready)
+        # in slices: a future of a process whose Ray was shut down never completes
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            if not _ray_connected():
+                return []
+            ready = wait_futures(
+                calls, num_returns, min(_WAIT_SLICE_S, deadline - time.monotonic())
+            )
+            if len(ready) >= min(num_returns, len(calls)) or time.monotonic() >= deadline:
+                return ready
 
     def outcome(self, call: Any) -> Any:
-        try:
-            return _ray().get(call)
-        except Exception as exc:
-            return exc
+        return future_outcome(call)
 
     async def aoutcome(self, call: Any) -> Any:
         try:
-            return await call
+            return await asyncio.wrap_future(call)
         except Exception as exc:
             return exc
 
@@ -305,21 +369,10 @@ class InProcessTransport(_Lookups):
         return True
 
     def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
-        when = (
-            concurrent.futures.ALL_COMPLETED
-            if num_returns >= len(calls)
-            else concurrent.futures.FIRST_COMPLETED
-        )
-        done, _ = concurrent.futures.wait(calls, timeout=max(0.0, timeout_s), return_when=when)
-        return [c for c in calls if c in done]
+        return wait_futures(calls, num_returns, timeout_s)
 
     def outcome(self, call: Any) -> Any:
-        try:
-            return call.result(timeout=0)
-        except concurrent.futures.CancelledError:
-            return AggregatorGoneError("the aggregator died while the call was in flight")
-        except Exception as exc:
-            return exc
+        return future_outcome(call)
 
     async def aoutcome(self, call: Any) -> Any:
         try:

@@ -13,6 +13,7 @@ aggregator passes ``AggregatorConfig.checkpoint_prune_every`` (default 4) as ``p
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -67,6 +68,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ACQUIRE_ATTEMPTS = 8
+_WRITE_THREADS = 8
+"""Objects of one commit written at once at most (on a store that takes concurrent writes)."""
 _MAX_LEVEL = 99
 
 
@@ -118,16 +121,50 @@ class _Pending:
 
 
 class _Writer:
-    """Creates the objects of one commit and counts what it wrote."""
+    """Creates the objects of one commit and counts what it wrote.
 
-    def __init__(self, store: ObjectStore) -> None:
+    ``pool``: when given (a store that takes concurrent writes, see
+    :attr:`CheckpointManager.concurrent`), :meth:`put_all` writes its objects in parallel, so a
+    commit waits for one storage round trip (one fsync, one request) per phase instead of one
+    per object."""
+
+    def __init__(
+        self, store: ObjectStore, pool: concurrent.futures.ThreadPoolExecutor | None = None
+    ) -> None:
         self._store = store
+        self._pool = pool
         self.bytes_written = 0
         self.objects_written = 0
 
     def put(self, key: str, data: bytes) -> None:
         self._store.put_if_absent(key, data)
         self.count(data)
+
+    def put_all(self, objects: list[tuple[str, bytes, bool]]) -> None:
+        """Write ``(key, data, create_only)`` objects, none named by a pointer yet: in any
+        order, in parallel when a pool is given. Raises the first failure (in list order) once
+        every write has ended."""
+
+        def one(key: str, data: bytes, create_only: bool) -> None:
+            if create_only:
+                self._store.put_if_absent(key, data)
+            else:
+                self._store.put(key, data)
+
+        if self._pool is None or len(objects) < 2:
+            for key, data, create_only in objects:
+                one(key, data, create_only)
+                self.count(data)
+            return
+        futures = [self._pool.submit(one, *obj) for obj in objects]
+        concurrent.futures.wait(futures)
+        for future, (_key, data, _create) in zip(futures, objects, strict=True):
+            if future.exception() is None:
+                self.count(data)
+        for future in futures:
+            exc = future.exception()
+            if exc is not None:
+                raise exc
 
     def count(self, data: bytes) -> None:
         self.bytes_written += len(data)
@@ -176,6 +213,12 @@ class CheckpointManager:
         self._fenced_by: int | None = None
         self._ready = False  # an epoch is claimed and the checkpoint it builds on is loaded
         self._retained: list[Manifest] = []  # newest first; [0] is the base of the next commit
+        self.concurrent = bool(getattr(store, "concurrent_writes", False))
+        """The store takes concurrent writes (it says so with ``concurrent_writes = True``):
+        the objects of one commit are then written in parallel (see :meth:`commit`)."""
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.prune_due = False
+        """A commit with ``defer_prune`` left a pruning to :meth:`prune_deferred`."""
 
     @property
     def uri(self) -> str:
@@ -322,13 +365,39 @@ class CheckpointManager:
             pointer, version = self._reader.read_pointer()
             self._fence_if_newer(pointer, version)
 
-    def commit(self, parts: CheckpointParts, *, wal_next: int | None = None) -> CommitInfo:
+    def _writer(self) -> _Writer:
+        if self.concurrent and self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=_WRITE_THREADS, thread_name_prefix="arm-ckpt-write"
+            )
+        return _Writer(self._store, self._pool)
+
+    def commit(
+        self,
+        parts: CheckpointParts,
+        *,
+        wal_next: int | None = None,
+        named: Mapping[str, bytes] | None = None,
+        defer_prune: bool = False,
+    ) -> CommitInfo:
         """Write a checkpoint: immutable blobs first, the pointer by compare-and-swap last.
+
+        Three phases, each waiting for the one before: the state blob, the new shards and the
+        ``named`` objects (in parallel on a store that takes concurrent writes); then the
+        manifest (so a manifest on storage always has every object it lists); then the
+        pointer.
 
         Args:
             parts: The state and the shard bytes added since the last successful commit.
             wal_next: WAL records of this epoch with a lower counter are covered by ``parts``;
                 defaults to every record appended so far (:attr:`wal_next`).
+            named: Other objects the state names (the aggregator's rewind records), written
+                with a plain ``put`` before the manifest; none is visible through the pointer
+                before this commit lands.
+            defer_prune: On a store that takes concurrent writes, a due pruning is not run
+                here: :attr:`prune_due` is set and the caller runs :meth:`prune_deferred`
+                later (deleting ~a hundred objects then holds neither the commit's caller nor
+                the write-ahead log, which waits on this manager's lock).
 
         Returns:
             What was written.
@@ -350,8 +419,8 @@ class CheckpointManager:
             base = self._retained[0] if self._retained else None
             families = self._families(base, parts)
             self._seq += 1
-            writer = _Writer(self._store)
-            manifest = self._write_objects(writer, parts, base, families, covered)
+            writer = self._writer()
+            manifest = self._write_objects(writer, parts, base, families, covered, named or {})
             pointer_bytes = encode_pointer(
                 Pointer(epoch=manifest.epoch, seq=manifest.seq, manifest=manifest.key)
             )
@@ -361,7 +430,10 @@ class CheckpointManager:
             self._commits_unpruned += 1
             if self._commits_unpruned >= self._prune_every:  # listing costs requests: batch it
                 self._commits_unpruned = 0
-                self._prune()
+                if defer_prune and self.concurrent:
+                    self.prune_due = True  # the caller runs prune_deferred() off its path
+                else:
+                    self._prune()
             return CommitInfo(
                 epoch=manifest.epoch,
                 seq=manifest.seq,
@@ -390,17 +462,23 @@ class CheckpointManager:
         base: Manifest | None,
         families: set[str],
         covered: int,
+        named: Mapping[str, bytes],
     ) -> Manifest:
-        """Write the state blob, the new shards and the manifest (create-only); return it."""
+        """Write the state blob, the new shards and ``named`` (together), then the manifest
+        (create-only); return it."""
         epoch, seq = self._epoch, self._seq
         commit_stamp = stamp(epoch, seq)
         state_key = f"state/{commit_stamp}.bin"
-        writer.put(state_key, encode_blob(KIND_STATE, bytes(parts.state)))
+        objects = [(key, bytes(data), False) for key, data in named.items()]
+        objects.append((state_key, encode_blob(KIND_STATE, bytes(parts.state)), True))
         shards: dict[str, list[str]] = {}
         for family in sorted(families):
             old = base.shards.get(family, []) if base is not None else []
             new = bytes(parts.new_shards.get(family, b""))
-            shards[family] = self._compact(family, old, new, commit_stamp, writer.put)
+            shards[family] = self._compact(
+                family, old, new, commit_stamp, lambda k, d: objects.append((k, d, True))
+            )
+        writer.put_all(objects)
         manifest = Manifest(
             key=f"manifests/{commit_stamp}.bin",
             epoch=epoch,
@@ -470,29 +548,54 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         """Delete what no retained manifest references; log, never raise."""
+        self._delete(self._garbage())
+
+    def prune_deferred(self) -> None:
+        """Run the pruning a commit with ``defer_prune`` left due: the garbage is listed under
+        the lock, deleted outside it. Safe while later commits and appends run: an object no
+        retained manifest references is never referenced again (a commit names its base's
+        shards and objects of its own, with keys never used before), and a WAL record a
+        retained manifest covers stays covered. Logs, never raises."""
+        with self._lock:
+            if not self.prune_due or self._fenced_by is not None:
+                return
+            self.prune_due = False
+            garbage = self._garbage()
+        self._delete(garbage)
+
+    def _garbage(self) -> list[str]:
+        """The keys of this epoch or older that no retained manifest needs (under the lock)."""
         if not self._retained:
-            return
+            return []
         keep: set[str] = set()
         for manifest in self._retained:
             keep |= manifest.referenced()
         oldest = self._retained[-1]
-        deleted = 0
+        garbage: list[str] = []
         try:
             for prefix in ("manifests/", "state/", "shards/"):
                 for key in self._store.list(prefix):
                     epoch = key_epoch(key)
                     if key in keep or epoch is None or epoch > self._epoch:
                         continue
-                    self._store.delete(key)
-                    deleted += 1
+                    garbage.append(key)
             for key in self._store.list("wal/"):
                 match = WAL_KEY.match(key)
                 if match is None:
                     continue
                 epoch, counter = int(match.group(1)), int(match.group(2))
                 if epoch <= self._epoch and oldest.covers(epoch, counter):
-                    self._store.delete(key)
-                    deleted += 1
+                    garbage.append(key)
+        except errors.StorageError as exc:
+            log.warning("listing old checkpoint objects in %s failed: %s", self.uri, exc)
+        return garbage
+
+    def _delete(self, keys: list[str]) -> None:
+        deleted = 0
+        try:
+            for key in keys:
+                self._store.delete(key)
+                deleted += 1
         except errors.StorageError as exc:
             log.warning("pruning old checkpoint objects in %s failed: %s", self.uri, exc)
         if deleted:

@@ -9,9 +9,11 @@ Both run on one asyncio event loop with the storage calls in threads; neither kn
   generation, which durable ingests wait on. It moves the durable side of the state's producer
   windows (which seqs are in the log or a checkpoint, ``core/ingest.py``): an acknowledgement's
   ``durable`` and ``durable_upto``.
-- :class:`Committer` writes a checkpoint in the persist order: rewind objects first (a commit
-  names them), then the checkpoint (fenced), then the deletions it allows, then the history
-  rows of its outbox. A failure keeps what was not written for the next attempt.
+- :class:`Committer` writes a checkpoint in the persist order: the checkpoint with the rewind
+  objects it names (those before its manifest, its pointer fenced and last), then the deletions
+  it allows, then the history rows of its outbox; pruning old objects runs after, off the
+  caller's path, on stores that take concurrent writes. A failure keeps what was not written
+  for the next attempt.
 - :class:`Fence`: once the storage says a newer aggregator owns the run, every writer stops.
 
 The protocol and its failure semantics are described in ``docs/design.md``.
@@ -360,6 +362,7 @@ class Committer:
         self.rewind_queue: dict[str, bytes] = {}  # rewind objects not yet written
         self.tombstones: dict[str, bytes] = dict.fromkeys(TOMBSTONES.values(), b"")
         self.lock: asyncio.Lock | None = None
+        self.pruning: asyncio.Task[None] | None = None  # a deferred pruning in a thread
 
     def start(self) -> None:
         """Create the loop's primitives (on the running event loop)."""
@@ -397,6 +400,20 @@ class Committer:
             self._committed(snap)
             await self._drop_objects(snap.rewind_drop, snap.history_drop)
             await self._write_history(snap.outbox)
+            if self.ckpt.prune_due and (self.pruning is None or self.pruning.done()):
+                # garbage collection: never on a barrier's path (see prune_deferred)
+                self.pruning = asyncio.get_running_loop().create_task(self._prune())
+
+    async def settled(self) -> None:
+        """Wait for a deferred pruning still running (an explicit checkpoint, a shutdown)."""
+        if self.pruning is not None:
+            await self.pruning
+
+    async def _prune(self) -> None:
+        try:
+            await asyncio.to_thread(self.ckpt.prune_deferred)
+        except Exception as exc:  # it logs and never raises; a surprise must not go unseen
+            log.warning("art_ray_metrics: pruning old checkpoint objects failed: %r", exc)
 
     def _snapshot(self) -> _Snapshot:
         state_blob, shards, token = self.state.checkpoint_parts()
@@ -416,12 +433,17 @@ class Committer:
         )
 
     async def _commit(self, snap: _Snapshot) -> bool:
-        """Rewind objects, then the checkpoint that names them; False if it did not commit."""
+        """The checkpoint with the rewind objects it names (written before its manifest, see
+        ``CheckpointManager.commit``); False if it did not commit."""
         try:
-            for key, data in snap.rewind_objects.items():  # before the commit that names them
-                await asyncio.to_thread(self.store.put, key, data)
-            started = time.monotonic()
-            await asyncio.to_thread(self.ckpt.commit, snap.parts, wal_next=snap.wal_next)
+            started = time.monotonic()  # the rewind objects go before the manifest naming them
+            await asyncio.to_thread(
+                self.ckpt.commit,
+                snap.parts,
+                wal_next=snap.wal_next,
+                named=snap.rewind_objects,
+                defer_prune=True,
+            )
             self.observe("checkpoint_commit_seconds", time.monotonic() - started)
         except FencedError as exc:
             self.fence.trip(exc)

@@ -766,3 +766,139 @@ class TestPruneEvery:
         """A bad prune_every is a ConfigError."""
         with pytest.raises(errors.ConfigError, match="prune_every"):
             CheckpointManager(InMemoryStore(), prune_every=0)
+
+
+class _ConcurrentStore(FaultyStore):
+    """A :class:`FaultyStore` that says it takes concurrent writes and records, per write, the
+    key and how many writes were in flight when it started (each write sleeps a little, so
+    writes started together overlap)."""
+
+    concurrent_writes = True
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self.log: list[tuple[str, int]] = []
+        self._guard = threading.Lock()
+        self._active = 0
+
+    def _write(self, fn: Callable[[], str]) -> str:
+        with self._guard:
+            self._active += 1
+            active = self._active
+        try:
+            import time
+
+            time.sleep(0.02)
+            return super()._write(fn)
+        finally:
+            with self._guard:
+                self._active -= 1
+            self.log.append(("", active))
+
+    def put(self, key: str, data: bytes) -> str:
+        out = super().put(key, data)
+        self.log[-1] = (key, self.log[-1][1])
+        return out
+
+    def put_if_absent(self, key: str, data: bytes) -> str:
+        out = super().put_if_absent(key, data)
+        self.log[-1] = (key, self.log[-1][1])
+        return out
+
+    def put_if_version(self, key: str, data: bytes, version: str) -> str:
+        out = super().put_if_version(key, data, version)
+        self.log[-1] = (key, self.log[-1][1])
+        return out
+
+
+class TestConcurrentCommit:
+    """On a store that takes concurrent writes a commit writes in three phases: the state, new
+    shards and named objects together; then the manifest; then the pointer."""
+
+    def test_objects_go_together_manifest_after_pointer_last(self) -> None:
+        store = _ConcurrentStore(InMemoryStore())
+        writer = acquired(store)
+        store.log.clear()
+        info = writer.commit(
+            CheckpointParts(b"s1", {"ids": recs(1), "more": recs(2)}),
+            named={"rewind/a.bin": b"A", "rewind/b.bin": b"B"},
+        )
+        keys = [k for k, _ in store.log]
+        assert keys[-2:] == [info.manifest, POINTER_KEY]
+        assert set(keys[:-2]) == {
+            "rewind/a.bin",
+            "rewind/b.bin",
+            "state/0000000001-000000000001.bin",
+            "shards/ids/0000000001-000000000001-L00.bin",
+            "shards/more/0000000001-000000000001-L00.bin",
+        }
+        assert max(active for _, active in store.log[:-2]) > 1  # they overlapped
+        assert [active for _, active in store.log[-2:]] == [1, 1]  # nothing else in flight
+        assert info.objects_written == 7
+        assert store.inner.get("rewind/a.bin") == b"A"
+        loaded = must_load(CheckpointManager(store.inner))
+        assert (loaded.state, records_of(loaded.shards["more"])) == (b"s1", Counter([2]))
+
+    def test_a_failed_object_stops_the_commit_before_its_manifest(self) -> None:
+        store = _ConcurrentStore(InMemoryStore())
+        writer = acquired(store)
+        writer.commit(CheckpointParts(b"s1", {"ids": recs(1)}))
+        store.fail_at = store.writes + 1  # one of the parallel objects
+        with pytest.raises(errors.StorageError, match="injected"):
+            writer.commit(CheckpointParts(b"s2", {"ids": recs(2)}), named={"rewind/x.bin": b"x"})
+        assert len(store.inner.list("manifests/")) == 1  # no manifest of the failed commit
+        assert must_load(CheckpointManager(store.inner)).state == b"s1"
+        store.fail_at = None
+        writer.commit(CheckpointParts(b"s3", {"ids": recs(2, 3)}))
+        loaded = must_load(CheckpointManager(store.inner))
+        assert (loaded.state, records_of(loaded.shards["ids"])) == (b"s3", Counter([1, 2, 3]))
+
+    def test_plain_stores_write_in_order(self, store: InMemoryStore) -> None:
+        """A store that does not say it takes concurrent writes gets them one at a time."""
+        faulty = FaultyStore(store)
+        writer = acquired(faulty)
+        assert not writer.concurrent
+        before = faulty.writes
+        faulty.fail_at = before  # the first write of the commit: nothing else is tried
+        with pytest.raises(errors.StorageError):
+            writer.commit(CheckpointParts(b"s1", {"ids": recs(1)}), named={"rewind/a": b"a"})
+        assert faulty.writes == before + 1
+        assert store.list("rewind/") == store.list("state/") == store.list("shards/") == []
+
+
+class TestDeferredPrune:
+    def test_deferred_prune_deletes_what_an_inline_one_would(self, tmp_path: Path) -> None:
+        """``defer_prune`` on a store that takes concurrent writes: the commit leaves the
+        garbage, ``prune_deferred`` deletes exactly what an inline pruning deletes."""
+        inline_store = open_store(str(tmp_path / "inline"))
+        deferred_store = open_store(str(tmp_path / "deferred"))
+        inline = acquired(inline_store, retention=2, prune_every=2)
+        deferred = acquired(deferred_store, retention=2, prune_every=2)
+        assert deferred.concurrent
+        for i in range(6):
+            for manager in (inline, deferred):
+                manager.append_wal(b"w%d" % i)
+            inline.commit(CheckpointParts(b"s%d" % i, {"ids": recs(i)}))
+            deferred.commit(CheckpointParts(b"s%d" % i, {"ids": recs(i)}), defer_prune=True)
+            if i % 2 == 1:
+                assert deferred.prune_due
+                left = set(deferred_store.list())
+                assert left > set(inline_store.list())  # the garbage is still there
+                deferred.prune_deferred()
+                assert not deferred.prune_due
+            assert inline_store.list() == deferred_store.list()
+        loaded = must_load(CheckpointManager(deferred_store))
+        assert (loaded.state, records_of(loaded.shards["ids"])) == (b"s5", Counter(range(6)))
+
+    def test_a_commit_between_listing_and_pruning_is_kept(self, tmp_path: Path) -> None:
+        """Garbage listed before a later commit never includes that commit's objects."""
+        st = open_store(str(tmp_path / "ckpt"))
+        manager = acquired(st, retention=1, prune_every=1)
+        manager.commit(CheckpointParts(b"s1", {"ids": recs(1)}), defer_prune=True)
+        manager.commit(CheckpointParts(b"s2", {"ids": recs(2)}), defer_prune=True)
+        manager.commit(CheckpointParts(b"s3", {"ids": recs(3)}), defer_prune=True)
+        manager.prune_deferred()
+        stored = {k for k in st.list() if not k.startswith(("wal/", POINTER_KEY))}
+        assert stored == manifest_refs(st)
+        loaded = must_load(CheckpointManager(st))
+        assert (loaded.state, records_of(loaded.shards["ids"])) == (b"s3", Counter([1, 2, 3]))

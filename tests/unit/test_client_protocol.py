@@ -176,3 +176,88 @@ class TestExit:
         )
         assert proc.returncode == 0, proc.stderr
         assert "ray_initialized_at_exit False" in proc.stdout
+
+
+class _SlowSendTransport:
+    """A transport whose first send blocks until released; every send answers durable."""
+
+    lookup_error = None
+
+    def __init__(self) -> None:
+        import concurrent.futures
+        import threading
+
+        self.sends: list[int] = []
+        self.first_started = threading.Event()
+        self.release = threading.Event()
+        self._futures = concurrent.futures
+
+    def ready(self) -> bool:
+        return True
+
+    def gone(self) -> bool:
+        return False
+
+    def resolve(self) -> bool:
+        return True
+
+    def send(self, data: bytes, durable: bool) -> Any:
+        from art_ray_metrics.core.replies import IngestAck
+        from art_ray_metrics.core.wire import batch_identity
+
+        ident = batch_identity(data)
+        assert ident is not None
+        self.sends.append(ident[2])
+        if len(self.sends) == 1:
+            self.first_started.set()
+            assert self.release.wait(5)
+        fut: Any = self._futures.Future()
+        fut.set_result(IngestAck(ident[0], ident[2], False, True, ident[2]))
+        return fut
+
+    def confirm(self, producer_id: str, incarnation: str, acked_upto: int) -> bool:
+        return True
+
+    def wait(self, calls: list[Any], num_returns: int, timeout_s: float) -> list[Any]:
+        from art_ray_metrics.distributed.transport import wait_futures
+
+        return wait_futures(calls, num_returns, timeout_s)
+
+    def outcome(self, call: Any) -> Any:
+        return call.result()
+
+    async def aoutcome(self, call: Any) -> Any:
+        return call.result()
+
+    def failed(self, exc: BaseException) -> None:
+        pass
+
+    def after_fork(self) -> Any:
+        return self
+
+
+def test_a_batch_being_sent_is_never_sent_again_by_another_flush() -> None:
+    """A flush whose batch another thread is still sending (built, its call not in flight yet)
+    waits for that call: it used to send a copy (a wasted actor call per flushing thread)."""
+    import threading
+
+    transport = _SlowSendTransport()
+    c = MetricsClient(ClientConfig(flush_interval_s=1e6), transport=transport)
+    try:
+        b = WorkerBuilder(c, 0, "train", "train")
+        b.add_metric("reward/x", 1.0)
+        first = threading.Thread(target=lambda: b.flush(timeout_s=5))
+        first.start()
+        assert transport.first_started.wait(5)  # batch 1 built, its send under way
+        results: list[Any] = []
+        second = threading.Thread(target=lambda: results.append(c.flush_range(1, 1, 5)))
+        second.start()
+        second.join(0.2)
+        assert second.is_alive()  # waiting for the call being sent, not sending a copy
+        transport.release.set()
+        first.join(5)
+        second.join(5)
+        assert results[0].ok
+        assert transport.sends == [1]
+    finally:
+        c.stopped.set()

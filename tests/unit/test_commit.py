@@ -301,3 +301,50 @@ class TestCommitter:
         _run(body)
         assert store.writes == []
         assert health.checkpoints == 0
+
+
+class _Concurrent(Recorder):
+    """A recording store that says it takes concurrent writes."""
+
+    concurrent_writes = True
+
+
+def test_pruning_runs_after_the_persist_and_an_explicit_settle_waits_for_it() -> None:
+    """On a store that takes concurrent writes, a commit that makes pruning due leaves it to
+    a background task started after the history rows: ``persist`` returns before the deletions,
+    and ``settled`` waits for them."""
+    store = _Concurrent()
+    committer, wal, state, _ = _committer(store)
+    assert committer.ckpt.concurrent
+    deleted: list[str] = []
+    real_delete = store.delete
+
+    def delete(key: str) -> None:
+        deleted.append(key)
+        real_delete(key)
+
+    store.delete = delete  # type: ignore[method-assign]
+
+    async def body() -> None:
+        committer.start()
+        wal.start()
+        for seq in range(1, 6):  # five commits: two manifests leave the retention of 3
+            data, result = _applied(state, seq)
+            wal.log_applied(data, result)
+            await wal.write()
+            await committer.persist()
+            if committer.pruning is not None:
+                assert not committer.pruning.done()  # persist did not wait for it
+        await committer.settled()
+
+    _run(body)
+    assert any(k.startswith("wal/") for k in deleted)  # records the checkpoints cover
+    assert any(k.startswith("manifests/") for k in deleted)  # beyond the retention
+    kept = set(store.list())
+    assert not kept & set(deleted)
+    assert len(store.list("manifests/")) == 3  # the default retention
+    loaded = CheckpointManager(store).load_latest()
+    assert loaded is not None
+    assert loaded.wal == []
+    restored, _ = rebuild_state(loaded)
+    assert restored.counters == state.counters

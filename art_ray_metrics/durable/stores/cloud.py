@@ -60,6 +60,10 @@ class ObstoreStore:
         rebuild: Builds a new client from variables overriding the environment.
     """
 
+    concurrent_writes = True
+    """Requests from several threads are safe and overlap (a checkpoint writes its objects in
+    parallel: see ``CheckpointManager.commit``)."""
+
     def __init__(
         self, store: Any, uri: str, rebuild: Callable[[Mapping[str, str]], Any] | None = None
     ) -> None:

@@ -66,6 +66,10 @@ class LocalDirStore:
         uri: The URI to report; defaults to ``file://<absolute root>``.
     """
 
+    concurrent_writes = True
+    """Writes from several threads are safe, and their fsyncs overlap (a checkpoint writes its
+    objects in parallel: see ``CheckpointManager.commit``)."""
+
     def __init__(self, root: str | os.PathLike[str], *, uri: str | None = None) -> None:
         self._root = os.path.abspath(os.fspath(root))
         self.uri = uri if uri is not None else Path(self._root).as_uri()
