@@ -16,6 +16,7 @@ import ray.cloudpickle as cloudpickle
 
 import art_ray_metrics as arm
 from art_ray_metrics.core import keys as K
+from art_ray_metrics.core.outcome import PER_NEW_UNIQUE_SCENARIO_KEY, PER_TRAINABLE_GROUP_KEY
 from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.testing import make_batch
 
@@ -46,6 +47,24 @@ def _no_telemetry(row: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in row.items() if not k.startswith(K.TELEMETRY_PREFIX)}
 
 
+_OUTCOME_PREFIXES = ("costs/outcome/", "costs/cum/outcome/")
+
+
+def _art_keys(row: dict[str, float]) -> dict[str, float]:
+    """The row without our own keys: telemetry, and the spend by outcome that rollouts tagged
+    with their scenario id turn on (MetricsBuilder, like ART, has neither)."""
+    outcomes = {k for k in row if k.startswith(_OUTCOME_PREFIXES)}
+    assert outcomes, "rollouts that record a scenario id tag their spend with it"
+    # no fates given: every dollar is `unknown`, and the outcomes add up to the costs
+    assert row["costs/outcome/unknown"] == pytest.approx(row["costs/all"], rel=1e-12)
+    assert sum(row[k] for k in outcomes if k.startswith("costs/outcome/")) == pytest.approx(
+        row["costs/all"], rel=1e-12
+    )
+    assert row["costs/cum/outcome/unknown"] == pytest.approx(row["costs/cum/all"], rel=1e-12)
+    ours = outcomes | {PER_TRAINABLE_GROUP_KEY, PER_NEW_UNIQUE_SCENARIO_KEY}
+    return {k: v for k, v in _no_telemetry(row).items() if k not in ours}
+
+
 class TestRowsMatchInProcess:
     def test_multi_node_rows_equal_metrics_builder(self, run_config: dict[str, Any]) -> None:
         """Producers on three nodes give exactly the rows of one in-process MetricsBuilder."""
@@ -67,7 +86,7 @@ class TestRowsMatchInProcess:
                 expected = asyncio.run(reference.flush())
                 expected = {K.route_key(k, "train"): v for k, v in expected.items()}
                 expected |= {"loss/train": 0.25, "training_step": float(step)}
-                assert _no_telemetry(row) == expected
+                assert _art_keys(row) == expected
                 assert row["telemetry/producers_in_row"] >= 3
                 eval_row = handle.log(step, "val")
                 eval_ref = asyncio.run(reference.for_cost_context("eval").flush())
