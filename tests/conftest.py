@@ -21,6 +21,9 @@ from tests import hypothesis_profiles
 
 pytest_plugins = ["tests.s3server"]
 
+#: the pytest-xdist group of every test on the shared Ray cluster
+CLUSTER_GROUP = "ray-cluster"
+
 
 @pytest.fixture(autouse=True)
 def _no_active_builder() -> None:
@@ -34,9 +37,13 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"hypothesis profile: {hypothesis_profiles.PROFILE}"
 
 
-@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker, before xdist groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``ray`` every test whose fixtures include the shared cluster."""
+    """Mark ``ray`` every test whose fixtures include the shared cluster, and keep those tests
+    on one pytest-xdist worker (``xdist_group``): one 3-node test cluster for the run, while
+    the other worker runs the tests without it. Two such clusters side by side drove the
+    2-core machine to a load of 25, where Ray's own start-up timeouts fail."""
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP))

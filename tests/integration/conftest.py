@@ -1,7 +1,7 @@
 """One real multi-node Ray cluster per test session: a head and two worker nodes on 127.0.0.1.
 
-Under pytest-xdist each worker process is a session of its own, so each worker that runs a Ray
-test starts its own cluster (on ports Ray picks, so they never meet).
+Under pytest-xdist every test that uses it runs on one worker (``tests/conftest.py`` groups them),
+so one cluster serves the run.
 
 Nodes carry custom resources so tests can place producers: ``head``, ``node_a``, ``node_b``.
 Tests that remove nodes add their own extra node first and remove only that one.

@@ -29,8 +29,11 @@ import art_ray_metrics as arm
 from art_ray_metrics.export.wandb_offline import find_offline_run_files, read_offline_history
 from art_ray_metrics.ops.demo.workload import expected_data_totals
 
-# one worker runs the whole file: its demo runs are module fixtures the tests share
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli-demo")]
+pytestmark = pytest.mark.slow
+
+# the classes that read the demo runs (module fixtures) run on one pytest-xdist worker, so the
+# demo runs once; TestStatus is in the shared cluster's group (tests/conftest.py)
+DEMO_RUNS = pytest.mark.xdist_group("cli-demo")
 
 RUN = "cli-test"
 
@@ -122,6 +125,7 @@ def resumed_run(first_run: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return {"proc": proc, "summary": summary, "dir": first_run["dir"]}
 
 
+@DEMO_RUNS
 class TestDemo:
     def test_logs_every_step_and_writes_the_charts(
         self, first_run: dict[str, Any], workdir: Path
@@ -191,6 +195,7 @@ class TestDemo:
         assert_one_line_error(proc, "demo", "--resume")
 
 
+@DEMO_RUNS
 class TestInspect:
     def test_json_has_steps_totals_and_ids(
         self, resumed_run: dict[str, Any], workdir: Path
@@ -250,6 +255,7 @@ class TestInspect:
         assert newest.name in table.stdout
 
 
+@DEMO_RUNS
 class TestHistory:
     def test_csv_has_a_header_and_every_row(
         self, resumed_run: dict[str, Any], workdir: Path
@@ -286,6 +292,7 @@ class TestHistory:
         assert_one_line_error(proc, "history", "nosuch", "costs/cum/all")
 
 
+@DEMO_RUNS
 class TestWandbSync:
     def test_rebuilds_an_offline_run_from_the_history(
         self, resumed_run: dict[str, Any], tmp_path: Path
