@@ -264,16 +264,21 @@ class MetricsClient:
 
     def set_group(self, ctx: RolloutCtx, group: bytes, *, explicit: bool = True) -> None:
         """Tag the rollout of ``ctx`` with a group digest: its cost leaves recorded from now
-        on, and those still on the tape (not yet drained into a batch), count as that
-        group's spend (the outcomes). A default (``explicit`` False: the rollout's scenario
-        id) never replaces a group already set; a named one replaces a default. The newest
-        :data:`MAX_GROUPS` rollouts are remembered."""
+        on count as that group's spend (the outcomes); those recorded before keep the group
+        they had. A default (``explicit`` False: the rollout's scenario id) never replaces a
+        group already set; a named one replaces a default. The newest :data:`MAX_GROUPS`
+        rollouts are remembered.
+
+        The tape is drained first, under the lock: a leaf still on it was recorded before
+        this call, and whether a background ship had drained it already must not decide
+        its group (a drain tags with the group the rollout has at the time)."""
         rid = ctx[1]
         if not explicit and rid in self._groups:  # the common repeat: no lock
             return
         with self._lock:
             if not explicit and rid in self._groups:
                 return
+            self._drain()
             self._groups[rid] = group
             if len(self._groups) > MAX_GROUPS:
                 for old in list(self._groups)[: MAX_GROUPS // 2]:

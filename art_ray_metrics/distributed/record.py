@@ -244,8 +244,8 @@ class WorkerBuilder(LeafRecorder):
         Its cost leaves then count as that group's spend, which the barrier splits by the fate
         the trainer gives the group (``handle.log(step, group_fates={group_id: fate})``:
         ``costs/outcome/<fate>``). Covers the rollout's views (``for_step``,
-        ``for_cost_context``) and its leaves recorded from now on (and those not yet drained
-        into a batch): set it before the rollout's first paid call, or pass
+        ``for_cost_context``) and its leaves recorded from now on (not those recorded
+        before): set it before the rollout's first paid call, or pass
         ``connect(step, group=...)``. Without it, a rollout's group is the scenario id it
         records with ``add_data(scenario_ids=[id])`` (one id), from then on. Returns ``self``.
 

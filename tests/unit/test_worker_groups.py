@@ -115,6 +115,28 @@ def test_connect_names_the_group_and_a_named_group_beats_the_scenario(
         client.close(timeout_s=2)
 
 
+@pytest.mark.parametrize("shipped_between", [False, True], ids=["on-tape", "shipped"])
+def test_a_group_covers_exactly_the_leaves_recorded_after_it(
+    agg: InProcessAggregator, shipped_between: bool
+) -> None:
+    """A cost recorded before the rollout's group is set stays ungrouped whether or not a
+    background ship drained it in between: the outcome split must not depend on timing."""
+    client = _client(agg, f"w-order-{shipped_between}")
+    try:
+        builder = WorkerBuilder(client, 0, "train", "train")
+        builder.add_cost("train/tool", 0.2)  # before any group
+        if shipped_between:
+            client.ship()
+        builder.add_data(scenario_ids=["g"])  # the default group from here on
+        builder.add_cost("train/judge", 0.05)
+        assert builder.flush(timeout_s=10).ok
+        outcomes = _outcomes(agg.log(0, group_fates={"g": "trained"}))
+        assert outcomes["trained"] == D("0.05")
+        assert outcomes["unknown"] == D("0.2")
+    finally:
+        client.close(timeout_s=2)
+
+
 def test_batches_carry_group_spend_only_when_tagged(agg: InProcessAggregator) -> None:
     client = _client(agg, "w")
     sent: list[bytes] = []
