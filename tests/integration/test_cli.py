@@ -31,8 +31,10 @@ from art_ray_metrics.ops.demo.workload import expected_data_totals
 
 pytestmark = pytest.mark.slow
 
-# the classes that read the demo runs (module fixtures) run on one pytest-xdist worker, so the
-# demo runs once; TestStatus is in the shared cluster's group (tests/conftest.py)
+# the classes that read the demo runs run on one pytest-xdist worker, so each demo runs once;
+# TestStatus is in the shared cluster's group (tests/conftest.py). The runs are session
+# fixtures: a worker runs other modules' tests between this group's, and a module fixture is
+# torn down whenever the next test is in another module (CI ran the demo four times, not two)
 DEMO_RUNS = pytest.mark.xdist_group("cli-demo")
 
 RUN = "cli-test"
@@ -91,13 +93,13 @@ def history_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[0]) for p in (run_dir / "history").glob("*.json"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The current directory of every subprocess (the demo writes ./runs/<run>)."""
     return tmp_path_factory.mktemp("cli")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def first_run(workdir: Path) -> dict[str, Any]:
     """``demo --steps 3``: its process result and summary."""
     proc = cli(
@@ -112,7 +114,7 @@ def first_run(workdir: Path) -> dict[str, Any]:
     return {"proc": proc, "summary": summary, "dir": workdir / "runs" / RUN}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def resumed_run(first_run: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """``demo --resume --chaos --steps 2`` on the same run."""
     proc = cli(
