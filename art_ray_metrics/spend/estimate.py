@@ -126,6 +126,12 @@ def request_bound(
     >>> request_bound({"input": "héllo", "max_output_tokens": 10, "n": 2})
     RequestBound(input_tokens=22, output_tokens=20)
     """
+    return RequestBound(*token_bounds(kwargs, default_max_tokens))
+
+
+def token_bounds(kwargs: Mapping[str, Any], default_max_tokens: int) -> tuple[int, int]:
+    """:func:`request_bound` as ``(input_tokens, output_tokens)`` (the admission's hot path:
+    no object built)."""
     acc = [0, 0, 0]
     for name in _TEXT_FIELDS:
         value = kwargs.get(name)
@@ -145,7 +151,7 @@ def request_bound(
     n = kwargs.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > 1:
         output *= n
-    return RequestBound(input_tokens, output)
+    return input_tokens, output
 
 
 def max_input_price(pricing: TokenPricing) -> Decimal:
@@ -163,7 +169,15 @@ def max_input_price(pricing: TokenPricing) -> Decimal:
 
 def estimate_cost(pricing: TokenPricing, request: RequestBound) -> Decimal:
     """The dollar bound of a request at ``pricing`` (exact)."""
-    return (
-        request.input_tokens * max_input_price(pricing)
-        + request.output_tokens * pricing.completion_per_million
-    ) / _MILLION
+    return bound_cost(estimate_prices(pricing), request.input_tokens, request.output_tokens)
+
+
+def estimate_prices(pricing: TokenPricing) -> tuple[Decimal, Decimal]:
+    """The dollars per million input and output tokens an estimate charges at ``pricing``."""
+    return max_input_price(pricing), pricing.completion_per_million
+
+
+def bound_cost(prices: tuple[Decimal, Decimal], input_tokens: int, output_tokens: int) -> Decimal:
+    """The dollar bound of ``input_tokens`` and ``output_tokens`` at :func:`estimate_prices`
+    (exact: integers times decimals, divided by a million)."""
+    return (input_tokens * prices[0] + output_tokens * prices[1]) / _MILLION

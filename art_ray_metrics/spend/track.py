@@ -63,7 +63,7 @@ from art_ray_metrics.core.active import bind_context, get_active_builder
 from art_ray_metrics.errors import PricingError
 from art_ray_metrics.spend.admission import Admission, Reservation
 from art_ray_metrics.spend.base import ZERO, StreamUsage, to_decimal
-from art_ray_metrics.spend.estimate import estimate_cost, request_bound
+from art_ray_metrics.spend.estimate import bound_cost, estimate_prices, token_bounds
 from art_ray_metrics.spend.mixin import ApiCostMixin, normalize_source
 from art_ray_metrics.spend.pricing import (
     PriceOverrides,
@@ -111,6 +111,7 @@ class _CallSpec:
 
     __slots__ = (
         "_checked",
+        "_own_prices",
         "check_pricing",
         "max_cost_usd",
         "model_name",
@@ -145,6 +146,8 @@ class _CallSpec:
         self.strict = strict
         self.check_pricing = check_pricing
         self._checked: weakref.WeakSet[PricingRegistry] = weakref.WeakSet()
+        own = overrides.apply(None)  # the call's own prices, when they are complete
+        self._own_prices = None if own is None else estimate_prices(own)
 
     def _registry_of(self, builder: Any) -> PricingRegistry:
         getter = getattr(builder, "_pricing", None)
@@ -277,26 +280,26 @@ class _CallSpec:
         if self.max_cost_usd is not None:
             return self.max_cost_usd
         request = kwargs if self.request_getter is None else self.request_getter(*args, **kwargs)
-        bound = request_bound(request, default_max_tokens=admission.default_max_tokens)
+        tokens_in, tokens_out = token_bounds(request, admission.default_max_tokens)
         registry = self._registry_of(builder)
-        pricing = registry.registered_pricing(self.model_name)
-        if pricing is not None or not self.overrides.is_complete:  # the full lookup order
-            pricing = registry.resolve_pricing(
+        prices = self._own_prices
+        if prices is None or registry.registered_pricing(self.model_name) is not None:
+            pricing = registry.resolve_pricing(  # the full lookup order
                 self.provider,
                 self.model_name,
                 self.overrides,
-                total_input_tokens=Decimal(bound.input_tokens),
+                total_input_tokens=Decimal(tokens_in),
             )
-        else:  # the call's own prices: no price source is consulted on the hot path
-            pricing = self.overrides.apply(None)
-        if pricing is None:
-            raise PricingError(
-                f"Cannot estimate a call of model {self.model_name!r} (provider "
-                f"{self.provider!r}, source {self.source!r}) under the run budget: no token "
-                "price is known. Register its pricing or decorate with max_cost_usd=<dollars "
-                "per call>; the call was not sent."
-            )
-        return estimate_cost(pricing, bound)
+            if pricing is None:
+                raise PricingError(
+                    f"Cannot estimate a call of model {self.model_name!r} (provider "
+                    f"{self.provider!r}, source {self.source!r}) under the run budget: no "
+                    "token price is known. Register its pricing or decorate with "
+                    "max_cost_usd=<dollars per call>; the call was not sent."
+                )
+            prices = estimate_prices(pricing)
+        # else the call's own prices: no price source is consulted on the hot path
+        return bound_cost(prices, tokens_in, tokens_out)
 
     def admit(self, builder: Any, args: Any, kwargs: Any) -> Reservation | None:
         """Reserve the call's estimate before it is sent (``None``: no budget)."""
