@@ -333,17 +333,23 @@ class BudgetLedger:
         self, producer: str, incarnation: str, amount: Decimal, now: float, seq: int = 0
     ) -> bool:
         """Apply a grant as it was decided (a replayed write-ahead log: the aggregator logs
-        each grant before it answers, so a restart never forgets budget it handed out).
+        each grant before it answers, so a restart never forgets budget it handed out). A
+        negative ``amount`` is a give-back (:meth:`give_back`), logged the same way so a
+        restart does not count returned budget as still held.
 
-        A numbered grant (``seq``) the ledger already holds (``seq <= grant_seq``: the
+        A numbered entry (``seq``) the ledger already holds (``seq <= grant_seq``: the
         checkpoint it was restored from counts it) is skipped. Returns whether it applied."""
         if seq:
             if seq <= self.grant_seq:
                 return False
             self.grant_seq = seq
+        value = amount if isinstance(amount, Decimal) else Decimal(str(amount))
+        if value < 0:
+            self._take_back(producer, incarnation, _money(-value, "amount"), now)
+            return True
         account = self._account(producer, incarnation, now)
         account.gone = False
-        account.granted = _add(account.granted, _money(amount, "amount"))
+        account.granted = _add(account.granted, _money(value, "amount"))
         return True
 
     @staticmethod
@@ -360,15 +366,27 @@ class BudgetLedger:
         amount: Decimal,
         *,
         now: float,
-    ) -> None:
+    ) -> tuple[Decimal, int]:
         """An incarnation returns unused lease (idle, or closing). Capped at its outstanding
-        lease; an account left holding nothing is forgotten."""
-        amount = _money(amount, "amount")
+        lease; an account left holding nothing is forgotten.
+
+        Returns:
+            ``(returned, seq)``: the amount taken back, and its number in the run's sequence
+            of grants (``0`` when nothing was returned). The aggregator logs it as a grant of
+            ``-returned`` (:meth:`replay_grant`)."""
+        returned = self._take_back(producer, incarnation, _money(amount, "amount"), now)
+        if not returned:
+            return ZERO, 0
+        self.grant_seq += 1
+        return returned, self.grant_seq
+
+    def _take_back(self, producer: str, incarnation: str, amount: Decimal, now: float) -> Decimal:
         account = self._account(producer, incarnation, now)
         amount = min(amount, account.outstanding)
         account.returned = _add(account.returned, amount)
         if account.outstanding == 0 and not account.gone:
             del self.accounts[(producer, incarnation)]
+        return amount
 
     def on_batch(
         self,

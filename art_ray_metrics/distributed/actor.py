@@ -600,7 +600,12 @@ class MetricsAggregator:
     async def budget_return(self, producer: str, incarnation: str, amount: str) -> None:
         """A producer incarnation gives unused budget back (idle, or closing)."""
         await self._await_boot()
-        self.state.budget.give_back(producer, incarnation, Decimal(amount), now=time.monotonic())
+        returned, seq = self.state.budget.give_back(
+            producer, incarnation, Decimal(amount), now=time.monotonic()
+        )
+        if seq:  # logged (not awaited: a lost give-back only keeps the bound conservative)
+            self._ensure_tasks()
+            self.wal.log_grant((producer, incarnation, str(-returned), seq))
 
     async def budget_gone(self, producer: str, incarnation: str) -> bool:
         """Take a producer incarnation for gone (its process died): its lease is reported as

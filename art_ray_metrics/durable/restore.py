@@ -14,8 +14,9 @@ counted and skipped, and a partial one is applied without the keys it names, wha
 limits of the process replaying. Records written before refusals were marked hold bytes only;
 their batches are decided again, with no limits. An entry ``["grant", producer, incarnation,
 amount, seq]`` is a run-budget grant, logged before the producer was answered
-(:data:`GRANT`); replay applies each numbered grant once (one a checkpoint already counts is
-skipped), so a restart never grants the same budget twice.
+(:data:`GRANT`), or with a negative amount budget a producer gave back; replay applies each
+numbered entry once (one a checkpoint already counts is skipped), so a restart never grants
+the same budget twice nor counts returned budget as held.
 """
 
 from __future__ import annotations

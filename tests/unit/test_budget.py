@@ -331,8 +331,10 @@ class BudgetProtocol(RuleBasedStateMachine):
         p = self.producers[name]
         amount = p.lease.give_back()
         if amount:
-            self.ledger.give_back(name, p.incarnation, amount, now=self.now)
-            self.log.append(("return", name, p.incarnation, amount))
+            returned, seq = self.ledger.give_back(name, p.incarnation, amount, now=self.now)
+            assert returned == amount
+            assert seq == self.ledger.grant_seq
+            self.log.append(("return", name, p.incarnation, returned, seq))
 
     # -- failures and time -------------------------------------------------------------------
 
@@ -371,8 +373,9 @@ class BudgetProtocol(RuleBasedStateMachine):
                 ledger.on_batch(name, incarnation, cost=cost, admitted=admitted, now=self.now)
             elif kind == "grant":
                 ledger.replay_grant(name, incarnation, amounts[0], now=self.now)
-            else:
-                ledger.give_back(name, incarnation, amounts[0], now=self.now)
+            else:  # logged as a numbered grant of the negative amount
+                returned, seq = amounts
+                assert ledger.replay_grant(name, incarnation, -returned, self.now, seq)
         ledger.soft_crossed = self.ledger.soft_crossed
         assert ledger.outstanding() >= 0
         for p in [*self.producers.values(), *self.dead]:
@@ -464,8 +467,8 @@ def test_the_write_ahead_log_replays_grants_after_the_checkpoint() -> None:
     state.budget.set_limit(Decimal(10))
     state.budget.grant("w", "i", want=Decimal(2), need=Decimal(1), now=0.0)
     blob, shards, _ = state.checkpoint_parts()
-    wal = [encode_wal_record([], [("w", "i", "2", 1), ("x", "k", "4", 2)])]
+    wal = [encode_wal_record([], [("w", "i", "2", 1), ("x", "k", "4", 2), ("x", "k", "-3", 3)])]
     loaded = LoadedCheckpoint(blob, shards, epoch=1, seq=1, wal=wal, manifest="m")
     rebuilt, _ = rebuild_state(loaded)
-    assert rebuilt.budget.committed() == Decimal(6)
-    assert rebuilt.budget.grant_seq == 2
+    assert rebuilt.budget.committed() == Decimal(3)  # 2 in the checkpoint, 4 granted, 3 back
+    assert rebuilt.budget.grant_seq == 3

@@ -179,6 +179,31 @@ def test_grants_are_logged_before_the_answer_so_a_restart_never_grants_twice() -
         a.close()
 
 
+def test_a_give_back_is_logged_so_a_restart_does_not_count_it_as_held() -> None:
+    """Budget an idle producer gave back is free again after a crash with no checkpoint in
+    between: the give-back is in the write-ahead log, so the restarted aggregator neither
+    holds it against the limit nor would report it as unreconciled."""
+    a = InProcessAggregator(
+        name=f"unit-{uuid.uuid4().hex[:8]}",
+        wal_interval_s=0.02,
+        checkpoint_interval_s=3600,
+        budget_usd=1.0,
+    )
+    try:
+        assert Decimal(a._call("budget_grant", "w1", "i1", "0.6", "0.6", "0")[0]) == Decimal("0.6")
+        a._call("budget_return", "w1", "i1", "0.6")
+        # a grant is durable before its answer, and the give-back was queued before it
+        assert Decimal(a._call("budget_grant", "w2", "i2", "0.1", "0.1", "0")[0]) == Decimal("0.1")
+        a.crash()
+        figures = a.budget()
+        assert figures["committed"] == pytest.approx(0.1)
+        assert figures["leases"] == 1
+        granted = a._call("budget_grant", "w3", "i3", "0.9", "0.9", "0")
+        assert Decimal(granted[0]) == Decimal("0.9")
+    finally:
+        a.close()
+
+
 def test_a_processs_first_paid_call_waits_for_the_answer_and_is_admitted(
     agg: InProcessAggregator,
 ) -> None:
