@@ -75,8 +75,9 @@ def ray_cluster() -> Iterator[Any]:
 
 
 @pytest.fixture
-def run_config(ray_cluster: Any, tmp_path: Path) -> dict[str, Any]:
-    """Fields for a fresh aggregator: a unique name and storage in tmp_path."""
+def own_run_config(tmp_path: Path) -> dict[str, Any]:
+    """Fields for a fresh aggregator (a unique name and storage in tmp_path), for a test that
+    starts its own Ray: it stays off the shared cluster's pytest-xdist worker."""
     name = f"agg-{uuid.uuid4().hex[:8]}"
     return {
         "name": name,
@@ -84,6 +85,13 @@ def run_config(ray_cluster: Any, tmp_path: Path) -> dict[str, Any]:
         "storage_uri": str(tmp_path / "run"),
         "wandb_mode": "disabled",
     }
+
+
+@pytest.fixture
+def run_config(ray_cluster: Any, own_run_config: dict[str, Any]) -> dict[str, Any]:
+    """Fields for a fresh aggregator on the shared cluster: a unique name and storage in
+    tmp_path."""
+    return own_run_config
 
 
 @pytest.fixture

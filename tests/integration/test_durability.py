@@ -781,15 +781,16 @@ class RayStartCluster:
 class TestFullClusterRestart:
     @pytest.mark.slow
     def test_new_cluster_continues_the_run(
-        self, run_config: dict[str, Any], tmp_path: Path, wandb_dir: Path
+        self, own_run_config: dict[str, Any], tmp_path: Path, wandb_dir: Path
     ) -> None:
-        """Steps 0..4, cluster killed, a new cluster and driver continue 5..9 exactly."""
+        """Steps 0..4, cluster killed, a new cluster and driver continue 5..9 exactly (its own
+        `ray start` clusters and drivers in subprocesses: no use of the shared one)."""
         import tempfile
 
         ref_uri = str(tmp_path / "ref")
         ref_rows, ref_stats = reference_run(ref_uri, 10)
         cfg = {
-            **run_config,
+            **own_run_config,
             "wandb_mode": "offline",
             "wandb_dir": str(wandb_dir),
         }
