@@ -251,3 +251,26 @@ def test_the_first_wait_is_bounded_and_happens_once() -> None:
     started = time.monotonic()
     assert budget.active() is None
     assert time.monotonic() - started < 0.1  # the process waits once
+
+
+def test_a_rewind_keeps_the_spend_it_discards_in_the_budget(agg: InProcessAggregator) -> None:
+    """A rewind removes the discarded steps' rows and totals, not their spend from the budget:
+    the money was paid (and the re-run of those steps is paid again)."""
+    sent.clear()
+    client = _client(agg, "rewound")
+    try:
+        for step in (0, 1):
+            builder = WorkerBuilder(client, step, "train", "train")
+            token = set_active_builder(builder)
+            try:
+                judge("rewound")  # $0.03, admitted under the budget
+            finally:
+                reset_active_builder(token)
+            assert builder.flush(timeout_s=10).ok
+            agg.log(step)
+        assert agg.budget()["spent"] == pytest.approx(0.06)
+        agg.rewind(0)
+        assert agg.history()[-1]["costs/cum/all"] == pytest.approx(0.03)  # step 1 is gone
+        assert agg.budget()["spent"] == pytest.approx(0.06)  # its $0.03 was still paid
+    finally:
+        client.close(timeout_s=2)
