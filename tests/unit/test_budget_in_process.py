@@ -151,16 +151,22 @@ def test_group_fates_split_the_row(agg: InProcessAggregator) -> None:
         client.close(timeout_s=2)
 
 
-def test_grants_are_logged_before_the_answer_so_a_restart_never_grants_twice() -> None:
-    """No checkpoint between a grant and a crash: the restarted aggregator replays the grant
-    from the write-ahead log, so the budget it hands out over both lives stays within the
-    limit (and a checkpoint that already counts a grant does not count it again)."""
-    a = InProcessAggregator(
+def _no_checkpoints() -> InProcessAggregator:
+    """A $1 run whose state after a crash comes from the write-ahead log alone (no periodic
+    checkpoint)."""
+    return InProcessAggregator(
         name=f"unit-{uuid.uuid4().hex[:8]}",
         wal_interval_s=0.02,
         checkpoint_interval_s=3600,
         budget_usd=1.0,
     )
+
+
+def test_grants_are_logged_before_the_answer_so_a_restart_never_grants_twice() -> None:
+    """No checkpoint between a grant and a crash: the restarted aggregator replays the grant
+    from the write-ahead log, so the budget it hands out over both lives stays within the
+    limit (and a checkpoint that already counts a grant does not count it again)."""
+    a = _no_checkpoints()
     try:
         first = a._call("budget_grant", "w1", "i1", "0.6", "0.6", "0")
         assert Decimal(first[0]) == Decimal("0.6")
@@ -183,12 +189,7 @@ def test_a_give_back_is_logged_so_a_restart_does_not_count_it_as_held() -> None:
     """Budget an idle producer gave back is free again after a crash with no checkpoint in
     between: the give-back is in the write-ahead log, so the restarted aggregator neither
     holds it against the limit nor would report it as unreconciled."""
-    a = InProcessAggregator(
-        name=f"unit-{uuid.uuid4().hex[:8]}",
-        wal_interval_s=0.02,
-        checkpoint_interval_s=3600,
-        budget_usd=1.0,
-    )
+    a = _no_checkpoints()
     try:
         assert Decimal(a._call("budget_grant", "w1", "i1", "0.6", "0.6", "0")[0]) == Decimal("0.6")
         a._call("budget_return", "w1", "i1", "0.6")
