@@ -35,6 +35,7 @@ SCRIPTS = (
     "bench_flush.py",
     "bench_decorator.py",
     "bench_checkpoint.py",
+    "bench_budget.py",
 )
 LOCAL = BENCH / "results" / "local"
 DOCS_REPORT = ROOT / "docs" / "benchmarks.md"
