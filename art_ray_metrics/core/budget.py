@@ -343,13 +343,12 @@ class BudgetLedger:
             if seq <= self.grant_seq:
                 return False
             self.grant_seq = seq
-        value = amount if isinstance(amount, Decimal) else Decimal(str(amount))
-        if value < 0:
-            self._take_back(producer, incarnation, _money(-value, "amount"), now)
+        if isinstance(amount, Decimal) and amount.is_finite() and amount < 0:
+            self._take_back(producer, incarnation, -amount, now)
             return True
         account = self._account(producer, incarnation, now)
         account.gone = False
-        account.granted = _add(account.granted, _money(value, "amount"))
+        account.granted = _add(account.granted, _money(amount, "amount"))
         return True
 
     @staticmethod
