@@ -3,7 +3,8 @@
 It owns no policy: ingest, barriers and rewinds are the pure core's (:mod:`~art_ray_metrics.core`).
 This module boots (credentials, storage, restore, the writer epoch) and answers the remote
 methods; the I/O around the core is scheduled on one asyncio event loop, with slow I/O in
-threads, by the stages it wires together: the write-ahead log and the persist order
+threads, by the stages it wires together: the write-ahead log
+(:mod:`~art_ray_metrics.durable.wal_writer`) and the persist order
 (:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds (:mod:`.barrier`), GPU cost
 (:mod:`~art_ray_metrics.spend.gpu_meter`), the W&B run (:mod:`.wandb_run`) and the counters
 (:mod:`~art_ray_metrics.core.counters`, exported by :mod:`.telemetry`). The remote methods,
@@ -39,7 +40,7 @@ from art_ray_metrics.distributed import wandb_run
 from art_ray_metrics.distributed.barrier import Barriers
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager
-from art_ray_metrics.durable.commit import Committer, Fence, WalWriter
+from art_ray_metrics.durable.commit import Committer
 from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.restore import rebuild_state, refusal_kind
 from art_ray_metrics.durable.storage import (
@@ -47,6 +48,7 @@ from art_ray_metrics.durable.storage import (
     check_conditional_writes,
     open_store,
 )
+from art_ray_metrics.durable.wal_writer import Fence, WalWriter
 from art_ray_metrics.errors import (
     BackPressureError,
     ConditionalWritesUnsupportedError,
@@ -241,7 +243,8 @@ class MetricsAggregator:
 
     def _build_commit(self) -> None:
         """The commit stage: the fence, the WAL writer (moving the producers' durable windows) and
-        the committer (see :mod:`art_ray_metrics.durable.commit`)."""
+        the committer (see :mod:`art_ray_metrics.durable.wal_writer` and
+        :mod:`art_ray_metrics.durable.commit`)."""
         self.fence = Fence()
         self.fence.listen(self._stop_wandb)
         self.wal = WalWriter(

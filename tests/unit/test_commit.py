@@ -17,10 +17,11 @@ from art_ray_metrics.core.replies import IngestAck
 from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.durable.checkpoint import CheckpointManager
-from art_ray_metrics.durable.commit import Committer, Fence, WalWriter
+from art_ray_metrics.durable.commit import Committer
 from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.restore import REFUSED_INVALID, rebuild_state
 from art_ray_metrics.durable.storage import InMemoryStore
+from art_ray_metrics.durable.wal_writer import Fence, WalWriter
 from art_ray_metrics.errors import FencedError, StorageError
 from art_ray_metrics.export.sink import HistorySink
 from art_ray_metrics.testing import make_batch
