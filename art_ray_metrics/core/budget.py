@@ -1,12 +1,13 @@
 """The run budget: a hard limit enforced before each paid call, through leases.
 
-Pure: no I/O, threads, locks, Ray or W&B. Two halves share this module:
+Pure: no I/O, threads, locks, Ray or W&B. The budget has two halves:
 
-* :class:`BudgetLedger` is the aggregator's book. It knows every dollar the run *spent* (cost
-  leaves ingested, and costs the trainer passes at a barrier), and, per producer incarnation,
-  the budget it *granted* to it, what that incarnation *returned*, and the real cost of its
-  admitted calls it *shipped* in batches. What an incarnation may still spend, or may have
-  spent that no row counts, is its **outstanding** lease, ``granted - returned - shipped``.
+* :class:`BudgetLedger` (this module) is the aggregator's book. It knows every dollar the run
+  *spent* (cost leaves ingested, and costs the trainer passes at a barrier), and, per producer
+  incarnation, the budget it *granted* to it, what that incarnation *returned*, and the real
+  cost of its admitted calls it *shipped* in batches. What an incarnation may still spend, or
+  may have spent that no row counts, is its **outstanding** lease,
+  ``granted - returned - shipped``.
 * :class:`~art_ray_metrics.core.lease.LocalLease` is a producer's purse: admission reserves a
   call's upper-bound estimate from the local balance (no round trip), settling replaces it by
   the real cost, and a batch carries the real cost of admitted calls. When the balance runs low
@@ -34,7 +35,10 @@ is live again. The ledger stays committed to every gone lease, so a wrong guess 
 budget be exceeded.
 
 Every amount is an exact :class:`~decimal.Decimal`; the ledger's state is a msgpack-friendly
-dict (:meth:`BudgetLedger.to_wire`), kept in the aggregator's checkpoint.
+dict (:meth:`BudgetLedger.to_wire`), kept in the aggregator's checkpoint. The terms it is built
+from, the validation of amounts and limits, an incarnation's :class:`LeaseAccount` and the
+:class:`Grant` it answers with, are in :mod:`~art_ray_metrics.core.budget_terms` (the public
+ones are re-exported here).
 
 >>> ledger = BudgetLedger(limit=Decimal("1.00"))
 >>> ledger.grant("w", "i1", want=Decimal("0.40"), need=Decimal("0.10"), now=0.0).amount
@@ -49,10 +53,17 @@ Decimal('0.40')
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final
 
+from art_ray_metrics.core.budget_terms import (
+    Grant,
+    LeaseAccount,
+    check_amount,
+    check_limit,
+    check_planned,
+    check_soft,
+)
 from art_ray_metrics.core.rollup import EXACT, ZERO
 from art_ray_metrics.errors import ConfigError
 
@@ -63,6 +74,7 @@ __all__ = [
     "UNRECONCILED_CUM_KEY",
     "UNRECONCILED_KEY",
     "BudgetLedger",
+    # re-exported from core.budget_terms, where they live
     "Grant",
     "LeaseAccount",
     "check_limit",
@@ -80,102 +92,6 @@ _add = EXACT.add
 _sub = EXACT.subtract
 _mul = EXACT.multiply
 _div = EXACT.divide
-
-
-def _money(value: object, what: str) -> Decimal:
-    """A non-negative finite amount as Decimal (floats through their shortest repr)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
-        raise ConfigError(f"Expected a non-negative amount for {what} but got {value!r}")
-    try:
-        amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    except ArithmeticError:
-        raise ConfigError(f"Expected a non-negative amount for {what} but got {value!r}") from None
-    if not amount.is_finite() or amount < 0:
-        raise ConfigError(f"Expected a non-negative finite amount for {what} but got {value!r}")
-    return amount
-
-
-def check_limit(limit: object) -> Decimal | None:
-    """Validate a hard limit in dollars (``None``: no limit).
-
-    >>> check_limit(12.5), check_limit(None)
-    (Decimal('12.5'), None)
-    """
-    return None if limit is None else _money(limit, "budget_usd")
-
-
-def check_soft(soft: object) -> Decimal:
-    """Validate the soft limit, a fraction of the hard limit in ``(0, 1]``.
-
-    >>> check_soft(0.8)
-    Decimal('0.8')
-    """
-    fraction = _money(soft, "budget_soft")
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"Expected budget_soft in (0, 1] but got {soft!r}")
-    return fraction
-
-
-@dataclass(slots=True)
-class LeaseAccount:
-    """The aggregator's book of one producer incarnation.
-
-    Attributes:
-        granted: Budget granted to it, in total (raised when the producer holds more than
-            this book says, after a restart lost a grant: :meth:`BudgetLedger.grant`).
-        returned: Unused lease it gave back, in total.
-        shipped: Real cost of its admitted calls carried by batches the aggregator applied.
-        last_seen: When it last sent a batch or asked for budget (the caller's clock).
-        gone: Taken for gone (dead, or silent past the timeout).
-    """
-
-    granted: Decimal = ZERO
-    returned: Decimal = ZERO
-    shipped: Decimal = ZERO
-    last_seen: float = 0.0
-    gone: bool = False
-
-    @property
-    def balance(self) -> Decimal:
-        """``granted - returned - shipped``: negative when calls cost more than reserved, or
-        when a restart lost grants that batches then shipped (until the producer asks again)."""
-        return _sub(_sub(self.granted, self.returned), self.shipped)
-
-    @property
-    def outstanding(self) -> Decimal:
-        """What it may still spend, or may have spent that no row counts (never negative)."""
-        left = self.balance
-        return left if left > 0 else ZERO
-
-    def to_wire(self) -> list[Any]:
-        return [str(self.granted), str(self.returned), str(self.shipped), self.gone]
-
-    @classmethod
-    def from_wire(cls, raw: list[Any], now: float) -> LeaseAccount:
-        granted, returned, shipped, gone = raw
-        return cls(Decimal(granted), Decimal(returned), Decimal(shipped), now, bool(gone))
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """The aggregator's answer to a request for budget.
-
-    Attributes:
-        amount: Budget granted now (0 when refused).
-        exhausted: The request's ``need`` did not fit: the producer must refuse the call.
-        limit: The hard limit (``None``: no limit).
-        spent: The run's spend so far.
-        committed: Spend plus every outstanding lease, after this grant.
-        seq: The grant's number in the run (``0`` when nothing was granted): the aggregator
-            logs a grant under it before answering (:meth:`BudgetLedger.replay_grant`).
-    """
-
-    amount: Decimal
-    exhausted: bool
-    limit: Decimal | None
-    spent: Decimal
-    committed: Decimal
-    seq: int = 0
 
 
 class BudgetLedger:
@@ -225,7 +141,7 @@ class BudgetLedger:
         if not silence_timeout_s > 0:
             raise ConfigError(f"Expected a positive silence timeout but got {silence_timeout_s!r}")
         self.silence_timeout_s = float(silence_timeout_s)
-        self.planned_steps = _check_planned(planned_steps)
+        self.planned_steps = check_planned(planned_steps)
         self.spent = ZERO
         self.accounts: dict[tuple[str, str], LeaseAccount] = {}
         self.soft_crossed = False
@@ -307,8 +223,8 @@ class BudgetLedger:
         Raises:
             ConfigError: A negative or non-finite amount, ``want`` zero, or ``need > want``.
         """
-        want = _money(want, "want")
-        need = _money(need, "need")
+        want = check_amount(want, "want")
+        need = check_amount(need, "need")
         if need > want or want == 0:
             raise ConfigError(f"Expected 0 <= need <= want, want > 0; got {need=}, {want=}")
         account = self._account(producer, incarnation, now)
@@ -348,12 +264,12 @@ class BudgetLedger:
             return True
         account = self._account(producer, incarnation, now)
         account.gone = False
-        account.granted = _add(account.granted, _money(amount, "amount"))
+        account.granted = _add(account.granted, check_amount(amount, "amount"))
         return True
 
     @staticmethod
     def _heal(account: LeaseAccount, held: Decimal) -> None:
-        held = _money(held, "held")
+        held = check_amount(held, "held")
         missing = _sub(held, account.balance)
         if missing > 0:
             account.granted = _add(account.granted, missing)
@@ -373,7 +289,7 @@ class BudgetLedger:
             ``(returned, seq)``: the amount taken back, and its number in the run's sequence
             of grants (``0`` when nothing was returned). The aggregator logs it as a grant of
             ``-returned`` (:meth:`replay_grant`)."""
-        returned = self._take_back(producer, incarnation, _money(amount, "amount"), now)
+        returned = self._take_back(producer, incarnation, check_amount(amount, "amount"), now)
         if not returned:
             return ZERO, 0
         self.grant_seq += 1
@@ -563,12 +479,4 @@ class BudgetLedger:
         if not silence_timeout_s > 0:
             raise ConfigError(f"Expected a positive silence timeout but got {silence_timeout_s!r}")
         self.silence_timeout_s = float(silence_timeout_s)
-        self.planned_steps = _check_planned(planned_steps)
-
-
-def _check_planned(planned: object) -> int | None:
-    if planned is None:
-        return None
-    if isinstance(planned, bool) or not isinstance(planned, int) or planned < 1:
-        raise ConfigError(f"Expected a positive planned step count but got {planned!r}")
-    return planned
+        self.planned_steps = check_planned(planned_steps)

@@ -23,7 +23,7 @@ import time
 from decimal import Decimal
 from typing import Any, Final
 
-from art_ray_metrics.core.budget import Grant
+from art_ray_metrics.core.budget_terms import Grant
 from art_ray_metrics.core.rollup import ZERO
 from art_ray_metrics.errors import AggregatorUnavailableError
 from art_ray_metrics.spend.admission import Admission

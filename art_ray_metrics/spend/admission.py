@@ -30,7 +30,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Final
 
-from art_ray_metrics.core.budget import BudgetLedger, Grant
+from art_ray_metrics.core.budget import BudgetLedger
+from art_ray_metrics.core.budget_terms import Grant
 from art_ray_metrics.core.lease import LocalLease
 from art_ray_metrics.core.rollup import ZERO
 from art_ray_metrics.errors import AggregatorUnavailableError, BudgetExceededError, ConfigError

@@ -29,9 +29,8 @@ from art_ray_metrics.core.budget import (
     UNRECONCILED_CUM_KEY,
     UNRECONCILED_KEY,
     BudgetLedger,
-    check_limit,
-    check_soft,
 )
+from art_ray_metrics.core.budget_terms import check_limit, check_soft
 from art_ray_metrics.core.lease import LocalLease
 from art_ray_metrics.errors import ConfigError
 from tests.hypothesis_profiles import examples
@@ -184,6 +183,15 @@ def test_bad_limits_are_refused(bad: object) -> None:
 def test_bad_soft_fractions_are_refused(bad: object) -> None:
     with pytest.raises(ConfigError):
         check_soft(bad)
+
+
+def test_the_terms_keep_their_old_import_path() -> None:
+    """The value types and checks live in core.budget_terms; core.budget re-exports them."""
+    from art_ray_metrics.core import budget, budget_terms
+
+    for name in ("Grant", "LeaseAccount", "check_limit", "check_soft"):
+        assert name in budget.__all__
+        assert getattr(budget, name) is getattr(budget_terms, name)
 
 
 def test_bad_requests_are_refused() -> None:
