@@ -1,7 +1,7 @@
 """Admission of paid calls under a run budget: a local lease, no round trip per call.
 
 One :class:`Admission` per producer process (per incarnation) holds a
-:class:`~art_ray_metrics.core.budget.LocalLease`. Before a paid call is sent, :meth:`Admission.
+:class:`~art_ray_metrics.core.lease.LocalLease`. Before a paid call is sent, :meth:`Admission.
 reserve` takes the call's upper-bound estimate (:mod:`art_ray_metrics.spend.estimate`) from the
 lease: one lock and three ``Decimal`` operations, no I/O. After the call,
 :meth:`Reservation.settle` replaces the reservation by the real cost. When the balance falls
