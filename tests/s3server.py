@@ -1,7 +1,8 @@
 """A real S3 endpoint on loopback for tests: moto's server over HTTP on 127.0.0.1.
 
-If ``ARM_TEST_S3_ENDPOINT`` is set (CI runs ``moto_server -H 127.0.0.1 -p PORT`` and exports
-``http://127.0.0.1:PORT``), that endpoint is used. Otherwise one in-process
+If ``ARM_TEST_S3_ENDPOINT`` is set (CI runs ``python -m tests.s3server -H 127.0.0.1 -p PORT``,
+moto's server with :func:`atomic_conditional_writes`, and exports ``http://127.0.0.1:PORT``),
+that endpoint is used. Otherwise one in-process
 ``moto.server.ThreadedMotoServer`` is started lazily on a free port and kept for the session.
 
 Outage tests: :func:`stop_server` stops the in-process server and :func:`start_server` starts a
@@ -17,6 +18,7 @@ Register the fixtures once in ``tests/conftest.py``::
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -29,6 +31,7 @@ import pytest
 
 __all__ = [
     "S3_ENV",
+    "atomic_conditional_writes",
     "can_restart_server",
     "make_bucket",
     "s3_bucket_uri",
@@ -55,6 +58,42 @@ _server: Any = None  # moto.server.ThreadedMotoServer when we own it
 _port: int | None = None
 _endpoint: str | None = None
 _bucket_counter = itertools.count(1)
+_conditional = threading.Lock()
+
+
+def atomic_conditional_writes() -> None:
+    """Make moto decide conditional writes atomically, as S3 does. Idempotent.
+
+    moto 5's ``PutObject`` checks ``If-Match`` / ``If-None-Match`` against the current object
+    and writes the new one later in the same handler, with no lock: under its threaded server
+    two puts racing with the same precondition can both succeed (reproduced: 2 winners of 4
+    writers swapping from one version, on a loaded machine). S3 serialises them, and the
+    stores' compare-and-swap (the checkpoint pointer, epoch claims) relies on exactly one
+    winning. Every moto server these tests start runs its puts one at a time.
+    """
+    from moto.s3.responses import S3Response
+
+    original = S3Response.put_object
+    if getattr(original, "arm_atomic", False):
+        return
+
+    @functools.wraps(original)
+    def put_object(self: Any) -> Any:
+        with _conditional:
+            return original(self)
+
+    put_object.arm_atomic = True  # type: ignore[attr-defined]
+    S3Response.put_object = put_object  # type: ignore[method-assign]
+
+
+def _start_moto(port: int) -> Any:
+    """A started in-process moto server on 127.0.0.1:``port`` (0: a free one)."""
+    from moto.server import ThreadedMotoServer
+
+    atomic_conditional_writes()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
 
 
 def s3_endpoint() -> str:
@@ -67,10 +106,7 @@ def s3_endpoint() -> str:
         if external:
             _endpoint = external.rstrip("/")
             return _endpoint
-        from moto.server import ThreadedMotoServer
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
+        server = _start_moto(0)
         host, port = server.get_host_and_port()
         _server, _port = server, int(port)
         _endpoint = f"http://{host}:{port}"
@@ -103,11 +139,7 @@ def start_server() -> None:
         if _port is None:
             raise RuntimeError(f"the S3 server at {_endpoint} is external ({ENDPOINT_ENV})")
         if _server is None:
-            from moto.server import ThreadedMotoServer
-
-            server = ThreadedMotoServer(ip_address="127.0.0.1", port=_port, verbose=False)
-            server.start()
-            _server = server
+            _server = _start_moto(_port)
 
 
 def make_bucket(name: str | None = None) -> str:
@@ -174,12 +206,8 @@ class OwnedS3:
 
     def start(self) -> None:
         """Start (or restart) the server on its port."""
-        from moto.server import ThreadedMotoServer
-
         if self._server is None:
-            server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-            server.start()
-            self._server = server
+            self._server = _start_moto(self.port)
 
     def stop(self) -> None:
         """Stop the server: connections to the port are refused until :meth:`start`."""
@@ -227,3 +255,12 @@ def owned_s3() -> Iterator[OwnedS3]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+if __name__ == "__main__":  # moto's server (same arguments as ``moto_server``), S3's atomic puts
+    import sys
+
+    from moto.server import main
+
+    atomic_conditional_writes()
+    sys.exit(main())
