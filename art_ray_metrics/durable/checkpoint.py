@@ -44,6 +44,7 @@ from art_ray_metrics.durable.layout import (
     stamp,
     wal_key,
 )
+from art_ray_metrics.durable.object_writer import ObjectWriter, write_pool
 from art_ray_metrics.durable.reader import CheckpointReader, LoadedCheckpoint
 
 if TYPE_CHECKING:
@@ -68,8 +69,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ACQUIRE_ATTEMPTS = 8
-_WRITE_THREADS = 8
-"""Objects of one commit written at once at most (on a store that takes concurrent writes)."""
 _MAX_LEVEL = 99
 
 
@@ -118,57 +117,6 @@ class _Pending:
     level: int
     key: str | None  # None until written
     payload: bytes | None  # in memory when not yet written
-
-
-class _Writer:
-    """Creates the objects of one commit and counts what it wrote.
-
-    ``pool``: when given (a store that takes concurrent writes, see
-    :attr:`CheckpointManager.concurrent`), :meth:`put_all` writes its objects in parallel, so a
-    commit waits for one storage round trip (one fsync, one request) per phase instead of one
-    per object."""
-
-    def __init__(
-        self, store: ObjectStore, pool: concurrent.futures.ThreadPoolExecutor | None = None
-    ) -> None:
-        self._store = store
-        self._pool = pool
-        self.bytes_written = 0
-        self.objects_written = 0
-
-    def put(self, key: str, data: bytes) -> None:
-        self._store.put_if_absent(key, data)
-        self.count(data)
-
-    def put_all(self, objects: list[tuple[str, bytes, bool]]) -> None:
-        """Write ``(key, data, create_only)`` objects, none named by a pointer yet: in any
-        order, in parallel when a pool is given. Raises the first failure (in list order) once
-        every write has ended."""
-
-        def one(key: str, data: bytes, create_only: bool) -> None:
-            if create_only:
-                self._store.put_if_absent(key, data)
-            else:
-                self._store.put(key, data)
-
-        if self._pool is None or len(objects) < 2:
-            for key, data, create_only in objects:
-                one(key, data, create_only)
-                self.count(data)
-            return
-        futures = [self._pool.submit(one, *obj) for obj in objects]
-        concurrent.futures.wait(futures)
-        for future, (_key, data, _create) in zip(futures, objects, strict=True):
-            if future.exception() is None:
-                self.count(data)
-        for future in futures:
-            exc = future.exception()
-            if exc is not None:
-                raise exc
-
-    def count(self, data: bytes) -> None:
-        self.bytes_written += len(data)
-        self.objects_written += 1
 
 
 class CheckpointManager:
@@ -365,12 +313,10 @@ class CheckpointManager:
             pointer, version = self._reader.read_pointer()
             self._fence_if_newer(pointer, version)
 
-    def _writer(self) -> _Writer:
+    def _writer(self) -> ObjectWriter:
         if self.concurrent and self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=_WRITE_THREADS, thread_name_prefix="arm-ckpt-write"
-            )
-        return _Writer(self._store, self._pool)
+            self._pool = write_pool()
+        return ObjectWriter(self._store, self._pool)
 
     def commit(
         self,
@@ -457,7 +403,7 @@ class CheckpointManager:
 
     def _write_objects(
         self,
-        writer: _Writer,
+        writer: ObjectWriter,
         parts: CheckpointParts,
         base: Manifest | None,
         families: set[str],
