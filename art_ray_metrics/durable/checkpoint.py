@@ -17,11 +17,12 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from art_ray_metrics import errors
+from art_ray_metrics.durable.compaction import compact_family
 from art_ray_metrics.durable.layout import (
     FAMILY,
     FORMAT_VERSION,
@@ -39,8 +40,6 @@ from art_ray_metrics.durable.layout import (
     encode_manifest,
     encode_pointer,
     key_epoch,
-    shard_key,
-    shard_level,
     stamp,
     wal_key,
 )
@@ -69,7 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ACQUIRE_ATTEMPTS = 8
-_MAX_LEVEL = 99
 
 
 @dataclass(frozen=True)
@@ -110,13 +108,6 @@ class CommitInfo:
 # --------------------------------------------------------------------------------------------
 # The manager
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Pending:
-    level: int
-    key: str | None  # None until written
-    payload: bytes | None  # in memory when not yet written
 
 
 class CheckpointManager:
@@ -421,8 +412,14 @@ class CheckpointManager:
         for family in sorted(families):
             old = base.shards.get(family, []) if base is not None else []
             new = bytes(parts.new_shards.get(family, b""))
-            shards[family] = self._compact(
-                family, old, new, commit_stamp, lambda k, d: objects.append((k, d, True))
+            shards[family] = compact_family(
+                family,
+                old,
+                new,
+                commit_stamp,
+                fanout=self._fanout,
+                reader=self._reader,
+                put=lambda k, d: objects.append((k, d, True)),
             )
         writer.put_all(objects)
         manifest = Manifest(
@@ -453,44 +450,6 @@ class CheckpointManager:
         raise errors.PreconditionFailedError(
             f"Expected to swap {POINTER_KEY!r} in {self.uri} but its version kept changing"
         )
-
-    def _compact(
-        self,
-        family: str,
-        old_keys: list[str],
-        new: bytes,
-        commit_stamp: str,
-        put: Callable[[str, bytes], None],
-    ) -> list[str]:
-        """Add ``new`` as a level-0 shard, merge full levels, write what is new; return keys."""
-        entries = [_Pending(shard_level(k), k, None) for k in old_keys]
-        if new:
-            entries.append(_Pending(0, None, new))
-        while True:
-            counts: dict[int, int] = {}
-            for entry in entries:
-                counts[entry.level] = counts.get(entry.level, 0) + 1
-            full = sorted(level for level, n in counts.items() if n >= self._fanout)
-            if not full or full[0] >= _MAX_LEVEL:
-                break
-            level = full[0]
-            group = [e for e in entries if e.level == level]
-            merged = b"".join(
-                e.payload
-                if e.payload is not None
-                else self._reader.read_payload(str(e.key), KIND_SHARD)
-                for e in group
-            )
-            entries = [e for e in entries if e.level != level]
-            entries.append(_Pending(level + 1, None, merged))
-        keys: list[str] = []
-        for entry in entries:
-            if entry.key is None:
-                assert entry.payload is not None
-                entry.key = shard_key(family, commit_stamp, entry.level)
-                put(entry.key, encode_blob(KIND_SHARD, entry.payload))
-            keys.append(entry.key)
-        return keys
 
     def _prune(self) -> None:
         """Delete what no retained manifest references; log, never raise."""
