@@ -32,18 +32,17 @@ from art_ray_metrics.durable.layout import (
     KIND_STATE,
     KIND_WAL,
     POINTER_KEY,
-    WAL_KEY,
     Manifest,
     Pointer,
     decode_blob,
     encode_blob,
     encode_manifest,
     encode_pointer,
-    key_epoch,
     stamp,
     wal_key,
 )
 from art_ray_metrics.durable.object_writer import ObjectWriter, write_pool
+from art_ray_metrics.durable.prune import delete_objects, list_garbage
 from art_ray_metrics.durable.reader import CheckpointReader, LoadedCheckpoint
 
 if TYPE_CHECKING:
@@ -453,7 +452,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         """Delete what no retained manifest references; log, never raise."""
-        self._delete(self._garbage())
+        delete_objects(self._store, list_garbage(self._store, self._retained, self._epoch))
 
     def prune_deferred(self) -> None:
         """Run the pruning a commit with ``defer_prune`` left due: the garbage is listed under
@@ -465,43 +464,5 @@ class CheckpointManager:
             if not self.prune_due or self._fenced_by is not None:
                 return
             self.prune_due = False
-            garbage = self._garbage()
-        self._delete(garbage)
-
-    def _garbage(self) -> list[str]:
-        """The keys of this epoch or older that no retained manifest needs (under the lock)."""
-        if not self._retained:
-            return []
-        keep: set[str] = set()
-        for manifest in self._retained:
-            keep |= manifest.referenced()
-        oldest = self._retained[-1]
-        garbage: list[str] = []
-        try:
-            for prefix in ("manifests/", "state/", "shards/"):
-                for key in self._store.list(prefix):
-                    epoch = key_epoch(key)
-                    if key in keep or epoch is None or epoch > self._epoch:
-                        continue
-                    garbage.append(key)
-            for key in self._store.list("wal/"):
-                match = WAL_KEY.match(key)
-                if match is None:
-                    continue
-                epoch, counter = int(match.group(1)), int(match.group(2))
-                if epoch <= self._epoch and oldest.covers(epoch, counter):
-                    garbage.append(key)
-        except errors.StorageError as exc:
-            log.warning("listing old checkpoint objects in %s failed: %s", self.uri, exc)
-        return garbage
-
-    def _delete(self, keys: list[str]) -> None:
-        deleted = 0
-        try:
-            for key in keys:
-                self._store.delete(key)
-                deleted += 1
-        except errors.StorageError as exc:
-            log.warning("pruning old checkpoint objects in %s failed: %s", self.uri, exc)
-        if deleted:
-            log.debug("pruned %d objects in %s", deleted, self.uri)
+            garbage = list_garbage(self._store, self._retained, self._epoch)
+        delete_objects(self._store, garbage)

@@ -667,7 +667,7 @@ class TestRetention:
         writer = acquired(faulty, retention=1)
         writer.commit(CheckpointParts(b"s1"))
         faulty.fail_deletes = True
-        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.durable.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.durable.prune"):
             info = writer.commit(CheckpointParts(b"s2"))
         assert info.seq == 2
         assert "pruning" in caplog.text
