@@ -357,19 +357,8 @@ class CheckpointManager:
             self._seq += 1
             writer = self._writer()
             manifest = self._write_objects(writer, parts, base, families, covered, named or {})
-            pointer_bytes = encode_pointer(
-                Pointer(epoch=manifest.epoch, seq=manifest.seq, manifest=manifest.key)
-            )
-            self._swap_pointer(pointer_bytes)
-            writer.count(pointer_bytes)
-            self._retained = [manifest, *self._retained][: self._retention]
-            self._commits_unpruned += 1
-            if self._commits_unpruned >= self._prune_every:  # listing costs requests: batch it
-                self._commits_unpruned = 0
-                if defer_prune and self.concurrent:
-                    self.prune_due = True  # the caller runs prune_deferred() off its path
-                else:
-                    self._prune()
+            self._publish(manifest, writer)
+            self._prune_every_nth(defer_prune)
             return CommitInfo(
                 epoch=manifest.epoch,
                 seq=manifest.seq,
@@ -378,6 +367,28 @@ class CheckpointManager:
                 seconds=time.monotonic() - start,
                 manifest=manifest.key,
             )
+
+    def _publish(self, manifest: Manifest, writer: ObjectWriter) -> None:
+        """Swap the pointer to ``manifest`` (the commit becomes visible), count the pointer
+        write and retain the manifest as the base of the next commit."""
+        pointer_bytes = encode_pointer(
+            Pointer(epoch=manifest.epoch, seq=manifest.seq, manifest=manifest.key)
+        )
+        self._swap_pointer(pointer_bytes)
+        writer.count(pointer_bytes)
+        self._retained = [manifest, *self._retained][: self._retention]
+
+    def _prune_every_nth(self, defer_prune: bool) -> None:
+        """Prune after every ``prune_every``-th commit (listing costs requests: batch it); with
+        ``defer_prune`` on a store that takes concurrent writes, only set :attr:`prune_due`."""
+        self._commits_unpruned += 1
+        if self._commits_unpruned < self._prune_every:
+            return
+        self._commits_unpruned = 0
+        if defer_prune and self.concurrent:
+            self.prune_due = True  # the caller runs prune_deferred() off its path
+        else:
+            self._prune()
 
     @staticmethod
     def _families(base: Manifest | None, parts: CheckpointParts) -> set[str]:
