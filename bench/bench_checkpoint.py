@@ -9,7 +9,7 @@ For 0, 1M and 10M unique scenario ids already stored, one step adds 10k new ids.
   (headers and pointer included). The 10k ids are ingested first through the wire path (producers'
   work, not timed). The stored history is one base commit of N digests, so the measured steps are
   typical steps: the tiered compaction (fanout 8) additionally rewrites each byte at most
-  ``log8(steps)`` times, amortised (see :mod:`art_ray_metrics.durable.checkpoint`); that amortised figure is
+  ``log8(steps)`` times, amortised (see :mod:`art_ray_metrics.durable.compaction`); that amortised figure is
   printed too, computed from the shard sizes.
 - **ART 0.5.18**: ``MetricsBuilder.add_data(scenario_ids=...)`` + ``await flush()``, then what
   ``Model._persist_metrics_builder_state`` does: ``merge_state`` = read ``state.json``, deep-merge

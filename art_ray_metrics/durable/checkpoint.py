@@ -5,9 +5,12 @@ blob rewritten every time, plus per shard family the bytes added since the last 
 (concatenable, so shards are incremental and compacted by concatenation). Pure logic: all I/O
 goes through the injected store. The formats of what it writes (keys, blob header, pointer,
 manifest) are declared in :mod:`~art_ray_metrics.durable.layout`; reading a commit back is
-:mod:`~art_ray_metrics.durable.reader`; this module claims epochs, appends the WAL, commits,
-compacts shards and prunes. The object layout, header, commit, fencing, replay, shard
-compaction and retention rules are in ``docs/design.md`` ("The commit protocol"); the
+:mod:`~art_ray_metrics.durable.reader`; this module claims epochs, appends the WAL, commits
+and decides when to prune. A commit's objects are written by
+:mod:`~art_ray_metrics.durable.object_writer`, its shards compacted by
+:mod:`~art_ray_metrics.durable.compaction`; what a pruning deletes is
+:mod:`~art_ray_metrics.durable.prune`'s. The object layout, header, commit, fencing, replay,
+shard compaction and retention rules are in ``docs/design.md`` ("The commit protocol"); the
 aggregator passes ``AggregatorConfig.checkpoint_prune_every`` (default 4) as ``prune_every``.
 """
 
