@@ -1,7 +1,7 @@
 """Read back the ``run-<id>.wandb`` files of W&B runs (W&B 0.31 ships no reader).
 
-Used by the W&B sink (to wait for an offline run's exit record) and by tests (to compare what an
-offline run recorded with the JSONL history).
+Used by the W&B sink (to find an offline run's directory and wait for its exit record) and by
+tests (to compare what an offline run recorded with the JSONL history).
 
 File format (checked against files written by wandb 0.31.0 in offline mode)
 --------------------------------------------------------------------------
@@ -52,6 +52,7 @@ __all__ = [
     "FILE_HEADER",
     "find_offline_run_files",
     "iter_records",
+    "offline_run_dir",
     "offline_sync_command",
     "read_offline_history",
     "read_offline_metric_definitions",
@@ -276,6 +277,20 @@ def find_offline_run_files(wandb_dir: str | Path, run_id: str | None = None) -> 
                 continue
             found.extend(p for p in run_dir.glob(pattern) if p.is_file())
     return sorted(found, key=_sort_key)
+
+
+def offline_run_dir(run: Any) -> Path | None:
+    """The directory of an offline run's ``.wandb`` file, or None (online, or unknown).
+
+    ``run`` is a ``wandb`` run object; its ``dir`` is the ``files/`` directory inside the run
+    directory.
+    """
+    try:
+        if getattr(run, "offline", False):
+            return Path(run.dir).parent
+    except Exception:  # a run object without these attributes: nothing to wait for
+        return None
+    return None
 
 
 def wait_for_exit_record(

@@ -150,16 +150,6 @@ def _needs_own_definition(key: str) -> bool:
     return not any(key.startswith(glob[:-1]) for glob in WANDB_GLOBS)
 
 
-def _offline_run_dir(run: Any) -> Path | None:
-    """The directory of an offline run's ``.wandb`` file, or None (online, or unknown)."""
-    try:
-        if getattr(run, "offline", False):
-            return Path(run.dir).parent
-    except Exception:  # a run object without these attributes: nothing to wait for
-        return None
-    return None
-
-
 class WandbSink:
     """The single W&B writer; logs rows on a ``training_step`` axis and never raises.
 
@@ -486,7 +476,9 @@ class WandbSink:
                     )
             if run is None:
                 return
-            run_dir = _offline_run_dir(run)
+            from art_ray_metrics.export.wandb_offline import offline_run_dir, wait_for_exit_record
+
+            run_dir = offline_run_dir(run)
             started = self._clock()
             self._finished_ok = False
             finisher = threading.Thread(
@@ -501,8 +493,6 @@ class WandbSink:
             elif run_dir is not None and self._finished_ok:
                 # finish() returns before W&B's service has written the run file; an actor
                 # killed right after close() would lose its tail, so wait for the exit record
-                from art_ray_metrics.export.wandb_offline import wait_for_exit_record
-
                 left = max(0.5, self.config.finish_timeout_s - (self._clock() - started))
                 if not wait_for_exit_record(run_dir, timeout_s=left):
                     self._fail("finish", TimeoutError("the offline run file has no exit record"))
