@@ -34,7 +34,7 @@ from art_ray_metrics.errors import (
     CredentialsRequiredError,
     StorageError,
 )
-from art_ray_metrics.export.wandb_sink import (
+from art_ray_metrics.export.wandb_config import (
     WANDB_SECRETS,
     WANDB_SETTINGS,
 )

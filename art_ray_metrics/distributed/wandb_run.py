@@ -15,7 +15,8 @@ from typing import Any
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core.meta import AggregatorMeta
 from art_ray_metrics.durable.history import HistoryStore, history_row_metrics
-from art_ray_metrics.export.wandb_sink import WandbSink, WandbSinkConfig
+from art_ray_metrics.export.wandb_config import WandbSinkConfig
+from art_ray_metrics.export.wandb_sink import WandbSink
 
 __all__ = ["RunChoice", "adopted_run", "choose_run", "open_sink", "run_config"]
 

@@ -4,150 +4,42 @@ a best-effort :class:`~art_ray_metrics.export.sink.Sink`.
 Rows are logged without ``step=`` on a ``training_step`` x-axis, so late or replayed rows land
 instead of being dropped; cumulative keys summarise as ``last`` and rate keys as ``mean``. The
 sink never raises into its caller: failures are counted and retried, and the history can
-always rebuild W&B. ``docs/design.md`` explains why.
+always rebuild W&B. ``docs/design.md`` explains why. The run's configuration
+(:class:`WandbSinkConfig`), id, retry bounds and metric definitions are in :mod:`.wandb_config`.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-import string
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from art_ray_metrics.core import counters
 from art_ray_metrics.core.backoff import WANDB_INIT
-from art_ray_metrics.core.keys import is_cumulative
 from art_ray_metrics.durable.history import STEP_METRIC, history_row_metrics
+from art_ray_metrics.export.wandb_config import (
+    COST_AXIS,
+    INIT_TIMEOUT_S,
+    RESET_AFTER_FAILURES,
+    WALL_CLOCK_METRIC,
+    WANDB_GLOBS,
+    WandbSinkConfig,
+    needs_own_definition,
+    new_run_id,
+    summary_for,
+)
 
 if TYPE_CHECKING:
     pass
 
-__all__ = [
-    "FINISH_TIMEOUT_S",
-    "INIT_RETRY_BACKOFF_MAX_S",
-    "INIT_RETRY_BACKOFF_S",
-    "INIT_TIMEOUT_S",
-    "MAX_PENDING_ROWS",
-    "RESET_AFTER_FAILURES",
-    "WALL_CLOCK_METRIC",
-    "WANDB_GLOBS",
-    "WANDB_SECRETS",
-    "WANDB_SETTINGS",
-    "WandbSink",
-    "WandbSinkConfig",
-]
+__all__ = ["WandbSink", "WandbSinkConfig"]
 
 log = logging.getLogger(__name__)
-
-
-WANDB_GLOBS: tuple[str, ...] = (
-    "reward/*",
-    "loss/*",
-    "offpolicy/*",
-    "pipeline/*",
-    "throughput/*",
-    "costs/*",
-    "time/*",
-    "data/*",
-    "train/*",
-    "val/*",
-    "test/*",
-    "discarded/*",
-    "telemetry/*",
-)
-"""Globs declared with ``step_metric="training_step"`` when a W&B run starts."""
-
-WALL_CLOCK_METRIC = "time/wall_clock_sec"
-"""Seconds since the trainer started (attached ART models): an x-axis of its own, as ART
-defines it (``define_metric`` without a step metric, before the globs)."""
-
-_COST_AXIS = "costs/cum/all"
-
-WANDB_SETTINGS: tuple[str, ...] = ("WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")
-"""W&B environment variables that are not secret (the aggregator's runtime env may carry them)."""
-WANDB_SECRETS: tuple[str, ...] = ("WANDB_API_KEY",)
-"""W&B credentials: handed to the aggregator in memory only (see ``AggregatorHandle``)."""
-
-
-WandbMode = Literal["online", "offline", "disabled"]
-
-INIT_TIMEOUT_S = 60.0
-"""Upper bound W&B may spend in one ``wandb.init``."""
-INIT_RETRY_BACKOFF_S = WANDB_INIT.initial
-"""First delay before retrying a failed init; doubles per consecutive failure ..."""
-INIT_RETRY_BACKOFF_MAX_S = WANDB_INIT.cap
-"""... up to this."""
-RESET_AFTER_FAILURES = 3
-"""Consecutive ``log`` failures after which the run is abandoned and re-attached (same id)."""
-FINISH_TIMEOUT_S = 30.0
-"""Default of :attr:`WandbSinkConfig.finish_timeout_s`."""
-MAX_PENDING_ROWS = 10_000
-"""Default of :attr:`WandbSinkConfig.max_pending_rows`."""
-_ID_ALPHABET = string.ascii_lowercase + string.digits
-
-
-def new_run_id() -> str:
-    """Return a fresh 8-character W&B run id (lowercase letters and digits)."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
-
-
-@dataclass(frozen=True)
-class WandbSinkConfig:
-    """What :class:`WandbSink` needs to start or re-attach a run (no credentials here).
-
-    The run's identity and place come from the aggregator's configuration (or ``wandb-sync``'s
-    flags); the two bounds are what an embedder sets to fit its own limits: how long closing
-    may block its shutdown, and how much memory rows may hold while W&B is down. The retry
-    policy (:data:`INIT_RETRY_BACKOFF_S`, :data:`RESET_AFTER_FAILURES`) and W&B's init timeout
-    are constants: no caller had a reason to tune them.
-
-    Attributes:
-        project: W&B project.
-        entity: W&B entity (team or user); ``None`` uses the default of the credentials.
-        run_name: Display name of the run.
-        run_id: Id to resume (``resume="allow"``); ``None`` creates a new id.
-        mode: ``"online"``, ``"offline"``, ``"disabled"``, or ``None`` to let W&B decide
-            (``WANDB_MODE``).
-        dir: Parent directory of W&B's ``wandb/`` run directories.
-        config: Run config (JSON-serialisable values).
-        finish_timeout_s: Upper bound :meth:`WandbSink.close` waits for ``finish``.
-        max_pending_rows: Rows kept while W&B is unavailable; older ones are dropped (and
-            counted) beyond this, the history still has them.
-    """
-
-    project: str
-    entity: str | None = None
-    run_name: str | None = None
-    run_id: str | None = None
-    mode: WandbMode | None = None
-    dir: str | None = None
-    config: Mapping[str, Any] | None = None
-    finish_timeout_s: float = FINISH_TIMEOUT_S
-    max_pending_rows: int = MAX_PENDING_ROWS
-
-
-def _summary_for(key: str) -> str | None:
-    if is_cumulative(key):
-        return "last"
-    if key.startswith("throughput/"):
-        return "mean"
-    return None
-
-
-def _needs_own_definition(key: str) -> bool:
-    """Keys defined one by one: costs, anything with a summary, keys outside every glob."""
-    if key == STEP_METRIC:
-        return False
-    if key.startswith("costs/") or _summary_for(key) is not None:
-        return True
-    return not any(key.startswith(glob[:-1]) for glob in WANDB_GLOBS)
 
 
 class WandbSink:
@@ -160,8 +52,8 @@ class WandbSink:
     exponential backoff, so :meth:`log` never waits for an init (only for ``run.log``); rows
     logged meanwhile wait in a bounded queue and are sent once the run is up. A row whose
     ``run.log`` raised stays queued and is retried on the next call (it may then appear twice
-    in W&B, never zero times). After :data:`RESET_AFTER_FAILURES` consecutive failures the run
-    is abandoned and re-attached with the same id.
+    in W&B, never zero times). After :data:`~.wandb_config.RESET_AFTER_FAILURES` consecutive
+    failures the run is abandoned and re-attached with the same id.
 
     Attributes:
         logged: Rows accepted by ``run.log``.
@@ -253,7 +145,7 @@ class WandbSink:
             run.define_metric(WALL_CLOCK_METRIC)
             for glob in WANDB_GLOBS:
                 run.define_metric(glob, step_metric=STEP_METRIC)
-            run.define_metric(_COST_AXIS, step_metric=STEP_METRIC, summary="last")
+            run.define_metric(COST_AXIS, step_metric=STEP_METRIC, summary="last")
         except Exception:
             self._finish_run(run, 1)  # an open attach would block the next one ("in use")
             raise
@@ -294,7 +186,7 @@ class WandbSink:
                 self._finish_run(run, 0)
                 return False
             self._run = run
-            self._defined = {_COST_AXIS}
+            self._defined = {COST_AXIS}
             self._init_failures = 0
             self._consecutive_failures = 0
             self._flush()  # rows queued while W&B was unavailable
@@ -332,9 +224,9 @@ class WandbSink:
     # -- logging -------------------------------------------------------------------------
 
     def _define(self, run: Any, key: str) -> None:
-        if key in self._defined or not _needs_own_definition(key):
+        if key in self._defined or not needs_own_definition(key):
             return
-        summary = _summary_for(key)
+        summary = summary_for(key)
         if summary is None:
             run.define_metric(key, step_metric=STEP_METRIC)
         else:

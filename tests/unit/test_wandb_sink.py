@@ -15,6 +15,11 @@ import pytest
 
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.export.sink import Sink
+from art_ray_metrics.export.wandb_config import (
+    INIT_RETRY_BACKOFF_S,
+    RESET_AFTER_FAILURES,
+    WANDB_GLOBS,
+)
 from art_ray_metrics.export.wandb_offline import (
     BLOCK_SIZE,
     FILE_HEADER,
@@ -25,13 +30,7 @@ from art_ray_metrics.export.wandb_offline import (
     read_offline_summary,
     wait_for_exit_record,
 )
-from art_ray_metrics.export.wandb_sink import (
-    INIT_RETRY_BACKOFF_S,
-    RESET_AFTER_FAILURES,
-    WANDB_GLOBS,
-    WandbSink,
-    WandbSinkConfig,
-)
+from art_ray_metrics.export.wandb_sink import WandbSink, WandbSinkConfig
 from tests.wandb_env import forget_wandb_settings
 
 wandb = pytest.importorskip("wandb")

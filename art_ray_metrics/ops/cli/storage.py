@@ -29,8 +29,9 @@ from art_ray_metrics.durable.history import HistoryStore
 from art_ray_metrics.durable.restore import RunInfo, read_run
 from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.errors import ObjectNotFoundError, StorageError
+from art_ray_metrics.export.wandb_config import WandbSinkConfig
 from art_ray_metrics.export.wandb_offline import offline_sync_command
-from art_ray_metrics.export.wandb_sink import WandbSink, WandbSinkConfig
+from art_ray_metrics.export.wandb_sink import WandbSink
 from art_ray_metrics.ops.cli.common import (
     CliError,
     is_local,
