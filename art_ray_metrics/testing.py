@@ -25,6 +25,7 @@ from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.core.rollup import EXACT, to_decimal
 from art_ray_metrics.core.samples import SampleStats
 from art_ray_metrics.distributed import client as _client
+from art_ray_metrics.distributed import clients as _clients
 from art_ray_metrics.distributed import record as _record
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.distributed.transport import AggregatorGoneError, InProcessTransport
@@ -175,7 +176,7 @@ class InProcessAggregator:
         self._installed = False
         self.start()
         if install:
-            _client.set_route(self.name, self.namespace, self.transport)
+            _clients.set_route(self.name, self.namespace, self.transport)
             self._installed = True
 
     # -- what transports see ----------------------------------------------------------------
@@ -337,7 +338,7 @@ class InProcessAggregator:
         finally:
             self.closed = True
             if self._installed:
-                _client.set_route(self.name, self.namespace, None)
+                _clients.set_route(self.name, self.namespace, None)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
 

@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -94,10 +94,6 @@ __all__ = [
     "MAX_GROUPS",
     "FlushResult",
     "MetricsClient",
-    "close_clients",
-    "get_client",
-    "named_config",
-    "set_route",
 ]
 
 log = logging.getLogger(__name__)
@@ -926,8 +922,8 @@ class MetricsClient:
         (no lookup runs inside it). Never starts Ray: after ``ray.shutdown()`` there is
         nothing to ship to, and the unsent leaves are counted in a warning.
 
-        Registered with ``atexit``; call it (or :func:`close_clients`) on a driver before
-        ``ray.shutdown()`` to stop a driver-side client explicitly."""
+        Registered with ``atexit``; call it (or :func:`~.clients.close_clients`) on a driver
+        before ``ray.shutdown()`` to stop a driver-side client explicitly."""
         with self._lock:
             if self._closing or self.stopped.is_set():
                 return
@@ -948,6 +944,17 @@ class MetricsClient:
         finally:
             self.stopped.set()
             self._wake.set()
+
+    @property
+    def usable(self) -> bool:
+        """Neither stopped nor closing: :func:`~.clients.get_client` may hand it out."""
+        return not (self.stopped.is_set() or self._closing)
+
+    def abandon(self) -> None:
+        """Stop at once, without flushing (its aggregator's route changed:
+        :func:`~.clients.set_route`)."""
+        self.stopped.set()
+        self._wake.set()
 
     def _connected(self) -> bool:
         """The transport can carry calls in this process (for Ray: Ray is initialized)."""
@@ -1007,71 +1014,6 @@ _FlushWait = tuple[list[Any], int, float] | float | None
 """What a flush waits for next: see :meth:`MetricsClient._flush_steps`."""
 
 
-_CLIENTS: dict[tuple[str, str, str | None], MetricsClient] = {}
-"""Process-wide clients by (actor name, namespace, explicit producer id or None)."""
-_CLIENTS_LOCK = threading.Lock()
-
-
-_ROUTES: dict[tuple[str, str], Callable[[], Transport]] = {}
-"""Transports for aggregators that are not Ray actors, by (name, namespace): an
-:class:`~art_ray_metrics.testing.InProcessAggregator` installs itself here, so ``connect``
-reaches it from unchanged rollout code."""
-
-
-def get_client(
-    config: ClientConfig | None = None, *, producer_id: str | None = None
-) -> MetricsClient:
-    """The process-wide client for an aggregator (created on first use)."""
-    config = config or named_config(None, None)
-    if producer_id is not None:
-        V.check_text("producer_id", producer_id)
-    key = (config.name, config.namespace, producer_id)
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(key)
-        if client is None or client.stopped.is_set() or client._closing:
-            route = _ROUTES.get((config.name, config.namespace))
-            transport = route() if route is not None else None
-            client = _CLIENTS[key] = MetricsClient(
-                config, producer_id=producer_id, transport=transport
-            )
-        return client
-
-
-def set_route(name: str, namespace: str, route: Callable[[], Transport] | None) -> None:
-    """Route this process's clients of aggregator ``(name, namespace)`` through transports
-    made by ``route`` (None: back to Ray). Clients already made for it are stopped (without
-    flushing) and forgotten, so the next ``connect`` makes one on the new route."""
-    with _CLIENTS_LOCK:
-        if route is None:
-            _ROUTES.pop((name, namespace), None)
-        else:
-            _ROUTES[(name, namespace)] = route
-        for key in [k for k in _CLIENTS if k[:2] == (name, namespace)]:
-            old = _CLIENTS.pop(key)
-            old.stopped.set()
-            old._wake.set()
-
-
-def close_clients(timeout_s: float = 5.0) -> None:
-    """Flush and close every client of this process (each within ``timeout_s``).
-
-    A driver that recorded leaves itself calls it before ``ray.shutdown()``; the clients
-    would otherwise notice Ray is gone and stop on their own (they never start Ray)."""
-    with _CLIENTS_LOCK:
-        clients = list(_CLIENTS.values())
-        _CLIENTS.clear()
-    for client in clients:
-        client.close(timeout_s)
-
-
-def _reset_clients() -> None:
-    """Close and forget every client of this process (tests)."""
-    with _CLIENTS_LOCK:
-        for client in _CLIENTS.values():
-            client.close(timeout_s=1.0)
-        _CLIENTS.clear()
-
-
 _MAX_LOST_DECL = 4096
 """Given-up batch groups declared in each header at most (the oldest then count as batches
 only, not on their steps' rows)."""
@@ -1082,19 +1024,6 @@ _PRUNE_HIS_AT = 4096
 _MAX_HIS = 65_536
 """Rollouts remembered at most: beyond, the oldest are forgotten (their flush then waits for
 every batch since they began, which is safe, only slower)."""
-
-
-_NAMED_CONFIGS: dict[tuple[str | None, str | None], ClientConfig] = {}
-
-
-def named_config(name: str | None, namespace: str | None) -> ClientConfig:
-    """The client config of aggregator ``name`` in ``namespace`` (defaults for None), made
-    once per pair (a pydantic model costs microseconds: ``connect`` runs per rollout)."""
-    config = _NAMED_CONFIGS.get((name, namespace))
-    if config is None:
-        fields = {k: v for k, v in (("name", name), ("namespace", namespace)) if v is not None}
-        config = _NAMED_CONFIGS[(name, namespace)] = ClientConfig(**fields)
-    return config
 
 
 MAX_GROUPS = 65_536

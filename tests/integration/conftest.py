@@ -44,9 +44,9 @@ def ray_cluster() -> Iterator[Any]:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="arm-tests", log_to_driver=False)
     yield cluster
-    from art_ray_metrics.distributed.client import _reset_clients
+    from art_ray_metrics.distributed.clients import reset_clients
 
-    _reset_clients()
+    reset_clients()
     # Bounded: in the full suite Ray's disconnect was seen to block in its GCS error
     # subscriber's close. The run must end either way; Ray's own exit hook is dropped if the
     # shutdown is still stuck (it would wait on the same lock at interpreter exit).

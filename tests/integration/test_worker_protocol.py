@@ -17,7 +17,7 @@ import ray
 import ray.cloudpickle as cloudpickle
 
 import art_ray_metrics as arm
-from art_ray_metrics.distributed.client import get_client
+from art_ray_metrics.distributed.clients import get_client
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.ray
