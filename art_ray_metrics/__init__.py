@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from art_ray_metrics.builder import MetricsBuilder
 from art_ray_metrics.config import AggregatorConfig, ClientConfig
 from art_ray_metrics.distributed.actor import MetricsAggregator
-from art_ray_metrics.distributed.client import FlushResult
+from art_ray_metrics.distributed.batches import FlushResult
 from art_ray_metrics.distributed.clients import close_clients, get_client
 from art_ray_metrics.distributed.handle import AggregatorHandle, start_aggregator
 from art_ray_metrics.distributed.record import WorkerBuilder, connect

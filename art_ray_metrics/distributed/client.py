@@ -35,10 +35,13 @@ Guarantees:
 
 Why one module over 500 lines: :class:`MetricsClient` is one state machine under one lock
 (the sequence, the retained batches, the calls in flight and the rollouts' batch ranges change
-together in every ship, answer, give-up and resend, and each flush reads them together). What
-holds none of that state lives elsewhere: the tape, key registries and loss ledger in
-:mod:`art_ray_metrics.core.tape`, the builder in :mod:`.record`, the transports in
-:mod:`.transport`.
+together in every ship, answer, give-up and resend, and each flush reads them together), so its
+methods stay together here rather than in mixins that would spread the lock's invariants over
+files. What holds none of that state lives elsewhere: the tape, key registries and loss ledger
+in :mod:`art_ray_metrics.core.tape`; the pure decisions the client applies under its lock (a
+batch's groups, what an acknowledgement settles, a flush's answer) and :class:`FlushResult` in
+:mod:`.batches`; the process's table of clients (``get_client``, ``close_clients``) in
+:mod:`.clients`; the builder in :mod:`.record`; the transports in :mod:`.transport`.
 """
 
 from __future__ import annotations
@@ -48,21 +51,18 @@ import atexit
 import concurrent.futures
 import logging
 import os
-import socket
 import sys
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.backoff import RESEND
-from art_ray_metrics.core.records import KeyedCost, LeafBatch, StepGroup
+from art_ray_metrics.core.records import KeyedCost, LeafBatch
 from art_ray_metrics.core.replies import IngestAck
 from art_ray_metrics.core.rollup import exact_sum
 from art_ray_metrics.core.tape import (
@@ -76,7 +76,19 @@ from art_ray_metrics.core.tape import (
     Slot,
     drain_tape,
 )
-from art_ray_metrics.core.wire import decode_batch, encode_batch
+from art_ray_metrics.core.wire import encode_batch
+from art_ray_metrics.distributed.batches import (
+    FlushResult,
+    default_producer_id,
+    flush_result,
+    lost_declarations,
+    new_incarnation,
+    range_durable,
+    refused_keys,
+    settled_seqs,
+    shipped_big,
+    step_groups,
+)
 from art_ray_metrics.distributed.budget import ClientBudget
 from art_ray_metrics.distributed.transport import (
     JITTER,
@@ -90,37 +102,9 @@ from art_ray_metrics.distributed.transport import (
 from art_ray_metrics.errors import WireFormatError
 from art_ray_metrics.spend.pricing import PricingRegistry
 
-__all__ = [
-    "MAX_GROUPS",
-    "FlushResult",
-    "MetricsClient",
-]
+__all__ = ["MAX_GROUPS", "MetricsClient"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FlushResult:
-    """What an explicit flush achieved."""
-
-    ok: bool
-    """Every batch holding the flushed leaves is acknowledged as durable, and none of those
-    leaves was lost (refused by the aggregator, given up at the retained-batch cap, not
-    encodable): a builder's flush answers for its own leaves only, for as long as it asks;
-    the process-wide ``MetricsClient.flush()`` reports every loss since its previous call."""
-    batches: int
-    """Batches shipped by this process so far."""
-    retained: int
-    """Batches still waiting for a durable acknowledgement."""
-    error: str | None = None
-
-
-def _default_producer_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _new_incarnation() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 _ALL_CLIENTS: weakref.WeakSet[MetricsClient] = weakref.WeakSet()
@@ -145,7 +129,7 @@ class MetricsClient:
         """``transport``: how the aggregator is reached (default: the named Ray actor of
         ``config``, or the given ``actor`` handle); see :mod:`.transport`."""
         self.config = config or ClientConfig()
-        self.producer_id = V.check_text("producer_id", producer_id or _default_producer_id())
+        self.producer_id = V.check_text("producer_id", producer_id or default_producer_id())
         self._transport: Transport = transport or RayTransport(
             self.config.name, self.config.namespace, actor
         )
@@ -159,7 +143,7 @@ class MetricsClient:
 
     def _start(self) -> None:
         """Fresh per-process state: a new incarnation, sequence and background thread."""
-        self.incarnation = _new_incarnation()
+        self.incarnation = new_incarnation()
         self.budget = ClientBudget(
             self._transport,
             self.producer_id,
@@ -402,25 +386,9 @@ class MetricsClient:
             self.budget.untake(admitted)
             self._last_ship = time.monotonic()
             return None
-        groups = tuple(
-            StepGroup(
-                step,
-                scope,
-                p.sums(),
-                tuple(p.keyed),
-                b"".join(sorted(p.scenarios)),
-                p.sample_stats(),
-                p.group_sums(),
-                dict(p.keyed_groups),
-            )
-            for (step, scope), p in sorted(self._pending.items())
-        )
+        groups = step_groups(self._pending)
         if self._big:  # keys that got huge values: remember what was shipped (rare)
-            sums = {(g.step, g.scope): g.sums for g in groups}
-            for big_key, total in self._big.items():
-                add = sums.get(big_key[:2], {}).get(big_key[2])
-                if add is not None:
-                    self._big[big_key] = exact_sum([total, add])
+            self._big.update(shipped_big(self._big, groups))
         seq = self._seq + 1
         self._make_room()  # before encoding: this batch declares what it displaced
         lost = tuple(self._lost_decl)
@@ -438,13 +406,7 @@ class MetricsClient:
         try:
             data = encode_batch(batch)
         except Exception as exc:  # validation should make this impossible: report, never wedge
-            self.budget.untake(admitted)
-            self._pending.clear()
-            self._pending_leaves = 0
-            self.counters["rejected"] += 1
-            reason = f"batch not encodable: {exc!r}"[:500]
-            self._ledger.not_built(drained, -self.counters["rejected"], reason)
-            log.error("art_ray_metrics: could not encode a batch: %r", exc)
+            self._not_encodable(admitted, drained, exc)
             return None
         self._pending.clear()
         self._pending_leaves = 0
@@ -457,6 +419,17 @@ class MetricsClient:
         self._last_ship = time.monotonic()
         self.counters["batches"] += 1
         return seq, data
+
+    def _not_encodable(self, admitted: Decimal, drained: list[list[Any]], exc: Exception) -> None:
+        """Drop what was pending (under the lock), charged to the rollouts that recorded it:
+        their flushes say not ok. The seq is not consumed."""
+        self.budget.untake(admitted)
+        self._pending.clear()
+        self._pending_leaves = 0
+        self.counters["rejected"] += 1
+        reason = f"batch not encodable: {exc!r}"[:500]
+        self._ledger.not_built(drained, -self.counters["rejected"], reason)
+        log.error("art_ray_metrics: could not encode a batch: %r", exc)
 
     def ship(self, *, durable: bool = False) -> int | None:
         """Send everything pending as one batch; return its seq (None if nothing to send)."""
@@ -481,11 +454,7 @@ class MetricsClient:
             data = self._retained.pop(seq)
             self.counters["dropped_retained"] += 1
             self._dropped_unreported += 1
-            try:
-                groups = decode_batch(data).groups
-            except WireFormatError:  # our own bytes: cannot happen; the batch still counts
-                groups = ()
-            self._lost_decl.extend((seq, g.step, g.scope, g.leaf_count) for g in groups)
+            self._lost_decl.extend(lost_declarations(seq, data))
             reason = (
                 f"batch {seq} dropped unacknowledged at max_retained_batches={cap} (the "
                 f"aggregator was unreachable): last error {self.last_error}"
@@ -609,9 +578,7 @@ class MetricsClient:
         upto = ack.durable_upto
         refused = ack.refused
         with self._lock:
-            keys = {
-                (int(r[0]), str(r[1]), None if r[2] is None else str(r[2])) for r in refused or ()
-            }
+            keys = refused_keys(refused)
             fresh = self._ledger.newly_refused(seq, keys) if keys else keys
             if fresh:
                 # some keys were refused (the rest applied): charge their rollouts, once per key
@@ -620,13 +587,9 @@ class MetricsClient:
                 self.counters["rejected"] += 1
                 self.last_error = reason
                 log.error("art_ray_metrics: batch %s: %s", seq, reason[:500])
-            settled = []
-            if ack.durable and self._retained.pop(seq, None) is not None:
-                settled.append(seq)
-            if upto and self._retained and min(self._retained) <= upto:
-                for s in [s for s in self._retained if s <= upto]:
-                    del self._retained[s]
-                    settled.append(s)
+            settled = settled_seqs(self._retained, seq, ack.durable, upto)
+            for s in settled:
+                del self._retained[s]
             if seq in self._retained:
                 # applied, not durable yet: only a give-up at the cap can still lose it, and
                 # that is charged per batch; the set of its rollouts is enough from here
@@ -757,7 +720,7 @@ class MetricsClient:
     def _flush_state(self, lo: int, hi: int) -> tuple[bool, list[Any]]:
         """(all of [lo, hi] durable, calls in flight for them)."""
         with self._lock:
-            done = self._seq >= hi and not any(lo <= s <= hi for s in self._retained)
+            done = range_durable(self._seq, self._retained, lo, hi)
             refs = [r for r, (s, _) in self._inflight.items() if lo <= s <= hi]
         return done, refs
 
@@ -770,9 +733,7 @@ class MetricsClient:
         with self._lock:
             left = len(self._retained)
             reasons = self._ledger.losses(rid, lo, self._seq if hi is None else hi)
-        if reasons:
-            return FlushResult(False, self._seq, left, "; ".join(reasons)[:4000])
-        return FlushResult(done, self._seq, left, None if done else self.last_error)
+        return flush_result(done, self._seq, left, reasons, self.last_error)
 
     def _durable_ahead(self) -> list[Any]:
         """The durable calls of this process in flight (flushes' batches and resends)."""

@@ -32,7 +32,8 @@ from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.outcome import group_digest
 from art_ray_metrics.core.tape import Number
-from art_ray_metrics.distributed.client import FlushResult, MetricsClient
+from art_ray_metrics.distributed.batches import FlushResult
+from art_ray_metrics.distributed.client import MetricsClient
 from art_ray_metrics.distributed.clients import get_client, named_config
 from art_ray_metrics.distributed.workerenv import load_worker_env
 from art_ray_metrics.errors import InvalidMetricError

@@ -89,7 +89,8 @@ from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.rollup import ZERO, to_decimal
 from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.distributed.actor import MetricsAggregator
-from art_ray_metrics.distributed.client import FlushResult, MetricsClient
+from art_ray_metrics.distributed.batches import FlushResult
+from art_ray_metrics.distributed.client import MetricsClient
 from art_ray_metrics.distributed.clients import get_client, set_route
 from art_ray_metrics.distributed.record import WorkerBuilder, connect
 from art_ray_metrics.distributed.transport import InProcessTransport
