@@ -41,7 +41,8 @@ files. What holds none of that state lives elsewhere: the tape, key registries a
 in :mod:`art_ray_metrics.core.tape`; the pure decisions the client applies under its lock (a
 batch's groups, what an acknowledgement settles, a flush's answer) and :class:`FlushResult` in
 :mod:`.batches`; the process's table of clients (``get_client``, ``close_clients``) in
-:mod:`.clients`; the builder in :mod:`.record`; the transports in :mod:`.transport`.
+:mod:`.clients`; the builder in :mod:`.record`; the transports and their calls' futures in
+:mod:`.transport`.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ from art_ray_metrics.distributed.batches import (
 from art_ray_metrics.distributed.budget import ClientBudget
 from art_ray_metrics.distributed.transport import (
     JITTER,
-    AggregatorGoneError,
     RayTransport,
     Transport,
+    await_outcome,
+    chain_future,
     future_outcome,
     one_line,
     wait_futures,
@@ -533,7 +535,7 @@ class MetricsClient:
         it is a future; else through the transport's ``wait`` and ``outcome`` (at once if it
         finished, or by the background thread)."""
         if isinstance(source, concurrent.futures.Future):
-            _chain(source, call)
+            chain_future(source, call)
             return
         if self._transport.wait([source], 1, 0.0):
             call.set_result(self._transport.outcome(source))  # an ack, or the exception
@@ -836,7 +838,7 @@ class MetricsClient:
         for wait in self._flush_steps(lo, hi, timeout_s, rid, answer):
             if isinstance(wait, tuple):
                 calls, n, timeout = wait
-                futs = {asyncio.ensure_future(_aoutcome(c)): c for c in calls}
+                futs = {asyncio.ensure_future(await_outcome(c)): c for c in calls}
                 until = asyncio.FIRST_COMPLETED if n < len(calls) else asyncio.ALL_COMPLETED
                 finished, _ = await asyncio.wait(futs, timeout=timeout, return_when=until)
                 for f in finished:
@@ -943,32 +945,6 @@ one (it never looks up itself)."""
 
 _WAIT_SLICE_S = 0.5
 """A flush waits for its calls in slices this long, checking the transport is still there."""
-
-
-async def _aoutcome(call: concurrent.futures.Future[Any]) -> Any:
-    """A call's answer or exception (returned, never raised), awaited on an event loop."""
-    try:
-        return await asyncio.wrap_future(call)
-    except asyncio.CancelledError:
-        if call.cancelled():
-            return AggregatorGoneError("the aggregator died while the call was in flight")
-        raise
-    except Exception as exc:
-        return exc
-
-
-def _chain(source: Any, call: concurrent.futures.Future[Any]) -> None:
-    """Complete ``call`` as the transport's future ``source`` completes."""
-
-    def copy(done: concurrent.futures.Future[Any]) -> None:
-        if done.cancelled():
-            call.cancel()
-        elif (exc := done.exception()) is not None:
-            call.set_exception(exc)
-        else:
-            call.set_result(done.result())
-
-    source.add_done_callback(copy)
 
 
 _FlushWait = tuple[list[Any], int, float] | float | None

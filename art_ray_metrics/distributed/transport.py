@@ -43,6 +43,8 @@ __all__ = [
     "InProcessTransport",
     "RayTransport",
     "Transport",
+    "await_outcome",
+    "chain_future",
     "future_outcome",
     "one_line",
     "wait_futures",
@@ -202,6 +204,35 @@ def future_outcome(call: concurrent.futures.Future[Any]) -> Any:
         return AggregatorGoneError("the aggregator died while the call was in flight")
     except Exception as exc:
         return exc
+
+
+async def await_outcome(call: concurrent.futures.Future[Any]) -> Any:
+    """:func:`future_outcome` awaited on an event loop: the call's reply or its exception
+    (returned, never raised)."""
+    try:
+        return await asyncio.wrap_future(call)
+    except asyncio.CancelledError:
+        if call.cancelled():
+            return AggregatorGoneError("the aggregator died while the call was in flight")
+        raise
+    except Exception as exc:
+        return exc
+
+
+def chain_future(
+    source: concurrent.futures.Future[Any], call: concurrent.futures.Future[Any]
+) -> None:
+    """Complete ``call`` as the transport's future ``source`` completes."""
+
+    def copy(done: concurrent.futures.Future[Any]) -> None:
+        if done.cancelled():
+            call.cancel()
+        elif (exc := done.exception()) is not None:
+            call.set_exception(exc)
+        else:
+            call.set_result(done.result())
+
+    source.add_done_callback(copy)
 
 
 class RayTransport(_Lookups):
