@@ -406,14 +406,7 @@ class InProcessTransport(_Lookups):
         return future_outcome(call)
 
     async def aoutcome(self, call: Any) -> Any:
-        try:
-            return await asyncio.wrap_future(call)
-        except asyncio.CancelledError:
-            if call.cancelled():
-                return AggregatorGoneError("the aggregator died while the call was in flight")
-            raise
-        except Exception as exc:
-            return exc
+        return await await_outcome(call)
 
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, AggregatorGoneError):
