@@ -341,6 +341,8 @@ class InProcessAggregator:
                 _clients.set_route(self.name, self.namespace, None)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():  # unclosed, it warns when collected
+                self._loop.close()
 
     def __enter__(self) -> InProcessAggregator:
         return self
