@@ -5,7 +5,8 @@ This module boots (credentials, storage, restore, the writer epoch) and answers 
 methods; the I/O around the core is scheduled on one asyncio event loop, with slow I/O in
 threads, by the stages it wires together: the write-ahead log
 (:mod:`~art_ray_metrics.durable.wal_writer`) and the persist order
-(:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds (:mod:`.barrier`), GPU cost
+(:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds (:mod:`.barrier`), the run budget's
+grants (:mod:`.aggregator_budget`), GPU cost
 (:mod:`~art_ray_metrics.spend.gpu_meter`), the W&B run (:mod:`.wandb_run`) and the counters
 (:mod:`~art_ray_metrics.core.counters`, exported by :mod:`.telemetry`). The remote methods,
 the commit protocol and the failure semantics are described once, in ``docs/design.md``.
@@ -37,6 +38,7 @@ from art_ray_metrics.core.state import (
     Limits,
 )
 from art_ray_metrics.distributed import wandb_run
+from art_ray_metrics.distributed.aggregator_budget import AggregatorBudget
 from art_ray_metrics.distributed.barrier import Barriers
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager
@@ -220,6 +222,9 @@ class MetricsAggregator:
             row_sinks=self.row_sinks,
             published=lambda: self._publish_telemetry(force=True),
             clock=lambda: _wall_clock(),  # looked up per call: tests move the clock
+        )
+        self.budget = AggregatorBudget(
+            self.state, self.wal, self.committer, start=self._ensure_tasks
         )
         self.wandb = self._make_wandb()
         self.booted = True
@@ -579,36 +584,12 @@ class MetricsAggregator:
         """Grant budget to a producer incarnation: ``[amount, exhausted, limit, spent,
         committed]`` (amounts as decimal strings, ``limit`` None without one)."""
         await self._await_boot()
-        grant = self.state.budget.grant(
-            producer,
-            incarnation,
-            want=Decimal(want),
-            need=Decimal(need),
-            held=Decimal(held),
-            now=time.monotonic(),
-        )
-        if grant.seq:  # logged before the answer: a restart never grants it twice
-            self._ensure_tasks()
-            self.wal.log_grant((producer, incarnation, str(grant.amount), grant.seq))
-            if not await self.wal.await_grant(grant.seq):
-                log.warning(
-                    "art_ray_metrics: budget grant %s to %s is not in the write-ahead log yet "
-                    "(storage failing); answered anyway, the next checkpoint holds it",
-                    grant.seq,
-                    producer,
-                )
-        limit = None if grant.limit is None else str(grant.limit)
-        return [str(grant.amount), grant.exhausted, limit, str(grant.spent), str(grant.committed)]
+        return await self.budget.grant(producer, incarnation, want, need, held)
 
     async def budget_return(self, producer: str, incarnation: str, amount: str) -> None:
         """A producer incarnation gives unused budget back (idle, or closing)."""
         await self._await_boot()
-        returned, seq = self.state.budget.give_back(
-            producer, incarnation, Decimal(amount), now=time.monotonic()
-        )
-        if seq:  # logged (not awaited: a lost give-back only keeps the bound conservative)
-            self._ensure_tasks()
-            self.wal.log_grant((producer, incarnation, str(-returned), seq))
+        self.budget.give_back(producer, incarnation, amount)
 
     async def budget_gone(self, producer: str, incarnation: str) -> bool:
         """Take a producer incarnation for gone (its process died): its lease is reported as
@@ -622,29 +603,12 @@ class MetricsAggregator:
         """Change the run's limits while it runs (kept over restarts); see
         :meth:`AggregatorHandle.set_budget`."""
         await self._await_boot()
-        self.state.budget.set_limit(
-            None if budget_usd is None else Decimal(str(budget_usd)),
-            None if budget_soft is None else Decimal(str(budget_soft)),
-            live=True,
-        )
-        await self.committer.persist()
-        return self._budget_figures()
+        return await self.budget.set_limit(budget_usd, budget_soft)
 
     async def budget_stats(self) -> dict[str, Any]:
         """The run budget's figures (:meth:`AggregatorHandle.budget`)."""
         await self._await_boot()
-        return self._budget_figures()
-
-    def _budget_figures(self) -> dict[str, Any]:
-        budget = self.state.budget
-        return {
-            "limit": None if budget.limit is None else float(budget.limit),
-            "soft": float(budget.soft),
-            "spent": float(budget.spent),
-            "committed": float(budget.committed()),
-            "unreconciled": float(budget.unreconciled()),
-            "leases": len(budget.accounts),
-        }
+        return self.budget.figures()
 
     async def rewind(self, step: int) -> dict[str, Any]:
         """The trainer resumed from its checkpoint of ``step``; see the module docstring."""
