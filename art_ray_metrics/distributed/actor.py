@@ -8,7 +8,7 @@ threads, by the stages it wires together: the write-ahead log
 (:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds (:mod:`.barrier`), the run budget's
 grants (:mod:`.aggregator_budget`), GPU cost
 (:mod:`~art_ray_metrics.spend.gpu_meter`), the W&B run (:mod:`.wandb_run`) and the counters
-(:mod:`~art_ray_metrics.core.counters`, exported by :mod:`.telemetry`). The remote methods,
+(:mod:`~art_ray_metrics.core.counters`, read and exported by :mod:`.telemetry`). The remote methods,
 the commit protocol and the failure semantics are described once, in ``docs/design.md``.
 """
 
@@ -20,15 +20,12 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import adopt as A
-from art_ray_metrics.core import counters
-from art_ray_metrics.core import keys as K
 from art_ray_metrics.core.backoff import LOOP_RESTART, STORAGE_READY
 from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health
@@ -40,7 +37,7 @@ from art_ray_metrics.core.state import (
 from art_ray_metrics.distributed import wandb_run
 from art_ray_metrics.distributed.aggregator_budget import AggregatorBudget
 from art_ray_metrics.distributed.barrier import Barriers
-from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
+from art_ray_metrics.distributed.telemetry import ActorReadings, AggregatorTelemetry
 from art_ray_metrics.durable.checkpoint import CheckpointManager
 from art_ray_metrics.durable.commit import Committer
 from art_ray_metrics.durable.history import HistoryStore
@@ -201,7 +198,9 @@ class MetricsAggregator:
         self.telemetry = AggregatorTelemetry(self.config.name, self.config.namespace)
         self.state.producers.assume_durable()  # what the restored state applied is stored
         self._build_commit()
-        self.ingest_times: deque[float] = deque(maxlen=4096)
+        self.readings = ActorReadings(
+            self.state, self.health, self.wal, self.telemetry, lambda: self.wandb
+        )
         self.tasks: list[asyncio.Task[None]] = []
         self.gpu = GpuMeter(
             meta,
@@ -218,9 +217,9 @@ class MetricsAggregator:
             self.gpu,
             self.health,
             self.telemetry,
-            gauges=self._gauges,
+            gauges=self.readings.gauges,
             row_sinks=self.row_sinks,
-            published=lambda: self._publish_telemetry(force=True),
+            published=lambda: self.readings.publish(force=True),
             clock=lambda: _wall_clock(),  # looked up per call: tests move the clock
         )
         self.budget = AggregatorBudget(
@@ -457,7 +456,7 @@ class MetricsAggregator:
         cfg = self.config
         self.tasks = [
             loop.create_task(
-                self._supervised("wal", self.wal.run, cfg.wal_interval_s, self._publish_telemetry)
+                self._supervised("wal", self.wal.run, cfg.wal_interval_s, self.readings.publish)
             ),
             loop.create_task(
                 self._supervised("checkpoint", self.committer.run, cfg.checkpoint_interval_s)
@@ -489,7 +488,7 @@ class MetricsAggregator:
         if not self.booted:  # (re)started: a driver's handle sends the credentials at once
             await self._await_boot()
         self._ensure_tasks()
-        self.ingest_times.append(time.monotonic())
+        self.readings.ingested()
         if self.fence:  # a newer aggregator owns the run: accept nothing
             raise FencedError(self.fenced)
         if self.wal.full(len(data)):
@@ -617,48 +616,6 @@ class MetricsAggregator:
 
     # -- operations -------------------------------------------------------------------------
 
-    def _publish_telemetry(self, *, force: bool = False) -> None:
-        """Push the counters and gauges declared for Ray (see :mod:`.telemetry`)."""
-        if not self.telemetry.enabled or not (force or self.telemetry.due()):
-            return
-        sources = self._counted()
-        totals = counters.ray_values(sources, "counter")
-        self.telemetry.publish(totals, counters.ray_values(sources, "gauge"), force=force)
-
-    def _counted(self) -> dict[str, Mapping[str, float]]:
-        """Every declared number by owner (:mod:`~art_ray_metrics.core.counters`)."""
-        state = self.state
-        sink = self.wandb
-        return {
-            "state": {
-                **state.counters,
-                "pending_steps": len(state.pending),
-                "producers": len(state.producers),
-                "unique_scenarios": len(state.cum.scenarios),
-            },
-            "health": counters.read("health", self.health),
-            "actor": self._actor_values(),
-            "wandb": counters.read("wandb", sink) if sink is not None else counters.zeros("wandb"),
-        }
-
-    def _actor_values(self) -> dict[str, float]:
-        """The actor's own gauges, by declared name."""
-        now = time.monotonic()
-        recent = sum(1 for t in self.ingest_times if now - t <= 10.0)
-        queued = float(len(self.wal.queue))
-        return {
-            "ingest_batches_per_s": recent / 10.0,
-            "wal_queue": queued,
-            "wal_queue_batches": queued,
-            "inflight_durable_calls": float(self.wal.inflight),
-            "checkpoint_failures": float(self.health.checkpoint_failures),
-            "restarts": float(max(self.state.meta.restarts, 0)),
-        }
-
-    def _gauges(self) -> dict[str, float]:
-        """The actor's gauges as ``telemetry/...`` keys (rows and ``stats()["gauges"]``)."""
-        return counters.row_values("actor", self._actor_values(), K.TELEMETRY_PREFIX)
-
     async def stats(self) -> AggregatorStats:
         """Counters, rates, queue depths, storage and W&B health (``.to_dict()``: the map
         :meth:`AggregatorHandle.stats` returns)."""
@@ -676,7 +633,7 @@ class MetricsAggregator:
             pending_steps=sorted([s, sc] for s, sc in state.pending),
             last_closed=dict(state.last_closed),
             producers=len(state.producers),
-            gauges=self._gauges(),
+            gauges=self.readings.gauges(),
             health=self.health.to_dict(),
             wandb=self.wandb.stats() if self.wandb is not None else None,
             wandb_run_id=state.meta.wandb_run_id,

@@ -7,7 +7,9 @@ for ``ray``. Created inside the actor; every metric carries the tags ``aggregato
 ``_total`` suffix on counters). Counters are published as deltas of the aggregator's own
 counters, at most once per :data:`PUBLISH_INTERVAL_S` from the actor's WAL loop and at every
 barrier, so the ingest hot path makes no metric calls. Outside a Ray worker, or if Ray's metrics
-fail, every method is a no-op: telemetry never breaks the aggregator.
+fail, every method is a no-op: telemetry never breaks the aggregator. :class:`ActorReadings`
+reads the values from the actor's stages by owner, for Ray and for the actor's own gauges (the
+``telemetry/*`` keys of rows and ``stats()``).
 """
 
 from __future__ import annotations
@@ -15,19 +17,33 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from art_ray_metrics.core.counters import ray_table
+from art_ray_metrics.core import counters as C
+from art_ray_metrics.core import keys as K
+from art_ray_metrics.core.meta import Health
+from art_ray_metrics.core.state import AggregatorState
+from art_ray_metrics.durable.commit import WalWriter
+from art_ray_metrics.export.wandb_sink import WandbSink
 
-__all__ = ["COUNTERS", "FAILURES", "GAUGES", "HISTOGRAMS", "PREFIX", "AggregatorTelemetry"]
+__all__ = [
+    "COUNTERS",
+    "FAILURES",
+    "GAUGES",
+    "HISTOGRAMS",
+    "PREFIX",
+    "ActorReadings",
+    "AggregatorTelemetry",
+]
 
 log = logging.getLogger(__name__)
 
 PREFIX: Final = "art_metrics_"
 PUBLISH_INTERVAL_S: Final = 1.0
 
-_TABLE: Final = tuple(ray_table())
+_TABLE: Final = tuple(C.ray_table())
 
 COUNTERS: Final[Mapping[str, str]] = {
     m.name: m.description for m in _TABLE if m.kind == "counter" and m.owner == "state"
@@ -153,3 +169,76 @@ class AggregatorTelemetry:
     def _disable(self, exc: Exception) -> None:
         log.warning("art_ray_metrics: Ray metrics failed (%s); no longer exported", exc)
         self._metrics = {}
+
+
+class ActorReadings:
+    """Every number the actor declares, read by owner (:mod:`~art_ray_metrics.core.counters`).
+
+    Args:
+        state: The aggregator's state (its counters and sizes).
+        health: The actor's storage and loop health.
+        wal: The write-ahead log's queue.
+        telemetry: Where the Ray metrics go.
+        wandb: The current W&B sink (None: off, or fenced).
+    """
+
+    def __init__(
+        self,
+        state: AggregatorState,
+        health: Health,
+        wal: WalWriter,
+        telemetry: AggregatorTelemetry,
+        wandb: Callable[[], WandbSink | None],
+    ) -> None:
+        self.state = state
+        self.health = health
+        self.wal = wal
+        self.telemetry = telemetry
+        self.wandb = wandb
+        self.ingest_times: deque[float] = deque(maxlen=4096)
+
+    def ingested(self) -> None:
+        """One ingest call arrived (the ingest rate's gauge)."""
+        self.ingest_times.append(time.monotonic())
+
+    def publish(self, *, force: bool = False) -> None:
+        """Push the counters and gauges declared for Ray (see :class:`AggregatorTelemetry`)."""
+        if not self.telemetry.enabled or not (force or self.telemetry.due()):
+            return
+        sources = self.counted()
+        totals = C.ray_values(sources, "counter")
+        self.telemetry.publish(totals, C.ray_values(sources, "gauge"), force=force)
+
+    def counted(self) -> dict[str, Mapping[str, float]]:
+        """Every declared number by owner."""
+        state = self.state
+        sink = self.wandb()
+        return {
+            "state": {
+                **state.counters,
+                "pending_steps": len(state.pending),
+                "producers": len(state.producers),
+                "unique_scenarios": len(state.cum.scenarios),
+            },
+            "health": C.read("health", self.health),
+            "actor": self.actor_values(),
+            "wandb": C.read("wandb", sink) if sink is not None else C.zeros("wandb"),
+        }
+
+    def actor_values(self) -> dict[str, float]:
+        """The actor's own gauges, by declared name."""
+        now = time.monotonic()
+        recent = sum(1 for t in self.ingest_times if now - t <= 10.0)
+        queued = float(len(self.wal.queue))
+        return {
+            "ingest_batches_per_s": recent / 10.0,
+            "wal_queue": queued,
+            "wal_queue_batches": queued,
+            "inflight_durable_calls": float(self.wal.inflight),
+            "checkpoint_failures": float(self.health.checkpoint_failures),
+            "restarts": float(max(self.state.meta.restarts, 0)),
+        }
+
+    def gauges(self) -> dict[str, float]:
+        """The actor's gauges as ``telemetry/...`` keys (rows and ``stats()["gauges"]``)."""
+        return C.row_values("actor", self.actor_values(), K.TELEMETRY_PREFIX)
