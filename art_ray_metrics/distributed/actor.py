@@ -1,15 +1,15 @@
 """The aggregator: a named, detached Ray actor that is a thin shell over ``AggregatorState``.
 
 It owns no policy: ingest, barriers and rewinds are the pure core's (:mod:`~art_ray_metrics.core`).
-This module boots (credentials, storage, restore, the writer epoch) and answers the remote
-methods; the I/O around the core is scheduled on one asyncio event loop, with slow I/O in
-threads, by the stages it wires together: the write-ahead log
+This module boots and answers the remote methods, each delegating; the I/O around the core is
+scheduled on one asyncio event loop, with slow I/O in threads, by the stages it wires together:
+opening the storage, the restore and the writer epoch (:mod:`.boot`), the write-ahead log
 (:mod:`~art_ray_metrics.durable.wal_writer`) and the persist order
-(:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds (:mod:`.barrier`), the run budget's
-grants (:mod:`.aggregator_budget`), GPU cost
+(:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds
+(:mod:`.barrier`), the run budget's grants (:mod:`.aggregator_budget`), GPU cost
 (:mod:`~art_ray_metrics.spend.gpu_meter`), the W&B run (:mod:`.wandb_run`) and the counters
-(:mod:`~art_ray_metrics.core.counters`, read and exported by :mod:`.telemetry`). The remote methods,
-the commit protocol and the failure semantics are described once, in ``docs/design.md``.
+(:mod:`~art_ray_metrics.core.counters`, read and exported by :mod:`.telemetry`). The remote
+methods, the commit protocol and the failure semantics are described once, in ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -21,33 +21,20 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any
 
 from art_ray_metrics.config import AggregatorConfig
 from art_ray_metrics.core import adopt as A
-from art_ray_metrics.core.backoff import LOOP_RESTART, STORAGE_READY
+from art_ray_metrics.core.backoff import LOOP_RESTART
 from art_ray_metrics.core.dedupe import split_digests
 from art_ray_metrics.core.meta import Health
 from art_ray_metrics.core.replies import AggregatorStats, IngestAck
-from art_ray_metrics.core.state import (
-    AggregatorState,
-    Limits,
-)
-from art_ray_metrics.distributed import wandb_run
+from art_ray_metrics.distributed import boot, wandb_run
 from art_ray_metrics.distributed.aggregator_budget import AggregatorBudget
 from art_ray_metrics.distributed.barrier import Barriers
 from art_ray_metrics.distributed.telemetry import ActorReadings, AggregatorTelemetry
-from art_ray_metrics.durable.checkpoint import CheckpointManager
-from art_ray_metrics.durable.commit import Committer
-from art_ray_metrics.durable.history import HistoryStore
-from art_ray_metrics.durable.restore import rebuild_state, refusal_kind
-from art_ray_metrics.durable.storage import (
-    ObstoreStore,
-    check_conditional_writes,
-    open_store,
-)
-from art_ray_metrics.durable.wal_writer import Fence, WalWriter
+from art_ray_metrics.durable.restore import refusal_kind
+from art_ray_metrics.durable.storage import ObstoreStore
 from art_ray_metrics.errors import (
     BackPressureError,
     ConditionalWritesUnsupportedError,
@@ -58,17 +45,13 @@ from art_ray_metrics.errors import (
     StorageError,
     WireFormatError,
 )
-from art_ray_metrics.export.sink import HistorySink, Sink
+from art_ray_metrics.export.sink import Sink
 from art_ray_metrics.export.wandb_sink import WandbSink
 from art_ray_metrics.spend.gpu_meter import GpuMeter
 
 __all__ = ["MetricsAggregator"]
 
 log = logging.getLogger(__name__)
-
-CLOSES_PER_EPOCH = 10**9
-"""Close numbers of writer epoch E start at E * this (rewind object keys never collide)."""
-
 
 CREDENTIALS_WAIT_S = 5.0
 """How long a call that needs the storage waits in a restarted actor for the driver's handle to
@@ -171,47 +154,38 @@ class MetricsAggregator:
             pass
 
     def _boot(self, attempts: int = 6) -> None:
-        """Open the storage, restore the state, claim the next writer epoch, build the stages."""
-        self._open_storage()
-        self.state, replayed = self._restore(attempts)
-        self.state.limits = Limits(
-            max_keys_per_step=self.config.max_keys_per_step,
-            max_keys_per_run=self.config.max_keys_per_run,
-            max_open_scopes=self.config.max_open_scopes,
-        )
+        """Open the storage, restore the state, claim the next writer epoch, build the stages
+        (:mod:`.boot`)."""
         cfg = self.config
-        self.state.budget.configure(
-            limit=None if cfg.budget_usd is None else Decimal(repr(cfg.budget_usd)),
-            soft=Decimal(repr(cfg.budget_soft)),
-            silence_timeout_s=cfg.budget_silence_timeout_s,
-            planned_steps=cfg.budget_planned_steps,
-        )
-        meta = self.state.meta
-        # every start claims the next writer epoch, durably, before anything else: so epoch - 1
-        # counts the restarts even when an instance died before its first checkpoint
-        meta.restarts = max(meta.restarts + 1, self.ckpt.epoch - 1)
-        # close numbers (and so rewind object keys) are unique per writer epoch: a stale
-        # aggregator can never overwrite a rewind object this one names
-        meta.close_seq = max(meta.close_seq, self.ckpt.epoch * CLOSES_PER_EPOCH)
-        self.restarted = meta.restarts > 0 or replayed > 0
+        storage = boot.open_storage(cfg, self.credentials)
+        self.store, self.ckpt, self.history, self.history_sink = storage
+        self.state, replayed = boot.restore(self.ckpt, cfg, attempts)
+        self.restarted = self.state.meta.restarts > 0 or replayed > 0
         self.health = Health(replayed_batches=replayed)
-        self.telemetry = AggregatorTelemetry(self.config.name, self.config.namespace)
+        self.telemetry = AggregatorTelemetry(cfg.name, cfg.namespace)
         self.state.producers.assume_durable()  # what the restored state applied is stored
-        self._build_commit()
+        self.fence, self.wal, self.committer = boot.commit_stage(
+            cfg,
+            storage,
+            self.state,
+            self.health,
+            self.telemetry.observe,
+            on_fenced=self._stop_wandb,
+        )
         self.readings = ActorReadings(
             self.state, self.health, self.wal, self.telemetry, lambda: self.wandb
         )
         self.tasks: list[asyncio.Task[None]] = []
         self.gpu = GpuMeter(
-            meta,
+            self.state.meta,
             _wall_clock(),
-            gpu_type=self.config.gpu_type,
-            gpu_count=self.config.gpu_count,
-            hourly_usd=self.config.gpu_hourly_usd,
+            gpu_type=cfg.gpu_type,
+            gpu_count=cfg.gpu_count,
+            hourly_usd=cfg.gpu_hourly_usd,
         )
         self.wandb: WandbSink | None = None  # opened below, once the stages exist
         self.barriers = Barriers(
-            self.config,
+            cfg,
             self.state,
             self.committer,
             self.gpu,
@@ -228,70 +202,6 @@ class MetricsAggregator:
         self.wandb = self._make_wandb()
         self.booted = True
         self.telemetry.baseline(self.state.counters)  # restored totals were published before
-
-    def _open_storage(self) -> None:
-        self.store = open_store(
-            self.config.storage_uri or "",
-            timeout_s=self.config.storage_timeout_s,
-            env=self.credentials,
-        )
-        if self.config.require_conditional_writes:
-            check_conditional_writes(self.store)  # raises ConditionalWritesUnsupportedError
-        self.ckpt = CheckpointManager(
-            self.store,
-            retention=self.config.checkpoint_retention,
-            prune_every=self.config.checkpoint_prune_every,
-        )
-        self.history = HistoryStore(self.store)
-        self.history_sink = HistorySink(self.history, epoch=lambda: self.ckpt.epoch)
-
-    def _build_commit(self) -> None:
-        """The commit stage: the fence, the WAL writer (moving the producers' durable windows) and
-        the committer (see :mod:`art_ray_metrics.durable.wal_writer` and
-        :mod:`art_ray_metrics.durable.commit`)."""
-        self.fence = Fence()
-        self.fence.listen(self._stop_wandb)
-        self.wal = WalWriter(
-            self.ckpt,
-            self.health,
-            self.fence,
-            self.state.producers,
-            max_queue_bytes=self.config.max_wal_queue_bytes,
-            observe=self.telemetry.observe,
-        )
-        self.committer = Committer(
-            self.store,
-            self.ckpt,
-            self.history,
-            self.history_sink.log,
-            self.state,
-            self.wal,
-            self.health,
-            self.fence,
-            self.telemetry.observe,
-        )
-
-    # -- start-up ---------------------------------------------------------------------------
-
-    def _restore(self, max_attempts: int) -> tuple[AggregatorState, int]:
-        backoff = STORAGE_READY.start()
-        while True:
-            try:
-                loaded = self.ckpt.acquire()
-                break
-            except FencedError:
-                raise
-            except StorageError as exc:
-                if backoff.failures + 1 >= max_attempts:
-                    raise
-                log.warning("art_ray_metrics: storage not ready (%s); retrying", exc)
-                time.sleep(backoff.next_delay())
-        if loaded is None:
-            return AggregatorState(), 0
-        state, replayed = rebuild_state(loaded)
-        if replayed:
-            log.warning("art_ray_metrics: replayed %d batches from the write-ahead log", replayed)
-        return state, replayed
 
     def _make_wandb(self) -> WandbSink | None:
         return wandb_run.open_sink(
