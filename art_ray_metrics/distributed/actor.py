@@ -3,13 +3,14 @@
 It owns no policy: ingest, barriers and rewinds are the pure core's (:mod:`~art_ray_metrics.core`).
 This module boots and answers the remote methods, each delegating; the I/O around the core is
 scheduled on one asyncio event loop, with slow I/O in threads, by the stages it wires together:
-opening the storage, the restore and the writer epoch (:mod:`.boot`), the write-ahead log
+when the storage opens and with whose credentials (:mod:`.credentials`), opening it, the restore
+and the writer epoch (:mod:`.boot`), the write-ahead log
 (:mod:`~art_ray_metrics.durable.wal_writer`) and the persist order
-(:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds
-(:mod:`.barrier`), the run budget's grants (:mod:`.aggregator_budget`), GPU cost
-(:mod:`~art_ray_metrics.spend.gpu_meter`), the W&B run (:mod:`.wandb_run`) and the counters
-(:mod:`~art_ray_metrics.core.counters`, read and exported by :mod:`.telemetry`). The remote
-methods, the commit protocol and the failure semantics are described once, in ``docs/design.md``.
+(:mod:`~art_ray_metrics.durable.commit`), barriers and rewinds (:mod:`.barrier`), the run
+budget's grants (:mod:`.aggregator_budget`), GPU cost (:mod:`~art_ray_metrics.spend.gpu_meter`),
+the W&B run (:mod:`.wandb_run`) and the counters (:mod:`~art_ray_metrics.core.counters`, read
+and exported by :mod:`.telemetry`). The remote methods, the commit protocol and the failure
+semantics are described once, in ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -32,17 +33,14 @@ from art_ray_metrics.core.replies import AggregatorStats, IngestAck
 from art_ray_metrics.distributed import boot, wandb_run
 from art_ray_metrics.distributed.aggregator_budget import AggregatorBudget
 from art_ray_metrics.distributed.barrier import Barriers
+from art_ray_metrics.distributed.credentials import CredentialGate
 from art_ray_metrics.distributed.telemetry import ActorReadings, AggregatorTelemetry
 from art_ray_metrics.durable.restore import refusal_kind
 from art_ray_metrics.durable.storage import ObstoreStore
 from art_ray_metrics.errors import (
     BackPressureError,
-    ConditionalWritesUnsupportedError,
-    ConfigError,
-    CredentialsRequiredError,
     FencedError,
     InvalidMetricError,
-    StorageError,
     WireFormatError,
 )
 from art_ray_metrics.export.sink import Sink
@@ -52,18 +50,6 @@ from art_ray_metrics.spend.gpu_meter import GpuMeter
 __all__ = ["MetricsAggregator"]
 
 log = logging.getLogger(__name__)
-
-CREDENTIALS_WAIT_S = 5.0
-"""How long a call that needs the storage waits in a restarted actor for the driver's handle to
-send credentials (its watcher does so at once) before answering CredentialsRequiredError."""
-WORKER_ENV_WAIT_S = 15.0
-"""How long :meth:`MetricsAggregator.worker_env` waits for a driver's values on a restarted
-instance (within the worker's own bound, ``workerenv.FETCH_TIMEOUT_S``): a restart on a loaded
-machine can take longer than the storage's wait."""
-
-NODE_CREDENTIALS_RETRY_S = 30.0
-"""A restarted actor whose node's own credentials could not open the storage tries them again
-after this long (a call meanwhile waits for the driver's instead)."""
 
 
 def _wall_clock() -> float:
@@ -81,83 +67,15 @@ class MetricsAggregator:
     def __init__(self, config_json: str, await_credentials: bool = False) -> None:
         self.config = AggregatorConfig.model_validate_json(config_json)
         self.started_at = time.time()
-        self.credentials: dict[str, str] = {}  # in memory only: never logged or persisted
-        self.booted = False
-        self.received = False  # a driver's handle sent credentials to this instance
-        self.node_retry_at = 0.0  # when the node's own credentials may be tried again
-        self.boot_error = ""  # why they could not open the storage (no values in it)
-        self.boot_event: asyncio.Event | None = None  # set when credentials arrive
-        # the workers' variables arrive with the credentials, but do not wait for the storage
-        self.env_received = False
-        self.env_event: asyncio.Event | None = None
+        self.gate = CredentialGate(self.config.storage_uri, self._boot)
         if not await_credentials:
-            self._boot()
-
-    def _ensure_booted(self) -> None:
-        """Open, check, claim and restore the storage once, with the credentials in hand.
-
-        Raises:
-            CredentialsRequiredError: The storage cannot be opened with the credentials this
-                process has (the node's environment or identity, or what a driver sent).
-        """
-        if self.booted:
-            return
-        try:
-            self._boot(attempts=1)  # fail fast: the driver's handle answers with credentials
-        except (FencedError, ConditionalWritesUnsupportedError):
-            raise
-        except (StorageError, ConfigError) as exc:
-            self.boot_error = " ".join(str(exc).split())[:300]
-            raise CredentialsRequiredError(self._credentials_required()) from exc
-
-    def _credentials_required(self) -> str:
-        return (
-            f"The aggregator cannot open {self.config.storage_uri} with the credentials it "
-            f"has ({self.boot_error}); the driver's handle sends them with set_credentials"
-        )
-
-    async def _await_boot(self) -> None:
-        """Open the storage before a call that needs it, in a (re)started actor.
-
-        The node's own credentials are tried first (at most every
-        :data:`NODE_CREDENTIALS_RETRY_S`); if they cannot open it, the call waits up to
-        :data:`CREDENTIALS_WAIT_S` for a driver's handle to send credentials: its watcher
-        (:meth:`credentials_wanted`) does so as soon as this instance starts, so rollouts
-        flushing across a restart never wait for the trainer's next call.
-
-        Raises:
-            CredentialsRequiredError: No credentials that open the storage arrived in time.
-        """
-        if self.booted:
-            return
-        if time.monotonic() >= self.node_retry_at:
-            try:
-                self._ensure_booted()
-                return
-            except CredentialsRequiredError:
-                self.node_retry_at = time.monotonic() + NODE_CREDENTIALS_RETRY_S
-        await self._wait_for_credentials()
-        if not self.booted:
-            raise CredentialsRequiredError(self._credentials_required())
-
-    async def _wait_for_credentials(self, timeout_s: float | None = None) -> None:
-        """Until a driver's :meth:`set_credentials` succeeded, at most ``timeout_s``
-        (:data:`CREDENTIALS_WAIT_S` when None)."""
-        if timeout_s is None:
-            timeout_s = CREDENTIALS_WAIT_S
-        if self.boot_event is None:
-            self.boot_event = asyncio.Event()
-        event = self.boot_event
-        try:
-            await asyncio.wait_for(event.wait(), timeout=timeout_s)
-        except TimeoutError:
-            pass
+            self.gate.open()
 
     def _boot(self, attempts: int = 6) -> None:
         """Open the storage, restore the state, claim the next writer epoch, build the stages
-        (:mod:`.boot`)."""
+        (:mod:`.boot`); the gate calls it with the credentials in hand."""
         cfg = self.config
-        storage = boot.open_storage(cfg, self.credentials)
+        storage = boot.open_storage(cfg, self.gate.values)
         self.store, self.ckpt, self.history, self.history_sink = storage
         self.state, replayed = boot.restore(self.ckpt, cfg, attempts)
         self.restarted = self.state.meta.restarts > 0 or replayed > 0
@@ -200,7 +118,6 @@ class MetricsAggregator:
             self.state, self.wal, self.committer, start=self._ensure_tasks
         )
         self.wandb = self._make_wandb()
-        self.booted = True
         self.telemetry.baseline(self.state.counters)  # restored totals were published before
 
     def _make_wandb(self) -> WandbSink | None:
@@ -208,7 +125,7 @@ class MetricsAggregator:
             self.config,
             self.state.meta,
             self.history,
-            api_key=self.credentials.get("WANDB_API_KEY"),
+            api_key=self.gate.values.get("WANDB_API_KEY"),
             restarted=self.restarted,
         )
 
@@ -299,37 +216,22 @@ class MetricsAggregator:
         with them (fresh session tokens). Returns the epoch and the variable names; the values
         are never logged, returned or persisted.
         """
-        if env or not self.booted:  # a driver without secrets must not wipe another's
-            self.credentials = {str(k): str(v) for k, v in env.items()}
-        if not self.env_received:
-            # workers waiting for their variables get them before the storage is opened (which
-            # blocks this loop; a restart's restore can take seconds)
-            self.env_received = True
-            if self.env_event is not None:
-                self.env_event.set()
-                self.env_event = None
-                await asyncio.sleep(0)
-        if self.booted:
+        await self.gate.keep(env)  # workers waiting for their variables get them first
+        if self.gate.booted:
             if isinstance(self.store, ObstoreStore):
-                self.store.use_env(self.credentials)
+                self.store.use_env(self.gate.values)
         else:
-            self._boot()  # errors propagate to the driver as they are
+            self.gate.open()  # errors propagate to the driver as they are
         self._ensure_tasks()
-        self.received = True
-        if self.boot_event is not None:  # wake the calls waiting for them
-            self.boot_event.set()
-            self.boot_event = None
-        return {"epoch": self.ckpt.epoch, "credentials": sorted(self.credentials)}
+        self.gate.opened()  # wake the calls waiting for them
+        return {"epoch": self.ckpt.epoch, "credentials": sorted(self.gate.values)}
 
     async def credentials_wanted(self, wait_s: float = 10.0) -> bool:
         """Long poll of the driver's handle (its credentials watcher): True at once while no
         driver has sent credentials to this instance (Ray just started or restarted it), else
         False after ``wait_s`` seconds. A watcher whose call fails because the actor died asks
         the restarted instance, and meets True with :meth:`set_credentials` from its memory."""
-        if not self.received:
-            return True
-        await asyncio.sleep(max(0.0, min(float(wait_s), 60.0)))
-        return not self.received
+        return await self.gate.wanted(wait_s)
 
     async def worker_env(self) -> dict[str, str]:
         """The variables named by ``config.worker_env`` that a driver sent (the API keys its
@@ -341,22 +243,10 @@ class MetricsAggregator:
             CredentialsRequiredError: Names are configured but no driver sent values to this
                 instance in time (the worker asks again later).
         """
-        if self.config.worker_env and not self.env_received:
-            if self.env_event is None:
-                self.env_event = asyncio.Event()
-            try:
-                await asyncio.wait_for(self.env_event.wait(), timeout=WORKER_ENV_WAIT_S)
-            except TimeoutError:
-                pass
-            if not self.env_received:
-                raise CredentialsRequiredError(
-                    "No driver has sent the worker_env values to this aggregator yet (its "
-                    "handle does so at start_aggregator and after every restart)"
-                )
-        return {k: self.credentials[k] for k in self.config.worker_env if k in self.credentials}
+        return await self.gate.worker_env(self.config.worker_env)
 
     def _ensure_tasks(self) -> None:
-        self._ensure_booted()
+        self.gate.ensure()
         if self.tasks:
             return
         self.wal.start()
@@ -395,8 +285,8 @@ class MetricsAggregator:
         moves past it for good, then :class:`WireFormatError` is raised to the producer. Keys
         refused under the limits are named in the answer's ``refused`` (also on a resend), the
         rest of the batch applies."""
-        if not self.booted:  # (re)started: a driver's handle sends the credentials at once
-            await self._await_boot()
+        if not self.gate.booted:  # (re)started: a driver's handle sends the credentials at once
+            await self.gate.wait()
         self._ensure_tasks()
         self.readings.ingested()
         if self.fence:  # a newer aggregator owns the run: accept nothing
@@ -483,7 +373,7 @@ class MetricsAggregator:
 
     async def budget_info(self) -> str | None:
         """The run's hard limit as a decimal string (``None``: no budget)."""
-        await self._await_boot()
+        await self.gate.wait()
         limit = self.state.budget.limit
         return None if limit is None else str(limit)
 
@@ -492,18 +382,18 @@ class MetricsAggregator:
     ) -> list[Any]:
         """Grant budget to a producer incarnation: ``[amount, exhausted, limit, spent,
         committed]`` (amounts as decimal strings, ``limit`` None without one)."""
-        await self._await_boot()
+        await self.gate.wait()
         return await self.budget.grant(producer, incarnation, want, need, held)
 
     async def budget_return(self, producer: str, incarnation: str, amount: str) -> None:
         """A producer incarnation gives unused budget back (idle, or closing)."""
-        await self._await_boot()
+        await self.gate.wait()
         self.budget.give_back(producer, incarnation, amount)
 
     async def budget_gone(self, producer: str, incarnation: str) -> bool:
         """Take a producer incarnation for gone (its process died): its lease is reported as
         ``costs/unreconciled`` on the next row. Returns whether it held any."""
-        await self._await_boot()
+        await self.gate.wait()
         return self.state.budget.declare_gone(producer, incarnation)
 
     async def set_budget(
@@ -511,12 +401,12 @@ class MetricsAggregator:
     ) -> dict[str, Any]:
         """Change the run's limits while it runs (kept over restarts); see
         :meth:`AggregatorHandle.set_budget`."""
-        await self._await_boot()
+        await self.gate.wait()
         return await self.budget.set_limit(budget_usd, budget_soft)
 
     async def budget_stats(self) -> dict[str, Any]:
         """The run budget's figures (:meth:`AggregatorHandle.budget`)."""
-        await self._await_boot()
+        await self.gate.wait()
         return self.budget.figures()
 
     async def rewind(self, step: int) -> dict[str, Any]:
@@ -529,7 +419,7 @@ class MetricsAggregator:
     async def stats(self) -> AggregatorStats:
         """Counters, rates, queue depths, storage and W&B health (``.to_dict()``: the map
         :meth:`AggregatorHandle.stats` returns)."""
-        self._ensure_booted()
+        self.gate.ensure()
         state = self.state
         return AggregatorStats(
             name=self.config.name,

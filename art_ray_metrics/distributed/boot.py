@@ -6,7 +6,8 @@ loading the newest commit and replaying its write-ahead log
 (:mod:`~art_ray_metrics.durable.restore`), and count the start in the metadata; then wire the
 commit stage, the fence, the WAL writer and the committer
 (:mod:`~art_ray_metrics.durable.commit`). The actor (:mod:`art_ray_metrics.distributed.actor`)
-runs them at boot, with the credentials it holds, and keeps what they return. No Ray here.
+runs them at boot and keeps what they return; when it boots, and with whose credentials, is
+:mod:`.credentials`'s. No Ray here.
 """
 
 from __future__ import annotations

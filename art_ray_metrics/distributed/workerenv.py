@@ -31,8 +31,8 @@ FETCH_TIMEOUT_S = 20.0
 """The longest a ``connect`` waits for the aggregator's answer (once per process). A worker
 process that starts while the aggregator restarts waits for it here rather than run its
 rollout without the API key: a restart took up to 9 s on the loaded 2-core test machine, the
-restarted actor then waits (up to ``actor.WORKER_ENV_WAIT_S``) for the driver's watcher, and a
-call that dies with an instance is made again on the next one within this bound."""
+restarted actor then waits (up to ``credentials.WORKER_ENV_WAIT_S``) for the driver's watcher,
+and a call that dies with an instance is made again on the next one within this bound."""
 
 _DONE = math.inf
 _next_try: dict[tuple[str, str], float] = {}  # (name, namespace) -> when to try again; inf: done

@@ -10,7 +10,7 @@ import pytest
 
 from art_ray_metrics import AggregatorConfig
 from art_ray_metrics.core.wire import encode_batch
-from art_ray_metrics.distributed import actor as actor_module
+from art_ray_metrics.distributed import credentials as credentials_module
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.errors import CredentialsRequiredError
@@ -46,7 +46,7 @@ def test_waits_for_credentials_then_uses_and_refreshes_them(
         assert agg.health.checkpoints == 2
         # a driver without secrets does not wipe what another one sent
         asyncio.run(agg.set_credentials({}))
-        assert agg.credentials == {"AWS_ENDPOINT_URL": endpoint}
+        assert agg.gate.values == {"AWS_ENDPOINT_URL": endpoint}
 
 
 def _batch(seq: int, usd: float) -> bytes:
@@ -92,7 +92,7 @@ def test_a_restarted_actor_holds_ingest_until_the_driver_sends_credentials(
         assert wanted is True
         assert later is False
         assert ack.durable is True
-        assert took < actor_module.CREDENTIALS_WAIT_S
+        assert took < credentials_module.CREDENTIALS_WAIT_S
         assert agg.state.pending  # the batch was applied
 
 
@@ -105,19 +105,19 @@ def test_without_credentials_ingest_fails_after_a_bounded_wait(
     with s3server.s3_env():
         bucket = s3server.make_bucket()
         monkeypatch.setenv("AWS_ENDPOINT_URL", DEAD)
-        monkeypatch.setattr(actor_module, "CREDENTIALS_WAIT_S", 0.2)
+        monkeypatch.setattr(credentials_module, "CREDENTIALS_WAIT_S", 0.2)
         cfg = AggregatorConfig(
             storage_uri=f"{bucket}/run", wandb_mode="disabled", storage_timeout_s=2.0
         ).model_dump_json()
         agg = MetricsAggregator(cfg, await_credentials=True)
         boots = []
-        real_boot = agg._boot
+        real_boot = agg.gate.boot
 
         def counting_boot(attempts: int = 6) -> None:
             boots.append(attempts)
             real_boot(attempts)
 
-        agg._boot = counting_boot  # type: ignore[method-assign]
+        agg.gate.boot = counting_boot
 
         async def run() -> list[float]:
             took = []
@@ -172,8 +172,8 @@ def test_worker_env_before_any_driver_sent_it_is_refused_not_empty(
 ) -> None:
     """A restarted instance no driver has reached yet does not answer an empty environment
     (the worker would take it as final): it waits, then refuses, and the worker asks later."""
-    monkeypatch.setattr(actor_module, "CREDENTIALS_WAIT_S", 0.2)
-    monkeypatch.setattr(actor_module, "WORKER_ENV_WAIT_S", 0.2)  # was waited out: 15 s
+    monkeypatch.setattr(credentials_module, "CREDENTIALS_WAIT_S", 0.2)
+    monkeypatch.setattr(credentials_module, "WORKER_ENV_WAIT_S", 0.2)  # was waited out: 15 s
     cfg = AggregatorConfig(
         storage_uri="memory://worker-env-wait", wandb_mode="disabled", worker_env=("X_KEY",)
     )
