@@ -18,7 +18,8 @@ from decimal import Decimal
 from typing import Any
 
 from art_ray_metrics.core.state import AggregatorState
-from art_ray_metrics.durable.commit import Committer, WalWriter
+from art_ray_metrics.durable.commit import Committer
+from art_ray_metrics.durable.wal_writer import WalWriter
 
 __all__ = ["AggregatorBudget"]
 

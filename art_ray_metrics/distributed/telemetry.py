@@ -25,7 +25,7 @@ from art_ray_metrics.core import counters as C
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core.meta import Health
 from art_ray_metrics.core.state import AggregatorState
-from art_ray_metrics.durable.commit import WalWriter
+from art_ray_metrics.durable.wal_writer import WalWriter
 from art_ray_metrics.export.wandb_sink import WandbSink
 
 __all__ = [
