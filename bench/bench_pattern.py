@@ -1,14 +1,20 @@
 """What the README's rollout pattern costs a training step, against what a user writes without us.
 
-Both sides run on the same local Ray with the same warm pool of 4 rollout actors (threaded
-actors, 0 CPUs each, up to 128 concurrent rollouts inside each), and steps of the two sides
-alternate (A B A B ...), so a drift of the machine's speed falls on both.
+All sides run on the same local Ray with the same warm pool of 4 rollout actors (threaded
+actors, 0 CPUs each, up to 128 concurrent rollouts inside each), and their steps alternate
+(A B C A B C ...), so a drift of the machine's speed falls on all of them.
 
 - **pattern** (the README): each rollout does ``connect(step)``, 4 ``add_cost``, one
   ``add_metric``, ``add_data`` with its scenario id, ``add_user_timing``, a durable ``flush()``,
   and returns its reward; the driver calls ``handle.log(step, metrics=...)`` once per step.
 - **baseline** (no library): each rollout returns its leaves in a dict; the driver sums them
   exactly (``Decimal``), keeps a set of scenario ids and appends one JSON line per step.
+
+- **transport floor** (Ray alone, no library): each rollout makes one ``ray.get`` round trip to
+  a no-op actor with a payload the size of its leaves, and the driver makes one more per step in
+  place of the barrier. It is what the pattern's calls cost with nothing done at either end, so
+  ``pattern / floor`` is what the library adds over the calls, and ``floor / baseline`` is what
+  the calls alone cost the step.
 
 Two workloads: 32 rollouts of 0.2 s of work per step (``time.sleep``: an LLM call's wait), and
 256 rollouts with no work per step. Printed: the median step time of each side and their
@@ -62,7 +68,8 @@ PER_ROLLOUT = sum(Decimal(v) for v in COSTS.values())
 class RolloutWorker:
     """A warm rollout process: each call is one rollout, run in the actor's thread pool."""
 
-    def ready(self) -> bool:
+    def ready(self, sink: Any = None) -> bool:
+        self.sink = sink  # the transport floor's no-op actor, handed over once
         return True
 
     def pattern(self, name: str, step: int, sid: str, work_s: float) -> tuple[float, bool]:
@@ -75,6 +82,14 @@ class RolloutWorker:
         b.add_data(step_actor_tokens=812, scenario_ids=[sid])
         b.add_user_timing(step_actor_s=work_s)
         return 0.5, b.flush(timeout_s=60).ok
+
+    def floor(self, step: int, sid: str, work_s: float) -> float:
+        if work_s:
+            time.sleep(work_s)
+        payload = {f"costs/{k}": v for k, v in COSTS.items()}
+        payload.update({"sid": sid, "step": step})
+        ray.get(self.sink.ack.remote(payload))
+        return 0.5
 
     def baseline(self, step: int, sid: str, work_s: float) -> dict[str, Any]:
         if work_s:
@@ -102,6 +117,25 @@ def _pattern_step(
     if abs(row["costs/all"] - want) > 1e-12:
         raise SystemExit(f"step {step}: costs/all {row['costs/all']} != {want}")
     return t2 - t0, t2 - t1
+
+
+@ray.remote(num_cpus=0, max_concurrency=128)
+class NoOpSink:
+    """The transport floor's far end: answers every call at once."""
+
+    def ack(self, payload: dict[str, Any]) -> bool:
+        return True
+
+    def barrier(self, step: int) -> int:
+        return step
+
+
+def _floor_step(sink: Any, pool: list[Any], step: int, n: int, work_s: float) -> float:
+    t0 = time.perf_counter()
+    refs = [pool[i % POOL].floor.remote(step, f"f{step}-{i}", work_s) for i in range(n)]
+    ray.get(refs)
+    ray.get(sink.barrier.remote(step))
+    return time.perf_counter() - t0
 
 
 class Baseline:
@@ -141,6 +175,7 @@ class Baseline:
 def _workload(
     handle: Any,
     base: Baseline,
+    sink: Any,
     pool: list[Any],
     name: str,
     first: int,
@@ -151,16 +186,22 @@ def _workload(
     pat: list[float] = []
     bar: list[float] = []
     bas: list[float] = []
-    for i in range(steps + 1):  # the first pair warms both paths up and is not counted
+    flo: list[float] = []
+    for i in range(steps + 1):  # the first round warms every path up and is not counted
         step = first + i
         p, b_ = _pattern_step(handle, pool, name, step, n, work_s)
         b = base.step(pool, step, n, work_s)
+        f = _floor_step(sink, pool, step, n, work_s)
         if i:
             pat.append(p)
             bar.append(b_)
             bas.append(b)
+            flo.append(f)
     ratios = [p / b for p, b in zip(pat, bas, strict=True)]
     return {
+        "floor_ms": statistics.median(flo) * 1e3,
+        "floor_ratio": statistics.median([f / b for f, b in zip(flo, bas, strict=True)]),
+        "over_floor": statistics.median([p / f for p, f in zip(pat, flo, strict=True)]),
         "n": n,
         "work_s": work_s,
         "pattern_ms": statistics.median(pat) * 1e3,
@@ -195,29 +236,32 @@ def main() -> None:
         storage_uri=str(tmp / "run"),
         wandb_mode="disabled",
     )
+    sink = NoOpSink.remote()  # type: ignore[attr-defined]
+    ray.get(sink.barrier.remote(0))
     pool = [RolloutWorker.remote() for _ in range(POOL)]  # type: ignore[attr-defined]
-    ray.get([w.ready.remote() for w in pool])
+    ray.get([w.ready.remote(sink) for w in pool])
     base = Baseline(tmp / "baseline.jsonl")
     t0 = time.perf_counter()
     rows = [
-        _workload(handle, base, pool, name, 0, steps, 32, 0.2),
-        _workload(handle, base, pool, name, 1000, steps, 256, 0.0),
+        _workload(handle, base, sink, pool, name, 0, steps, 32, 0.2),
+        _workload(handle, base, sink, pool, name, 1000, steps, 256, 0.0),
     ]
     took = time.perf_counter() - t0
     handle.shutdown()
     ray.shutdown()
     print(
-        f"# README pattern vs a dict-returning baseline ({steps} alternating steps each, {took:.0f} s, load {os.getloadavg()[0]:.1f})\n"
+        f"# README pattern vs a dict-returning baseline and the transport floor ({steps} alternating steps each, {took:.0f} s, load {os.getloadavg()[0]:.1f})\n"
     )
     print(
-        "| rollouts × work | pattern step (median) | baseline step (median) | ratio median (min–max) | barrier alone | added per rollout |"
+        "| rollouts × work | pattern step (median) | baseline step (median) | ratio median (min–max) | barrier alone | added per rollout | transport floor step | floor / baseline | pattern / floor |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['n']} × {r['work_s']} s | {r['pattern_ms']:.1f} ms | {r['baseline_ms']:.1f} ms | "
             f"{r['ratio']:.3f}× ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | {r['barrier_ms']:.1f} ms | "
-            f"{r['added_per_rollout_ms']:.3f} ms |"
+            f"{r['added_per_rollout_ms']:.3f} ms | {r['floor_ms']:.1f} ms | {r['floor_ratio']:.3f}× | "
+            f"{r['over_floor']:.3f}× |"
         )
 
 
