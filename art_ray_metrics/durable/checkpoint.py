@@ -246,7 +246,8 @@ class CheckpointManager:
             self._pointer_version = new_version
             self._fenced_by = None
             self._retained = []
-            # List and load only after the claim: see the WAL guarantee in the module docstring.
+            # List and load only after the claim: the WAL guarantee (docs/design.md, "The commit
+            # protocol") needs every record appended before the claim to be listed after it.
             loaded, chain = self._reader.load(claimed if pointer is not None else None)
             loaded_key = loaded.manifest if loaded is not None else None
             if loaded_key != claimed.manifest:
@@ -291,7 +292,7 @@ class CheckpointManager:
         """Durably store one WAL record of this epoch; it is replayed until a commit covers it.
 
         Returns only after the record is stored and the pointer still names this epoch, so a
-        returned append is never lost (see the module docstring).
+        returned append is never lost (docs/design.md, "The commit protocol").
 
         Raises:
             FencedError: A newer writer owns the store (the record must not be acknowledged).

@@ -365,12 +365,13 @@ class TestCorruption:
         """The previous checkpoint loads, with the WAL written since it, and a warning."""
         _writer, latest = self._two_commits(store)
         damage(store, latest)
-        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.durable.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="art_ray_metrics.durable.reader"):
             loaded = must_load(CheckpointManager(store))
         assert loaded.state == b"s1"
         assert loaded.shards == {"ids": recs(1)}
         assert loaded.wal == [b"after-1", b"after-2"]
         assert latest.split("/")[1] in caplog.text or "shards/ids" in caplog.text
+        assert {r.name for r in caplog.records} == {"art_ray_metrics.durable.reader"}
 
     def test_acquire_after_fallback_repoints_and_continues(self, store: InMemoryStore) -> None:
         """A new writer builds on the fallback; the corrupt checkpoint is never loaded again."""
@@ -425,10 +426,11 @@ class TestCorruption:
         for record in (b"r0", b"r1", b"r2"):
             writer.append_wal(record)
         flip_byte(store, store.list("wal/")[1])
-        with caplog.at_level(logging.ERROR, logger="art_ray_metrics.durable.checkpoint"):
+        with caplog.at_level(logging.ERROR, logger="art_ray_metrics.durable.reader"):
             loaded = must_load(CheckpointManager(store))
         assert loaded.wal == [b"r0", b"r2"]
         assert "corrupt WAL record" in caplog.text
+        assert {r.name for r in caplog.records} == {"art_ray_metrics.durable.reader"}
 
 
 class TestBlobFraming:
