@@ -12,13 +12,13 @@ protocol's, not the network's):
    calls refused, and how much of the budget was used.
 2. **Admission cost.** The same decorated call, timed with no budget (the baseline: the
    decorator as it was) and with a budget (reserve from the lease, settle to the cost), in the
-   same run, interleaved in rounds; the difference per call is the admission cost (target:
-   under 5 µs, no round trip). The estimate is computed from a request with ``messages`` and
+   same run: short blocks of calls alternate between the two, and the admission cost is the
+   median of the paired differences per call (target: under 5 µs, no round trip). The estimate is computed from a request with ``messages`` and
    ``max_tokens``, as a judge would send.
 
-Usage: ``python bench/bench_budget.py [--producers 4 --threads 8 --budget 5.0 --calls 200000]``;
-``--quick`` is a smoke run with small sizes (2 producers x 2 threads, a $0.50 budget, 3 rounds
-of 2,000 calls): it checks the script works, its figures are not the ones to report.
+Usage: ``python bench/bench_budget.py [--producers 4 --threads 8 --budget 5.0 --calls 200
+--rounds 300]``; ``--quick`` is a smoke run with small sizes (2 producers x 2 threads, a $0.50
+budget, 20 pairs of blocks of 100 calls): it checks the script works, its figures are not the ones to report.
 Do not run it while others use the machine for tests (the lead runs it).
 """
 
@@ -143,29 +143,44 @@ def overshoot(producers: int, threads: int, budget_usd: Decimal, real_share: flo
 
 
 def admission_cost(calls: int, rounds: int) -> None:
+    """Blocks of ``calls`` decorated calls alternate between the two builders (the order
+    flips every round), so both sides see the same machine; the admission cost is the median
+    of the ``rounds`` paired differences (a slow moment lands on both sides of a pair)."""
     unlimited = LocalBudget(BudgetLedger(limit=None), lease_calls=1_000_000)
     with_budget = _Builder(unlimited)
     baseline = _Builder(None)
-    per_call: dict[str, list[float]] = {"baseline": [], "budget": []}
-    for _ in range(rounds):
-        for name, builder in (("baseline", baseline), ("budget", with_budget)):
-            token = set_active_builder(builder)
-            try:
-                started = time.perf_counter()
-                for _ in range(calls):
-                    judge(messages=MESSAGES, max_tokens=MAX_TOKENS, share=0.5)
-                elapsed = time.perf_counter() - started
-            finally:
-                reset_active_builder(token)
-            per_call[name].append(elapsed / calls * 1e6)
-            if name == "budget":
-                unlimited.ship(with_budget.recorded)
-                with_budget.recorded = Decimal(0)
-    base = statistics.median(per_call["baseline"])
-    budget = statistics.median(per_call["budget"])
-    print(f"admission: median of {rounds} rounds of {calls} calls")
-    print(f"  decorated call without a budget {base:.2f} us, with a budget {budget:.2f} us")
-    print(f"  admission (estimate + reserve + settle) {budget - base:.2f} us per call")
+
+    def block(builder: _Builder) -> float:
+        token = set_active_builder(builder)
+        try:
+            started = time.perf_counter()
+            for _ in range(calls):
+                judge(messages=MESSAGES, max_tokens=MAX_TOKENS, share=0.5)
+            return (time.perf_counter() - started) / calls * 1e6
+        finally:
+            reset_active_builder(token)
+
+    pairs: list[tuple[float, float]] = []
+    for index in range(rounds):
+        if index % 2:
+            base = block(baseline)
+            pairs.append((base, block(with_budget)))
+        else:
+            budget = block(with_budget)
+            pairs.append((block(baseline), budget))
+        unlimited.ship(with_budget.recorded)
+        with_budget.recorded = Decimal(0)
+    diffs = [budget - base for base, budget in pairs]
+    low, _, high = statistics.quantiles(diffs, n=4)
+    print(f"admission: {rounds} pairs of blocks of {calls} calls, interleaved")
+    print(
+        f"  decorated call without a budget {statistics.median(b for b, _ in pairs):.2f} us, "
+        f"with a budget {statistics.median(g for _, g in pairs):.2f} us"
+    )
+    print(
+        f"  admission (estimate + reserve + settle) {statistics.median(diffs):.2f} us per call "
+        f"(median of the pairs; quartiles {low:.2f}..{high:.2f})"
+    )
 
 
 def main() -> None:
@@ -174,15 +189,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--budget", type=Decimal, default=Decimal("5.0"))
     parser.add_argument("--real-share", type=float, default=0.3)
-    parser.add_argument("--calls", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed block")
+    parser.add_argument("--rounds", type=int, default=300, help="pairs of blocks")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run with small sizes (figures not reported)"
     )
     args = parser.parse_args()
     if args.quick:
         args.producers, args.threads, args.budget = 2, 2, Decimal("0.5")
-        args.calls, args.rounds = 2_000, 3
+        args.calls, args.rounds = 100, 20
     for share in (args.real_share, 1.0):
         overshoot(args.producers, args.threads, args.budget, share)
     admission_cost(args.calls, args.rounds)

@@ -69,7 +69,12 @@ class Reservation:
         if self.settled:
             return
         self.settled = True
-        self._admission._settle(self.estimate, real)
+        admission = self._admission
+        with admission._lock:  # the hot path: Admission's bookkeeping inline, one lock
+            admission.lease.settle(self.estimate, real)
+            admission._settles += 1
+            if admission._waiting:  # a settle that returned budget may admit a waiting call
+                admission._cond.notify_all()
 
 
 class Admission:
@@ -122,30 +127,30 @@ class Admission:
             BudgetExceededError: The aggregator refused: the hard limit cannot cover it.
             AggregatorUnavailableError: No answer within ``wait_s``.
         """
-        reservation = self._reserve_fast(estimate)
+        reservation = self.reserve_nowait(estimate)
         return reservation if reservation is not None else self._reserve_slow(estimate)
 
     async def areserve(self, estimate: Decimal) -> Reservation:
         """:meth:`reserve` for coroutines: the fast path inline, a wait in a thread."""
-        reservation = self._reserve_fast(estimate)
+        reservation = self.reserve_nowait(estimate)
         if reservation is not None:
             return reservation
         return await asyncio.to_thread(self._reserve_slow, estimate)
 
-    def _reserve_fast(self, estimate: Decimal) -> Reservation | None:
-        top_up: tuple[Decimal, Decimal, Decimal] | None = None
+    def reserve_nowait(self, estimate: Decimal) -> Reservation | None:
+        """:meth:`reserve` from the lease alone: ``None`` if it is short (nothing reserved)."""
         with self._lock:
-            lease = self.lease
             if estimate > self._largest:
                 self._largest = estimate
                 self._low = estimate * (self._lease_calls // 2)  # 1 call: never ahead
+            lease = self.lease
             if not lease.try_reserve(estimate):
                 return None
-            if lease.balance < self._low and not self._asking:
-                self._asking = True
-                top_up = (self._want(estimate), ZERO, lease.held)
-        if top_up is not None:
-            self._ask(*top_up)
+            if lease.balance >= self._low or self._asking:
+                return Reservation(self, estimate)
+            self._asking = True
+            top_up = (self._want(estimate), ZERO, lease.held)
+        self._ask(*top_up)
         return Reservation(self, estimate)
 
     def _want(self, estimate: Decimal) -> Decimal:
@@ -235,13 +240,6 @@ class Admission:
             self._cond.notify_all()
 
     # -- settling and shipping -----------------------------------------------------------------
-
-    def _settle(self, estimate: Decimal, real: Decimal | None) -> None:
-        with self._lock:
-            self.lease.settle(estimate, real)
-            self._settles += 1
-            if self._waiting:  # a settle that returned budget may admit a waiting call
-                self._cond.notify_all()
 
     def take_admitted(self) -> Decimal:
         """The admitted real cost for the next batch (call before draining the tape)."""

@@ -26,7 +26,7 @@ Strings are measured without copying when they are ASCII (``len``); others are e
 >>> request
 RequestBound(input_tokens=30, output_tokens=100)
 >>> estimate_cost(pricing, request)
-Decimal('0.00086')
+Decimal('0.000860')
 """
 
 from __future__ import annotations
@@ -61,7 +61,12 @@ DEFAULT_MAX_TOKENS: Final = 4_096
 
 _TEXT_FIELDS: Final = ("messages", "input", "prompt", "system", "instructions", "tools")
 _OUTPUT_FIELDS: Final = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-_MILLION: Final = Decimal(1_000_000)
+_TEXT, _OUTPUT, _COPIES = 0, 1, 2
+_FIELD_ROLES: Final = {
+    **dict.fromkeys(_TEXT_FIELDS, _TEXT),
+    **dict.fromkeys(_OUTPUT_FIELDS, _OUTPUT),
+    "n": _COPIES,
+}
 _MEDIA_TYPES: Final = ("image", "input_image", "audio", "input_audio", "file", "input_file")
 
 
@@ -130,28 +135,57 @@ def request_bound(
 
 
 def token_bounds(kwargs: Mapping[str, Any], default_max_tokens: int) -> tuple[int, int]:
-    """:func:`request_bound` as ``(input_tokens, output_tokens)`` (the admission's hot path:
-    no object built)."""
-    acc = [0, 0, 0]
-    for name in _TEXT_FIELDS:
-        value = kwargs.get(name)
-        if value is not None:
-            _measure(value, acc)
-    size, messages, media = acc
+    """:func:`request_bound` as ``(input_tokens, output_tokens)``: the admission's hot path.
+
+    It reads the request's own fields (not a fixed list of lookups) and measures the common
+    shape, a list of plain messages whose values are strings, inline; anything else goes through
+    :func:`_measure`, which defines the bound (a test checks the two agree)."""
+    size = messages = 0
+    acc: list[int] | None = None  # what _measure adds: [bytes, messages, media parts]
+    output = -1
+    copies = 1
+    for name, value in kwargs.items():
+        role = _FIELD_ROLES.get(name)
+        if role is None or value is None:
+            continue
+        if role == _TEXT:
+            if type(value) is not list:
+                if acc is None:
+                    acc = [0, 0, 0]
+                _measure(value, acc)
+                continue
+            for item in value:
+                if type(item) is dict and "type" not in item:  # a plain message
+                    if "role" in item:
+                        messages += 1
+                    for field in item.values():
+                        if type(field) is str:
+                            size += len(field) if field.isascii() else len(field.encode("utf-8"))
+                        elif field is not None:
+                            if acc is None:
+                                acc = [0, 0, 0]
+                            _measure(field, acc, 2)
+                elif type(item) is str:
+                    size += len(item) if item.isascii() else len(item.encode("utf-8"))
+                else:
+                    if acc is None:
+                        acc = [0, 0, 0]
+                    _measure(item, acc, 1)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if role == _OUTPUT:
+                if value > output:
+                    output = value
+            elif value > 1:  # n
+                copies = value
+    media = 0
+    if acc is not None:
+        size += acc[0]
+        messages += acc[1]
+        media = acc[2]
     input_tokens = (
         size + messages * MESSAGE_OVERHEAD_TOKENS + media * MEDIA_PART_TOKENS + CALL_OVERHEAD_TOKENS
     )
-    output = None
-    for name in _OUTPUT_FIELDS:
-        value = kwargs.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            output = value if output is None else max(output, value)
-    if output is None:
-        output = default_max_tokens
-    n = kwargs.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        output *= n
-    return input_tokens, output
+    return input_tokens, (default_max_tokens if output < 0 else output) * copies
 
 
 def max_input_price(pricing: TokenPricing) -> Decimal:
@@ -173,11 +207,12 @@ def estimate_cost(pricing: TokenPricing, request: RequestBound) -> Decimal:
 
 
 def estimate_prices(pricing: TokenPricing) -> tuple[Decimal, Decimal]:
-    """The dollars per million input and output tokens an estimate charges at ``pricing``."""
-    return max_input_price(pricing), pricing.completion_per_million
+    """The dollars per input and per output token an estimate charges at ``pricing`` (the
+    per-million prices moved six places: exact)."""
+    return max_input_price(pricing).scaleb(-6), pricing.completion_per_million.scaleb(-6)
 
 
 def bound_cost(prices: tuple[Decimal, Decimal], input_tokens: int, output_tokens: int) -> Decimal:
     """The dollar bound of ``input_tokens`` and ``output_tokens`` at :func:`estimate_prices`
-    (exact: integers times decimals, divided by a million)."""
-    return (input_tokens * prices[0] + output_tokens * prices[1]) / _MILLION
+    (exact: integers times decimals)."""
+    return input_tokens * prices[0] + output_tokens * prices[1]

@@ -244,7 +244,8 @@ class _CallSpec:
             try:
                 cost = self.record(builder, target)
             finally:
-                settle(reservation, cost)
+                if reservation is not None:
+                    reservation.settle(cost)
             return result
         tapped = tap(target, kind, StreamRecorder(self, builder, reservation))
         return tapped if target is result else result
@@ -303,7 +304,8 @@ class _CallSpec:
 
     def admit(self, builder: Any, args: Any, kwargs: Any) -> Reservation | None:
         """Reserve the call's estimate before it is sent (``None``: no budget)."""
-        admission = self.admission_of(builder)
+        hook = getattr(builder, "_admission", None)  # admission_of, inline: the hot path
+        admission: Admission | None = hook() if hook is not None else None
         if admission is None:
             return None
         return admission.reserve(self.estimate(builder, admission, args, kwargs))

@@ -21,8 +21,11 @@ from art_ray_metrics.spend.estimate import (
     CALL_OVERHEAD_TOKENS,
     DEFAULT_MAX_TOKENS,
     MEDIA_PART_TOKENS,
+    MESSAGE_OVERHEAD_TOKENS,
+    _measure,
     estimate_cost,
     request_bound,
+    token_bounds,
 )
 from art_ray_metrics.spend.pricing import PricingRegistry
 from art_ray_metrics.spend.track import ApiCostMixin, track_api_cost
@@ -165,6 +168,68 @@ def test_the_input_bound_covers_every_utf8_byte(texts: list[str], max_tokens: in
     bound = request_bound({"messages": messages, "max_tokens": max_tokens, "n": n})
     assert bound.input_tokens >= sum(len(t.encode()) for t in texts) + CALL_OVERHEAD_TOKENS
     assert bound.output_tokens == max_tokens * n
+
+
+def _walk_every_field(kwargs: dict[str, Any], default_max_tokens: int) -> tuple[int, int]:
+    """The bound as the module docstring defines it: every text field through ``_measure``."""
+    acc = [0, 0, 0]
+    for name in ("messages", "input", "prompt", "system", "instructions", "tools"):
+        if kwargs.get(name) is not None:
+            _measure(kwargs[name], acc)
+    outputs = [
+        v
+        for name in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+        if isinstance(v := kwargs.get(name), int) and not isinstance(v, bool) and v >= 0
+    ]
+    output = max(outputs) if outputs else default_max_tokens
+    n = kwargs.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        output *= n
+    size, messages, media = acc
+    tokens_in = size + messages * MESSAGE_OVERHEAD_TOKENS + media * MEDIA_PART_TOKENS
+    return tokens_in + CALL_OVERHEAD_TOKENS, output
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(), st.text(max_size=8))
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(
+            st.sampled_from(["role", "content", "type", "text", "name", "image"]), inner, max_size=3
+        ),
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "image", "input_audio", "file", "tool_use"])},
+            optional={"text": st.text(max_size=8)},
+        ),
+    ),
+    max_leaves=12,
+)
+_FIELDS = st.sampled_from(
+    [
+        "messages",
+        "input",
+        "prompt",
+        "system",
+        "instructions",
+        "tools",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "temperature",
+        "model",
+    ]
+)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(kwargs=st.dictionaries(_FIELDS, st.one_of(_VALUES, st.integers(-3, 5_000)), max_size=6))
+def test_the_fast_walk_agrees_with_the_definition(kwargs: dict[str, Any]) -> None:
+    """token_bounds measures plain messages inline for speed; every request, of any shape,
+    gets the bound the field-by-field definition gives."""
+    assert token_bounds(kwargs, 4_096) == _walk_every_field(kwargs, 4_096)
 
 
 def test_request_shapes_of_the_major_apis() -> None:
