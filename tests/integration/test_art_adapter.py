@@ -142,11 +142,14 @@ async def run_on_ray(base: Path, handle: arm.AggregatorHandle, name: str) -> Any
     model = art.Model(name="loop", project="parity", base_path=str(base), report_metrics=[])
     attach(model, handle)
     roller = AsyncRoller.remote()  # type: ignore[attr-defined]
+    # one CPU of the head: the tasks take turns on one worker process, which imports ART
+    # (6 CPU-seconds) once instead of once per concurrent task
+    task = rollout_task.options(num_cpus=1, resources={"head": 1})
     for step in range(1, STEPS + 1):
         for split in ("train", "val"):
             refs = [
                 [
-                    (roller.rollout if i % 2 else rollout_task).remote(name, step, g, i, split)
+                    (roller.rollout if i % 2 else task).remote(name, step, g, i, split)
                     for i in range(PER_GROUP)
                 ]
                 for g in range(GROUPS)

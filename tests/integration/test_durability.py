@@ -635,6 +635,15 @@ print("RESULT " + json.dumps({{"rows": rows, "stats": stats}}))
 """
 
 
+#: the ray CLI of this interpreter's environment (a venv's python run without activating it
+#: has no ``ray`` on PATH)
+_RAY_CLI = (
+    str(Path(sys.executable).with_name("ray"))
+    if Path(sys.executable).with_name("ray").exists()
+    else "ray"
+)
+
+
 def _free_port() -> int:
     import socket
 
@@ -686,7 +695,7 @@ class RayStartCluster:
         env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         self.procs.append(
             subprocess.Popen(
-                ["ray", "start", *args, *common],
+                [_RAY_CLI, "start", *args, *common],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -3,30 +3,43 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import pytest
 
-art = pytest.importorskip("art")
+from art_ray_metrics.integrations.art import group_fates
 
-from art_ray_metrics.integrations.art import group_fates  # noqa: E402
+# found, not imported: ART takes about 6 CPU-seconds to import, which every pytest-xdist worker
+# would pay while collecting; the tests take the fixture
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("art") is None, reason="openpipe-art is not installed"
+)
 
 
-def _t(reward: float, scenario: str | None = None) -> Any:
+@pytest.fixture(scope="module")
+def art() -> Any:
+    """The art module."""
+    import art
+
+    return art
+
+
+def _t(art: Any, reward: float, scenario: str | None = None) -> Any:
     meta = {} if scenario is None else {"scenario_id": scenario}
     return art.Trajectory(
         messages_and_choices=[{"role": "user", "content": "q"}], reward=reward, metadata=meta
     )
 
 
-def test_fates_follow_rewards_and_exceptions() -> None:
+def test_fates_follow_rewards_and_exceptions(art: Any) -> None:
     groups = [
-        art.TrajectoryGroup([_t(0.0, "a"), _t(1.0, "a")]),
-        art.TrajectoryGroup([_t(0.5, "b"), _t(0.5, "b")]),
-        art.TrajectoryGroup([_t(0.5, "c")]),  # one trajectory: nothing to compare
-        art.TrajectoryGroup([_t(0.0, "d"), _t(1.0)], exceptions=[RuntimeError("x")]),
-        art.TrajectoryGroup([_t(0.0), _t(1.0)]),  # no id: left out
-        art.TrajectoryGroup([_t(0.0), _t(1.0)], metadata={"scenario_id": 7}),
+        art.TrajectoryGroup([_t(art, 0.0, "a"), _t(art, 1.0, "a")]),
+        art.TrajectoryGroup([_t(art, 0.5, "b"), _t(art, 0.5, "b")]),
+        art.TrajectoryGroup([_t(art, 0.5, "c")]),  # one trajectory: nothing to compare
+        art.TrajectoryGroup([_t(art, 0.0, "d"), _t(art, 1.0)], exceptions=[RuntimeError("x")]),
+        art.TrajectoryGroup([_t(art, 0.0), _t(art, 1.0)]),  # no id: left out
+        art.TrajectoryGroup([_t(art, 0.0), _t(art, 1.0)], metadata={"scenario_id": 7}),
     ]
     assert group_fates(groups) == {
         "a": "trained",
@@ -37,9 +50,9 @@ def test_fates_follow_rewards_and_exceptions() -> None:
     }
 
 
-def test_a_trained_group_wins_over_another_of_the_same_id() -> None:
+def test_a_trained_group_wins_over_another_of_the_same_id(art: Any) -> None:
     groups = [
-        art.TrajectoryGroup([_t(0.5, "a"), _t(0.5, "a")]),
-        art.TrajectoryGroup([_t(0.0, "a"), _t(1.0, "a")]),
+        art.TrajectoryGroup([_t(art, 0.5, "a"), _t(art, 0.5, "a")]),
+        art.TrajectoryGroup([_t(art, 0.0, "a"), _t(art, 1.0, "a")]),
     ]
     assert group_fates(groups) == {"a": "trained"}

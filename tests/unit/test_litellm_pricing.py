@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import math
 import os
 import sys
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from openai.types.chat import ChatCompletion
@@ -21,7 +23,20 @@ from art_ray_metrics.spend.track import UnpricedModelWarning, track_api_cost
 
 # tests/conftest.py sets this before anything imports litellm: no network for the price map.
 assert os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
-litellm = pytest.importorskip("litellm")
+# found, not imported: importing LiteLLM takes about 5 CPU-seconds, which every pytest-xdist
+# worker would pay while collecting; the tests that call it take the fixture below
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("litellm") is None, reason="litellm is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def litellm() -> Any:
+    """The litellm module."""
+    import litellm
+
+    return litellm
+
 
 # Names genai-prices does not know, from several LiteLLM providers (prefixes resolved by LiteLLM).
 LITELLM_ONLY = [
@@ -62,7 +77,7 @@ def test_litellm_is_the_last_price_source() -> None:
 
 
 @pytest.mark.parametrize("model", LITELLM_ONLY)
-def test_same_cost_as_litellm_cost_per_token(model: str) -> None:
+def test_same_cost_as_litellm_cost_per_token(litellm: Any, model: str) -> None:
     """A model only LiteLLM prices costs what LiteLLM's own cost_per_token says, exactly in Decimal."""
     assert genai_token_pricing("openai", model) is None  # so the price comes from LiteLLM
     info = litellm.get_model_info(model)
@@ -84,7 +99,7 @@ def test_same_cost_as_litellm_cost_per_token(model: str) -> None:
     assert ours.cost == (1234 - cached) * p + cached * c + 567 * o
 
 
-def test_same_cost_as_litellm_completion_cost() -> None:
+def test_same_cost_as_litellm_completion_cost(litellm: Any) -> None:
     """completion_cost on LiteLLM's own response object agrees too."""
     model = "groq/llama-3.1-8b-instant"
     response = litellm.ModelResponse(
@@ -98,7 +113,7 @@ def test_same_cost_as_litellm_completion_cost() -> None:
     assert math.isclose(float(ours.cost), theirs, rel_tol=1e-12)
 
 
-def test_per_million_prices_are_the_map_literals() -> None:
+def test_per_million_prices_are_the_map_literals(litellm: Any) -> None:
     """2.5e-06 per token becomes exactly 2.5 per million (shortest repr, not the float's binary)."""
     priced = litellm_provider.litellm_token_pricing("deepseek/deepseek-chat")
     assert priced is not None
@@ -169,7 +184,7 @@ def test_without_litellm_the_map_is_not_consulted(monkeypatch: pytest.MonkeyPatc
     )
 
 
-def test_network_names_are_not_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_network_names_are_not_looked_up(litellm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Names whose LiteLLM lookup goes to the network are never passed to it."""
     seen: list[str] = []
     monkeypatch.setattr(litellm_provider, "_cache", {})

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-
-import anthropic
-import openai
-from anthropic.types import Message
-from openai.types.chat import ChatCompletion
+from typing import TYPE_CHECKING
 
 from art_ray_metrics.builder import MetricsBuilder
 from art_ray_metrics.ops.demo.workload import RolloutPlan, plan_rollout, record_rollout
 from art_ray_metrics.ops.fakellm import FakeLLMServer, score_from_text
 from art_ray_metrics.spend.track import track_api_cost
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
+    from anthropic.types import Message
+    from openai.types.chat import ChatCompletion
 
 __all__ = ["ANTHROPIC_JUDGE", "OPENAI_JUDGE", "JudgeClients", "judge_calls", "reference_rows"]
 
@@ -45,6 +47,11 @@ class JudgeClients:
     """Real OpenAI and Anthropic SDK clients pointed at a :class:`FakeLLMServer`."""
 
     def __init__(self, server: FakeLLMServer) -> None:
+        # imported here: the SDKs take seconds to import, and every CLI command imports the
+        # demo package, while only judges (and a --chaos run's reference) call them
+        import anthropic
+        import openai
+
         self.openai = openai.OpenAI(api_key="demo", base_url=server.openai_base_url, max_retries=2)
         self.anthropic = anthropic.Anthropic(
             api_key="demo", base_url=server.anthropic_base_url, max_retries=2
