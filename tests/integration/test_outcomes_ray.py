@@ -24,7 +24,10 @@ GIVEN = FATES[:-1]
 @arm.track_api_cost(
     source="judge",
     provider="openai",
-    model_name="outcome-test",
+    # a model genai-prices knows (its own prices below win): for a name no bundled table
+    # knows, the first call in each worker process imports LiteLLM to look it up (5 CPU-s,
+    # about 10 s with four workers importing it at once on two cores)
+    model_name="gpt-4o-mini",
     prompt_price_per_million=1000,
     completion_price_per_million=1000,
 )
