@@ -141,7 +141,7 @@ def token_bounds(kwargs: Mapping[str, Any], default_max_tokens: int) -> tuple[in
     shape, a list of plain messages whose values are strings, inline; anything else goes through
     :func:`_measure`, which defines the bound (a test checks the two agree)."""
     size = messages = 0
-    acc: list[int] | None = None  # what _measure adds: [bytes, messages, media parts]
+    acc = [0, 0, 0]  # what _measure adds: [bytes, messages, media parts]
     output = -1
     copies = 1
     for name, value in kwargs.items():
@@ -150,8 +150,6 @@ def token_bounds(kwargs: Mapping[str, Any], default_max_tokens: int) -> tuple[in
             continue
         if role == _TEXT:
             if type(value) is not list:
-                if acc is None:
-                    acc = [0, 0, 0]
                 _measure(value, acc)
                 continue
             for item in value:
@@ -162,14 +160,10 @@ def token_bounds(kwargs: Mapping[str, Any], default_max_tokens: int) -> tuple[in
                         if type(field) is str:
                             size += len(field) if field.isascii() else len(field.encode("utf-8"))
                         elif field is not None:
-                            if acc is None:
-                                acc = [0, 0, 0]
                             _measure(field, acc, 2)
                 elif type(item) is str:
                     size += len(item) if item.isascii() else len(item.encode("utf-8"))
                 else:
-                    if acc is None:
-                        acc = [0, 0, 0]
                     _measure(item, acc, 1)
         elif isinstance(value, int) and not isinstance(value, bool):
             if role == _OUTPUT:
@@ -177,11 +171,9 @@ def token_bounds(kwargs: Mapping[str, Any], default_max_tokens: int) -> tuple[in
                     output = value
             elif value > 1:  # n
                 copies = value
-    media = 0
-    if acc is not None:
-        size += acc[0]
-        messages += acc[1]
-        media = acc[2]
+    size += acc[0]
+    messages += acc[1]
+    media = acc[2]
     input_tokens = (
         size + messages * MESSAGE_OVERHEAD_TOKENS + media * MEDIA_PART_TOKENS + CALL_OVERHEAD_TOKENS
     )

@@ -244,8 +244,7 @@ class _CallSpec:
             try:
                 cost = self.record(builder, target)
             finally:
-                if reservation is not None:
-                    reservation.settle(cost)
+                settle(reservation, cost)
             return result
         tapped = tap(target, kind, StreamRecorder(self, builder, reservation))
         return tapped if target is result else result
@@ -304,8 +303,7 @@ class _CallSpec:
 
     def admit(self, builder: Any, args: Any, kwargs: Any) -> Reservation | None:
         """Reserve the call's estimate before it is sent (``None``: no budget)."""
-        hook = getattr(builder, "_admission", None)  # admission_of, inline: the hot path
-        admission: Admission | None = hook() if hook is not None else None
+        admission = self.admission_of(builder)
         if admission is None:
             return None
         return admission.reserve(self.estimate(builder, admission, args, kwargs))
