@@ -25,6 +25,7 @@ import pytest
 import ray
 
 import art_ray_metrics as arm
+from art_ray_metrics.distributed import workerenv
 from art_ray_metrics.durable.storage import open_store
 from art_ray_metrics.errors import StorageError
 
@@ -78,8 +79,13 @@ class _RolloutWorker:
     def setenv(self, name: str, value: str) -> None:
         os.environ[name] = value
 
-    def connect_and_getenv(self, aggregator: str, name: str) -> str | None:
-        """What a rollout's code sees in its environment once it connected."""
+    def connect_and_getenv(
+        self, aggregator: str, name: str, fetch_timeout_s: float | None = None
+    ) -> str | None:
+        """What a rollout's code sees in its environment once it connected (``fetch_timeout_s``
+        replaces this process's bound on the ``worker_env`` fetch)."""
+        if fetch_timeout_s is not None:
+            workerenv.FETCH_TIMEOUT_S = fetch_timeout_s
         arm.connect(0, name=aggregator)
         return os.environ.get(name)
 
@@ -217,7 +223,9 @@ def test_worker_env_fetch_outlives_a_restart_in_flight(
             except Exception:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-        ref = worker.connect_and_getenv.remote(name, "OPENAI_API_KEY")
+        # Two restarts fall inside this fetch; on a loaded 2-core machine they took more than
+        # the default 20 s once (CI), so the worker gets a bound this test cannot outrun.
+        ref = worker.connect_and_getenv.remote(name, "OPENAI_API_KEY", 90.0)
         time.sleep(2.0)  # the fetch now waits in that instance for a driver's credentials
         ray.kill(handle.actor, no_restart=False)  # ... and dies with it
         while True:  # the driver sends them to the next instance
@@ -227,7 +235,7 @@ def test_worker_env_fetch_outlives_a_restart_in_flight(
             except Exception:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-        assert ray.get(ref, timeout=60) == key
+        assert ray.get(ref, timeout=120) == key
     finally:
         handle.shutdown()
         ray.kill(worker)
