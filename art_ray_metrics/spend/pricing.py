@@ -429,9 +429,11 @@ class PricingRegistry:
     ) -> bool:
         """Whether a response of this model could be priced without its own reported cost.
 
-        True if a cost extractor is registered for the provider or pricing resolves.
+        True if a cost extractor is registered for the provider or pricing resolves. Complete
+        prices in ``overrides`` answer without a lookup (a price source such as LiteLLM can
+        cost seconds to import, and nothing it returns could make the answer false).
         """
-        if self.cost_extractor(provider) is not None:
+        if self.cost_extractor(provider) is not None or overrides.apply(None) is not None:
             return True
         return self.resolve_pricing(provider, model_name, overrides) is not None
 

@@ -15,6 +15,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
 from art_ray_metrics.errors import PricingError
+from art_ray_metrics.spend import pricing as pricing_module
 from art_ray_metrics.spend.pricing import (
     BUILTIN_PRICING,
     PriceOverrides,
@@ -363,6 +364,26 @@ class TestPricingOrder:
             Decimal(1),
         )
         assert pricing.cached_prompt_per_million == Decimal("0.5")
+
+    def test_complete_overrides_answer_can_price_without_a_lookup(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Whether a call with its own prompt and completion prices can be priced needs no price
+        source (LiteLLM's import alone costs seconds per process); prices themselves still
+        come from every source, which may add cache prices."""
+        asked: list[str] = []
+
+        def source(provider: str, name: str, tokens: Decimal) -> None:
+            asked.append(name)
+
+        monkeypatch.setattr(pricing_module, "PRICE_SOURCES", (source,))
+        registry = PricingRegistry()
+        own = PriceOverrides.create(prompt_price_per_million=1, completion_price_per_million=2)
+        assert registry.can_price("openai", "self-hosted-model", own)
+        assert asked == []
+        half = PriceOverrides.create(prompt_price_per_million=1)
+        assert not registry.can_price("openai", "self-hosted-model", half)
+        assert asked == ["self-hosted-model"]
 
     def test_complete_overrides_price_unknown_model(self) -> None:
         """Prompt and completion overrides are enough for a model nobody knows."""
