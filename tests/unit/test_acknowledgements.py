@@ -26,6 +26,7 @@ from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.distributed.client import MetricsClient
 from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.errors import WireFormatError
+from tests.hypothesis_profiles import examples
 
 
 class _Ref:
@@ -418,7 +419,9 @@ class _Protocol(RuleBasedStateMachine):
             assert window.above is None or len(window.above) <= 4
 
 
-_Protocol.TestCase.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+_Protocol.TestCase.settings = settings(
+    max_examples=examples(100), stateful_step_count=30, deadline=None
+)
 TestProtocolStateful = _Protocol.TestCase
 
 

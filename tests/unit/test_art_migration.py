@@ -19,6 +19,7 @@ from art_ray_metrics.core.dedupe import digest
 from art_ray_metrics.core.meta import AggregatorMeta
 from art_ray_metrics.core.state import AggregatorState
 from art_ray_metrics.testing import make_batch
+from tests.hypothesis_profiles import examples
 from tests.unit.test_rewind import Shell
 
 ART_CUM = {"costs/cum/all": 0.08, "costs/cum/train": 0.08, "costs/cum/train/judge": 0.08}
@@ -108,7 +109,7 @@ class TestAdopt:
         assert again.wandb_run == meta.wandb_run
         assert AggregatorMeta.from_dict(AggregatorMeta().to_dict()).wandb_run is None
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=examples(40), deadline=None)
     @given(
         cents=st.dictionaries(
             st.sampled_from(["costs/cum/all", "costs/cum/train", "data/cum/actor_tokens"]),

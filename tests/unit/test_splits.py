@@ -25,6 +25,7 @@ from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.durable.restore import read_run
 from art_ray_metrics.durable.storage import InMemoryStore
 from art_ray_metrics.testing import make_batch
+from tests.hypothesis_profiles import examples
 from tests.unit.test_rewind import Shell
 
 
@@ -503,7 +504,7 @@ class SplitsModel(RuleBasedStateMachine):
 
 
 SplitsModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("ARM_SPLITS_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("ARM_SPLITS_EXAMPLES") or examples(40)),
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
