@@ -11,10 +11,14 @@ import pytest
 from art_ray_metrics.integrations.art import group_fates
 
 # found, not imported: ART takes about 6 CPU-seconds to import, which every pytest-xdist worker
-# would pay while collecting; the tests take the fixture
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("art") is None, reason="openpipe-art is not installed"
-)
+# would pay while collecting; the tests take the fixture, on the worker that runs every test
+# importing ART, LiteLLM or the Anthropic SDK (tests/conftest.py)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("art") is None, reason="openpipe-art is not installed"
+    ),
+    pytest.mark.xdist_group("sdk-imports"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ sent_lock = threading.Lock()
 @track_api_cost(
     source="judge",
     provider="openai",
-    model_name="m",
+    model_name="gpt-4o-mini",  # known to genai-prices: an unknown name would import LiteLLM
     prompt_price_per_million=PRICE,
     completion_price_per_million=PRICE,
     max_cost_usd=0.03,

@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import httpx2
 import openai
 import pytest
@@ -28,6 +27,13 @@ from art_ray_metrics.spend.track import (
     bind_context,
     track_api_cost,
 )
+
+if TYPE_CHECKING:
+    import anthropic
+
+# one pytest-xdist worker runs the tests that import the Anthropic SDK, ART or LiteLLM, so the
+# other never imports them (tests/conftest.py); anthropic is imported where it is used
+pytestmark = pytest.mark.xdist_group("sdk-imports")
 
 OPENAI_MODEL = "openai/gpt-4.1"  # built in: 2 / 0.5 cached / 8
 ANTHROPIC_MODEL = "claude-sonnet-4-6"  # genai-prices: 3 / 15 / 3.75 write / 0.30 read
@@ -255,6 +261,8 @@ def async_openai_client(server: OpenAIServer) -> openai.AsyncOpenAI:
 
 
 def anthropic_client(server: AnthropicServer) -> anthropic.Anthropic:
+    import anthropic
+
     transport = httpx2.MockTransport(server)
     return anthropic.Anthropic(
         api_key="k",
@@ -265,6 +273,8 @@ def anthropic_client(server: AnthropicServer) -> anthropic.Anthropic:
 
 
 def async_anthropic_client(server: AnthropicServer) -> anthropic.AsyncAnthropic:
+    import anthropic
+
     transport = httpx2.MockTransport(server)
     return anthropic.AsyncAnthropic(
         api_key="k",
@@ -412,6 +422,8 @@ class TestDecoratorCalls:
             )
 
         result = asyncio.run(judge())
+        import anthropic
+
         assert isinstance(result, anthropic.types.Message)
         assert builder.leaves == [("train/judge", ANTHROPIC_COST, "anthropic:msg_1")]
 
@@ -574,6 +586,8 @@ class TestStreams:
             )
 
         stream = generate()
+        import anthropic
+
         assert type(stream) is anthropic.Stream
         assert [e.type for e in stream][-1] == "message_stop"
         assert builder.leaves == [("train/gen", ANTHROPIC_COST, "anthropic:msg_1")]

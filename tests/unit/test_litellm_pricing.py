@@ -24,10 +24,14 @@ from art_ray_metrics.spend.track import UnpricedModelWarning, track_api_cost
 # tests/conftest.py sets this before anything imports litellm: no network for the price map.
 assert os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
 # found, not imported: importing LiteLLM takes about 5 CPU-seconds, which every pytest-xdist
-# worker would pay while collecting; the tests that call it take the fixture below
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("litellm") is None, reason="litellm is not installed"
-)
+# worker would pay while collecting; the tests that call it take the fixture below, on the worker
+# that runs every test importing ART, LiteLLM or the Anthropic SDK (tests/conftest.py)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("litellm") is None, reason="litellm is not installed"
+    ),
+    pytest.mark.xdist_group("sdk-imports"),
+]
 
 
 @pytest.fixture(scope="module")

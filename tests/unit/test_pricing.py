@@ -6,9 +6,8 @@ import math
 import threading
 from decimal import Decimal
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import genai_prices
 import pytest
 from openai.types.chat import ChatCompletion
@@ -30,6 +29,13 @@ from art_ray_metrics.spend.pricing import (
     openai_chat_usage,
     usage_cost,
 )
+
+if TYPE_CHECKING:
+    import anthropic
+
+# one pytest-xdist worker runs the tests that import the Anthropic SDK, ART or LiteLLM, so the
+# other never imports them (tests/conftest.py); anthropic is imported where it is used
+pytestmark = pytest.mark.xdist_group("sdk-imports")
 
 
 def chat_completion(
@@ -89,6 +95,8 @@ def responses_response(
 def anthropic_message(
     *, inp: int, out: int, write: int = 0, read: int = 0, model: str = "claude-sonnet-4-6"
 ) -> anthropic.types.Message:
+    import anthropic
+
     return anthropic.types.Message.model_validate(
         {
             "id": "msg_1",
