@@ -110,9 +110,6 @@ class Transport(Protocol):
     def outcome(self, call: Any) -> Any:
         """A finished call's acknowledgement, or its exception (returned, never raised)."""
 
-    async def aoutcome(self, call: Any) -> Any:
-        """:meth:`outcome` awaited on the caller's event loop (no thread per call)."""
-
     def failed(self, exc: BaseException) -> None:
         """A call or send failed with ``exc``: forget the handle if the aggregator is gone."""
 
@@ -319,12 +316,6 @@ class RayTransport(_Lookups):
     def outcome(self, call: Any) -> Any:
         return future_outcome(call)
 
-    async def aoutcome(self, call: Any) -> Any:
-        try:
-            return await asyncio.wrap_future(call)
-        except Exception as exc:
-            return exc
-
     def failed(self, exc: BaseException) -> None:
         ray = _ray()
         died = getattr(getattr(ray, "exceptions", None), "ActorDiedError", None)
@@ -404,9 +395,6 @@ class InProcessTransport(_Lookups):
 
     def outcome(self, call: Any) -> Any:
         return future_outcome(call)
-
-    async def aoutcome(self, call: Any) -> Any:
-        return await await_outcome(call)
 
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, AggregatorGoneError):

@@ -108,9 +108,6 @@ class _Direct:
     def outcome(self, call: _Ref) -> Any:
         return call.outcome
 
-    async def aoutcome(self, call: _Ref) -> Any:
-        return call.outcome
-
     def failed(self, exc: BaseException) -> None:
         pass
 

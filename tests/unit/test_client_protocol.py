@@ -226,9 +226,6 @@ class _SlowSendTransport:
     def outcome(self, call: Any) -> Any:
         return call.result()
 
-    async def aoutcome(self, call: Any) -> Any:
-        return call.result()
-
     def failed(self, exc: BaseException) -> None:
         pass
 
