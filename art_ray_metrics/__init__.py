@@ -20,6 +20,7 @@ from art_ray_metrics.distributed.clients import close_clients, get_client
 from art_ray_metrics.distributed.handle import AggregatorHandle, start_aggregator
 from art_ray_metrics.distributed.record import WorkerBuilder, connect
 from art_ray_metrics.errors import (
+    AggregatorStartTimeoutError,
     AggregatorUnavailableError,
     BackPressureError,
     BarrierTimeoutError,
@@ -47,6 +48,7 @@ except PackageNotFoundError:  # running from a source tree without installing
 __all__ = [
     "AggregatorConfig",
     "AggregatorHandle",
+    "AggregatorStartTimeoutError",
     "AggregatorUnavailableError",
     "BackPressureError",
     "BarrierTimeoutError",

@@ -19,7 +19,8 @@ ART raises ``ValueError`` for the same input, ours also derives from ``ValueErro
     │   ├── CheckpointCorruptError           a checkpoint blob failed its checks
     │   └── FencedError                      a newer writer epoch owns the storage
     ├── AggregatorUnavailableError           the aggregator actor cannot be reached
-    │   └── CredentialsRequiredError         it cannot open its storage with what it has
+    │   ├── CredentialsRequiredError         it cannot open its storage with what it has
+    │   └── AggregatorStartTimeoutError (TimeoutError)   Ray did not start it in time
     ├── BackPressureError                    the aggregator is full: resend the batch later
     ├── BudgetExceededError                  a paid call refused before it was sent
     └── BarrierTimeoutError (TimeoutError)   expected producers did not report in time
@@ -33,6 +34,7 @@ from decimal import Decimal
 from typing import Any
 
 __all__ = [
+    "AggregatorStartTimeoutError",
     "AggregatorUnavailableError",
     "BackPressureError",
     "BarrierTimeoutError",
@@ -177,6 +179,12 @@ class CredentialsRequiredError(AggregatorUnavailableError):
 
     The trainer's handle answers it by sending the driver's credentials (in memory) and retrying.
     """
+
+
+class AggregatorStartTimeoutError(AggregatorUnavailableError, TimeoutError):
+    """Ray did not start the aggregator actor within ``start_aggregator``'s ``start_timeout_s``
+    (no node has the resources it asks for, or none is free); the pending actor was removed, so
+    its name is free again."""
 
 
 class BarrierTimeoutError(MetricsError, TimeoutError):

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from art_ray_metrics.config import AggregatorConfig
@@ -30,6 +30,8 @@ from art_ray_metrics.durable.storage import (
     open_store,
 )
 from art_ray_metrics.errors import (
+    AggregatorStartTimeoutError,
+    ConfigError,
     ConfigMismatchError,
     CredentialsRequiredError,
     StorageError,
@@ -366,13 +368,30 @@ def _probe_remote_storage(cfg: AggregatorConfig) -> None:
         ) from exc
 
 
-def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> AggregatorHandle:
+#: how long :func:`start_aggregator` waits for Ray to start the actor by default
+START_TIMEOUT_S = 120.0
+
+
+def start_aggregator(
+    config: AggregatorConfig | None = None,
+    *,
+    start_timeout_s: float | None = START_TIMEOUT_S,
+    **fields: Any,
+) -> AggregatorHandle:
     """Get or create the named aggregator actor (run by the trainer/driver).
 
     ``fields`` override ``config`` fields. Initialises Ray locally if needed. An actor of that
     name already running with a different configuration raises
     :class:`~art_ray_metrics.errors.ConfigMismatchError` instead of being reused silently.
+
+    ``start_timeout_s`` bounds the wait for Ray to place and start a new actor (``None``: no
+    bound, e.g. while an autoscaler adds the node it needs); opening and restoring its storage
+    afterwards is not bounded by it. Past it,
+    :class:`~art_ray_metrics.errors.AggregatorStartTimeoutError` says why (no node has a
+    resource in ``actor_resources``, or none is free) and the pending actor is removed.
     """
+    if start_timeout_s is not None and not start_timeout_s > 0:
+        raise ConfigError(f"Expected start_timeout_s > 0 or None but got {start_timeout_s!r}")
     import ray
 
     base = config or AggregatorConfig()
@@ -397,6 +416,7 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
         if handle is None:
             raise
         return handle
+    _wait_started(actor, cfg, start_timeout_s)
     handle = AggregatorHandle(actor, cfg)
     try:
         handle.set_credentials()  # opens, checks and restores the storage: ready afterwards
@@ -404,6 +424,55 @@ def start_aggregator(config: AggregatorConfig | None = None, **fields: Any) -> A
         ray.kill(actor, no_restart=True)  # frees the name; the error says why it cannot run
         raise
     return handle
+
+
+def _wait_started(actor: Any, cfg: AggregatorConfig, timeout_s: float | None) -> None:
+    """Wait until Ray started ``actor`` (its constructor ran), within ``timeout_s``; past it,
+    remove the pending actor (its name is free again) and raise why it did not start."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+    except GetTimeoutError:
+        ray.kill(actor, no_restart=True)
+        alive: list[dict[str, Any]] = [
+            n.get("Resources", {})
+            for n in ray.nodes()  # type: ignore[no-untyped-call]
+            if n.get("Alive")
+        ]
+        raise AggregatorStartTimeoutError(
+            f"Ray did not start aggregator {cfg.name!r} (namespace {cfg.namespace!r}) within "
+            f"start_timeout_s={timeout_s:g}: {unplaced_reason(cfg.actor_resources, alive)}; "
+            "the pending actor was removed"
+        ) from None
+
+
+def unplaced_reason(
+    wanted: Mapping[str, float] | None, nodes: Sequence[Mapping[str, float]]
+) -> str:
+    """Why an actor asking for the custom resources ``wanted`` may not have been placed, given
+    the resources of the cluster's alive ``nodes``.
+
+    >>> unplaced_reason({"agg": 1.0}, [{"CPU": 2.0, "node:127.0.0.1": 1.0}])
+    "no alive node has resource 'agg' (actor_resources={'agg': 1.0}; the nodes have ['CPU'])"
+    >>> unplaced_reason({"agg": 2.0}, [{"CPU": 2.0, "agg": 1.0}])
+    "no alive node has agg=2 (actor_resources={'agg': 2.0})"
+    """
+    wanted = dict(wanted or {})
+    if not wanted:
+        return "Ray could not schedule it in time (the cluster may be overloaded or starting)"
+    missing = sorted(k for k in wanted if not any(k in res for res in nodes))
+    if missing:
+        have = sorted({k for res in nodes for k in res if not k.startswith("node:")})
+        return (
+            f"no alive node has resource {missing[0]!r} (actor_resources={wanted!r}; "
+            f"the nodes have {have!r})"
+        )
+    short = sorted(k for k in wanted if not any(res.get(k, 0) >= wanted[k] for res in nodes))
+    if short:
+        return f"no alive node has {short[0]}={wanted[short[0]]:g} (actor_resources={wanted!r})"
+    return f"the nodes with actor_resources={wanted!r} are busy or still starting"
 
 
 def _attach(cfg: AggregatorConfig) -> AggregatorHandle | None:

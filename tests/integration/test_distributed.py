@@ -133,6 +133,25 @@ class TestConfig:
         finally:
             handle.shutdown()
 
+    def test_an_actor_ray_cannot_place_is_a_clear_error_and_frees_its_name(
+        self, run_config: dict[str, Any]
+    ) -> None:
+        """actor_resources no node has: start_aggregator raises within start_timeout_s, names
+        the resource, and the name can be used again (it used to wait forever)."""
+        started = time.monotonic()
+        with pytest.raises(
+            arm.AggregatorStartTimeoutError, match="no alive node has resource 'nope'"
+        ):
+            arm.start_aggregator(**run_config, actor_resources={"nope": 1.0}, start_timeout_s=2.0)
+        assert time.monotonic() - started < 30
+        handle = arm.start_aggregator(**run_config)  # the same name, placeable this time
+        try:
+            assert handle.log(0, metrics={"loss/x": 0.5})["loss/x"] == 0.5
+        finally:
+            handle.shutdown()
+        with pytest.raises(arm.ConfigError, match="start_timeout_s"):
+            arm.start_aggregator(**run_config, start_timeout_s=0)
+
 
 @ray.remote(max_retries=3, num_cpus=0)
 def flaky_rollout(name: str, marker: str) -> int:

@@ -21,6 +21,7 @@ class TestPublicApi:
         assert sorted(art_ray_metrics.__all__) == [
             "AggregatorConfig",
             "AggregatorHandle",
+            "AggregatorStartTimeoutError",
             "AggregatorUnavailableError",
             "BackPressureError",
             "BarrierTimeoutError",
