@@ -416,9 +416,9 @@ def start_aggregator(
         if handle is None:
             raise
         return handle
-    _wait_started(actor, cfg, start_timeout_s)
     handle = AggregatorHandle(actor, cfg)
     try:
+        _wait_started(actor, cfg, start_timeout_s)
         handle.set_credentials()  # opens, checks and restores the storage: ready afterwards
     except BaseException:
         ray.kill(actor, no_restart=True)  # frees the name; the error says why it cannot run
@@ -428,14 +428,13 @@ def start_aggregator(
 
 def _wait_started(actor: Any, cfg: AggregatorConfig, timeout_s: float | None) -> None:
     """Wait until Ray started ``actor`` (its constructor ran), within ``timeout_s``; past it,
-    remove the pending actor (its name is free again) and raise why it did not start."""
+    raise why it did not start (the caller removes the pending actor)."""
     import ray
     from ray.exceptions import GetTimeoutError
 
     try:
         ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
     except GetTimeoutError:
-        ray.kill(actor, no_restart=True)
         alive: list[dict[str, Any]] = [
             n.get("Resources", {})
             for n in ray.nodes()  # type: ignore[no-untyped-call]
