@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from art_ray_metrics.config import AggregatorConfig
@@ -25,20 +25,22 @@ from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.backoff import WATCH
 from art_ray_metrics.core.replies import AggregatorStats
 from art_ray_metrics.distributed.actor import MetricsAggregator
+from art_ray_metrics.distributed.launch import (
+    START_TIMEOUT_S,
+    actor_options,
+    probe_remote_storage,
+    wait_started,
+)
 from art_ray_metrics.durable.storage import (
     backend_for,
-    open_store,
 )
 from art_ray_metrics.errors import (
-    AggregatorStartTimeoutError,
     ConfigError,
     ConfigMismatchError,
     CredentialsRequiredError,
-    StorageError,
 )
 from art_ray_metrics.export.wandb_config import (
     WANDB_SECRETS,
-    WANDB_SETTINGS,
 )
 
 __all__ = ["AggregatorHandle", "credentials_from_env", "start_aggregator"]
@@ -342,36 +344,6 @@ def _digest(creds: Mapping[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _runtime_env(cfg: AggregatorConfig) -> dict[str, Any]:
-    """Ray runtime env of the actor: non-secret settings only (Ray logs runtime envs)."""
-    names = backend_for(cfg.storage_uri or "").settings + WANDB_SETTINGS
-    env = {k: os.environ[k] for k in names if k in os.environ}
-    return {"env_vars": env} if env else {}
-
-
-def _probe_remote_storage(cfg: AggregatorConfig) -> None:
-    """Fail fast, in the driver and in one line, on S3/GCS storage that cannot be read.
-
-    Without this, the actor's constructor fails after its storage retries and Ray reports a
-    long actor-creation traceback.
-    """
-    uri = cfg.storage_uri or ""
-    if "://" not in uri or uri.split("://", 1)[0].lower() in ("file", "memory"):
-        return
-    try:
-        open_store(uri, timeout_s=min(cfg.storage_timeout_s, 5.0)).list("CHECKPOINT")
-    except StorageError as exc:
-        detail = " ".join(str(exc).split())[:400]
-        raise StorageError(
-            f"Expected to read the aggregator's storage {uri} but got: {detail} (does the "
-            "bucket exist, and are the credentials and endpoint set in this environment?)"
-        ) from exc
-
-
-#: how long :func:`start_aggregator` waits for Ray to start the actor by default
-START_TIMEOUT_S = 120.0
-
-
 def start_aggregator(
     config: AggregatorConfig | None = None,
     *,
@@ -404,11 +376,11 @@ def start_aggregator(
     handle = _attach(cfg)
     if handle is not None:
         return handle
-    _probe_remote_storage(cfg)
+    probe_remote_storage(cfg)
     try:
         actor: Any = (
             ray.remote(MetricsAggregator)
-            .options(**_actor_options(cfg))
+            .options(**actor_options(cfg))
             .remote(cfg.model_dump_json(), await_credentials=True)
         )
     except ValueError:  # created concurrently by another driver
@@ -418,60 +390,12 @@ def start_aggregator(
         return handle
     handle = AggregatorHandle(actor, cfg)
     try:
-        _wait_started(actor, cfg, start_timeout_s)
+        wait_started(actor, cfg, start_timeout_s)
         handle.set_credentials()  # opens, checks and restores the storage: ready afterwards
     except BaseException:
         ray.kill(actor, no_restart=True)  # frees the name; the error says why it cannot run
         raise
     return handle
-
-
-def _wait_started(actor: Any, cfg: AggregatorConfig, timeout_s: float | None) -> None:
-    """Wait until Ray started ``actor`` (its constructor ran), within ``timeout_s``; past it,
-    raise why it did not start (the caller removes the pending actor)."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-
-    try:
-        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
-    except GetTimeoutError:
-        alive: list[dict[str, Any]] = [
-            n.get("Resources", {})
-            for n in ray.nodes()  # type: ignore[no-untyped-call]
-            if n.get("Alive")
-        ]
-        raise AggregatorStartTimeoutError(
-            f"Ray did not start aggregator {cfg.name!r} (namespace {cfg.namespace!r}) within "
-            f"start_timeout_s={timeout_s:g}: {unplaced_reason(cfg.actor_resources, alive)}; "
-            "the pending actor was removed"
-        ) from None
-
-
-def unplaced_reason(
-    wanted: Mapping[str, float] | None, nodes: Sequence[Mapping[str, float]]
-) -> str:
-    """Why an actor asking for the custom resources ``wanted`` may not have been placed, given
-    the resources of the cluster's alive ``nodes``.
-
-    >>> unplaced_reason({"agg": 1.0}, [{"CPU": 2.0, "node:127.0.0.1": 1.0}])
-    "no alive node has resource 'agg' (actor_resources={'agg': 1.0}; the nodes have ['CPU'])"
-    >>> unplaced_reason({"agg": 2.0}, [{"CPU": 2.0, "agg": 1.0}])
-    "no alive node has agg=2 (actor_resources={'agg': 2.0})"
-    """
-    wanted = dict(wanted or {})
-    if not wanted:
-        return "Ray could not schedule it in time (the cluster may be overloaded or starting)"
-    missing = sorted(k for k in wanted if not any(k in res for res in nodes))
-    if missing:
-        have = sorted({k for res in nodes for k in res if not k.startswith("node:")})
-        return (
-            f"no alive node has resource {missing[0]!r} (actor_resources={wanted!r}; "
-            f"the nodes have {have!r})"
-        )
-    short = sorted(k for k in wanted if not any(res.get(k, 0) >= wanted[k] for res in nodes))
-    if short:
-        return f"no alive node has {short[0]}={wanted[short[0]]:g} (actor_resources={wanted!r})"
-    return f"the nodes with actor_resources={wanted!r} are busy or still starting"
 
 
 def _attach(cfg: AggregatorConfig) -> AggregatorHandle | None:
@@ -494,26 +418,3 @@ def _attach(cfg: AggregatorConfig) -> AggregatorHandle | None:
     attached = AggregatorHandle(actor, cfg)
     attached.set_credentials()
     return attached
-
-
-def _actor_options(cfg: AggregatorConfig) -> dict[str, Any]:
-    """The Ray options of the aggregator actor: named, detached, restarted by Ray."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    options: dict[str, Any] = {
-        "name": cfg.name,
-        "namespace": cfg.namespace,
-        "lifetime": "detached",
-        "max_restarts": cfg.max_restarts,
-        "max_task_retries": 0,
-        "num_cpus": 0,
-        "max_concurrency": 1000,
-        "runtime_env": _runtime_env(cfg),
-    }
-    if cfg.actor_resources:
-        options["resources"] = dict(cfg.actor_resources)
-    if cfg.on_driver_node and not cfg.actor_resources:
-        node = ray.get_runtime_context().get_node_id()
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
-    return options
