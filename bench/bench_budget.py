@@ -25,12 +25,17 @@ Do not run it while others use the machine for tests (the lead runs it).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import threading
 import time
 from decimal import Decimal
 from typing import Any
+
+# the judge's model is one no bundled table knows, so its first call asks LiteLLM (when it is
+# installed), whose import would otherwise try to download its price map
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from art_ray_metrics.core.active import reset_active_builder, set_active_builder
 from art_ray_metrics.core.budget import BudgetLedger

@@ -24,10 +24,10 @@ pytest_plugins = ["tests.s3server"]
 
 #: the pytest-xdist group of every test on the shared Ray cluster
 CLUSTER_GROUP = "ray-cluster"
-#: the pytest-xdist group of the tests that import the Anthropic SDK, ART or LiteLLM (their
-#: modules carry ``xdist_group("sdk-imports")`` and import them lazily): one worker pays those
-#: imports (about 2, 6 and 5 CPU-seconds, and LiteLLM's exit hooks 1-3 s more) instead of both
-SDK_GROUP = "sdk-imports"
+# The tests that import the Anthropic SDK, ART or LiteLLM (directly, or by pricing a model no
+# bundled table knows) carry ``xdist_group("sdk-imports")`` and import them where they use them:
+# one worker pays those imports (about 2, 6 and 5 CPU-seconds, and LiteLLM's exit hooks 1-3 s
+# more) instead of both.
 
 
 @pytest.fixture(autouse=True)
