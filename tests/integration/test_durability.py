@@ -111,8 +111,29 @@ def run_step(
         batch = make_batch(
             f"raw-{attempt}", 1, 6, keyed_costs=[("costs/train/judge_raw", 0.5, "resp-raw-6")]
         )
-        assert not ray.get(handle.actor.ingest.remote(encode_batch(batch), True)).duplicate
+        ingest_raw(handle, encode_batch(batch))
     return dict(handle.log(step, metrics={"loss": 0.5 - step / 100}))
+
+
+def ingest_raw(handle: Any, payload: bytes) -> None:
+    """Send one batch through the raw actor API, as a producer without a client would.
+
+    The actor runs with ``max_task_retries=0`` and this test kills it at random, so a call can
+    fail with "the task may or may not have been executed": resend the same batch until a reply
+    comes. The reply says ``duplicate`` only if an earlier attempt had reached the actor, and
+    the totals compared with the fault-free run show it was counted once either way.
+    """
+    failed = 0
+    while True:
+        try:
+            reply = ray.get(handle.actor.ingest.remote(payload, True), timeout=120)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            failed += 1
+            assert failed <= 30, "the actor did not come back"
+            time.sleep(0.2 * failed)
+            continue
+        assert failed or not reply.duplicate
+        return
 
 
 def reference_run(storage_uri: str, steps: int) -> tuple[list[dict[str, float]], dict[str, Any]]:
