@@ -61,10 +61,18 @@ class MetricsAggregator:
 
     ``await_credentials``: open the storage at the first call instead of in the constructor,
     so the driver's :meth:`set_credentials` can come first (credentials never travel through
-    the constructor, which Ray keeps and replays on every restart).
+    the constructor, which Ray keeps and replays on every restart). ``settings``: non-secret
+    environment variables (:func:`~.launch.actor_settings`) set in this process first.
     """
 
-    def __init__(self, config_json: str, await_credentials: bool = False) -> None:
+    def __init__(
+        self,
+        config_json: str,
+        await_credentials: bool = False,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        if settings:
+            os.environ.update(settings)  # the actor's own process: Ray gives it no other task
         self.config = AggregatorConfig.model_validate_json(config_json)
         self.started_at = time.time()
         self.gate = CredentialGate(self.config.storage_uri, self._boot)

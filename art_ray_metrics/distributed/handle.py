@@ -28,6 +28,7 @@ from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.distributed.launch import (
     START_TIMEOUT_S,
     actor_options,
+    actor_settings,
     probe_remote_storage,
     wait_started,
 )
@@ -381,7 +382,7 @@ def start_aggregator(
         actor: Any = (
             ray.remote(MetricsAggregator)
             .options(**actor_options(cfg))
-            .remote(cfg.model_dump_json(), await_credentials=True)
+            .remote(cfg.model_dump_json(), await_credentials=True, settings=actor_settings(cfg))
         )
     except ValueError:  # created concurrently by another driver
         handle = _attach(cfg)

@@ -64,7 +64,7 @@ COST_AXIS = "costs/cum/all"
 """The run's total spend: defined when a run starts, after the globs, summarised as ``last``."""
 
 WANDB_SETTINGS: tuple[str, ...] = ("WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")
-"""W&B environment variables that are not secret (the aggregator's runtime env may carry them)."""
+"""W&B environment variables that are not secret (the aggregator's constructor carries them)."""
 WANDB_SECRETS: tuple[str, ...] = ("WANDB_API_KEY",)
 """W&B credentials: handed to the aggregator in memory only (see ``AggregatorHandle``)."""
 

@@ -137,7 +137,7 @@ class Backend:
         open: ``open(uri, timeout_s, env)``; ``env`` overrides the process environment for
             the variables below (credentials the aggregator holds in memory).
         settings: Environment variables that configure it and are not secret (endpoints,
-            regions); the aggregator's runtime environment may carry them.
+            regions); the aggregator's constructor carries the driver's values.
         secrets: Environment variables holding credentials; they are only ever handed to
             the aggregator in memory, never through Ray's runtime environment.
     """
