@@ -104,6 +104,19 @@ class LeafRecorder(ApiCostMixin):
     def _record_sample(self, key: str, value: float) -> None:
         raise NotImplementedError
 
+    def replay(self, pending: PendingLeaves) -> None:
+        """Record another recorder's pending leaves here through the four hooks, with their
+        exact values (the ART adapter hands the trainer's own leaves to a worker builder)."""
+        for key, value in pending.sums().items():
+            self._record(key, value)
+        if pending.scenarios:
+            self._record_scenarios(sorted(pending.scenarios))
+        for cost in pending.keyed:
+            self._record_keyed_cost(cost.key, cost.value, cost.response_id)
+        for key, values in pending.samples.items():
+            for v in values:
+                self._record_sample(key, v)
+
     # -- ApiCostMixin host hooks ----------------------------------------------------------
 
     def _add_cost_leaf(self, path: str, usd: Decimal, *, response_id: str | None) -> None:

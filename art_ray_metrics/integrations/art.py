@@ -50,7 +50,7 @@ from art_ray_metrics.core import keys as K
 from art_ray_metrics.distributed.handle import AggregatorHandle
 from art_ray_metrics.distributed.record import WorkerBuilder, connect
 from art_ray_metrics.integrations.art_fates import group_fates
-from art_ray_metrics.integrations.art_leaves import TrainerLeaves, merge_pending, ship_pending
+from art_ray_metrics.integrations.art_leaves import TrainerLeaves, merge_pending
 from art_ray_metrics.integrations.art_run import ADOPTED_KEY as ADOPTED_KEY  # re-exported
 from art_ray_metrics.integrations.art_run import adopt_art_state, use_art_wandb_run
 from art_ray_metrics.spend.pricing import PricingRegistry
@@ -356,7 +356,7 @@ class _Attached:
         cfg = self.handle.config
         if pending is not None:
             builder = connect(step, split=split, name=cfg.name, namespace=cfg.namespace)
-            ship_pending(builder, pending)
+            builder.replay(pending)
             result = await builder.aflush()
             if not result.ok:
                 log.warning(

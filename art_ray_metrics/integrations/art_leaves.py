@@ -1,6 +1,7 @@
 """The trainer's own leaves under :func:`~art_ray_metrics.integrations.art.attach`: kept per
 buffer scope between two ``model.log`` calls as ART's private builder keeps them, handed over
-when ART's ``Model.log`` flushes, and replayed into a worker builder to reach the aggregator.
+when ART's ``Model.log`` flushes, and replayed into a worker builder to reach the aggregator
+(:meth:`~art_ray_metrics.builder.LeafRecorder.replay`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from art_ray_metrics.builder import LeafRecorder, Number, PendingLeaves
 from art_ray_metrics.core import keys as K
 from art_ray_metrics.core import validate as V
 from art_ray_metrics.core.records import KeyedCost
-from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.spend.pricing import PricingRegistry
 
-__all__ = ["TrainerLeaves", "merge_pending", "ship_pending"]
+__all__ = ["TrainerLeaves", "merge_pending"]
 
 
 class TrainerLeaves(LeafRecorder):
@@ -66,19 +66,6 @@ class TrainerLeaves(LeafRecorder):
         if context == self.cost_context and scope == self.scope:
             return self
         return TrainerLeaves(context, scope, self.pending, self.pricing)
-
-
-def ship_pending(builder: WorkerBuilder, pending: PendingLeaves) -> None:
-    """Replay the trainer's pending leaves of one scope into a worker builder (exact values)."""
-    for key, value in pending.sums().items():
-        builder._record(key, value)
-    if pending.scenarios:
-        builder._record_scenarios(sorted(pending.scenarios))
-    for cost in pending.keyed:
-        builder._record_keyed_cost(cost.key, cost.value, cost.response_id)
-    for key, values in pending.samples.items():
-        for v in values:
-            builder._record_sample(key, v)
 
 
 def merge_pending(into: PendingLeaves, other: PendingLeaves) -> None:

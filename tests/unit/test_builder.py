@@ -311,3 +311,30 @@ class TestPendingLeaves:
             "costs/train/judge": Decimal("0.25"),
             "costs/train/other/deep": Decimal("0.5"),
         }
+
+
+class TestReplay:
+    def test_a_replay_records_every_kind_of_leaf_exactly(self) -> None:
+        """``LeafRecorder.replay`` hands sums, scenario ids, per-response costs and samples to
+        another recorder through its hooks: what it holds afterwards equals the source."""
+        from art_ray_metrics.integrations.art_leaves import TrainerLeaves
+        from art_ray_metrics.spend.pricing import PricingRegistry
+
+        source: dict[str, PendingLeaves] = {}
+        first = TrainerLeaves("train", "train", source, PricingRegistry())
+        first.add_cost("train/judge", 0.1)
+        first.add_cost("train/judge", 0.2)  # summed exactly: 0.3, not 0.30000000000000004
+        first.add_data(scenario_ids=["s-1", "é-2"])
+        first._add_cost_leaf("train/api", Decimal("0.015"), response_id="resp-1")
+        first.add_sample("reward/score", 0.5)
+        first.add_sample("reward/score", 1.0)
+        first.add_metric("loss/train", 2.5)
+
+        target: dict[str, PendingLeaves] = {}
+        TrainerLeaves("train", "train", target, PricingRegistry()).replay(source["train"])
+        got, want = target["train"], source["train"]
+        assert got.sums() == want.sums()
+        assert got.sums()["costs/train/judge"] == Decimal("0.3")
+        assert got.scenarios == want.scenarios and len(got.scenarios) == 2
+        assert got.keyed == want.keyed and len(got.keyed) == 1
+        assert got.samples == want.samples == {"reward/score": [0.5, 1.0]}
