@@ -89,15 +89,18 @@ def wait_started(actor: Any, cfg: AggregatorConfig, timeout_s: float | None) -> 
     try:
         ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
     except GetTimeoutError:
-        alive: list[dict[str, Any]] = [
-            n.get("Resources", {})
-            for n in ray.nodes()  # type: ignore[no-untyped-call]
-            if n.get("Alive")
-        ]
+        try:
+            alive: list[dict[str, Any]] = [
+                n.get("Resources", {})
+                for n in ray.nodes()  # type: ignore[no-untyped-call]
+                if n.get("Alive")
+            ]
+            reason = unplaced_reason(cfg.actor_resources, alive)
+        except Exception as exc:  # the reason is a detail: the timeout is the error
+            reason = f"Ray's node list could not be read to say why ({type(exc).__name__}: {exc})"
         raise AggregatorStartTimeoutError(
             f"Ray did not start aggregator {cfg.name!r} (namespace {cfg.namespace!r}) within "
-            f"start_timeout_s={timeout_s:g}: {unplaced_reason(cfg.actor_resources, alive)}; "
-            "the pending actor was removed"
+            f"start_timeout_s={timeout_s:g}: {reason}; the pending actor was removed"
         ) from None
 
 

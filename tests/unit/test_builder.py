@@ -335,6 +335,8 @@ class TestReplay:
         got, want = target["train"], source["train"]
         assert got.sums() == want.sums()
         assert got.sums()["costs/train/judge"] == Decimal("0.3")
-        assert got.scenarios == want.scenarios and len(got.scenarios) == 2
-        assert got.keyed == want.keyed and len(got.keyed) == 1
+        assert got.scenarios == want.scenarios
+        assert len(got.scenarios) == 2
+        assert got.keyed == want.keyed
+        assert len(got.keyed) == 1
         assert got.samples == want.samples == {"reward/score": [0.5, 1.0]}
