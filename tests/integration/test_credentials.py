@@ -218,7 +218,7 @@ def test_worker_env_fetch_outlives_a_restart_in_flight(
         deadline = time.monotonic() + 60
         while True:  # the restarted instance answers (it has no credentials from any driver)
             try:
-                handle.stats()
+                pid = handle.stats()["pid"]
                 break
             except Exception:
                 assert time.monotonic() < deadline
@@ -228,13 +228,16 @@ def test_worker_env_fetch_outlives_a_restart_in_flight(
         ref = worker.connect_and_getenv.remote(name, "OPENAI_API_KEY", 90.0)
         time.sleep(2.0)  # the fetch now waits in that instance for a driver's credentials
         ray.kill(handle.actor, no_restart=False)  # ... and dies with it
-        while True:  # the driver sends them to the next instance
-            try:
-                handle._push()
-                break
+        deadline = time.monotonic() + 60
+        while True:  # the driver sends them to the next instance, once it runs: ray.kill does
+            try:  # not wait, and a push that reached the dying one was lost (ci32)
+                if handle.stats()["pid"] != pid:
+                    handle._push()
+                    break
             except Exception:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
         assert ray.get(ref, timeout=120) == key
     finally:
         handle.shutdown()
