@@ -75,3 +75,66 @@ def test_a_plugin_warning_at_configure_time_is_not_an_internal_error(tmp_path: P
     assert proc.returncode == 1, out[-3000:]
     assert "1 failed, 1 passed" in out, out[-3000:]
     assert "still an error" in out
+
+
+STUCK = """
+import time
+
+import pytest
+
+
+@pytest.mark.timeout(4)
+def test_stuck_in_a_call():
+    time.sleep(60)
+
+
+def test_after_it():
+    assert True
+"""
+
+
+@pytest.mark.slow  # a pytest run with two xdist workers in fresh interpreters
+def test_a_worker_killed_by_the_timeout_ends_the_run_and_its_stacks_are_shown(
+    tmp_path: Path,
+) -> None:
+    """pytest-timeout's thread method ends a stuck test's worker process. With the repository's
+    config the run then ends at once, names the test, and the run's own stderr shows where the
+    test was stuck (pytest's faulthandler, set here to fire before the timeout as the config's
+    ``faulthandler_timeout`` does before ``timeout``). Without ``--max-worker-restart=0``,
+    pytest-xdist gave the stuck test to a new worker eight times over (at CI's 300 s each)."""
+    (tmp_path / "test_stuck.py").write_text(STUCK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CI"))}
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                "-p", "pytest_timeout", "-p", "xdist.plugin",
+                "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+                "-o", "faulthandler_timeout=2", str(tmp_path),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the run did not end after its worker died: {exc.stdout!r}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "crashed while running 'test_stuck.py::test_stuck_in_a_call'" in out, out[-3000:]
+    assert "worker restarting disabled" in out, out[-3000:]
+    assert 'test_stuck.py", line 9 in test_stuck_in_a_call' in out, out[-3000:]
+
+
+def test_the_stack_dump_comes_before_the_timeout_ends_the_worker() -> None:
+    """The config's faulthandler dump fires before pytest-timeout's thread method ends the
+    worker process (whose own dump pytest-xdist drops)."""
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
+    ini = options["ini_options"]
+    assert ini["timeout_method"] == "thread"
+    assert 0 < ini["faulthandler_timeout"] < ini["timeout"]
+    assert "--max-worker-restart=0" in ini["addopts"]
