@@ -87,12 +87,16 @@ def close_clients(timeout_s: float = 5.0) -> None:
         client.close(timeout_s)
 
 
-def reset_clients() -> None:
-    """Close (within a second each) and forget every client of this process, under the
-    table's lock: a test's teardown, so the next test starts with no client."""
+def reset_clients(timeout_s: float = 1.0) -> None:
+    """Close (each within ``timeout_s``; 0: stop at once, without flushing) and forget every
+    client of this process, under the table's lock: a test's teardown, so the next test starts
+    with no client."""
     with _CLIENTS_LOCK:
         for client in _CLIENTS.values():
-            client.close(timeout_s=1.0)
+            if timeout_s > 0:
+                client.close(timeout_s=timeout_s)
+            else:
+                client.abandon()
         _CLIENTS.clear()
 
 

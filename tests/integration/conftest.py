@@ -74,6 +74,17 @@ def ray_cluster() -> Iterator[Any]:
     closer.join(10)
 
 
+@pytest.fixture(autouse=True)
+def _clients_end_with_their_test() -> Iterator[None]:
+    """The clients a test made in this process stop when it ends (its aggregators are gone by
+    then), so no background thread or lookup of an earlier test runs beside later ones in the
+    worker process that holds the shared cluster."""
+    yield
+    from art_ray_metrics.distributed.clients import reset_clients
+
+    reset_clients(timeout_s=0)
+
+
 @pytest.fixture
 def own_run_config(tmp_path: Path) -> dict[str, Any]:
     """Fields for a fresh aggregator (a unique name and storage in tmp_path), for a test that
