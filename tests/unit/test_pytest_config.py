@@ -18,6 +18,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
+def run_with_our_config(
+    work: Path, *options: str, timeout: float, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
+    """pytest on ``work`` in a fresh interpreter with this repository's config and only the
+    plugins named: pytest-timeout because the config sets its options, pytest-xdist because
+    its addopts name ``-n``; then ``options``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CI"))}
+    env.update(env_vars, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    return subprocess.run(
+        [
+            sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+            "-p", "pytest_timeout", "-p", "xdist.plugin", *options,
+            "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(work), str(work),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )  # fmt: skip
+
+
 PLUGIN = """
 import warnings
 
@@ -53,23 +76,11 @@ def test_a_plugin_warning_at_configure_time_is_not_an_internal_error(tmp_path: P
     work = tmp_path / "work"
     work.mkdir()
     (work / "test_sample.py").write_text(TESTS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CI"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env.get("PYTHONPATH", "")])
-    # only the plugins named here: pytest-timeout because the config sets its `timeout` option,
-    # pytest-xdist because its addopts name `-n` (overridden by `-n 0`: one process is enough)
-    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-            "-p", "pytest_timeout", "-p", "xdist.plugin", "-p", "pytest_asyncio.plugin", "-n", "0",
-            "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(work), str(work),
-        ],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )  # fmt: skip
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    # `-n 0`: one process is enough here
+    proc = run_with_our_config(
+        work, "-p", "pytest_asyncio.plugin", "-n", "0", timeout=120, PYTHONPATH=path
+    )
     out = proc.stdout + proc.stderr
     assert "INTERNALERROR" not in out, out[-3000:]
     assert proc.returncode == 1, out[-3000:]
@@ -103,22 +114,8 @@ def test_a_worker_killed_by_the_timeout_ends_the_run_and_its_stacks_are_shown(
     ``faulthandler_timeout`` does before ``timeout``). Without ``--max-worker-restart=0``,
     pytest-xdist gave the stuck test to a new worker eight times over (at CI's 300 s each)."""
     (tmp_path / "test_stuck.py").write_text(STUCK)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CI"))}
-    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     try:
-        proc = subprocess.run(
-            [
-                sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                "-p", "pytest_timeout", "-p", "xdist.plugin",
-                "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
-                "-o", "faulthandler_timeout=2", str(tmp_path),
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=90,
-            env=env,
-        )  # fmt: skip
+        proc = run_with_our_config(tmp_path, "-o", "faulthandler_timeout=2", timeout=90)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the run did not end after its worker died: {exc.stdout!r}")
     out = proc.stdout + proc.stderr
