@@ -14,6 +14,7 @@ import pytest
 import art_ray_metrics
 from art_ray_metrics.config import ClientConfig
 from art_ray_metrics.distributed.client import MetricsClient
+from art_ray_metrics.distributed.clients import reset_clients
 from art_ray_metrics.distributed.record import WorkerBuilder
 from art_ray_metrics.distributed.transport import InProcessTransport, one_line
 from art_ray_metrics.testing import InProcessAggregator
@@ -223,3 +224,24 @@ class TestOneLineErrors:
         )
         assert one_line(err) == "ValueError: the real reason"
         assert one_line(RuntimeError("\x1b[31mred\x1b[0m\nmore")) == "RuntimeError: red"
+
+
+class TestResetClients:
+    def test_stopping_at_once_sends_nothing_and_the_next_connect_gets_a_new_client(
+        self, agg: InProcessAggregator
+    ) -> None:
+        """``reset_clients(timeout_s=0)`` (a test's teardown): every client stops without
+        flushing and is forgotten; the default closes them, which flushes first."""
+        config = _fast(agg, flush_interval_s=3600.0)  # nothing ships on its own
+        b = art_ray_metrics.connect(0, config=config)
+        old = b.client
+        b.add_cost("train/judge", 0.25)
+        reset_clients(timeout_s=0)
+        assert old.stopped.is_set()
+        fresh = art_ray_metrics.connect(0, config=config)
+        assert fresh.client is not old
+        fresh.add_cost("train/judge", 1.0)
+        reset_clients(timeout_s=10)  # closed: flushed first
+        assert fresh.client.stopped.is_set()
+        row = agg.log(0)
+        assert row["costs/train/judge"] == 1.0  # the stopped client's $0.25 was never sent
