@@ -28,7 +28,12 @@ from art_ray_metrics.core.outcome import FateTable
 from art_ray_metrics.core.state import AggregatorState, split_trainer_metrics
 from art_ray_metrics.distributed.telemetry import AggregatorTelemetry
 from art_ray_metrics.durable.commit import Committer
-from art_ray_metrics.errors import BarrierTimeoutError, InvalidMetricError, StorageError
+from art_ray_metrics.errors import (
+    BarrierTimeoutError,
+    InvalidMetricError,
+    StorageError,
+    WireFormatError,
+)
 from art_ray_metrics.export.sink import Sink
 from art_ray_metrics.spend.gpu_meter import GpuMeter
 
@@ -146,6 +151,9 @@ class Barriers:
         started = time.monotonic()
         assert self.lock is not None
         async with self.lock:  # decided after any rewind in flight has applied
+            last = self.state.meta.last_rows.get(split)
+            if last is not None and last.step == step:  # a retry: a rewind kept this close
+                return dict(last.row)
             # a resume: this split closes a step at or below its own last one (another split
             # of the same scope at the same step, e.g. test after val, is not one)
             closed = self.state.last_closed_split.get(split)
@@ -285,7 +293,35 @@ class Barriers:
             result.discarded_buffers,
             result.costs_usd,
         )
+        await self._restore_last_rows()
         return result.summary()
+
+    async def _restore_last_rows(self) -> None:
+        """After a rewind, a split whose last row was discarded gets back the row of its last
+        kept close (from the outbox, else the history), so a retried barrier of that step
+        returns it. Without it the retry looked like a resume and rewound to the step before,
+        discarding the rows the rewind had just kept. A row the history cannot give back
+        (storage down) leaves the split as before, with a warning."""
+        meta = self.state.meta
+        for split, step in list(self.state.last_closed_split.items()):
+            last = meta.last_rows.get(split)
+            if last is not None and last.step == step:
+                continue
+            row = next((e.row for e in meta.outbox if (e.step, e.split) == (step, split)), None)
+            if row is None:
+                try:
+                    row = await asyncio.to_thread(self.committer.history.row, step, split)
+                except (StorageError, WireFormatError) as exc:
+                    log.warning(
+                        "art_ray_metrics: the kept row of step %s/%s could not be read back "
+                        "after the rewind (%s); a retried barrier of it is taken for a resume",
+                        step,
+                        split,
+                        exc,
+                    )
+                    continue
+            if row is not None and split not in meta.last_rows:
+                meta.last_rows[split] = LastRow(step, dict(row))
 
     async def _wait_for(
         self, step: int, split: str, expect: int | list[str], timeout_s: float | None

@@ -289,6 +289,20 @@ class HistoryStore:
             raise WireFormatError(f"Expected a history record in {key!r} but got {record!r}")
         return record
 
+    def row(self, step: int, split: str) -> dict[str, float] | None:
+        """The metrics of the row of ``(step, split)`` as :func:`history_row_metrics` gives
+        them; None if it was never written or was discarded.
+
+        Raises:
+            WireFormatError: The object is not one JSON object of the expected shape.
+        """
+        key = self.key_for(step, split)
+        try:
+            record = self._decode(key, self._store.get(key))
+        except ObjectNotFoundError:
+            return None
+        return None if record.get(_DISCARDED) else history_row_metrics(record)
+
     def last_step(self, split: str | None = None) -> int | None:
         """Return the highest step written (for ``split`` if given), or ``None`` if none."""
         steps = [int(r["step"]) for r in self.read(split=split)]

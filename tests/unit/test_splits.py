@@ -295,6 +295,43 @@ class TestRewindWithBarriers:
         assert agg.state.cum.values["costs/cum/all"] == Decimal(11)
         assert _history(agg) == [(0, "train", 1.0), (0, "val", 11.0 if not val_first else 12.0)]
 
+    @pytest.mark.parametrize("history_only", [False, True])
+    def test_a_kept_splits_barrier_retried_after_a_rewind_is_a_retry(
+        self, history_only: bool
+    ) -> None:
+        """rewind(0) discards val's and probe's rows of step 1 and keeps those of step 0; the
+        trainer's retried log(0, "val") returns the kept row. It used to be taken for a resume
+        (val's last row was forgotten, its last close was 0) and rewound to step -1: every row,
+        $0.02 of spend and the train row the rewind kept were gone (found by test_model_e2e).
+        ``history_only``: the kept row is read back from the history, not the outbox."""
+        agg = _actor(_config())
+
+        async def run() -> tuple[dict[str, float], dict[str, float]]:
+            await agg.ingest(_batch("w", 1, 0, leaves={"costs/train/r1": 0.01}))
+            await agg.ingest(_batch("w", 2, 0, "eval", leaves={"costs/eval/r0": 0.01}))
+            for split in ("val", "test", "probe", "train"):
+                await agg.log(0, split)
+            kept = await agg.log(0, "val")  # the same row (a retry)
+            await agg.log(1, "val")
+            await agg.log(1, "probe")
+            if history_only:
+                agg.state.meta.outbox.clear()  # written to the history already
+            await agg.rewind(0)
+            again = await agg.log(0, "val")
+            await agg.checkpoint()
+            await _stop(agg)
+            return kept, again
+
+        kept, again = asyncio.run(run())
+        assert again == kept
+        assert agg.state.cum.values["costs/cum/all"] == Decimal("0.02")
+        assert [(s, sp) for s, sp, _ in _history(agg)] == [
+            (0, "probe"),
+            (0, "test"),
+            (0, "train"),
+            (0, "val"),
+        ]
+
     def test_implicit_rewinds_of_two_splits_in_flight(self) -> None:
         """A trainer resumed from step 0 closes step 1 of train and val at once: one rewind,
         both new rows kept."""
