@@ -24,6 +24,7 @@ from art_ray_metrics.core.wire import encode_batch
 from art_ray_metrics.distributed.actor import MetricsAggregator
 from art_ray_metrics.durable.restore import read_run
 from art_ray_metrics.durable.storage import InMemoryStore
+from art_ray_metrics.errors import StorageError
 from art_ray_metrics.testing import make_batch
 from tests.hypothesis_profiles import examples
 from tests.unit.test_rewind import Shell
@@ -295,18 +296,25 @@ class TestRewindWithBarriers:
         assert agg.state.cum.values["costs/cum/all"] == Decimal(11)
         assert _history(agg) == [(0, "train", 1.0), (0, "val", 11.0 if not val_first else 12.0)]
 
-    @pytest.mark.parametrize("history_only", [False, True])
+    @pytest.mark.parametrize("history_down", [False, True])
     def test_a_kept_splits_barrier_retried_after_a_rewind_is_a_retry(
-        self, history_only: bool
+        self, history_down: bool
     ) -> None:
         """rewind(0) discards val's and probe's rows of step 1 and keeps those of step 0; the
         trainer's retried log(0, "val") returns the kept row. It used to be taken for a resume
         (val's last row was forgotten, its last close was 0) and rewound to step -1: every row,
         $0.02 of spend and the train row the rewind kept were gone (found by test_model_e2e).
-        ``history_only``: the kept row is read back from the history, not the outbox."""
+        The kept row is read back from the history, or (``history_down``: no history write
+        succeeds until the end) taken from the outbox."""
         agg = _actor(_config())
+        write_row = agg.committer.write_row
+
+        def history_fails(*_: Any, **__: Any) -> None:
+            raise StorageError("the history is down")
 
         async def run() -> tuple[dict[str, float], dict[str, float]]:
+            if history_down:
+                agg.committer.write_row = history_fails
             await agg.ingest(_batch("w", 1, 0, leaves={"costs/train/r1": 0.01}))
             await agg.ingest(_batch("w", 2, 0, "eval", leaves={"costs/eval/r0": 0.01}))
             for split in ("val", "test", "probe", "train"):
@@ -314,10 +322,10 @@ class TestRewindWithBarriers:
             kept = await agg.log(0, "val")  # the same row (a retry)
             await agg.log(1, "val")
             await agg.log(1, "probe")
-            if history_only:
-                agg.state.meta.outbox.clear()  # written to the history already
             await agg.rewind(0)
+            assert bool(agg.state.meta.outbox) is history_down
             again = await agg.log(0, "val")
+            agg.committer.write_row = write_row
             await agg.checkpoint()
             await _stop(agg)
             return kept, again
