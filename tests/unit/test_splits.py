@@ -452,7 +452,8 @@ class _Close:
 class SplitsModel(RuleBasedStateMachine):
     """The actor class (no Ray) against a reference of the model in docs/design.md: each
     barrier takes its scope's leaves of its step and earlier plus the late ones; a split that
-    re-closes a step at or below its own last one rewinds to the step before; an explicit
+    re-closes a step at or below its own last one rewinds to the step before, unless it repeats
+    its last close (a retry, also when a rewind discarded the split's later rows); an explicit
     rewind to k discards exactly the closes of steps > k, the pending leaves of steps > k and
     the late leaves recorded for them. Restarts replay the write-ahead log."""
 
@@ -480,8 +481,11 @@ class SplitsModel(RuleBasedStateMachine):
     def _rewind(self, k: int, *, keep_late: bool) -> None:
         self.closes = [c for c in self.closes if c.step <= k]
         self.parts = [p for p in self.parts if p.step <= k or (p.late and keep_late)]
-        kept = {(c.step, c.split) for c in self.closes}
-        self.last_rows = {sp: s for sp, s in self.last_rows.items() if (s, sp) in kept}
+        # a split whose last row was discarded gets back the row of its last kept close, so
+        # logging that step again is a retry (test_model_e2e found the run wiped otherwise)
+        self.last_rows = {}
+        for c in self.closes:
+            self.last_rows[c.split] = max(c.step, self.last_rows.get(c.split, c.step))
 
     # -- rules ------------------------------------------------------------------------------
 
