@@ -43,6 +43,7 @@ __all__ = [
     "apply_rewind",
     "decode_record",
     "encode_record",
+    "forgotten_last_rows",
     "net_shards",
     "plan_rewind",
     "record_close",
@@ -440,3 +441,17 @@ def _rewind_meta(
     meta.rewound.rewinds += 1
     meta.rewound.steps += len(gone)
     meta.rewound.costs_usd += lost
+
+
+def forgotten_last_rows(state: AggregatorState) -> list[tuple[str, int, dict[str, float] | None]]:
+    """After a rewind: each split whose last row it discarded, with the step of its last kept
+    close and that close's row if the outbox still holds it (None: the caller reads it back
+    from the history). The split gets that row back, so a retried barrier of the step is a
+    retry; without it, it looked like a resume and rewound to the step before."""
+    meta = state.meta
+    waiting = {(e.step, e.split): e.row for e in meta.outbox}
+    return [
+        (split, step, waiting.get((step, split)))
+        for split, step in state.last_closed_split.items()
+        if split not in meta.last_rows
+    ]

@@ -297,17 +297,11 @@ class Barriers:
         return result.summary()
 
     async def _restore_last_rows(self) -> None:
-        """After a rewind, a split whose last row was discarded gets back the row of its last
-        kept close (from the outbox, else the history), so a retried barrier of that step
-        returns it. Without it the retry looked like a resume and rewound to the step before,
-        discarding the rows the rewind had just kept. A row the history cannot give back
-        (storage down) leaves the split as before, with a warning."""
-        meta = self.state.meta
-        for split, step in list(self.state.last_closed_split.items()):
-            last = meta.last_rows.get(split)
-            if last is not None and last.step == step:
-                continue
-            row = next((e.row for e in meta.outbox if (e.step, e.split) == (step, split)), None)
+        """Give each split whose last row a rewind discarded the row of its last kept close
+        (:func:`~art_ray_metrics.core.rewind.forgotten_last_rows`; read back from the history
+        when the outbox no longer holds it). A row the history cannot give back (storage
+        down) leaves the split as before, with a warning."""
+        for split, step, row in R.forgotten_last_rows(self.state):
             if row is None:
                 try:
                     row = await asyncio.to_thread(self.committer.history.row, step, split)
@@ -320,8 +314,8 @@ class Barriers:
                         exc,
                     )
                     continue
-            if row is not None and split not in meta.last_rows:
-                meta.last_rows[split] = LastRow(step, dict(row))
+            if row is not None and split not in self.state.meta.last_rows:
+                self.state.meta.last_rows[split] = LastRow(step, dict(row))
 
     async def _wait_for(
         self, step: int, split: str, expect: int | list[str], timeout_s: float | None
